@@ -1,0 +1,45 @@
+"""Choosing and loading a backend. Heavy frameworks are imported only once chosen."""
+from __future__ import annotations
+
+import platform
+
+from mlx_lens.contract import Backend
+from mlx_lens.errors import LensError
+from mlx_lens.models import ModelSource
+
+BACKENDS = ("auto", "mlx", "torch")
+
+
+def mlx_gpu() -> str | None:
+    """The GPU MLX would run on here (Metal, or mlx's CUDA build), or None."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else None
+
+
+def choose(name: str) -> tuple[str, str]:
+    """(backend, reason) for --backend NAME."""
+    if name != "auto":
+        return name, "requested with --backend"
+    gpu = mlx_gpu()
+    if gpu:
+        return "mlx", f"auto: MLX has a {gpu} GPU here"
+    # mlx on a Linux CPU uses a reference BLAS ~50x slower than torch (FACTS.md).
+    return "torch", f"auto: no MLX GPU on this host ({platform.system()} {platform.machine()})"
+
+
+def load(name: str, source: ModelSource, device: str = "auto", dtype: str = "auto") -> Backend:
+    if name == "torch":
+        from torch_ref.backend import TorchBackend
+
+        return TorchBackend(source, device=device, dtype=dtype)
+    if name == "mlx":
+        from mlx_lens.mlx_backend import MlxBackend
+
+        return MlxBackend(source, device=device, dtype=dtype)
+    raise LensError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")

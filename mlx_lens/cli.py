@@ -1,0 +1,99 @@
+"""The `mlx-lens` command."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from mlx_lens import backends, run_dir
+from mlx_lens.artifacts import write_model_artifacts
+from mlx_lens.contract import LENSES
+from mlx_lens.errors import LensError
+from mlx_lens.experiment import ExperimentOptions, run_experiment
+from mlx_lens.metrics import CollapseSettings
+from mlx_lens.models import resolve
+from mlx_lens.probes import ANSWER, PROMPT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-lens", description="Per-layer logit lens.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the logit-lens experiment on a model")
+    run.add_argument("model", nargs="?", default=None,
+                     help="local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)")
+    run.add_argument("--backend", choices=backends.BACKENDS, default="auto")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torch)")
+    run.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="compute dtype (auto: fp32 on CPU, fp16 on CUDA, bf16 for Gemma)")
+    run.add_argument("--lens", choices=LENSES, default="final-norm",
+                     help="norm that decodes each layer (next-norm: the original's rule)")
+    run.add_argument("--fp32-unembed", action="store_true",
+                     help="decode in fp32 (the lens always does; kept for the original's command lines)")
+    run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
+    run.add_argument("--copy-margin", type=float, default=CollapseSettings.copy_margin)
+    run.add_argument("--prompt", default=PROMPT)
+    run.add_argument("--answer", default=ANSWER, help="gold answer (its first token is scored)")
+    run.add_argument("--out_dir", type=Path, default=None,
+                     help="write here instead of rotating runs/run-latest")
+    run.add_argument("--no-probes", dest="probes", action="store_false",
+                     help="skip the extra test prompts and temperature exploration")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    opts = ExperimentOptions(
+        prompt=args.prompt, answer=args.answer, lens=args.lens,
+        collapse=CollapseSettings(args.copy_threshold, args.copy_margin), probes=args.probes)
+    source = resolve(args.model)
+    name, reason = backends.choose(args.backend)
+    print(f"backend: {name} ({reason})")
+    backend = backends.load(name, source, device=args.device, dtype=args.dtype)
+    result = run_experiment(backend, opts, {"backend_reason": reason})
+
+    if args.out_dir is not None:
+        out_dir = args.out_dir
+        paths = write_model_artifacts(out_dir, source.name, result.payload, result.records,
+                                      result.pure)
+    else:
+        staging = run_dir.start(Path.cwd() / "runs")
+        try:
+            write_model_artifacts(staging, source.name, result.payload, result.records, result.pure)
+        except BaseException:
+            run_dir.discard(staging)
+            raise
+        out_dir = run_dir.publish(staging)
+        paths = sorted(out_dir.glob(f"output-{source.name}*"))
+
+    s = result.summary
+    print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {args.lens}]: "
+          f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
+          f"L_semantic={s['L_semantic']} of {s['n_layers']} layers; "
+          f"{time.perf_counter() - started:.1f} s")
+    for path in paths:
+        print(f"  wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run}[args.command](args)
+    except LensError as exc:
+        print(f"mlx-lens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlx-lens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, not a traceback wall; MLX_LENS_DEBUG=1 shows it
+        if os.environ.get("MLX_LENS_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"mlx-lens: error: {type(exc).__name__}: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

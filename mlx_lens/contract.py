@@ -1,0 +1,99 @@
+"""The one contract between backends and everything else (DESIGN.md).
+
+A backend turns (model, token ids, options) into a `LayerStats` of plain numpy arrays. Nothing
+downstream of this module imports torch or mlx.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+import numpy as np
+
+Lens = Literal["final-norm", "next-norm", "raw"]
+LENSES: tuple[Lens, ...] = ("final-norm", "next-norm", "raw")
+TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final prediction)
+
+# Which normalisation decodes a row: "final" (the model's final norm), an int i (block i's input
+# norm) or None (no norm).
+NormRef = str | int | None
+
+
+def norm_plan(lens: Lens, n_layers: int) -> list[NormRef]:
+    """The norm that decodes each of the n_layers + 1 rows under `lens`.
+
+    Row 0 is the embedding output, row i the residual after block i-1. The last row is always
+    the model's own output distribution (final norm), whatever the lens.
+    `next-norm` is the original experiment's rule for pre-norm models: row i goes through block
+    i's input norm, i.e. the norm the next block would apply.
+    """
+    if lens == "final-norm":
+        return ["final"] * (n_layers + 1)
+    if lens == "next-norm":
+        return [*range(n_layers), "final"]
+    if lens == "raw":
+        return [None] * n_layers + ["final"]
+    raise ValueError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)}")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    lens: Lens = "final-norm"
+    answer_id: int | None = None  # gold answer's first token id; enables p_answer / rank
+    top_k: int = TOP_K
+
+
+@dataclass
+class LayerStats:
+    """Per row (layer) r and position t of one prompt; probabilities from the fp32 lens."""
+
+    entropy: np.ndarray  # [R, T] bits
+    topk_ids: np.ndarray  # [R, T, K] int64, most probable first
+    topk_probs: np.ndarray  # [R, T, K]
+    kl_to_final: np.ndarray  # [R, T] bits, KL(P_row || P_last_row)
+    cos_to_final: np.ndarray  # [R, T] cosine between the row's logits and the last row's
+    p_answer: np.ndarray | None = None  # [R, T]
+    answer_rank: np.ndarray | None = None  # [R, T] 1 = top-1
+
+    @property
+    def n_rows(self) -> int:
+        return self.entropy.shape[0]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # short name used in artifact file names
+    architecture: str  # config model_type
+    n_layers: int
+    d_model: int
+    n_heads: int
+    vocab: int
+    n_ctx: int | None
+    backend: str
+    device: str
+    compute_dtype: str
+    unembed_dtype: str
+    norm_types: dict = field(default_factory=dict)  # e.g. {"first_block": "LlamaRMSNorm", ...}
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the rest of the tool uses."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class Backend(Protocol):
+    info: ModelInfo
+    tokenizer: Tokenizer
+
+    def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
+        """Decode every row at every position; reductions happen on the device."""
+
+    def final_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The model's own output logits at the last position, [V] float32 (head transform
+        applied), for probes."""
+
+    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+        """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""

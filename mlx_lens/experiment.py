@@ -1,0 +1,119 @@
+"""One model through the experiment: tokenise, sweep, metrics, probes -> the artifacts' content.
+
+Backend-neutral: it sees a `Backend` and numpy arrays only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from mlx_lens.artifacts import TokenNames, pure_next_token_frame, records_frame
+from mlx_lens.contract import Backend, Lens, SweepOptions
+from mlx_lens.errors import LensError
+from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
+from mlx_lens.probes import ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS
+
+
+@dataclass(frozen=True)
+class ExperimentOptions:
+    prompt: str = PROMPT
+    answer: str = ANSWER
+    lens: Lens = "final-norm"
+    collapse: CollapseSettings = field(default_factory=CollapseSettings)
+    probes: bool = True  # extra test prompts and temperature exploration
+
+    def __post_init__(self):  # fail before any model is loaded
+        if not self.prompt.strip():
+            raise LensError("empty prompt: give some text to decode")
+        if not self.answer.strip():
+            raise LensError("empty answer: give the gold answer's text")
+
+
+@dataclass
+class ModelResult:
+    payload: dict  # the JSON artifact
+    records: pd.DataFrame
+    pure: pd.DataFrame
+
+    @property
+    def summary(self) -> dict:
+        d = self.payload["diagnostics"]
+        top = self.payload["final_prediction"]["topk"][0]
+        return {"model": d["model"], "backend": d["backend"], "device": d["device"],
+                "dtype": d["compute_dtype"], "L_copy": d["L_copy"], "L_semantic": d["L_semantic"],
+                "n_layers": self.payload["model_stats"]["num_layers"],
+                "answer": top[0], "p": top[1]}
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = list(tokenizer.encode(prompt))
+    if not ids:
+        raise LensError(f"the prompt {prompt!r} encodes to no tokens")
+    return ids
+
+
+def answer_token_id(tokenizer, prompt_ids: list[int], prompt: str, answer: str) -> int:
+    """The first token the model would have to emit to answer: tokenise prompt + ' answer' and
+    take the token after the prompt (robust to SentencePiece's and BPE's space conventions)."""
+    full = list(tokenizer.encode(f"{prompt} {answer}"))
+    if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        token_id = full[len(prompt_ids)]
+    else:
+        token_id = (list(tokenizer.encode(f" {answer}", add_special_tokens=False)) or [None])[0]
+    if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
+        raise LensError(f"the tokenizer cannot encode the answer {answer!r}")
+    return int(token_id)
+
+
+def distribution(logits: np.ndarray, k: int, names: TokenNames, temperature: float = 1.0) -> dict:
+    """Entropy (bits) and top-k of softmax(logits / T), in float64."""
+    z = logits.astype(np.float64) / temperature
+    logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    p = np.exp(logp)
+    top = np.argsort(-logp, kind="stable")[:k]
+    return {"entropy": float(-(p * logp).sum() / np.log(2)), "topk": names.topk(top, p[top], k)}
+
+
+def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: dict) -> ModelResult:
+    tok, info = backend.tokenizer, backend.info
+    ids = encode_prompt(tok, opts.prompt)
+    answer_id = answer_token_id(tok, ids, opts.prompt, opts.answer)
+    stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_id=answer_id))
+    flags = next_token_flags(stats, ids, answer_id, opts.collapse)
+    names = TokenNames(tok.decode)
+    prompt_tokens = [names(i) for i in ids]
+
+    final = {"entropy": float(stats.entropy[-1, -1]),
+             "topk": names.topk(stats.topk_ids[-1, -1], stats.topk_probs[-1, -1], 20)}
+    diagnostics = {
+        "model": info.name, "architecture": info.architecture, "backend": info.backend,
+        "device": info.device, "compute_dtype": info.compute_dtype,
+        "unembed_dtype": info.unembed_dtype,
+        "use_fp32_unembed": info.unembed_dtype == "float32",
+        "lens": opts.lens, "norm_types": info.norm_types,
+        **asdict(opts.collapse),
+        "context_prompt": opts.prompt, "answer": opts.answer,
+        "answer_token_id": answer_id, "answer_token": names(answer_id),
+        "prompt_token_ids": ids,
+        **layer_summary(stats, flags),
+        **extra_diagnostics,
+    }
+    payload = {
+        "diagnostics": diagnostics,
+        "prompt": {"context_prompt": opts.prompt, "ground_truth": opts.answer},
+        "final_prediction": final,
+        "model_stats": {"num_layers": info.n_layers, "d_model": info.d_model,
+                        "n_heads": info.n_heads, "d_vocab": info.vocab, "n_ctx": info.n_ctx,
+                        "architecture": info.architecture},
+    }
+    if opts.probes:
+        payload["test_prompts"] = [
+            {"prompt": p, **distribution(backend.final_logits(encode_prompt(tok, p)), 10, names)}
+            for p in TEST_PROMPTS]
+        logits = backend.final_logits(ids)  # one forward pass for every temperature
+        payload["temperature_exploration"] = [
+            {"temperature": t, **distribution(logits, 15, names, t)} for t in TEMPERATURES]
+    return ModelResult(payload, records_frame(stats, prompt_tokens, names),
+                       pure_next_token_frame(stats, flags, names))

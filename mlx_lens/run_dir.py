@@ -1,0 +1,49 @@
+"""runs/run-latest rotation: a new run is built in a staging folder and only published whole.
+
+Publishing moves the previous run-latest to run-YYYYMMDD-HHMM (named by the timestamp file inside
+it; -2, -3, ... when two runs share a minute), then renames the staging folder to run-latest.
+A failed run therefore never loses the previous one and never leaves a half-written run-latest.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+LATEST = "run-latest"
+STAMP_PREFIX = "timestamp-"
+
+
+def start(runs_root: Path, now: datetime | None = None) -> Path:
+    runs_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=runs_root))
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M")
+    (staging / f"{STAMP_PREFIX}{stamp}").write_text(f"{stamp}\n")
+    return staging
+
+
+def _stamp(run: Path) -> str:
+    stamps = sorted(p.name.removeprefix(STAMP_PREFIX) for p in run.glob(f"{STAMP_PREFIX}*"))
+    if stamps:
+        return stamps[-1]
+    return datetime.fromtimestamp(run.stat().st_mtime).strftime("%Y%m%d-%H%M")
+
+
+def publish(staging: Path) -> Path:
+    """Rotate the old run-latest away and make `staging` the new one; returns its path."""
+    root = staging.parent
+    latest = root / LATEST
+    if latest.exists():
+        base = f"run-{_stamp(latest)}"
+        target, n = root / base, 1
+        while target.exists():
+            n += 1
+            target = root / f"{base}-{n}"
+        latest.rename(target)
+    staging.rename(latest)
+    return latest
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Backend-independent checks of one backend's lens, shared by the torch and MLX test files.
+
+Every comparison is made in float64 against a direct, unchunked computation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mlx_lens.contract import SweepOptions
+
+
+def log_softmax64(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: int) -> None:
+    """The chunked on-device reductions equal the same statistics from full float64 logits.
+
+    Tolerances: the sweep's chunk GEMMs and the full GEMM round differently in fp32, by up to a
+    few ulps of the largest logit (dz below; raw-lens logits reach ~100, so dz ~ 1e-5). A
+    probability moves by at most p*dz <= dz; entropy and KL (bits) by a few dz. The floors 2e-6 /
+    2e-5 cover fp32 accumulation over the vocabulary when logits are small.
+    """
+    logits = backend.layer_logits(ids, lens)
+    dz = 8 * np.finfo(np.float32).eps * np.abs(logits).max()
+    prob_atol, bits_atol = max(2e-6, dz), max(2e-5, 4 * dz)
+    logp = log_softmax64(logits)
+    p = np.exp(logp)
+    stats = backend.sweep(ids, SweepOptions(lens=lens, answer_id=answer_id))
+    ln2 = np.log(2)
+
+    np.testing.assert_allclose(stats.entropy, -(p * logp).sum(-1) / ln2, atol=bits_atol)
+    kl = (p * (logp - logp[-1:])).sum(-1) / ln2
+    np.testing.assert_allclose(stats.kl_to_final, kl, atol=bits_atol)
+    assert np.all(stats.kl_to_final[-1] == 0)
+    z = logits.astype(np.float64)
+    cos = (z * z[-1:]).sum(-1) / np.linalg.norm(z, axis=-1) / np.linalg.norm(z[-1:], axis=-1)
+    np.testing.assert_allclose(stats.cos_to_final, cos, atol=1e-5)
+
+    k = stats.topk_ids.shape[-1]
+    got = np.take_along_axis(p, stats.topk_ids, -1)
+    np.testing.assert_allclose(stats.topk_probs, got, atol=prob_atol)  # probs belong to the ids
+    want = -np.sort(-p, axis=-1)[..., :k]
+    np.testing.assert_allclose(stats.topk_probs, want, atol=prob_atol)  # and are the k largest
+    assert np.all(np.diff(stats.topk_probs, axis=-1) <= prob_atol)  # most probable first
+
+    np.testing.assert_allclose(stats.p_answer, p[..., answer_id], atol=prob_atol)
+    above = (z > z[..., answer_id:answer_id + 1]).sum(-1)
+    # Ranks may differ only where another logit ties the answer's within fp32 rounding.
+    assert np.mean(stats.answer_rank == above + 1) > 0.99

@@ -1,0 +1,109 @@
+"""`mlx-lens run` end to end: tiny models, the packaged SmolLM2, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mlx_lens.artifacts import PURE_COLUMNS, RECORD_COLUMNS, read_csv
+from mlx_lens.cli import main
+
+
+def run_cli(args, cwd, capsys):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main(["run", *args])
+    finally:
+        os.chdir(old)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def check_artifacts(folder, name, n_layers):
+    payload = json.loads((folder / f"output-{name}.json").read_text())
+    for key in ("diagnostics", "prompt", "final_prediction", "model_stats", "test_prompts",
+                "temperature_exploration"):
+        assert key in payload
+    d = payload["diagnostics"]
+    for key in ("L_copy", "L_copy_H", "L_semantic", "delta_layers", "lens", "copy_threshold",
+                "copy_margin", "backend", "compute_dtype", "unembed_dtype"):
+        assert key in d
+    assert len(payload["final_prediction"]["topk"]) == 20
+    records = read_csv(folder / f"output-{name}-records.csv")
+    pure = read_csv(folder / f"output-{name}-pure-next-token.csv")
+    assert list(records.columns) == RECORD_COLUMNS and list(pure.columns) == PURE_COLUMNS
+    assert sorted(pure["layer"]) == list(range(n_layers + 1))
+    assert records["layer"].max() == n_layers
+    return payload, records, pure
+
+
+def test_run_on_tiny_model_rotates(tiny_model_dirs, tmp_path, capsys):
+    model = str(tiny_model_dirs["llama"])
+    for _ in range(2):
+        code, out, err = run_cli([model, "--backend", "torch"], tmp_path, capsys)
+        assert code == 0, err
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs[-1] == "run-latest" and len(runs) == 2 and runs[0].startswith("run-2")
+    check_artifacts(tmp_path / "runs" / "run-latest", "llama", 3)
+    assert "final answer" in out and "L_semantic" in out and "run-latest" in out
+
+
+def test_out_dir_and_lens_recorded(tiny_model_dirs, tmp_path, capsys):
+    out_dir = tmp_path / "custom"
+    code, _, err = run_cli([str(tiny_model_dirs["gpt2"]), "--out_dir", str(out_dir), "--lens",
+                            "next-norm", "--copy-threshold", "0.8", "--no-probes"], tmp_path, capsys)
+    assert code == 0, err
+    d = json.loads((out_dir / "output-gpt2.json").read_text())["diagnostics"]
+    assert d["lens"] == "next-norm" and d["copy_threshold"] == 0.8
+    assert not (tmp_path / "runs").exists()
+
+
+def test_console_script_end_to_end(tiny_model_dirs, tmp_path):
+    """The installed entry point, as a user runs it."""
+    exe = shutil.which("mlx-lens", path=os.path.dirname(sys.executable))
+    assert exe, "mlx-lens console script is not installed next to this python"
+    proc = subprocess.run([exe, "run", str(tiny_model_dirs["qwen3"]), "--no-probes"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "run-latest" / "output-qwen3.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/model"], "model not found"),
+    (["{unsupported}"], "unsupported architecture 'bert'"),
+    (["{llama}", "--prompt", "   "], "empty prompt"),
+    (["{llama}", "--answer", ""], "empty answer"),
+    (["{broken}"], "cannot load"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dirs, tmp_path, capsys, args, message):
+    (tmp_path / "unsupported").mkdir()
+    (tmp_path / "unsupported" / "config.json").write_text('{"model_type": "bert"}')
+    broken = shutil.copytree(tiny_model_dirs["llama"], tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    previous = tmp_path / "runs" / "run-latest"
+    previous.mkdir(parents=True)
+    (previous / "keep.txt").write_text("old run")
+    args = [a.format(llama=tiny_model_dirs["llama"], unsupported=tmp_path / "unsupported",
+                     broken=broken) for a in args]
+    code, _, err = run_cli(args, tmp_path, capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-latest"]
+    assert sorted(p.name for p in previous.iterdir()) == ["keep.txt"]
+
+
+def test_default_model_answers_berlin_at_the_last_layer(smollm2_dir, tmp_path, capsys):
+    """The packaged SmolLM2-135M (real weights), as `mlx-lens run` with no model runs it."""
+    code, out, err = run_cli(["--backend", "torch", "--out_dir", str(tmp_path)], tmp_path, capsys)
+    assert code == 0, err
+    payload, _, pure = check_artifacts(tmp_path, "SmolLM2-135M-Instruct", 30)
+    top = payload["final_prediction"]["topk"][0]
+    assert top[0] == " Berlin" and top[1] > 0.5
+    assert payload["diagnostics"]["L_semantic"] == 30
+    assert pure["is_answer"].tolist() == [False] * 30 + [True]

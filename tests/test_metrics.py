@@ -1,0 +1,60 @@
+"""Collapse rules and L_* summaries on hand-made distributions."""
+import numpy as np
+
+from mlx_lens.contract import LayerStats
+from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
+
+PROMPT_IDS = [1, 7, 9]
+ANSWER = 42
+
+
+def stats_for(rows):
+    """rows: (top-1 id, p1, p2, entropy bits) at the last position, one per layer."""
+    n = len(rows)
+    ids = np.zeros((n, 2, 2), np.int64)
+    probs = np.zeros((n, 2, 2))
+    entropy = np.full((n, 2), 5.0)
+    for r, (top1, p1, p2, h) in enumerate(rows):
+        ids[r, -1] = [top1, 3]
+        probs[r, -1] = [p1, p2]
+        entropy[r, -1] = h
+    kl = np.linspace(3.0, 0.0, n)[:, None].repeat(2, 1)
+    return LayerStats(entropy=entropy, topk_ids=ids, topk_probs=probs, kl_to_final=kl,
+                      cos_to_final=np.ones((n, 2)), p_answer=np.zeros((n, 2)),
+                      answer_rank=np.array([[9, 50], [9, 12], [9, 6], [9, 1], [9, 1]]))
+
+
+ROWS = [
+    (5, 0.99, 0.001, 3.0),  # confident but not a prompt token: no copy
+    (7, 0.91, 0.87, 3.0),  # prompt token, p1 > 0.9 but margin 0.04 < 0.05: no copy
+    (9, 0.95, 0.01, 2.0),  # prompt token, confident, clear margin: copy collapse
+    (ANSWER, 0.5, 0.2, 0.8),  # answer; entropy < 1 bit: entropy collapse (and copy fallback)
+    (ANSWER, 0.6, 0.1, 1.0),  # entropy exactly 1 bit: entropy collapse, not copy fallback
+]
+
+
+def test_collapse_flags_follow_the_original_rules():
+    flags = next_token_flags(stats_for(ROWS), PROMPT_IDS, ANSWER, CollapseSettings())
+    assert flags["copy_collapse"].tolist() == [False, False, True, True, False]
+    assert flags["entropy_collapse"].tolist() == [False, False, False, True, True]
+    assert flags["is_answer"].tolist() == [False, False, False, True, True]
+
+
+def test_thresholds_are_configurable():
+    loose = CollapseSettings(copy_threshold=0.9, copy_margin=0.01)
+    flags = next_token_flags(stats_for(ROWS), PROMPT_IDS, ANSWER, loose)
+    assert flags["copy_collapse"].tolist()[:3] == [False, True, True]
+
+
+def test_layer_summary():
+    stats = stats_for(ROWS)
+    s = layer_summary(stats, next_token_flags(stats, PROMPT_IDS, ANSWER, CollapseSettings()))
+    assert (s["L_copy"], s["L_copy_H"], s["L_semantic"], s["delta_layers"]) == (2, 3, 3, 1)
+    assert s["first_kl_below_1.0"] == 3 and s["first_kl_below_0.5"] == 4  # kl 3, 2.25, 1.5, .75, 0
+    assert (s["first_rank_le_1"], s["first_rank_le_5"], s["first_rank_le_10"]) == (3, 3, 2)  # ranks 50, 12, 6, 1, 1
+
+
+def test_missing_collapse_gives_none():
+    stats = stats_for([(5, 0.3, 0.2, 4.0)] * 3)
+    s = layer_summary(stats, next_token_flags(stats, PROMPT_IDS, ANSWER, CollapseSettings()))
+    assert s["L_copy"] is None and s["L_semantic"] is None and s["delta_layers"] is None

@@ -1,0 +1,112 @@
+"""The torch reference lens on tiny random models of every supported architecture."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mlx_lens.contract import LENSES, norm_plan
+from mlx_lens.models import resolve
+from tests.lens_checks import assert_sweep_matches_logits
+from tests.tiny_models import CONFIGS
+from torch_ref import backend as torch_backend
+from torch_ref.backend import TorchBackend
+
+PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dirs):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = TorchBackend(resolve(str(tiny_model_dirs[name])))
+        return cache[name]
+
+    return get
+
+
+def _ids(backend):
+    return backend.tokenizer.encode(PROMPT)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_last_row_is_the_models_own_logits(loaded, name):
+    """fp32 on CPU: the lens repeats the model's last norm and head but in its own order of
+    operations (and a separate fp32 head GEMM); 1e-4 is ~100x the fp32 rounding seen here on
+    logits of magnitude ~10, and far below any real lens error (a wrong norm moves logits by O(1))."""
+    backend = loaded(name)
+    ids = _ids(backend)
+    own = backend.model(input_ids=torch.tensor([ids])).logits[0].detach().numpy()
+    for lens in LENSES:
+        last = backend.layer_logits(ids, lens)[-1]
+        assert np.abs(last - own).max() <= 1e-4, lens
+    np.testing.assert_array_equal(backend.final_logits(ids), own[-1])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_each_row_uses_its_lens_norm(loaded, name):
+    """Rows 0..L-1 against transformers' own hidden_states (captured independently of our hooks),
+    normalised by the norm module each lens names."""
+    backend = loaded(name)
+    ids = _ids(backend)
+    out = backend.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    hidden = [h[0] for h in out.hidden_states[:-1]]  # the last one is already post-norm
+    weight = backend.model.get_output_embeddings().weight
+    n = len(hidden)
+    for lens in LENSES:
+        got = backend.layer_logits(ids, lens)
+        for row, ref in enumerate(norm_plan(lens, n)[:-1]):
+            if ref == "final":
+                x = backend.final_norm(hidden[row])
+            elif ref is None:
+                x = hidden[row]
+            else:
+                x = backend.input_norms[ref](hidden[row])
+            want = (x @ weight.T).detach()
+            if backend.softcap:
+                want = torch.tanh(want / backend.softcap) * backend.softcap
+            assert np.abs(got[row] - want.numpy()).max() <= 1e-4, (lens, row)
+
+
+def test_lens_rules():
+    assert norm_plan("final-norm", 3) == ["final"] * 4
+    assert norm_plan("next-norm", 3) == [0, 1, 2, "final"]
+    assert norm_plan("raw", 3) == [None, None, None, "final"]
+
+
+def test_gemma2_softcap_is_applied(loaded):
+    """The cap must change the distribution (so the check below has teeth) and be applied."""
+    backend = loaded("gemma2")
+    cap = backend.softcap
+    assert cap, "the tiny gemma2 must have a final logit soft-cap"
+    ids = _ids(backend)
+    capped = backend.layer_logits(ids, "final-norm")
+    assert np.abs(capped).max() <= cap + 1e-5
+    backend.softcap = None
+    try:
+        uncapped = backend.layer_logits(ids, "final-norm")
+    finally:
+        backend.softcap = cap
+    np.testing.assert_allclose(capped, np.tanh(uncapped / cap) * cap, atol=1e-5)
+    assert np.abs(np.exp(capped) / np.exp(capped).sum(-1, keepdims=True)
+                  - np.exp(uncapped) / np.exp(uncapped).sum(-1, keepdims=True)).max() > 0.05
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("lens", LENSES)
+def test_chunked_sweep_equals_float64(loaded, name, lens, monkeypatch):
+    """Force several vocabulary chunks so the running merges are exercised."""
+    backend = loaded(name)
+    ids = _ids(backend)
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 4 * 100 * len(ids) * (backend.info.n_layers + 1))
+    assert backend._chunk(len(ids) * (backend.info.n_layers + 1)) < backend.info.vocab
+    answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
+    assert_sweep_matches_logits(backend, ids, lens, answer)
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(Exception, match=r"unsupported architecture 'bert'.*llama"):
+        TorchBackend(resolve(str(tmp_path)))

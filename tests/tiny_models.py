@@ -1,0 +1,140 @@
+"""Tiny random Hugging Face causal LMs (plus a tiny BPE tokenizer) for offline tests.
+
+Each model is built from scratch in well under a second and saved as a normal `save_pretrained`
+folder (config.json + model.safetensors + tokenizer), so the same folder can be loaded by
+transformers and by mlx-lm. All weights are redrawn with a large std and norm scales away from 1,
+so outputs are peaked and a lens that uses the wrong norm, head or soft-cap gives visibly
+different numbers.
+"""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS = "<|bos|>", "<|eos|>"
+VOCAB_SIZE = 512
+INIT_STD = 0.2
+EMBED_STD = 0.5
+
+# The prompt of the original experiment, repeated so BPE merges " Berlin" and " Paris" into single
+# tokens, plus enough varied English to fill a 512-token vocabulary.
+_CAPITALS = """\
+Give the city name only, plain text. The capital of Germany is called simply Berlin.
+Give the city name only, plain text. The capital of France is called simply Paris.
+The capital of Germany is named Berlin. The capital of France is named Paris.
+Berlin is the capital city of Germany. Paris is the capital city of France.
+What is the capital of Germany? It is Berlin. What is the capital of France? It is Paris."""
+_TEXT = """\
+The city of Berlin lies on the river Spree, and the city of Paris lies on the river Seine.
+Both cities are large, old and busy, with many museums, parks, bridges and small cafes.
+In the morning the streets fill with people who walk to work, ride bicycles or take the train.
+A good answer is short and clear: it names the place and says nothing more than is needed.
+Questions about maps, countries and languages are common in school and children learn them.
+Spain has Madrid, Italy has Rome, Austria has Vienna, Poland has Warsaw and Japan has Tokyo.
+When the weather is warm we sit outside, drink coffee, read a book and watch the world go by.
+The teacher wrote a simple question on the board and waited quietly for the students to reply.
+Numbers such as one, two, three, four, five, six, seven, eight, nine and ten are easy to count.
+She opened the window, looked at the sky and said that it would probably rain before evening.
+Every language has its own words for home, family, friend, water, bread, light and time.
+He thought about the long journey north, the cold mountains, the deep forests and the quiet lakes.
+Write your reply in plain text, without lists or extra words, and keep it to a single line.
+The market sells fresh fruit, vegetables, cheese, fish and flowers every Saturday morning.
+History tells us how kingdoms grew, how wars ended and how people built new lives after them."""
+_CORPUS = _CAPITALS.splitlines() * 30 + _TEXT.splitlines() * 5
+
+# Shared shape: hidden 64, 3 layers, 4 query heads of dim 16, 2 kv heads (GQA), MLP 128.
+_BASE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=128)
+_GQA = dict(num_key_value_heads=2, head_dim=16)
+
+# name -> config kwargs (`model_type` picks the transformers config/model class).
+CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", **_BASE, **_GQA, tie_word_embeddings=True),
+    "llama_untied": dict(model_type="llama", **_BASE, **_GQA, tie_word_embeddings=False),
+    "llama_rope5e5": dict(model_type="llama", **_BASE, **_GQA, tie_word_embeddings=False,
+                          rope_parameters=dict(rope_type="default", rope_theta=5e5)),
+    # With head_dim 16 and theta 1e4 the 8 RoPE wavelengths span 6..2e4 positions; an original
+    # context of 64 keeps the first, blends the next two and divides the other five by 8.
+    "llama3_scaling": dict(model_type="llama", **_BASE, **_GQA, tie_word_embeddings=False,
+                           rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0,
+                                                low_freq_factor=1.0, high_freq_factor=4.0,
+                                                original_max_position_embeddings=64)),
+    "mistral": dict(model_type="mistral", **_BASE, **_GQA, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", **_BASE, **_GQA, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", **_BASE, **_GQA, tie_word_embeddings=True),
+    # Raw logits here span about +-12: a final soft-cap of 10 bends the top ones (mean entropy
+    # 2.5 -> 4.0 nats, KL 0.4) yet leaves the distribution peaked. The attention cap of 10 bites
+    # too (raw scores reach ~35; removing it moves the output by KL ~0.5).
+    # mlx-lm's gemma2 has no sliding window, so the window (64) is longer than any test prompt.
+    "gemma2": dict(model_type="gemma2", **_BASE, **_GQA, tie_word_embeddings=True,
+                   query_pre_attn_scalar=16, final_logit_softcapping=10.0,
+                   attn_logit_softcapping=10.0, sliding_window=64),
+    # Layers: sliding, sliding, full (Gemma 3 uses 5 sliding : 1 full). Given as the Hub-style
+    # sliding_window_pattern, which transformers turns into layer_types and mlx-lm reads as is
+    # (mlx-lm ignores layer_types; its default pattern 6 breaks a 3-layer model).
+    "gemma3_text": dict(model_type="gemma3_text", **_BASE, **_GQA, tie_word_embeddings=True,
+                        query_pre_attn_scalar=16, sliding_window=64, sliding_window_pattern=3),
+    "phi3": dict(model_type="phi3", **_BASE, num_key_value_heads=2, tie_word_embeddings=False),
+    # gpt2 and gpt_neox: MLP width 4 * hidden, the width mlx-lm hard-codes for both.
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_inner=256, n_positions=128,
+                 tie_word_embeddings=True),
+    "gpt_neox": dict(model_type="gpt_neox", **{**_BASE, "intermediate_size": 256},
+                     tie_word_embeddings=False),
+}
+
+
+def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
+    """Train a 512-token byte-level BPE that prepends BOS like Llama's tokenizer, and save it."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, tok.token_to_id(BOS))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Redraw every parameter so outputs are peaked and every norm is distinguishable."""
+    # A wider (un)embedding spreads logits over several nats, so lens distributions are peaked.
+    # Gemma multiplies input embeddings by sqrt(hidden) = 8: a wide tied embedding would swamp the
+    # residual and the model would just echo its input token, so Gemma keeps INIT_STD.
+    gemma = model.config.model_type.startswith("gemma")
+    vocab = (model.get_input_embeddings(), model.get_output_embeddings())
+    vocab_mats = {id(m.weight) for m in vocab}
+    with torch.no_grad():
+        for module in model.modules():
+            # Norm weights ~ N(1, 0.2) everywhere. Gemma's RMSNorm scales by (1 + weight), so its
+            # scales come out near 2, which also lifts its blocks above the scaled embedding.
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, p in module.named_parameters(recurse=False):
+                std = EMBED_STD if id(p) in vocab_mats and not gemma else INIT_STD
+                p.normal_(1.0 if is_norm and name == "weight" else 0.0, std)
+
+
+def build_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build the tiny `name` model with random weights; save it and the tokenizer to out_dir."""
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(out_dir)
+    kwargs = dict(CONFIGS[name])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs, vocab_size=len(tok),
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=None, dtype="float32")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    _randomize(model)  # a tied head is the same Parameter as the embedding, so both change
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    """Build every model in CONFIGS into root/<name>."""
+    return {name: build_model(name, Path(root) / name) for name in CONFIGS}

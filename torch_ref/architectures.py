@@ -1,0 +1,35 @@
+"""What the torch lens needs to know about each architecture, as data (one row per model_type).
+
+Paths are dotted attribute paths on the transformers *ForCausalLM module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    blocks: str  # the ModuleList of decoder blocks
+    final_norm: str
+    input_norm: str  # attribute of a block: the norm in front of its attention
+    softcap: str | None = None  # config attribute of the final logit soft-cap (tanh)
+    cuda_dtype: torch.dtype = torch.float16  # the original's CUDA policy: fp16, Gemma bf16
+
+
+_LLAMA_LIKE = ArchSpec("model.layers", "model.norm", "input_layernorm")
+_GEMMA = ArchSpec("model.layers", "model.norm", "input_layernorm",
+                  softcap="final_logit_softcapping", cuda_dtype=torch.bfloat16)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,  # also Llama-3 and Yi
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "ln_1"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "input_layernorm"),
+}

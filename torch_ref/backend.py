@@ -1,0 +1,172 @@
+"""The PyTorch/transformers lens: the reference backend, for CUDA, MPS and CPU hosts.
+
+Residuals are captured with forward hooks on the model's own decoder blocks (the input of block 0
+is the embedding row, so learned positions and Gemma's sqrt(d) scale are included); each row is
+normalised by an fp32 copy of the model's own norm module (its exact semantics: LayerNorm bias,
+Gemma's 1+w), decoded through an fp32 unembedding and the model's head transform.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mlx_lens.contract import LayerStats, Lens, ModelInfo, SweepOptions, norm_plan
+from mlx_lens.errors import LensError
+from mlx_lens.models import ModelSource, check_supported, local_model_type
+from torch_ref.architectures import ARCHITECTURES, ArchSpec
+from torch_ref.reduce import RunningStats
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]); the reductions hold a few
+# temporaries of that size.
+CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", 256 * 2**20))
+
+
+def _attr(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str, spec: ArchSpec) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.startswith("cuda"):
+        return spec.cuda_dtype
+    return torch.float16 if device == "mps" else torch.float32
+
+
+class TorchBackend:
+    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto"):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # our own console lines only; errors still raise
+        hf_logging.disable_progress_bar()
+
+        if source.path is not None and not source.is_gguf:  # refuse early, before loading
+            check_supported(local_model_type(source), ARCHITECTURES, "torch")
+        kw = {"gguf_file": source.path.name} if source.is_gguf else {}
+        try:
+            config = AutoConfig.from_pretrained(source.location, **kw)
+            check_supported(config.model_type, ARCHITECTURES, "torch")
+            self.spec = ARCHITECTURES[config.model_type]
+            self.device = pick_device(device)
+            self.dtype = pick_dtype(dtype, self.device, self.spec)
+            self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype, **kw)
+        except LensError:
+            raise
+        except Exception as exc:  # a broken or missing file: name the model and the cause
+            first = (str(exc).splitlines() or [""])[0]
+            raise LensError(f"cannot load {source.location}: {type(exc).__name__}: {first}") from None
+        self.model = model.to(self.device).eval()
+        self.blocks = _attr(model, self.spec.blocks)
+        # fp32 copies of the norms: statistics in fp32 with the model's own semantics.
+        self.final_norm = copy.deepcopy(_attr(model, self.spec.final_norm)).float()
+        self.input_norms = [copy.deepcopy(getattr(b, self.spec.input_norm)).float()
+                            for b in self.blocks]
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(config, self.spec.softcap, None) if self.spec.softcap else None
+        self.info = ModelInfo(
+            name=source.name, architecture=config.model_type, n_layers=len(self.blocks),
+            d_model=config.hidden_size, n_heads=config.num_attention_heads,
+            vocab=self.head.weight.shape[0], n_ctx=getattr(config, "max_position_embeddings", None),
+            backend="torch", device=self.device, compute_dtype=str(self.dtype).removeprefix("torch."),
+            unembed_dtype="float32",
+            norm_types={"first_block": type(self.input_norms[0]).__name__,
+                        "final": type(self.final_norm).__name__},
+        )
+
+    # -- capture -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, ids: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Residual rows h_0..h_L ([T, d] each, compute dtype) and the model's own logits [T, V]."""
+        rows: list[torch.Tensor] = []
+
+        def grab_input(_module, args, kwargs):
+            rows.append((args[0] if args else kwargs["hidden_states"])[0])
+
+        def grab_output(_module, _args, out):
+            rows.append((out[0] if isinstance(out, tuple) else out)[0])
+
+        handles = [self.blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+        handles += [b.register_forward_hook(grab_output) for b in self.blocks]
+        try:
+            x = torch.tensor([list(ids)], device=self.device)
+            logits = self.model(input_ids=x, use_cache=False).logits[0]
+        finally:
+            for h in handles:
+                h.remove()
+        return rows, logits
+
+    # -- decode ------------------------------------------------------------------------------
+    def _normed(self, rows: list[torch.Tensor], lens: Lens) -> torch.Tensor:
+        """[R, T, d] fp32: every row through the norm the lens assigns it."""
+        out = []
+        for h, ref in zip(rows, norm_plan(lens, len(self.blocks))):
+            h = h.float()
+            if ref == "final":
+                h = self.final_norm(h)
+            elif ref is not None:
+                h = self.input_norms[ref](h)
+            out.append(h)
+        return torch.stack(out)
+
+    def _logits(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """fp32 logits of vocabulary slice [start, stop) for normalised states x [..., d]."""
+        z = x @ self.head.weight[start:stop].float().T
+        if self.head.bias is not None:
+            z = z + self.head.bias[start:stop].float()
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def _chunk(self, n_states: int) -> int:
+        return max(64, CHUNK_BYTES // (4 * n_states))
+
+    @torch.no_grad()
+    def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
+        rows, _ = self._forward(ids)
+        x = self._normed(rows, opts.lens)
+        a = opts.answer_id
+        answer_logit = self._logits(x, a, a + 1)[..., 0] if a is not None else None
+        stats = RunningStats(opts.top_k, answer_logit, a)
+        vocab = self.info.vocab
+        step = self._chunk(x.shape[0] * x.shape[1])
+        for start in range(0, vocab, step):
+            stats.update(self._logits(x, start, min(start + step, vocab)), start)
+        out = {k: v.cpu().numpy() for k, v in stats.finish().items()}
+        return LayerStats(
+            entropy=out["entropy"].astype(np.float64),
+            topk_ids=out["topk_ids"].astype(np.int64),
+            topk_probs=out["topk_probs"].astype(np.float64),
+            kl_to_final=out["kl_to_final"].astype(np.float64),
+            cos_to_final=out["cos_to_final"].astype(np.float64),
+            p_answer=out["p_answer"].astype(np.float64) if a is not None else None,
+            answer_rank=out["answer_rank"].astype(np.int64) if a is not None else None,
+        )
+
+    @torch.no_grad()
+    def final_logits(self, ids: Sequence[int]) -> np.ndarray:
+        _, logits = self._forward(ids)
+        return logits[-1].float().cpu().numpy()
+
+    @torch.no_grad()
+    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+        rows, _ = self._forward(ids)
+        return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
