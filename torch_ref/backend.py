@@ -170,3 +170,13 @@ class TorchBackend:
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         rows, _ = self._forward(ids)
         return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
+
+    @torch.no_grad()
+    def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
+        """Greedy continuation (transformers' generate), without the prompt."""
+        x = torch.tensor([list(ids)], device=self.device)
+        eos = self.tokenizer.eos_token_id
+        out = self.model.generate(x, max_new_tokens=max_tokens, do_sample=False,
+                                  pad_token_id=eos, eos_token_id=eos)
+        return [t for t in out[0, len(ids):].tolist() if t != eos]
+

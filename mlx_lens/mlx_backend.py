@@ -1,0 +1,236 @@
+"""The MLX lens: the primary backend (Metal unified memory on Apple silicon; mlx's CUDA or CPU
+builds elsewhere), on mlx-lm's model definitions.
+
+Capture is hand-written: the embedding step and the block loop run here (masks as mlx-lm builds
+them), so every block's output is kept without patching the model. Rows are normalised by fp32
+copies of the model's own norm modules, decoded through an fp32 (dequantised, for quantised
+checkpoints) unembedding in vocabulary chunks, with the model's head transform.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+from mlx_lm.models.base import create_attention_mask
+
+from mlx_lens.contract import LayerStats, Lens, ModelInfo, SweepOptions, norm_plan
+from mlx_lens.errors import LensError
+from mlx_lens.mlx_arch import ARCHITECTURES, config_fixes, fix_weights, softcap_of
+from mlx_lens.mlx_reduce import RunningStats
+from mlx_lens.models import ModelSource, check_supported
+
+_DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
+# Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]).
+CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", 256 * 2**20))
+_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def _attr(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fp32(module: nn.Module) -> nn.Module:
+    """A copy of a norm module with fp32 parameters: its own semantics, fp32 statistics."""
+    clone = copy.copy(module)
+    clone.update(tree_map(lambda a: a.astype(mx.float32), module.parameters()))
+    return clone
+
+
+def pick_device(device: str) -> mx.DeviceType:
+    if device == "auto":
+        gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+        return mx.gpu if gpu else mx.cpu
+    if device in ("cpu", "gpu"):
+        return getattr(mx, device)
+    raise LensError(f"device {device!r} is not an MLX device (auto, gpu, cpu)")
+
+
+def local_folder(source: ModelSource) -> Path:
+    """A folder mlx-lm can read: the source itself, a hub snapshot, or a converted GGUF."""
+    if source.is_gguf:
+        from mlx_lens.default_model import gguf_folder
+
+        return gguf_folder(source.path)
+    if source.path is not None:
+        return source.path
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(source.hub_id))
+    except Exception as exc:
+        raise LensError(f"cannot fetch {source.hub_id}: {type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0]}") from None
+
+
+class MlxBackend:
+    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto"):
+        import mlx_lm.utils as mlx_utils
+        from transformers import AutoTokenizer
+
+        self.device = pick_device(device)
+        mx.set_default_device(self.device)
+        path = local_folder(source)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise LensError(f"unreadable config.json in {path}: {exc}") from None
+        model_type = config.get("model_type")
+        check_supported(model_type, ARCHITECTURES, "mlx")
+        self.arch = ARCHITECTURES[model_type]
+
+        def classes(config):
+            model_class, args_class = mlx_utils._get_classes(config)
+
+            class Fixed(model_class):  # weights as transformers 5 writes them -> mlx-lm's names
+                def sanitize(self, weights):
+                    weights = fix_weights(model_type, weights)
+                    return super().sanitize(weights) if hasattr(model_class, "sanitize") else weights
+
+            return Fixed, args_class
+
+        try:
+            model, _ = mlx_utils.load_model(path, model_config=config_fixes(config),
+                                            get_model_classes=classes)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except LensError:
+            raise
+        except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0]
+            raise LensError(f"cannot load {path}: {type(exc).__name__}: {first}") from None
+        if dtype != "auto":
+            model.set_dtype(_DTYPES[dtype])
+        self.model, self.path = model, path
+        self.inner = model.model
+        self.blocks = _attr(self.inner, self.arch.blocks)
+        self.embed = _attr(self.inner, self.arch.embed)
+        head = self.arch.head and _attr_or_none(model, self.arch.head)
+        self.head = head if head is not None else self.embed  # tied
+        self.final_norm = _fp32(_attr(self.inner, self.arch.final_norm))
+        self.input_norms = [_fp32(getattr(b, self.arch.input_norm)) for b in self.blocks]
+        self.softcap = softcap_of(config) if self.arch.softcap else None
+        self.hidden = config.get("hidden_size", config.get("n_embd"))
+        compute = (self.embed.scales if isinstance(self.embed, _QUANTIZED) else self.embed.weight).dtype
+        self.info = ModelInfo(
+            name=source.name, architecture=model_type, n_layers=len(self.blocks),
+            d_model=self.hidden,
+            n_heads=config.get("num_attention_heads", config.get("n_head")),
+            vocab=self._vocab(),
+            n_ctx=config.get("max_position_embeddings", config.get("n_positions")),
+            backend="mlx", device=self.device.name, compute_dtype=_name(compute),
+            unembed_dtype="float32",
+            norm_types={"first_block": type(self.input_norms[0]).__name__,
+                        "final": type(self.final_norm).__name__},
+        )
+
+    def _vocab(self) -> int:
+        return self.head.weight.shape[0]
+
+    # -- capture -----------------------------------------------------------------------------
+    def _rows(self, ids: Sequence[int]) -> list[mx.array]:
+        """Residual rows h_0..h_L, [T, d] each, in compute dtype (lazy)."""
+        x = mx.array([list(ids)])
+        h = self.embed(x)
+        if self.arch.positions:
+            h = h + _attr(self.inner, self.arch.positions)(mx.arange(x.shape[1]))
+        if self.arch.embed_scale:
+            h = h * self.arch.embed_scale(self.hidden).astype(h.dtype)
+        rows = [h[0]]
+        for block, window in zip(self.blocks, self.arch.windows(self.inner, self.blocks)):
+            mask = create_attention_mask(h, None, window_size=window,
+                                         return_array=self.arch.array_mask)
+            h = block(h, mask, None)
+            rows.append(h[0])
+        return rows
+
+    # -- decode ------------------------------------------------------------------------------
+    def _normed(self, ids: Sequence[int], lens: Lens) -> mx.array:
+        out = []
+        for h, ref in zip(self._rows(ids), norm_plan(lens, len(self.blocks))):
+            h = h.astype(mx.float32)
+            if ref == "final":
+                h = self.final_norm(h)
+            elif ref is not None:
+                h = self.input_norms[ref](h)
+            out.append(h)
+        x = mx.stack(out)
+        mx.eval(x)
+        return x
+
+    def _weight_rows(self, start: int, stop: int) -> mx.array:
+        m = self.head
+        if isinstance(m, _QUANTIZED):
+            biases = m.biases[start:stop] if "biases" in m else None
+            w = mx.dequantize(m.weight[start:stop], m.scales[start:stop], biases,
+                              group_size=m.group_size, bits=m.bits, mode=m.mode)
+        else:
+            w = m.weight[start:stop]
+        return w.astype(mx.float32)
+
+    def _logits(self, x: mx.array, start: int, stop: int) -> mx.array:
+        z = x @ self._weight_rows(start, stop).T
+        if "bias" in self.head:
+            z = z + self.head.bias[start:stop].astype(mx.float32)
+        if self.softcap:
+            z = mx.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
+        x = self._normed(ids, opts.lens)
+        a = opts.answer_id
+        answer_logit = self._logits(x, a, a + 1)[..., 0] if a is not None else None
+        stats = RunningStats(opts.top_k, answer_logit, a)
+        vocab = self.info.vocab
+        step = max(64, CHUNK_BYTES // (4 * x.shape[0] * x.shape[1]))
+        for start in range(0, vocab, step):
+            stats.update(self._logits(x, start, min(start + step, vocab)), start)
+        out = {k: np.array(v) for k, v in stats.finish().items()}
+        return LayerStats(
+            entropy=out["entropy"].astype(np.float64),
+            topk_ids=out["topk_ids"].astype(np.int64),
+            topk_probs=out["topk_probs"].astype(np.float64),
+            kl_to_final=out["kl_to_final"].astype(np.float64),
+            cos_to_final=out["cos_to_final"].astype(np.float64),
+            p_answer=out["p_answer"].astype(np.float64) if a is not None else None,
+            answer_rank=out["answer_rank"].astype(np.int64) if a is not None else None,
+        )
+
+    def own_logits(self, ids: Sequence[int]) -> mx.array:
+        """The mlx-lm model's own forward pass, [T, V]."""
+        return self.model(mx.array([list(ids)]))[0]
+
+    def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
+        """Greedy continuation with mlx-lm's generation loop (KV cache), without the prompt."""
+        from mlx_lm.generate import generate_step
+
+        out = []
+        for token, _ in generate_step(mx.array(list(ids)), self.model, max_tokens=max_tokens):
+            if int(token) == self.tokenizer.eos_token_id:
+                break
+            out.append(int(token))
+        return out
+
+    def final_logits(self, ids: Sequence[int]) -> np.ndarray:
+        return np.array(self.own_logits(ids)[-1].astype(mx.float32))
+
+    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+        return np.array(self._logits(self._normed(ids, lens), 0, self.info.vocab))
+
+
+def _attr_or_none(obj, dotted: str):
+    try:
+        return _attr(obj, dotted)
+    except AttributeError:
+        return None
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
