@@ -59,6 +59,14 @@ class LayerStats:
     def n_rows(self) -> int:
         return self.entropy.shape[0]
 
+    @classmethod
+    def from_arrays(cls, out: dict) -> "LayerStats":
+        """From a backend's reductions (any array-likes numpy can read), in float64 / int64."""
+        f64 = {k: np.asarray(out[k], np.float64) for k in
+               ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer") if k in out}
+        i64 = {k: np.asarray(out[k], np.int64) for k in ("topk_ids", "answer_rank") if k in out}
+        return cls(**f64, **i64)
+
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -7,12 +7,36 @@ from __future__ import annotations
 import numpy as np
 
 from mlx_lens.contract import SweepOptions
+from mlx_lens.models import resolve
+
+PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
+
+
+def backend_cache(backend_class, model_dirs):
+    """name -> loaded backend, each tiny model loaded once per test module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = backend_class(resolve(str(model_dirs[name])))
+        return cache[name]
+
+    return get
 
 
 def log_softmax64(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64)
     m = z.max(-1, keepdims=True)
     return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def assert_chunked_sweep_matches_logits(backend, backend_module, lens: str, monkeypatch) -> None:
+    """The sweep with 100-token vocabulary chunks, so that the running merges are exercised."""
+    ids = backend.tokenizer.encode(PROMPT)
+    n_states = len(ids) * (backend.info.n_layers + 1)
+    monkeypatch.setattr(backend_module, "CHUNK_BYTES", 4 * 100 * n_states)
+    answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
+    assert_sweep_matches_logits(backend, ids, lens, answer)
 
 
 def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: int) -> None:
@@ -50,3 +74,21 @@ def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: i
     above = (z > z[..., answer_id:answer_id + 1]).sum(-1)
     # Ranks may differ only where another logit ties the answer's within fp32 rounding.
     assert np.mean(stats.answer_rank == above + 1) > 0.99
+
+
+def assert_softcap_applied(backend) -> None:
+    """Every lens row goes through the model's final soft-cap, and the cap matters: the
+    probabilities it gives differ from the uncapped ones (so the check has teeth)."""
+    cap = backend.softcap
+    assert cap, "the model must have a final logit soft-cap"
+    ids = backend.tokenizer.encode(PROMPT)
+    capped = backend.layer_logits(ids, "final-norm")
+    assert np.abs(capped).max() <= cap + 1e-5
+    backend.softcap = None
+    try:
+        uncapped = backend.layer_logits(ids, "final-norm")
+    finally:
+        backend.softcap = cap
+    np.testing.assert_allclose(capped, np.tanh(uncapped / cap) * cap, atol=1e-5)
+    assert np.abs(np.exp(log_softmax64(capped)) - np.exp(log_softmax64(uncapped))).max() > 0.05
+

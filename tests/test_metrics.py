@@ -50,8 +50,10 @@ def test_layer_summary():
     stats = stats_for(ROWS)
     s = layer_summary(stats, next_token_flags(stats, PROMPT_IDS, ANSWER, CollapseSettings()))
     assert (s["L_copy"], s["L_copy_H"], s["L_semantic"], s["delta_layers"]) == (2, 3, 3, 1)
-    assert s["first_kl_below_1.0"] == 3 and s["first_kl_below_0.5"] == 4  # kl 3, 2.25, 1.5, .75, 0
-    assert (s["first_rank_le_1"], s["first_rank_le_5"], s["first_rank_le_10"]) == (3, 3, 2)  # ranks 50, 12, 6, 1, 1
+    # kl 3, 2.25, 1.5, .75, 0
+    assert s["first_kl_below_1.0"] == 3 and s["first_kl_below_0.5"] == 4
+    # ranks 50, 12, 6, 1, 1
+    assert (s["first_rank_le_1"], s["first_rank_le_5"], s["first_rank_le_10"]) == (3, 3, 2)
 
 
 def test_missing_collapse_gives_none():

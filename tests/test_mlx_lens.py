@@ -9,22 +9,14 @@ from mlx_lens import mlx_backend
 from mlx_lens.contract import LENSES, norm_plan
 from mlx_lens.mlx_backend import MlxBackend
 from mlx_lens.models import resolve
-from tests.lens_checks import assert_sweep_matches_logits
+from tests.lens_checks import (PROMPT, assert_chunked_sweep_matches_logits, assert_softcap_applied,
+                               assert_sweep_matches_logits, backend_cache)
 from tests.tiny_models import CONFIGS
-
-PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dirs):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = MlxBackend(resolve(str(tiny_model_dirs[name])))
-        return cache[name]
-
-    return get
+    return backend_cache(MlxBackend, tiny_model_dirs)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -62,29 +54,13 @@ def test_each_row_uses_its_lens_norm(loaded, name):
 
 
 def test_gemma2_softcap_is_applied(loaded):
-    backend = loaded("gemma2")
-    cap = backend.softcap
-    assert cap
-    ids = backend.tokenizer.encode(PROMPT)
-    capped = backend.layer_logits(ids, "final-norm")
-    backend.softcap = None
-    try:
-        uncapped = backend.layer_logits(ids, "final-norm")
-    finally:
-        backend.softcap = cap
-    np.testing.assert_allclose(capped, np.tanh(uncapped / cap) * cap, atol=1e-5)
-    assert np.abs(capped - uncapped).max() > 0.5  # the cap matters at this scale
+    assert_softcap_applied(loaded("gemma2"))
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 @pytest.mark.parametrize("lens", LENSES)
 def test_chunked_sweep_equals_float64(loaded, name, lens, monkeypatch):
-    backend = loaded(name)
-    ids = backend.tokenizer.encode(PROMPT)
-    n_states = len(ids) * (len(backend.blocks) + 1)
-    monkeypatch.setattr(mlx_backend, "CHUNK_BYTES", 4 * 100 * n_states)  # 100-token chunks
-    answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
-    assert_sweep_matches_logits(backend, ids, lens, answer)
+    assert_chunked_sweep_matches_logits(loaded(name), mlx_backend, lens, monkeypatch)
 
 
 def test_quantised_model_decodes_through_fp32_dequantised_head(tiny_model_dirs, tmp_path):

@@ -7,24 +7,16 @@ import torch
 
 from mlx_lens.contract import LENSES, norm_plan
 from mlx_lens.models import resolve
-from tests.lens_checks import assert_sweep_matches_logits
+from tests.lens_checks import (PROMPT, assert_chunked_sweep_matches_logits, assert_softcap_applied,
+                               backend_cache)
 from tests.tiny_models import CONFIGS
 from torch_ref import backend as torch_backend
 from torch_ref.backend import TorchBackend
 
-PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
-
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dirs):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = TorchBackend(resolve(str(tiny_model_dirs[name])))
-        return cache[name]
-
-    return get
+    return backend_cache(TorchBackend, tiny_model_dirs)
 
 
 def _ids(backend):
@@ -77,33 +69,13 @@ def test_lens_rules():
 
 
 def test_gemma2_softcap_is_applied(loaded):
-    """The cap must change the distribution (so the check below has teeth) and be applied."""
-    backend = loaded("gemma2")
-    cap = backend.softcap
-    assert cap, "the tiny gemma2 must have a final logit soft-cap"
-    ids = _ids(backend)
-    capped = backend.layer_logits(ids, "final-norm")
-    assert np.abs(capped).max() <= cap + 1e-5
-    backend.softcap = None
-    try:
-        uncapped = backend.layer_logits(ids, "final-norm")
-    finally:
-        backend.softcap = cap
-    np.testing.assert_allclose(capped, np.tanh(uncapped / cap) * cap, atol=1e-5)
-    assert np.abs(np.exp(capped) / np.exp(capped).sum(-1, keepdims=True)
-                  - np.exp(uncapped) / np.exp(uncapped).sum(-1, keepdims=True)).max() > 0.05
+    assert_softcap_applied(loaded("gemma2"))
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 @pytest.mark.parametrize("lens", LENSES)
 def test_chunked_sweep_equals_float64(loaded, name, lens, monkeypatch):
-    """Force several vocabulary chunks so the running merges are exercised."""
-    backend = loaded(name)
-    ids = _ids(backend)
-    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 4 * 100 * len(ids) * (backend.info.n_layers + 1))
-    assert backend._chunk(len(ids) * (backend.info.n_layers + 1)) < backend.info.vocab
-    answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
-    assert_sweep_matches_logits(backend, ids, lens, answer)
+    assert_chunked_sweep_matches_logits(loaded(name), torch_backend, lens, monkeypatch)
 
 
 def test_unsupported_architecture_is_refused_by_name(tmp_path):

@@ -150,16 +150,7 @@ class TorchBackend:
         step = self._chunk(x.shape[0] * x.shape[1])
         for start in range(0, vocab, step):
             stats.update(self._logits(x, start, min(start + step, vocab)), start)
-        out = {k: v.cpu().numpy() for k, v in stats.finish().items()}
-        return LayerStats(
-            entropy=out["entropy"].astype(np.float64),
-            topk_ids=out["topk_ids"].astype(np.int64),
-            topk_probs=out["topk_probs"].astype(np.float64),
-            kl_to_final=out["kl_to_final"].astype(np.float64),
-            cos_to_final=out["cos_to_final"].astype(np.float64),
-            p_answer=out["p_answer"].astype(np.float64) if a is not None else None,
-            answer_rank=out["answer_rank"].astype(np.int64) if a is not None else None,
-        )
+        return LayerStats.from_arrays({k: v.cpu().numpy() for k, v in stats.finish().items()})
 
     @torch.no_grad()
     def final_logits(self, ids: Sequence[int]) -> np.ndarray:
