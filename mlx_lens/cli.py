@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", parents=[model], help="greedy chat reply (a model check)")
     chat.add_argument("--prompt", default=CHAT_PROMPT)
     chat.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parity = sub.add_parser("parity", help="check that the MLX lens agrees with the torch reference "
+                            "on a model (per-layer table; exit 1 beyond tolerance)")
+    parity.add_argument("model", nargs="?", default=None,
+                        help="local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)")
+    parity.add_argument("--lens", choices=(*LENSES, "all"), default="all")
+    parity.add_argument("--prompt", action="append", help="repeatable (default: the probe prompt)")
+    parity.add_argument("--answer", default=ANSWER)
     run = sub.add_parser("run", parents=[model], help="run the logit-lens experiment on a model")
     run.add_argument("--lens", choices=LENSES, default="final-norm",
                      help="norm that decodes each layer (next-norm: the original's rule)")
@@ -61,6 +68,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _, backend, _ = _load(args)
     print(f"user: {args.prompt}\n{backend.info.name}: {chat(backend, args.prompt, args.max_tokens)}")
     return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from mlx_lens.parity import compare
+
+    source = resolve(args.model)
+    reference, candidate = backends.load("torch", source), backends.load("mlx", source)
+    failed = False
+    for lens in LENSES if args.lens == "all" else (args.lens,):
+        report = compare(reference, candidate, args.prompt or [PROMPT], lens, args.answer)
+        print(f"{source.name} [{report.architecture}], lens {lens}: torch (reference) vs mlx, "
+              f"tolerance KL {report.tol.kl:.0e} nats, entropy {report.tol.entropy_bits:.0e} bits "
+              f"({report.tol.cause})")
+        print(report.table())
+        for line in report.failures():
+            print(f"FAIL: {line}")
+            failed = True
+        for i, p in enumerate(report.prompts):
+            print(f"prompt {i}: torch {p.summaries[0]}, mlx {p.summaries[1]}")
+    print("parity: FAILED" if failed else "parity: OK")
+    return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -98,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "chat": cmd_chat}[args.command](args)
+        return {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity}[args.command](args)
     except LensError as exc:
         print(f"mlx-lens: error: {exc}", file=sys.stderr)
         return 2

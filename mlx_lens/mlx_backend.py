@@ -28,7 +28,7 @@ from mlx_lens.models import ModelSource, check_supported
 
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 # Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]).
-CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", 256 * 2**20))
+CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", str(256 * 2**20)))
 _QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 

@@ -23,7 +23,7 @@ from torch_ref.reduce import RunningStats
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]); the reductions hold a few
 # temporaries of that size.
-CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", 256 * 2**20))
+CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", str(256 * 2**20)))
 
 
 def _attr(obj, dotted: str):
