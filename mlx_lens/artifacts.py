@@ -125,14 +125,25 @@ def _json_safe(obj):
     return obj
 
 
-def write_model_artifacts(out_dir: Path, model_name: str, payload: dict, records: pd.DataFrame,
-                          pure: pd.DataFrame) -> list[Path]:
+def write_model_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
+    """The three artifacts of an experiment's ModelResult (and its residuals, when kept)."""
     paths = [out_dir / f"output-{model_name}.json", out_dir / f"output-{model_name}-records.csv",
              out_dir / f"output-{model_name}-pure-next-token.csv"]
-    text = json.dumps(_json_safe(payload), indent=2, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(_json_safe(result.payload), indent=2, ensure_ascii=False, allow_nan=False)
     _atomic_write(paths[0], lambda p: p.write_text(text + "\n", encoding="utf-8"))
-    for path, frame in zip(paths[1:], (records, pure)):
+    for path, frame in zip(paths[1:], (result.records, result.pure)):
         # CRLF (RFC 4180) so that csv quotes tokens holding a lone "\r" too; with "\n" it would not.
         _atomic_write(path, lambda p, f=frame: f.to_csv(p, index=False, encoding="utf-8",
                                                         lineterminator="\r\n"))
+    if result.residuals is not None:
+        paths.append(out_dir / f"output-{model_name}-residuals.safetensors")
+        _atomic_write(paths[-1], lambda p: save_residuals(p, result.residuals, result.prompt_ids))
     return paths
+
+
+def save_residuals(path: Path, residuals: np.ndarray, token_ids: list[int]) -> None:
+    """One [T, d] float32 tensor per row: layer_000 = embeddings, layer_i = after block i-1."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"layer_{i:03d}": np.ascontiguousarray(r, np.float32) for i, r in enumerate(residuals)}
+    save_file(tensors, str(path), metadata={"token_ids": json.dumps([int(t) for t in token_ids])})

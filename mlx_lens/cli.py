@@ -9,39 +9,57 @@ from pathlib import Path
 
 from mlx_lens import backends, run_dir
 from mlx_lens.artifacts import write_model_artifacts
+from mlx_lens.device_policy import DoesNotFit
 from mlx_lens.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.contract import LENSES
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import ExperimentOptions, run_experiment
+from mlx_lens.launcher import (EXIT_SKIPPED, ORIGINAL_MODELS, ModelOutcome, run_one_process,
+                               summary_of, table)
 from mlx_lens.metrics import CollapseSettings
 from mlx_lens.models import resolve
 from mlx_lens.probes import ANSWER, PROMPT
+from mlx_lens.self_test import report as self_test_report
+from mlx_lens.self_test import run_self_test, self_test_layers
+
+
+MODEL_HELP = "local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)"
+# run options a child process for one model gets from a multi-model run (dest, flag)
+_CHILD_OPTIONS = (("backend", "--backend"), ("device", "--device"), ("dtype", "--dtype"),
+                  ("lens", "--lens"), ("copy_threshold", "--copy-threshold"),
+                  ("copy_margin", "--copy-margin"), ("prompt", "--prompt"), ("answer", "--answer"))
 
 
 def _parser() -> argparse.ArgumentParser:
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("model", nargs="?", default=None,
-                       help="local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)")
-    model.add_argument("--backend", choices=backends.BACKENDS, default="auto")
-    model.add_argument("--device", default="auto",
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--backend", choices=backends.BACKENDS, default="auto")
+    options.add_argument("--device", default="auto",
                        help="torch: auto, cpu, cuda, cuda:N, mps; mlx: auto, gpu, cpu")
-    model.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    options.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="compute dtype (torch auto: fp32 on CPU, fp16 on CUDA, bf16 for "
                             "Gemma; mlx auto: the checkpoint's)")
 
     parser = argparse.ArgumentParser(prog="mlx-lens", description="Per-layer logit lens.")
     sub = parser.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", parents=[model], help="greedy chat reply (a model check)")
+    chat = sub.add_parser("chat", parents=[options], help="greedy chat reply (a model check)")
+    chat.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     chat.add_argument("--prompt", default=CHAT_PROMPT)
     chat.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parity = sub.add_parser("parity", help="check that the MLX lens agrees with the torch reference "
                             "on a model (per-layer table; exit 1 beyond tolerance)")
-    parity.add_argument("model", nargs="?", default=None,
-                        help="local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)")
+    parity.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     parity.add_argument("--lens", choices=(*LENSES, "all"), default="all")
     parity.add_argument("--prompt", action="append", help="repeatable (default: the probe prompt)")
     parity.add_argument("--answer", default=ANSWER)
-    run = sub.add_parser("run", parents=[model], help="run the logit-lens experiment on a model")
+    run = sub.add_parser("run", parents=[options], help="run the logit-lens experiment")
+    run.add_argument("models", nargs="*", metavar="model",
+                     help=MODEL_HELP + "; several run one after another, each in its own process")
+    run.add_argument("--all", action="store_true",
+                     help="the original's seven models: " + ", ".join(ORIGINAL_MODELS))
+    run.add_argument("--self-test", action="store_true",
+                     help="check the norm scaling of the lens (prints, writes nothing; exit 0/1)")
+    run.add_argument("--keep-residuals", action="store_true",
+                     help="also save the residual stream per layer (safetensors)")
     run.add_argument("--lens", choices=LENSES, default="final-norm",
                      help="norm that decodes each layer (next-norm: the original's rule)")
     run.add_argument("--fp32-unembed", action="store_true",
@@ -57,15 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
-    source = resolve(args.model)
+def _load(args: argparse.Namespace, model: str | None):
+    source = resolve(model)
     name, reason = backends.choose(args.backend)
     print(f"backend: {name} ({reason})")
     return source, backends.load(name, source, device=args.device, dtype=args.dtype), reason
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    _, backend, _ = _load(args)
+    _, backend, _ = _load(args, args.model)
     print(f"user: {args.prompt}\n{backend.info.name}: {chat(backend, args.prompt, args.max_tokens)}")
     return 0
 
@@ -91,36 +109,71 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_self_test(args: argparse.Namespace) -> int:
+    source, backend, _ = _load(args, args.models[0] if args.models else None)
+    rows = run_self_test(backend)
+    print(f"self-test {source.name} [{backend.info.backend} {backend.info.device}]: norm scale "
+          f"applied by the lens vs by hand, layers {self_test_layers(backend.info.n_layers)}")
+    print(self_test_report(rows))
+    passed = all(r.passed for r in rows)
+    print("self-test: PASS" if passed else "self-test: FAIL")
+    return 0 if passed else 1
+
+
+def run_single(args: argparse.Namespace, model: str | None, out_dir: Path) -> list[Path]:
     started = time.perf_counter()
     opts = ExperimentOptions(
         prompt=args.prompt, answer=args.answer, lens=args.lens,
-        collapse=CollapseSettings(args.copy_threshold, args.copy_margin), probes=args.probes)
-    source, backend, reason = _load(args)
+        collapse=CollapseSettings(args.copy_threshold, args.copy_margin), probes=args.probes,
+        keep_residuals=args.keep_residuals)
+    source, backend, reason = _load(args, model)
     result = run_experiment(backend, opts, {"backend_reason": reason})
-
-    if args.out_dir is not None:
-        out_dir = args.out_dir
-        paths = write_model_artifacts(out_dir, source.name, result.payload, result.records,
-                                      result.pure)
-    else:
-        staging = run_dir.start(Path.cwd() / "runs")
-        try:
-            write_model_artifacts(staging, source.name, result.payload, result.records, result.pure)
-        except BaseException:
-            run_dir.discard(staging)
-            raise
-        out_dir = run_dir.publish(staging)
-        paths = sorted(out_dir.glob(f"output-{source.name}*"))
-
-    s = result.summary
+    paths = write_model_artifacts(out_dir, source.name, result)
+    s = summary_of(result.payload)
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {args.lens}]: "
           f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
           f"L_semantic={s['L_semantic']} of {s['n_layers']} layers; "
           f"{time.perf_counter() - started:.1f} s")
+    return paths
+
+
+def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> list[ModelOutcome]:
+    child = [a for dest, flag in _CHILD_OPTIONS for a in (flag, str(getattr(args, dest)))]
+    child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
+    outcomes = []
+    for i, model in enumerate(models, 1):
+        print(f"[{i}/{len(models)}] {model}", flush=True)
+        outcomes.append(run_one_process(model, out_dir, child))
+        print(f"[{i}/{len(models)}] {model}: {outcomes[-1].status}", flush=True)
+    print(table(outcomes))
+    return outcomes
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.self_test:
+        return cmd_self_test(args)
+    models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
+    out_dir = args.out_dir if args.out_dir is not None else run_dir.start(Path.cwd() / "runs")
+    try:
+        if len(models) == 1:
+            paths = run_single(args, models[0], out_dir)
+            code = 0
+        else:
+            outcomes = run_several(args, models, out_dir)
+            code = 1 if any(o.status.startswith("failed") for o in outcomes) else 0
+            paths = sorted(out_dir.glob("output-*"))
+            if not paths:
+                raise LensError("no model produced artifacts")
+    except BaseException:
+        if args.out_dir is None:
+            run_dir.discard(out_dir)
+        raise
+    if args.out_dir is None:
+        published = run_dir.publish(out_dir)
+        paths = [published / p.name for p in paths]
     for path in paths:
         print(f"  wrote {path}")
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity}[args.command](args)
     except LensError as exc:
         print(f"mlx-lens: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_SKIPPED if isinstance(exc, DoesNotFit) else 2
     except KeyboardInterrupt:
         print("mlx-lens: interrupted", file=sys.stderr)
         return 130

@@ -69,6 +69,29 @@ class LayerStats:
 
 
 @dataclass(frozen=True)
+class NormSpec:
+    """A norm as the architecture defines it, for checks made outside the backend:
+    y = normalise(x) * scale + bias, with normalise an RMS ("rms") or mean/variance ("layer")
+    normalisation and eps inside the square root. Gemma's 1+w is already folded into scale."""
+
+    kind: Literal["rms", "layer"]
+    scale: np.ndarray
+    bias: np.ndarray | None
+    eps: float
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """The unit-scale part, in float64."""
+        x = x.astype(np.float64)
+        if self.kind == "layer":
+            x = x - x.mean(-1, keepdims=True)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.normalise(x) * self.scale
+        return y + self.bias if self.bias is not None else y
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str  # short name used in artifact file names
     architecture: str  # config model_type
@@ -105,6 +128,15 @@ class Backend(Protocol):
 
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""
+
+    def residuals(self, ids: Sequence[int]) -> np.ndarray:
+        """The captured residual stream h_0..h_L, [R, T, d] float32."""
+
+    def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
+        """fp32 logits [N, V] of states x [N, d] through the lens's norm `ref` and the head."""
+
+    def norm_spec(self, ref: NormRef) -> NormSpec:
+        """The declared semantics of the norm `ref`, with this model's parameters."""
 
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation token ids (no prompt, no EOS), for `mlx-lens chat`."""

@@ -13,6 +13,7 @@ from mlx_lens.artifacts import TokenNames, pure_next_token_frame, records_frame
 from mlx_lens.contract import Backend, Lens, SweepOptions
 from mlx_lens.errors import LensError
 from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
+from mlx_lens.progress import progress
 from mlx_lens.probes import ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS
 
 
@@ -23,6 +24,7 @@ class ExperimentOptions:
     lens: Lens = "final-norm"
     collapse: CollapseSettings = field(default_factory=CollapseSettings)
     probes: bool = True  # extra test prompts and temperature exploration
+    keep_residuals: bool = False
 
     def __post_init__(self):  # fail before any model is loaded
         if not self.prompt.strip():
@@ -36,15 +38,8 @@ class ModelResult:
     payload: dict  # the JSON artifact
     records: pd.DataFrame
     pure: pd.DataFrame
-
-    @property
-    def summary(self) -> dict:
-        d = self.payload["diagnostics"]
-        top = self.payload["final_prediction"]["topk"][0]
-        return {"model": d["model"], "backend": d["backend"], "device": d["device"],
-                "dtype": d["compute_dtype"], "L_copy": d["L_copy"], "L_semantic": d["L_semantic"],
-                "n_layers": self.payload["model_stats"]["num_layers"],
-                "answer": top[0], "p": top[1]}
+    residuals: np.ndarray | None = None  # [R, T, d] with --keep-residuals
+    prompt_ids: list[int] = field(default_factory=list)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -111,9 +106,10 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     if opts.probes:
         payload["test_prompts"] = [
             {"prompt": p, **distribution(backend.final_logits(encode_prompt(tok, p)), 10, names)}
-            for p in TEST_PROMPTS]
+            for p in progress(TEST_PROMPTS, "test prompts")]
         logits = backend.final_logits(ids)  # one forward pass for every temperature
         payload["temperature_exploration"] = [
             {"temperature": t, **distribution(logits, 15, names, t)} for t in TEMPERATURES]
     return ModelResult(payload, records_frame(stats, prompt_tokens, names),
-                       pure_next_token_frame(stats, flags, names))
+                       pure_next_token_frame(stats, flags, names),
+                       backend.residuals(ids) if opts.keep_residuals else None, ids)

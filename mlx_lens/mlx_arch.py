@@ -40,6 +40,8 @@ class MlxArch:
     windows: Callable = _no_windows  # sliding-window size per block (None: full causal)
     array_mask: bool = False  # the block wants an explicit additive mask, not "causal"
     softcap: bool = False  # config["final_logit_softcapping"] is the model's head transform
+    layer_norm: bool = False  # LayerNorm (mean, variance, bias) rather than RMSNorm
+    norm_offset: float = 0.0  # the norm scales by offset + weight (Gemma: 1 + w)
 
 
 _LLAMA = MlxArch(windows=_llama_windows)
@@ -52,14 +54,14 @@ ARCHITECTURES: dict[str, MlxArch] = {
     "qwen3": _PLAIN,
     "phi3": _PLAIN,
     "gemma2": MlxArch(head=None, embed_scale=lambda d: mx.array(d ** 0.5), array_mask=True,
-                      softcap=True),
+                      softcap=True, norm_offset=1.0),
     # mlx-lm rounds Gemma-3's sqrt(d) through bf16, as transformers does.
     "gemma3_text": MlxArch(embed_scale=lambda d: mx.array(d ** 0.5, mx.bfloat16),
-                           windows=_gemma3_windows, softcap=True),
+                           windows=_gemma3_windows, softcap=True, norm_offset=1.0),
     "gpt2": MlxArch(embed="wte", blocks="h", final_norm="ln_f", input_norm="ln_1", head=None,
-                    positions="wpe"),
+                    positions="wpe", layer_norm=True),
     "gpt_neox": MlxArch(embed="embed_in", blocks="h", final_norm="final_layer_norm",
-                        head="model.embed_out"),
+                        head="model.embed_out", layer_norm=True),
 }
 
 _ROPE_TYPES = {"default", "linear", "dynamic", "llama3", "yarn", "longrope"}

@@ -20,8 +20,11 @@ import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
-from mlx_lens.contract import LayerStats, Lens, ModelInfo, SweepOptions, norm_plan
+from mlx_lens.contract import (LayerStats, Lens, ModelInfo, NormRef, NormSpec, SweepOptions,
+                               norm_plan)
+from mlx_lens.device_policy import available_ram, choose, footprint
 from mlx_lens.errors import LensError
+from mlx_lens.progress import progress
 from mlx_lens.mlx_arch import ARCHITECTURES, config_fixes, fix_weights, softcap_of
 from mlx_lens.mlx_reduce import RunningStats
 from mlx_lens.models import ModelSource, check_supported
@@ -45,13 +48,23 @@ def _fp32(module: nn.Module) -> nn.Module:
     return clone
 
 
-def pick_device(device: str) -> mx.DeviceType:
-    if device == "auto":
-        gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
-        return mx.gpu if gpu else mx.cpu
-    if device in ("cpu", "gpu"):
-        return getattr(mx, device)
-    raise LensError(f"device {device!r} is not an MLX device (auto, gpu, cpu)")
+def candidates(device: str) -> list[tuple[str, int]]:
+    """(device, free bytes) to try: the GPU (Metal's recommended working set, or the CUDA
+    device's memory), then the CPU, for "auto"."""
+    def free(d: str) -> int:
+        if d == "gpu" and mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+        if d == "gpu":
+            return int(mx.device_info().get("memory_size", available_ram()))
+        return available_ram()
+
+    if device not in ("auto", "gpu", "cpu"):
+        raise LensError(f"device {device!r} is not an MLX device (auto, gpu, cpu)")
+    gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+    if device == "gpu" and not gpu:
+        raise LensError("device gpu requested but MLX has no GPU here")
+    names = [device] if device != "auto" else ["gpu", "cpu"] if gpu else ["cpu"]
+    return [(d, free(d)) for d in names]
 
 
 def local_folder(source: ModelSource) -> Path:
@@ -76,8 +89,6 @@ class MlxBackend:
         import mlx_lm.utils as mlx_utils
         from transformers import AutoTokenizer
 
-        self.device = pick_device(device)
-        mx.set_default_device(self.device)
         path = local_folder(source)
         try:
             config = json.loads((path / "config.json").read_text())
@@ -86,6 +97,10 @@ class MlxBackend:
         model_type = config.get("model_type")
         check_supported(model_type, ARCHITECTURES, "mlx")
         self.arch = ARCHITECTURES[model_type]
+        fp = footprint(ModelSource(source.name, path=path))
+        device, dtype = choose(fp, candidates(device), "stored" if dtype == "auto" else dtype)
+        self.device = getattr(mx, device)
+        mx.set_default_device(self.device)
 
         def classes(config):
             model_class, args_class = mlx_utils._get_classes(config)
@@ -106,7 +121,7 @@ class MlxBackend:
         except Exception as exc:
             first = (str(exc).splitlines() or [""])[0]
             raise LensError(f"cannot load {path}: {type(exc).__name__}: {first}") from None
-        if dtype != "auto":
+        if dtype != "stored":
             model.set_dtype(_DTYPES[dtype])
         self.model, self.path = model, path
         self.inner = model.model
@@ -152,15 +167,15 @@ class MlxBackend:
         return rows
 
     # -- decode ------------------------------------------------------------------------------
+    def _norm(self, ref: NormRef) -> nn.Module | None:
+        return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
+
     def _normed(self, ids: Sequence[int], lens: Lens) -> mx.array:
         out = []
         for h, ref in zip(self._rows(ids), norm_plan(lens, len(self.blocks))):
+            norm = self._norm(ref)
             h = h.astype(mx.float32)
-            if ref == "final":
-                h = self.final_norm(h)
-            elif ref is not None:
-                h = self.input_norms[ref](h)
-            out.append(h)
+            out.append(norm(h) if norm is not None else h)
         x = mx.stack(out)
         mx.eval(x)
         return x
@@ -190,13 +205,32 @@ class MlxBackend:
         stats = RunningStats(opts.top_k, answer_logit, a)
         vocab = self.info.vocab
         step = max(64, CHUNK_BYTES // (4 * x.shape[0] * x.shape[1]))
-        for start in range(0, vocab, step):
+        for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
             stats.update(self._logits(x, start, min(start + step, vocab)), start)
         return LayerStats.from_arrays({k: np.array(v) for k, v in stats.finish().items()})
 
     def own_logits(self, ids: Sequence[int]) -> mx.array:
         """The mlx-lm model's own forward pass, [T, V]."""
         return self.model(mx.array([list(ids)]))[0]
+
+    def residuals(self, ids: Sequence[int]) -> np.ndarray:
+        return np.array(mx.stack(self._rows(ids)).astype(mx.float32))
+
+    def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
+        h = mx.array(np.asarray(x, np.float32))
+        norm = self._norm(ref)
+        return np.array(self._logits(norm(h) if norm is not None else h, 0, self.info.vocab))
+
+    def norm_spec(self, ref: NormRef) -> NormSpec:
+        # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
+        # the model shows up in the self-test.
+        if ref == "final":
+            norm = _attr(self.inner, self.arch.final_norm)
+        else:
+            norm = getattr(self.blocks[ref], self.arch.input_norm)
+        bias = np.array(norm.bias, np.float64) if "bias" in norm else None
+        return NormSpec("layer" if self.arch.layer_norm else "rms",
+                        np.array(norm.weight, np.float64) + self.arch.norm_offset, bias, norm.eps)
 
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation with mlx-lm's generation loop (KV cache), without the prompt."""

@@ -9,6 +9,7 @@ from mlx_lens import run_dir
 from mlx_lens.artifacts import (PURE_COLUMNS, RECORD_COLUMNS, NEXT_TOKEN, TokenNames, read_csv,
                                 pure_next_token_frame, records_frame, write_model_artifacts)
 from mlx_lens.contract import LayerStats
+from mlx_lens.experiment import ModelResult
 from mlx_lens.metrics import CollapseSettings, next_token_flags
 
 AWKWARD = ["a,b", 'say "hi"', "line\nbreak", "cr\rlf", "Grüße", "北京", "", "nan", "NULL",
@@ -57,7 +58,7 @@ def test_csv_and_json_round_trip_awkward_tokens(tmp_path):
     rec = records_frame(stats, ["a,b", "line\nbreak", 'say "hi"'], names())
     pure = pure_next_token_frame(stats, flags, names())
     payload = {"diagnostics": {"L_copy": None, "x": float("nan")}, "tokens": AWKWARD}
-    paths = write_model_artifacts(tmp_path, "m", payload, rec, pure)
+    paths = write_model_artifacts(tmp_path, "m", ModelResult(payload, rec, pure))
     assert [p.name for p in paths] == ["output-m.json", "output-m-records.csv",
                                        "output-m-pure-next-token.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temps

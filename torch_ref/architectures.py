@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -15,12 +13,14 @@ class ArchSpec:
     final_norm: str
     input_norm: str  # attribute of a block: the norm in front of its attention
     softcap: str | None = None  # config attribute of the final logit soft-cap (tanh)
-    cuda_dtype: torch.dtype = torch.float16  # the original's CUDA policy: fp16, Gemma bf16
+    half: str = "fp16"  # half precision on CUDA (the original's policy: Gemma bf16)
+    layer_norm: bool = False  # LayerNorm (mean, variance, bias) rather than RMSNorm
+    norm_offset: float = 0.0  # the norm scales by offset + weight (Gemma: 1 + w)
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "model.norm", "input_layernorm")
 _GEMMA = ArchSpec("model.layers", "model.norm", "input_layernorm",
-                  softcap="final_logit_softcapping", cuda_dtype=torch.bfloat16)
+                  softcap="final_logit_softcapping", half="bf16", norm_offset=1.0)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,  # also Llama-3 and Yi
@@ -30,6 +30,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi3": _LLAMA_LIKE,
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
-    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "ln_1"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "input_layernorm"),
+    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "ln_1", layer_norm=True),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "input_layernorm",
+                         layer_norm=True),
 }

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from mlx_lens.contract import LayerStats, Lens, ModelInfo, SweepOptions, norm_plan
+from mlx_lens.contract import (LayerStats, Lens, ModelInfo, NormRef, NormSpec, SweepOptions,
+                               norm_plan)
+from mlx_lens.device_policy import available_ram, choose, footprint
 from mlx_lens.errors import LensError
+from mlx_lens.progress import progress
 from mlx_lens.models import ModelSource, check_supported, local_model_type
-from torch_ref.architectures import ARCHITECTURES, ArchSpec
+from torch_ref.architectures import ARCHITECTURES
 from torch_ref.reduce import RunningStats
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,22 +36,20 @@ def _attr(obj, dotted: str):
     return obj
 
 
-def pick_device(device: str) -> str:
+def candidates(device: str) -> list[tuple[str, int]]:
+    """(device, free bytes) to try, in preference order: cuda, mps, cpu for "auto"."""
+    def free(d: str) -> int:
+        if d.startswith("cuda"):
+            return torch.cuda.mem_get_info(torch.device(d))[0]
+        return available_ram()  # CPU, and MPS's unified memory
+
     if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(dtype: str, device: str, spec: ArchSpec) -> torch.dtype:
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.startswith("cuda"):
-        return spec.cuda_dtype
-    return torch.float16 if device == "mps" else torch.float32
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise LensError(f"device {device} requested but torch sees no CUDA GPU")
+        return [(device, free(device))]
+    found = ["cuda"] if torch.cuda.is_available() else []
+    found += ["mps"] if torch.backends.mps.is_available() else []
+    return [(d, free(d)) for d in [*found, "cpu"]]
 
 
 class TorchBackend:
@@ -56,7 +58,8 @@ class TorchBackend:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # our own console lines only; errors still raise
-        hf_logging.disable_progress_bar()
+        if not sys.stderr.isatty():  # loading bars only on a terminal, not in logs
+            hf_logging.disable_progress_bar()
 
         if source.path is not None and not source.is_gguf:  # refuse early, before loading
             check_supported(local_model_type(source), ARCHITECTURES, "torch")
@@ -65,8 +68,8 @@ class TorchBackend:
             config = AutoConfig.from_pretrained(source.location, **kw)
             check_supported(config.model_type, ARCHITECTURES, "torch")
             self.spec = ARCHITECTURES[config.model_type]
-            self.device = pick_device(device)
-            self.dtype = pick_dtype(dtype, self.device, self.spec)
+            self.device, dtype = choose(footprint(source), candidates(device), dtype, self.spec.half)
+            self.dtype = _DTYPES[dtype]
             self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
             model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype, **kw)
         except LensError:
@@ -115,16 +118,15 @@ class TorchBackend:
         return rows, logits
 
     # -- decode ------------------------------------------------------------------------------
+    def _norm(self, ref: NormRef) -> torch.nn.Module | None:
+        return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
+
     def _normed(self, rows: list[torch.Tensor], lens: Lens) -> torch.Tensor:
         """[R, T, d] fp32: every row through the norm the lens assigns it."""
         out = []
         for h, ref in zip(rows, norm_plan(lens, len(self.blocks))):
-            h = h.float()
-            if ref == "final":
-                h = self.final_norm(h)
-            elif ref is not None:
-                h = self.input_norms[ref](h)
-            out.append(h)
+            norm = self._norm(ref)
+            out.append(norm(h.float()) if norm is not None else h.float())
         return torch.stack(out)
 
     def _logits(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -148,7 +150,7 @@ class TorchBackend:
         stats = RunningStats(opts.top_k, answer_logit, a)
         vocab = self.info.vocab
         step = self._chunk(x.shape[0] * x.shape[1])
-        for start in range(0, vocab, step):
+        for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
             stats.update(self._logits(x, start, min(start + step, vocab)), start)
         return LayerStats.from_arrays({k: v.cpu().numpy() for k, v in stats.finish().items()})
 
@@ -161,6 +163,30 @@ class TorchBackend:
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         rows, _ = self._forward(ids)
         return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
+
+    @torch.no_grad()
+    def residuals(self, ids: Sequence[int]) -> np.ndarray:
+        rows, _ = self._forward(ids)
+        return torch.stack(rows).float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
+        h = torch.from_numpy(np.asarray(x, np.float32)).to(self.device)
+        norm = self._norm(ref)
+        return self._logits(norm(h) if norm is not None else h, 0, self.info.vocab).cpu().numpy()
+
+    def norm_spec(self, ref: NormRef) -> NormSpec:
+        # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
+        # the model shows up in the self-test.
+        if ref == "final":
+            norm = _attr(self.model, self.spec.final_norm)
+        else:
+            norm = getattr(self.blocks[ref], self.spec.input_norm)
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        bias = getattr(norm, "bias", None)
+        return NormSpec("layer" if self.spec.layer_norm else "rms",
+                        norm.weight.detach().double().cpu().numpy() + self.spec.norm_offset,
+                        bias.detach().double().cpu().numpy() if bias is not None else None, eps)
 
     @torch.no_grad()
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:

@@ -1,0 +1,70 @@
+"""Device and dtype policy on mocked memory figures; footprints from the checkpoints themselves."""
+import pytest
+
+from mlx_lens import device_policy
+from mlx_lens.default_model import gguf_path
+from mlx_lens.device_policy import GIB, DoesNotFit, Footprint, choose, footprint, need_bytes
+from mlx_lens.models import resolve
+
+SEVEN_B = Footprint(7_240_000_000, 14_500_000_000)  # bf16 checkpoint on disk
+THIRTY_FOUR_B = Footprint(34_400_000_000, 68_800_000_000)
+
+
+def test_cuda_first_when_it_fits_then_half_precision():
+    assert choose(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto") == ("cuda", "fp16")
+    assert choose(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto", half="bf16") == \
+        ("cuda", "bf16")  # Gemma's policy
+    assert choose(SEVEN_B, [("mps", 64 * GIB)], "auto") == ("mps", "fp16")
+
+
+def test_falls_back_to_cpu_in_fp32_up_to_27b():
+    # 7B fp16 needs ~17.6 GiB: not on a 16 GiB GPU; fp32 on a 64 GiB CPU (~34 GiB) fits.
+    assert choose(SEVEN_B, [("cuda", 16 * GIB), ("cpu", 64 * GIB)], "auto") == ("cpu", "fp32")
+
+
+def test_cpu_uses_bf16_from_30b():
+    assert choose(THIRTY_FOUR_B, [("cpu", 256 * GIB)], "auto") == ("cpu", "bf16")
+
+
+def test_explicit_dtype_and_stored_size():
+    assert choose(SEVEN_B, [("cpu", 64 * GIB)], "bf16") == ("cpu", "bf16")
+    assert need_bytes(SEVEN_B, None) == int(SEVEN_B.stored_bytes * 1.2 + 2 * GIB)
+    assert choose(SEVEN_B, [("gpu", 24 * GIB)], "stored") == ("gpu", "stored")
+
+
+def test_fits_nowhere_is_one_clear_line():
+    with pytest.raises(DoesNotFit) as err:
+        choose(THIRTY_FOUR_B, [("cuda", 24 * GIB), ("cpu", 32 * GIB)], "auto")
+    msg = str(err.value)
+    assert "\n" not in msg and "fits no device" in msg and "cuda has 24.0 GiB" in msg
+
+
+def test_unknown_size_defers_to_the_first_device():
+    assert choose(None, [("cuda", 1), ("cpu", 1)], "auto") == ("cuda", "fp16")
+
+
+def test_footprint_from_safetensors_headers(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dirs["llama_untied"]
+    fp = footprint(resolve(str(path)))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert fp.n_params == sum(p.numel() for p in model.parameters())
+    assert fp.stored_bytes == 4 * fp.n_params  # fp32 on disk
+
+
+def test_footprint_of_a_gguf(smollm2_dir):
+    fp = footprint(resolve(str(gguf_path())))
+    assert 134e6 < fp.n_params < 136e6  # SmolLM2-135M (tied embeddings stored once)
+
+
+def test_cli_skips_a_model_that_fits_nowhere(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    from mlx_lens.cli import main
+
+    monkeypatch.setattr(device_policy, "LENS_BYTES", 0)
+    monkeypatch.setattr("torch_ref.backend.available_ram", lambda: 1000)
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "fits no device" in err[0]
+    assert list((tmp_path / "runs").iterdir()) == []  # no run-latest, no staging left

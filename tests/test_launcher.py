@@ -1,0 +1,50 @@
+"""Several models in one run (one process each), and --keep-residuals."""
+import json
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from mlx_lens.cli import main
+from mlx_lens.models import resolve
+from torch_ref.backend import TorchBackend
+
+
+def test_several_models_share_one_run_and_survive_a_failure(tiny_model_dirs, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')  # no weights
+    models = [str(tiny_model_dirs["llama"]), str(broken), "/no/such/model",
+              str(tiny_model_dirs["gpt2"])]
+    code = main(["run", *models, "--no-probes"])
+    out = capsys.readouterr().out
+    assert code == 1  # one model failed
+    latest = tmp_path / "runs" / "run-latest"
+    names = sorted(p.name for p in latest.glob("output-*"))
+    assert names == sorted(f"output-{m}{s}" for m in ("llama", "gpt2")
+                           for s in (".json", "-records.csv", "-pure-next-token.csv"))
+    table = out[out.index("model  "):]
+    rows = {line.split()[0]: line for line in table.splitlines()[1:] if line.strip()}
+    assert " ok " in rows[models[0]] and " ok " in rows[models[3]]
+    assert "failed: cannot load" in rows[str(broken)]
+    assert "failed: model not found" in rows["/no/such/model"]
+    for header in ("device", "dtype", "status", "L_copy", "L_semantic", "final answer"):
+        assert header in table.splitlines()[0]
+
+
+def test_keep_residuals_round_trip(tiny_model_dirs, tmp_path):
+    path = tiny_model_dirs["gpt2"]
+    assert main(["run", str(path), "--backend", "torch", "--out_dir", str(tmp_path),
+                 "--keep-residuals", "--no-probes"]) == 0
+    saved = load_file(tmp_path / "output-gpt2-residuals.safetensors")
+    backend = TorchBackend(resolve(str(path)))
+    ids = json.loads((tmp_path / "output-gpt2.json").read_text())["diagnostics"]["prompt_token_ids"]
+    want = backend.residuals(ids)
+    assert sorted(saved) == [f"layer_{i:03d}" for i in range(4)]
+    for i, row in enumerate(want):
+        np.testing.assert_array_equal(saved[f"layer_{i:03d}"], row)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "output-gpt2-residuals.safetensors", "np") as f:
+        assert json.loads(f.metadata()["token_ids"]) == ids

@@ -1,0 +1,73 @@
+"""--self-test: the norm's learned scale is applied as the architecture defines it."""
+import os
+
+import pytest
+
+from mlx_lens import backends
+from mlx_lens.cli import main
+from mlx_lens.models import resolve
+from mlx_lens.self_test import run_self_test, self_test_layers
+
+
+def test_layers_tested():
+    assert self_test_layers(32) == [0, 8, 16, 24]
+    assert self_test_layers(3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])  # RMS, Gemma's 1+w, LayerNorm
+def test_self_test_passes(tiny_model_dirs, backend, name):
+    rows = run_self_test(backends.load(backend, resolve(str(tiny_model_dirs[name]))))
+    assert rows and all(r.passed for r in rows)
+    assert all(r.kl_learned > 0.01 for r in rows)  # the scale matters, so the check has teeth
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_self_test_fails_with_a_wrong_norm(tiny_model_dirs, backend):
+    """Gemma's norm read as a plain RMSNorm (scale w instead of 1 + w): the lens's modules
+    no longer scale as the architecture defines, and the self-test must say so."""
+    b = backends.load(backend, resolve(str(tiny_model_dirs["gemma2"])))
+    spec_of = b.norm_spec
+
+    def plain_rms(ref):
+        spec = spec_of(ref)
+        return type(spec)(spec.kind, spec.scale - 1.0, spec.bias, spec.eps)
+
+    b.norm_spec = plain_rms
+    assert not any(r.passed for r in run_self_test(b))
+
+
+def test_cli_self_test_writes_nothing(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(tiny_model_dirs["qwen3"]), "--self-test"]) == 0
+    assert "self-test: PASS" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_self_test_fails_with_exit_1(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    real_load = backends.load
+
+    def broken_load(*args, **kwargs):
+        b = real_load(*args, **kwargs)
+        b.final_norm.weight.data *= 1.5  # a lens whose final norm no longer matches the model
+        return b
+
+    monkeypatch.setattr(backends, "load", broken_load)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(tiny_model_dirs["llama"]), "--self-test", "--backend", "torch"]) == 1
+    assert "self-test: FAIL" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_self_test_script(smollm2_dir, tmp_path):
+    """scripts/self_test.sh [MODEL] [DEVICE] on the default model, as the README shows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "self_test.sh"
+    env = {**os.environ, "MLX_LENS_PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(script), "", "cpu"], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "self-test: PASS" in proc.stdout and list(tmp_path.iterdir()) == []
