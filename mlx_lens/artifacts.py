@@ -84,11 +84,10 @@ def pure_next_token_frame(stats: LayerStats, flags: dict[str, np.ndarray],
                       axis=1)
     for name, values in flags.items():
         frame[name] = values
-    last = {"p_answer": stats.p_answer, "answer_rank": stats.answer_rank}
-    for name, values in last.items():
-        frame[name] = values[:, -1] if values is not None else np.nan
-    frame["kl_to_final_bits"] = stats.kl_to_final[:, -1]
-    frame["cos_to_final"] = stats.cos_to_final[:, -1]
+    frame["p_answer"] = stats.p_answer if stats.p_answer is not None else np.nan
+    frame["answer_rank"] = stats.answer_rank if stats.answer_rank is not None else np.nan
+    frame["kl_to_final_bits"] = stats.kl_to_final
+    frame["cos_to_final"] = stats.cos_to_final
     return frame[PURE_COLUMNS]
 
 

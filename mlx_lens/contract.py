@@ -41,19 +41,25 @@ class SweepOptions:
     lens: Lens = "final-norm"
     answer_id: int | None = None  # gold answer's first token id; enables p_answer / rank
     top_k: int = TOP_K
+    # Positions that need only narrow_k candidates (False) may get just those: the remaining
+    # top-k columns then hold id -1 and probability 0. None: every position gets top_k.
+    wide: tuple[bool, ...] | None = None
+    narrow_k: int = 5
 
 
 @dataclass
 class LayerStats:
-    """Per row (layer) r and position t of one prompt; probabilities from the fp32 lens."""
+    """Per row (layer) r and position t of one prompt; probabilities from the fp32 lens.
+    The comparisons with the final distribution and the answer are taken at the next-token
+    (last) position, where the experiment reports them: per row only."""
 
     entropy: np.ndarray  # [R, T] bits
     topk_ids: np.ndarray  # [R, T, K] int64, most probable first
     topk_probs: np.ndarray  # [R, T, K]
-    kl_to_final: np.ndarray  # [R, T] bits, KL(P_row || P_last_row)
-    cos_to_final: np.ndarray  # [R, T] cosine between the row's logits and the last row's
-    p_answer: np.ndarray | None = None  # [R, T]
-    answer_rank: np.ndarray | None = None  # [R, T] 1 = top-1
+    kl_to_final: np.ndarray  # [R] bits, KL(P_row || P_last_row) at the last position
+    cos_to_final: np.ndarray  # [R] cosine between the row's logits and the last row's
+    p_answer: np.ndarray | None = None  # [R]
+    answer_rank: np.ndarray | None = None  # [R], 1 = top-1
 
     @property
     def n_rows(self) -> int:

@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from mlx_lens.artifacts import TokenNames, pure_next_token_frame, records_frame
+from mlx_lens.artifacts import (TokenNames, pure_next_token_frame, records_frame,
+                                verbose_positions)
 from mlx_lens.contract import Backend, Lens, SweepOptions
 from mlx_lens.errors import LensError
 from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
 from mlx_lens.progress import progress
-from mlx_lens.probes import ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS
+from mlx_lens.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS, TOP_K_RECORDS,
+                             TOP_K_VERBOSE)
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,12 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     tok, info = backend.tokenizer, backend.info
     ids = encode_prompt(tok, opts.prompt)
     answer_id = answer_token_id(tok, ids, opts.prompt, opts.answer)
-    stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_id=answer_id))
-    flags = next_token_flags(stats, ids, answer_id, opts.collapse)
     names = TokenNames(tok.decode)
     prompt_tokens = [names(i) for i in ids]
+    wide = tuple(bool(w) for w in verbose_positions(prompt_tokens))
+    stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_id=answer_id, wide=wide,
+                                            narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE))
+    flags = next_token_flags(stats, ids, answer_id, opts.collapse)
 
     final = {"entropy": float(stats.entropy[-1, -1]),
              "topk": names.topk(stats.topk_ids[-1, -1], stats.topk_probs[-1, -1], 20)}

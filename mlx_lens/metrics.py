@@ -46,10 +46,10 @@ def layer_summary(stats: LayerStats, flags: dict[str, np.ndarray]) -> dict[str, 
     }
     both = out["L_copy"] is not None and out["L_semantic"] is not None
     out["delta_layers"] = out["L_semantic"] - out["L_copy"] if both else None
-    kl = stats.kl_to_final[:, -1]
+    kl = stats.kl_to_final
     out["first_kl_below_0.5"] = _first(kl < 0.5)
     out["first_kl_below_1.0"] = _first(kl < 1.0)
     if stats.answer_rank is not None:
         for k in (1, 5, 10):
-            out[f"first_rank_le_{k}"] = _first(stats.answer_rank[:, -1] <= k)
+            out[f"first_rank_le_{k}"] = _first(stats.answer_rank <= k)
     return out

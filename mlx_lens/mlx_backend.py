@@ -201,7 +201,7 @@ class MlxBackend:
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
         x = self._normed(ids, opts.lens)
         a = opts.answer_id
-        answer_logit = self._logits(x, a, a + 1)[..., 0] if a is not None else None
+        answer_logit = self._logits(x[:, -1], a, a + 1)[:, 0] if a is not None else None
         stats = RunningStats(opts.top_k, answer_logit, a)
         vocab = self.info.vocab
         step = max(64, CHUNK_BYTES // (4 * x.shape[0] * x.shape[1]))

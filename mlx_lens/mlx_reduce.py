@@ -2,8 +2,10 @@
 
 The same statistics as the torch reference, written for MLX: lazy graphs, evaluated once per
 chunk so that only O(chunk) logits are ever alive. With m the running max,
-S = sum e^(z-m), A = sum e^(z-m) (z-m), D = sum e^(z-m) (z_f - z) (z_f: the last row):
-    logsumexp = m + log S,  entropy = log S - A/S,  KL(P || P_f) = -D/S - lse + lse_f.
+S = sum e^(z-m), A = sum e^(z-m) (z-m): logsumexp = m + log S, entropy = log S - A/S, and a
+running top-k, at every row and position. At the next-token (last) position only, where they
+are reported: D = sum e^(z-m) (z_f - z) (z_f: the last row) for KL(P || P_f) = -D/S - lse +
+lse_f, the dot products of the cosine to z_f, and the count of tokens above the answer.
 All in fp32 (Metal has no float64).
 """
 from __future__ import annotations
@@ -21,30 +23,27 @@ def _top(values: mx.array, ids: mx.array, k: int) -> tuple[mx.array, mx.array]:
 
 class RunningStats:
     def __init__(self, k: int, answer_logit: mx.array | None, answer_id: int | None):
-        self.k, self.answer_logit, self.answer_id = k, answer_logit, answer_id
-        self.state: dict[str, mx.array] = {}
+        self.k, self.answer_logit, self.answer_id = k, answer_logit, answer_id  # logit: [R]
+        self.state: dict[str, mx.array] = {}  # per row and position
+        self.last: dict[str, mx.array] = {}  # per row, at the last position
 
     def update(self, z: mx.array, start: int) -> None:
+        """Fold a chunk z [R, T, C] of logits (vocabulary from `start`) into the state."""
         st = self.state
-        zf = z[-1:]
         cm = z.max(-1)
-        if not st:
-            m = cm
-            e = mx.exp(z - m[..., None])
-            st.update(s=e.sum(-1), a=(e * (z - m[..., None])).sum(-1), d=(e * (zf - z)).sum(-1),
-                      dot=mx.zeros_like(cm), nz=mx.zeros_like(cm), nf=mx.zeros_like(cm),
-                      above=mx.zeros(cm.shape, mx.int32))
+        first = not st
+        m = cm if first else mx.maximum(st["m"], cm)
+        e = mx.exp(z - m[..., None])
+        s, a = e.sum(-1), (e * (z - m[..., None])).sum(-1)
+        if first:
+            st.update(s=s, a=a)
         else:
-            m = mx.maximum(st["m"], cm)
             c = mx.exp(st["m"] - m)
-            e = mx.exp(z - m[..., None])
-            st["a"] = c * (st["a"] + st["s"] * (st["m"] - m)) + (e * (z - m[..., None])).sum(-1)
-            st["s"] = c * st["s"] + e.sum(-1)
-            st["d"] = c * st["d"] + (e * (zf - z)).sum(-1)
+            st["a"] = c * (st["a"] + st["s"] * (st["m"] - m)) + a
+            st["s"] = c * st["s"] + s
+        self._update_last(z[:, -1], e[:, -1], None if first else mx.exp(st["m"][:, -1] - m[:, -1]),
+                          start)
         st["m"] = m
-        st["dot"] = st["dot"] + (z * zf).sum(-1)
-        st["nz"] = st["nz"] + (z * z).sum(-1)
-        st["nf"] = st["nf"] + (zf * zf).sum(-1)
 
         k = min(self.k, z.shape[-1])
         ids = mx.broadcast_to(mx.arange(start, start + z.shape[-1]), z.shape)
@@ -53,31 +52,45 @@ class RunningStats:
             v, i = _top(mx.concatenate([st["top_v"], v], -1),
                         mx.concatenate([st["top_i"], i], -1), self.k)
         st["top_v"], st["top_i"] = v, i
+        mx.eval(st, self.last)  # bound the lazy graph: this chunk's logits can be freed now
 
+    def _update_last(self, z: mx.array, e: mx.array, c: mx.array | None, start: int) -> None:
+        """z, e: [R, C] at the last position; c rescales D to the new max (None: first chunk)."""
+        zf = z[-1]
+        chunk = {"d": (e * (zf - z)).sum(-1), "dot": z @ zf, "nz": (z * z).sum(-1),
+                 "nf": (zf * zf).sum()}
         if self.answer_id is not None:
-            beats = z > self.answer_logit[..., None]
+            beats = z > self.answer_logit[:, None]
             local = self.answer_id - start
             if 0 <= local < z.shape[-1]:
                 # The answer never outranks itself; its probability comes from this chunk's GEMM.
                 beats = beats & (mx.arange(z.shape[-1]) != local)
-                st["answer"] = z[..., local]
-            st["above"] = st["above"] + beats.sum(-1).astype(mx.int32)
-        mx.eval(st)  # bound the lazy graph: this chunk's logits can be freed now
+                self.last["answer"] = z[:, local]
+            chunk["above"] = beats.sum(-1).astype(mx.int32)
+        if c is not None:
+            chunk["d"] = chunk["d"] + c * self.last["d"]
+            for key in ("dot", "nz", "nf", "above"):
+                if key in chunk:
+                    chunk[key] = chunk[key] + self.last[key]
+        self.last.update(chunk)
 
     def finish(self) -> dict[str, mx.array]:
-        st = self.state
+        st, last = self.state, self.last
         lse = st["m"] + mx.log(st["s"])
+        lse_last = lse[:, -1]
         order = mx.argsort(-st["top_v"], axis=-1)
         top_v = mx.take_along_axis(st["top_v"], order, -1)
+        kl = -last["d"] / st["s"][:, -1] - lse_last + lse_last[-1]
+        kl = mx.concatenate([kl[:-1], mx.zeros(1)])  # the last row against itself is 0
         out = {
             "entropy": (mx.log(st["s"]) - st["a"] / st["s"]) / math.log(2),
             "topk_ids": mx.take_along_axis(st["top_i"], order, -1),
             "topk_probs": mx.exp(top_v - lse[..., None]),
-            "kl_to_final": mx.maximum(-st["d"] / st["s"] - lse + lse[-1:], 0) / math.log(2),
-            "cos_to_final": st["dot"] / mx.sqrt(st["nz"] * st["nf"]),
+            "kl_to_final": mx.maximum(kl, 0) / math.log(2),
+            "cos_to_final": last["dot"] / mx.sqrt(last["nz"] * last["nf"]),
         }
         if self.answer_id is not None:
-            out["p_answer"] = mx.exp(st["answer"] - lse)
-            out["answer_rank"] = st["above"] + 1
+            out["p_answer"] = mx.exp(last["answer"] - lse_last)
+            out["answer_rank"] = last["above"] + 1
         mx.eval(out)
         return out

@@ -49,12 +49,12 @@ def _stats(logp: np.ndarray, answer_id: int) -> LayerStats:
     """LayerStats (top-2 only) from full float64 log-probs [R, T, V], for the L_* summaries."""
     p = np.exp(logp)
     top = np.argsort(-logp, axis=-1, kind="stable")[..., :2]
-    final = p[-1:]
+    last = logp[:, -1]
     return LayerStats(entropy=-(p * logp).sum(-1) / np.log(2), topk_ids=top,
                       topk_probs=np.take_along_axis(p, top, -1),
-                      kl_to_final=(p * (logp - np.log(final))).sum(-1) / np.log(2),
-                      cos_to_final=np.zeros(p.shape[:2]), p_answer=p[..., answer_id],
-                      answer_rank=(logp > logp[..., answer_id:answer_id + 1]).sum(-1) + 1)
+                      kl_to_final=(p[:, -1] * (last - last[-1:])).sum(-1) / np.log(2),
+                      cos_to_final=np.zeros(len(p)), p_answer=p[:, -1, answer_id],
+                      answer_rank=(last > last[:, answer_id:answer_id + 1]).sum(-1) + 1)
 
 
 @dataclass

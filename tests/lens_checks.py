@@ -30,11 +30,10 @@ def log_softmax64(z: np.ndarray) -> np.ndarray:
     return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-def assert_chunked_sweep_matches_logits(backend, backend_module, lens: str, monkeypatch) -> None:
-    """The sweep with 100-token vocabulary chunks, so that the running merges are exercised."""
+def assert_chunked_sweep_matches_logits(backend, lens: str) -> None:
+    """Call with the backend's tiles made small (several vocabulary chunks, and row slices where
+    the backend has them), so that the running merges are exercised."""
     ids = backend.tokenizer.encode(PROMPT)
-    n_states = len(ids) * (backend.info.n_layers + 1)
-    monkeypatch.setattr(backend_module, "CHUNK_BYTES", 4 * 100 * n_states)
     answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
     assert_sweep_matches_logits(backend, ids, lens, answer)
 
@@ -56,10 +55,10 @@ def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: i
     ln2 = np.log(2)
 
     np.testing.assert_allclose(stats.entropy, -(p * logp).sum(-1) / ln2, atol=bits_atol)
-    kl = (p * (logp - logp[-1:])).sum(-1) / ln2
+    kl = (p * (logp - logp[-1:])).sum(-1)[:, -1] / ln2
     np.testing.assert_allclose(stats.kl_to_final, kl, atol=bits_atol)
-    assert np.all(stats.kl_to_final[-1] == 0)
-    z = logits.astype(np.float64)
+    assert stats.kl_to_final[-1] == 0
+    z = logits.astype(np.float64)[:, -1]
     cos = (z * z[-1:]).sum(-1) / np.linalg.norm(z, axis=-1) / np.linalg.norm(z[-1:], axis=-1)
     np.testing.assert_allclose(stats.cos_to_final, cos, atol=1e-5)
 
@@ -70,10 +69,10 @@ def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: i
     np.testing.assert_allclose(stats.topk_probs, want, atol=prob_atol)  # and are the k largest
     assert np.all(np.diff(stats.topk_probs, axis=-1) <= prob_atol)  # most probable first
 
-    np.testing.assert_allclose(stats.p_answer, p[..., answer_id], atol=prob_atol)
-    above = (z > z[..., answer_id:answer_id + 1]).sum(-1)
+    np.testing.assert_allclose(stats.p_answer, p[:, -1, answer_id], atol=prob_atol)
+    above = (z > z[:, answer_id:answer_id + 1]).sum(-1)
     # Ranks may differ only where another logit ties the answer's within fp32 rounding.
-    assert np.mean(stats.answer_rank == above + 1) > 0.99
+    assert np.abs(stats.answer_rank - (above + 1)).max() <= 1
 
 
 def assert_softcap_applied(backend) -> None:

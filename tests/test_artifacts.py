@@ -21,10 +21,9 @@ def fake_stats(n_rows=4, n_pos=3, k=20, seed=0):
     probs = -np.sort(-rng.dirichlet(np.ones(k + 5), size=(n_rows, n_pos))[..., :k], axis=-1)
     ids = rng.integers(0, len(AWKWARD), size=(n_rows, n_pos, k))
     return LayerStats(entropy=rng.uniform(0, 8, (n_rows, n_pos)), topk_ids=ids,
-                      topk_probs=probs, kl_to_final=rng.uniform(0, 3, (n_rows, n_pos)),
-                      cos_to_final=rng.uniform(-1, 1, (n_rows, n_pos)),
-                      p_answer=rng.uniform(0, 1, (n_rows, n_pos)),
-                      answer_rank=rng.integers(1, 100, (n_rows, n_pos)))
+                      topk_probs=probs, kl_to_final=rng.uniform(0, 3, n_rows),
+                      cos_to_final=rng.uniform(-1, 1, n_rows), p_answer=rng.uniform(0, 1, n_rows),
+                      answer_rank=rng.integers(1, 100, n_rows))
 
 
 def names():

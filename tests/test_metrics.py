@@ -18,10 +18,9 @@ def stats_for(rows):
         ids[r, -1] = [top1, 3]
         probs[r, -1] = [p1, p2]
         entropy[r, -1] = h
-    kl = np.linspace(3.0, 0.0, n)[:, None].repeat(2, 1)
-    return LayerStats(entropy=entropy, topk_ids=ids, topk_probs=probs, kl_to_final=kl,
-                      cos_to_final=np.ones((n, 2)), p_answer=np.zeros((n, 2)),
-                      answer_rank=np.array([[9, 50], [9, 12], [9, 6], [9, 1], [9, 1]]))
+    return LayerStats(entropy=entropy, topk_ids=ids, topk_probs=probs,
+                      kl_to_final=np.linspace(3.0, 0.0, n), cos_to_final=np.ones(n),
+                      p_answer=np.zeros(n), answer_rank=np.array([50, 12, 6, 1, 1][:n]))
 
 
 ROWS = [

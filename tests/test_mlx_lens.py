@@ -60,7 +60,10 @@ def test_gemma2_softcap_is_applied(loaded):
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 @pytest.mark.parametrize("lens", LENSES)
 def test_chunked_sweep_equals_float64(loaded, name, lens, monkeypatch):
-    assert_chunked_sweep_matches_logits(loaded(name), mlx_backend, lens, monkeypatch)
+    backend = loaded(name)
+    n_states = len(backend.tokenizer.encode(PROMPT)) * (backend.info.n_layers + 1)
+    monkeypatch.setattr(mlx_backend, "CHUNK_BYTES", 4 * 100 * n_states)  # 100-token chunks
+    assert_chunked_sweep_matches_logits(backend, lens)
 
 
 def test_quantised_model_decodes_through_fp32_dequantised_head(tiny_model_dirs, tmp_path):

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_lens.contract import LENSES, norm_plan
+from mlx_lens.contract import LENSES, SweepOptions, norm_plan
 from mlx_lens.models import resolve
 from tests.lens_checks import (PROMPT, assert_chunked_sweep_matches_logits, assert_softcap_applied,
                                backend_cache)
 from tests.tiny_models import CONFIGS
-from torch_ref import backend as torch_backend
+from torch_ref import reduce
 from torch_ref.backend import TorchBackend
 
 
@@ -75,10 +75,29 @@ def test_gemma2_softcap_is_applied(loaded):
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 @pytest.mark.parametrize("lens", LENSES)
 def test_chunked_sweep_equals_float64(loaded, name, lens, monkeypatch):
-    assert_chunked_sweep_matches_logits(loaded(name), torch_backend, lens, monkeypatch)
+    monkeypatch.setattr(reduce, "TILE_ELEMENTS", 20 * 100)  # 100-token chunks ...
+    monkeypatch.setattr(reduce, "ROWS_PER_TILE", 20)  # ... of 20-row slices
+    assert_chunked_sweep_matches_logits(loaded(name), lens)
 
 
 def test_unsupported_architecture_is_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(Exception, match=r"unsupported architecture 'bert'.*llama"):
         TorchBackend(resolve(str(tmp_path)))
+
+
+def test_narrow_positions_get_only_narrow_k(loaded, monkeypatch):
+    """Positions marked narrow keep their top-5 exactly; their other columns are empty."""
+    monkeypatch.setattr(reduce, "TILE_ELEMENTS", 20 * 100)
+    monkeypatch.setattr(reduce, "ROWS_PER_TILE", 20)
+    backend = loaded("llama")
+    ids = backend.tokenizer.encode(PROMPT)
+    wide = tuple(t % 3 == 0 for t in range(len(ids)))
+    full = backend.sweep(ids, SweepOptions())
+    part = backend.sweep(ids, SweepOptions(wide=wide))
+    narrow = ~np.array(wide)
+    narrow[-1] = False  # the next-token position is always wide
+    np.testing.assert_array_equal(part.topk_ids[:, ~narrow], full.topk_ids[:, ~narrow])
+    np.testing.assert_array_equal(part.topk_ids[:, narrow, :5], full.topk_ids[:, narrow, :5])
+    assert (part.topk_ids[:, narrow, 5:] == -1).all() and (part.topk_probs[:, narrow, 5:] == 0).all()
+    np.testing.assert_allclose(part.entropy, full.entropy, atol=1e-6)

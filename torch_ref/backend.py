@@ -8,7 +8,6 @@ Gemma's 1+w), decoded through an fp32 unembedding and the model's head transform
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from typing import Sequence
 
@@ -22,12 +21,9 @@ from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
 from mlx_lens.models import ModelSource, check_supported, local_model_type
 from torch_ref.architectures import ARCHITECTURES
-from torch_ref.reduce import RunningStats
+from torch_ref.reduce import LOG2E, TiledStats, tiled_sweep
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]); the reductions hold a few
-# temporaries of that size.
-CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", str(256 * 2**20)))
 
 
 def _attr(obj, dotted: str):
@@ -129,30 +125,52 @@ class TorchBackend:
             out.append(norm(h.float()) if norm is not None else h.float())
         return torch.stack(out)
 
-    def _logits(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """fp32 logits of vocabulary slice [start, stop) for normalised states x [..., d]."""
-        z = x @ self.head.weight[start:stop].float().T
-        if self.head.bias is not None:
-            z = z + self.head.bias[start:stop].float()
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+    def _head_chunk(self, start: int, stop: int, scale: float = 1.0):
+        """The head for vocabulary slice [start, stop): fp32 weights (converted once per chunk),
+        bias, soft-cap, then a scale (log2 e gives base-2 logits) applied in place to the
+        result, which is cheap on a tile in cache; returns (x [..., d], out=None) -> logits."""
+        w = self.head.weight[start:stop].float()
+        b = self.head.bias[start:stop].float() if self.head.bias is not None else None
 
-    def _chunk(self, n_states: int) -> int:
-        return max(64, CHUNK_BYTES // (4 * n_states))
+        def apply(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            z = torch.matmul(x, w.T, out=out)
+            if b is not None:
+                z += b
+            if self.softcap:
+                z.div_(self.softcap).tanh_().mul_(self.softcap)
+            if scale != 1.0:
+                z.mul_(scale)
+            return z
+
+        return apply
+
+    def _logits(self, x: torch.Tensor, start: int, stop: int, scale: float = 1.0) -> torch.Tensor:
+        return self._head_chunk(start, stop, scale)(x)
 
     @torch.no_grad()
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
         rows, _ = self._forward(ids)
-        x = self._normed(rows, opts.lens)
+        x = self._normed(rows, opts.lens)  # [R, T, d]
+        n_rows, n_pos = x.shape[:2]
         a = opts.answer_id
-        answer_logit = self._logits(x, a, a + 1)[..., 0] if a is not None else None
-        stats = RunningStats(opts.top_k, answer_logit, a)
-        vocab = self.info.vocab
-        step = self._chunk(x.shape[0] * x.shape[1])
-        for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
-            stats.update(self._logits(x, start, min(start + step, vocab)), start)
-        return LayerStats.from_arrays({k: v.cpu().numpy() for k, v in stats.finish().items()})
+        answer_logit = self._logits(x[:, -1], a, a + 1, LOG2E)[:, 0] if a is not None else None
+        stats = TiledStats(n_rows * n_pos, n_rows, opts.top_k, answer_logit, a, x.device)
+        # Position-major rows: positions needing narrow_k candidates first, then the wide ones,
+        # the next-token position last.
+        wide = list(opts.wide or [True] * n_pos)
+        narrow = [t for t in range(n_pos - 1) if not wide[t]]
+        order = narrow + [t for t in range(n_pos - 1) if wide[t]] + [n_pos - 1]
+        groups = [(len(narrow) * n_rows, opts.narrow_k),
+                  ((n_pos - len(narrow)) * n_rows, opts.top_k)]
+        tiled_sweep(x[:, order].transpose(0, 1).reshape(n_pos * n_rows, -1),
+                    [g for g in groups if g[0]],
+                    lambda start, stop: self._head_chunk(start, stop, LOG2E),
+                    self.info.vocab, stats, progress)
+        out = stats.finish()
+        back = torch.argsort(torch.tensor(order))
+        for key in ("entropy", "topk_ids", "topk_probs"):  # back to [R, T, ...]
+            out[key] = out[key].view(n_pos, n_rows, *out[key].shape[1:])[back].transpose(0, 1)
+        return LayerStats.from_arrays({k: v.cpu().numpy() for k, v in out.items()})
 
     @torch.no_grad()
     def final_logits(self, ids: Sequence[int]) -> np.ndarray:
