@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +30,7 @@ from mlx_lens.models import ModelSource, check_supported
 
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 # Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]).
-CHUNK_BYTES = int(os.environ.get("MLX_LENS_CHUNK_BYTES", str(256 * 2**20)))
+CHUNK_BYTES = 256 * 2**20
 _QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
@@ -98,7 +97,10 @@ class MlxBackend:
         check_supported(model_type, ARCHITECTURES, "mlx")
         self.arch = ARCHITECTURES[model_type]
         fp = footprint(ModelSource(source.name, path=path))
-        device, dtype = choose(fp, candidates(device), "stored" if dtype == "auto" else dtype)
+        free = candidates(device)
+        device, dtype = choose(fp, free, "stored" if dtype == "auto" else dtype)
+        # The chunk adapts to memory: at most 1/16 of what the device had free at load.
+        self.chunk_bytes = min(CHUNK_BYTES, dict(free)[device] // 16)
         self.device = getattr(mx, device)
         mx.set_default_device(self.device)
 
@@ -204,7 +206,7 @@ class MlxBackend:
         answer_logit = self._logits(x[:, -1], a, a + 1)[:, 0] if a is not None else None
         stats = RunningStats(opts.top_k, answer_logit, a)
         vocab = self.info.vocab
-        step = max(64, CHUNK_BYTES // (4 * x.shape[0] * x.shape[1]))
+        step = max(64, self.chunk_bytes // (4 * x.shape[0] * x.shape[1]))
         for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
             stats.update(self._logits(x, start, min(start + step, vocab)), start)
         return LayerStats.from_arrays({k: np.array(v) for k, v in stats.finish().items()})

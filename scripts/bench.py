@@ -8,8 +8,9 @@ For each model and prompt length T it times, interleaved over repetitions (min a
   sweep     our full sweep (capture, norms, tiled decode with on-device reductions)
   sweep+csv the sweep plus the records / pure-next-token tables (token strings decoded once
             per distinct id)
-  original  a faithful re-implementation of the original experiment's loop: unembed per layer,
-            then per position log_softmax, entropy, top-k and tokenizer.decode per cell
+  original  a faithful re-implementation of the original experiment's loop, its capturing
+            forward pass included: unembed per layer, then per position log_softmax, entropy,
+            top-k and tokenizer.decode per cell
 and the peak extra memory of sweep, gemm and original (the kernel's resident high-water mark,
 reset before each; torch on Linux) against the size of all logits, [L+1, T, V] fp32. Targets:
 sweep <= 1.25 x floor at T=16 and T=512, original >= 2.5 x sweep+csv at T=128, and sweep peak
@@ -95,10 +96,11 @@ class PeakRSS:
         self.extra = self._status("VmHWM") - self.base
 
 
-def original_loop(backend, ids: list[int], rows: list[torch.Tensor], names_of) -> list:
-    """The original's per-layer, per-position loop (001_layers_and_logits/run.py), on our
-    captured residuals: unembed all positions of a layer, then per position log_softmax,
-    entropy, top-k and one tokenizer.decode per candidate; plus the pure next-token record."""
+def original_loop(backend, ids: list[int], rows: list[torch.Tensor]) -> list:
+    """The original's per-layer, per-position loop (001_layers_and_logits/run.py), on residuals
+    captured by a forward pass (timed with it, as run_with_cache was): unembed all positions of
+    a layer, then per position log_softmax, entropy, top-k and one tokenizer.decode per
+    candidate; plus the pure next-token record."""
     w = backend.head.weight.float()
     records = []
     tokens = [backend.tokenizer.decode([i]) for i in ids]
@@ -137,12 +139,12 @@ def bench_case(backend, T: int, reps: int, rng) -> dict:
     runs = {"sweep": lambda: backend.sweep(ids, opts), "sweep+csv": sweep_and_tables}
     if torch_side:
         with torch.no_grad():
-            rows, _ = backend._forward(ids)
+            rows = backend._capture(ids)
             x = backend._normed(rows, "final-norm").reshape(-1, backend.info.d_model)
         w = backend.head.weight.float()
         runs = {"forward": lambda: backend.model(input_ids=torch.tensor([ids]), use_cache=False),
                 "gemm": lambda: x @ w.T, **runs,
-                "original": lambda: original_loop(backend, ids, rows, names)}
+                "original": lambda: original_loop(backend, ids, backend._capture(ids))}
     times = {name: [] for name in runs}
     peaks = {}
     with torch.no_grad():

@@ -62,7 +62,7 @@ def test_gemma2_softcap_is_applied(loaded):
 def test_chunked_sweep_equals_float64(loaded, name, lens, monkeypatch):
     backend = loaded(name)
     n_states = len(backend.tokenizer.encode(PROMPT)) * (backend.info.n_layers + 1)
-    monkeypatch.setattr(mlx_backend, "CHUNK_BYTES", 4 * 100 * n_states)  # 100-token chunks
+    monkeypatch.setattr(backend, "chunk_bytes", 4 * 100 * n_states)  # 100-token chunks
     assert_chunked_sweep_matches_logits(backend, lens)
 
 

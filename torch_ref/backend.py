@@ -93,8 +93,9 @@ class TorchBackend:
 
     # -- capture -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, ids: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Residual rows h_0..h_L ([T, d] each, compute dtype) and the model's own logits [T, V]."""
+    def _capture(self, ids: Sequence[int]) -> list[torch.Tensor]:
+        """Residual rows h_0..h_L ([T, d] each, compute dtype), from the base model's forward
+        pass: its head is not needed, the lens decodes the last row itself."""
         rows: list[torch.Tensor] = []
 
         def grab_input(_module, args, kwargs):
@@ -106,12 +107,12 @@ class TorchBackend:
         handles = [self.blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
         handles += [b.register_forward_hook(grab_output) for b in self.blocks]
         try:
-            x = torch.tensor([list(ids)], device=self.device)
-            logits = self.model(input_ids=x, use_cache=False).logits[0]
+            self.model.base_model(input_ids=torch.tensor([list(ids)], device=self.device),
+                                  use_cache=False)
         finally:
             for h in handles:
                 h.remove()
-        return rows, logits
+        return rows
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> torch.nn.Module | None:
@@ -149,7 +150,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows, _ = self._forward(ids)
+        rows = self._capture(ids)
         x = self._normed(rows, opts.lens)  # [R, T, d]
         n_rows, n_pos = x.shape[:2]
         a = opts.answer_id
@@ -174,17 +175,17 @@ class TorchBackend:
 
     @torch.no_grad()
     def final_logits(self, ids: Sequence[int]) -> np.ndarray:
-        _, logits = self._forward(ids)
-        return logits[-1].float().cpu().numpy()
+        x = torch.tensor([list(ids)], device=self.device)
+        return self.model(input_ids=x, use_cache=False).logits[0, -1].float().cpu().numpy()
 
     @torch.no_grad()
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        rows, _ = self._forward(ids)
+        rows = self._capture(ids)
         return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
     def residuals(self, ids: Sequence[int]) -> np.ndarray:
-        rows, _ = self._forward(ids)
+        rows = self._capture(ids)
         return torch.stack(rows).float().cpu().numpy()
 
     @torch.no_grad()

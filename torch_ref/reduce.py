@@ -25,6 +25,18 @@ import torch
 # fewer rows make the GEMM slower, shorter rows make top-k slower (measured on the benchmark CPU).
 TILE_ELEMENTS = 2**21
 ROWS_PER_TILE = 512
+# On a GPU, tiles are sized for launch overhead instead: up to 256 MiB, and at most 1/32 of the
+# free device memory (two tile buffers and the fp32 chunk of W must fit beside the model).
+GPU_TILE_ELEMENTS = 2**26
+GPU_ROWS_PER_TILE = 8192
+
+
+def tile_shape(device: torch.device) -> tuple[int, int]:
+    """(elements, rows) of one tile on this device."""
+    if device.type != "cuda":
+        return TILE_ELEMENTS, ROWS_PER_TILE
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(2**20, min(GPU_TILE_ELEMENTS, free // (4 * 32))), GPU_ROWS_PER_TILE
 
 
 LOG2E = 1 / math.log(2)
@@ -119,9 +131,10 @@ def tiled_sweep(x: torch.Tensor, groups: list[tuple[int, int]], head_chunk: Call
     """Drive `stats` over all tiles of x [N, d], whose rows come in groups of (rows, top-k).
     head_chunk(start, stop) gives the function (x_rows, out) -> fp32 base-2 logits [B, C] of
     that vocabulary chunk, made once per chunk."""
-    rows_per_tile = max(stats.n_last, min(x.shape[0], ROWS_PER_TILE))
+    elements, rows = tile_shape(x.device)
+    rows_per_tile = max(stats.n_last, min(x.shape[0], rows))
     # A power of two: BLAS runs chunk widths like 14563 up to 25% slower than 8192 (measured).
-    step = 1 << max(6, (TILE_ELEMENTS // rows_per_tile).bit_length() - 1)
+    step = 1 << max(6, (elements // rows_per_tile).bit_length() - 1)
     slices = row_slices(groups, rows_per_tile)
     tile = torch.empty(rows_per_tile * min(step, vocab), device=x.device)
     scratch = torch.empty_like(tile)
