@@ -70,9 +70,12 @@ def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: i
     assert np.all(np.diff(stats.topk_probs, axis=-1) <= prob_atol)  # most probable first
 
     np.testing.assert_allclose(stats.p_answer, p[:, -1, answer_id], atol=prob_atol)
-    above = (z > z[:, answer_id:answer_id + 1]).sum(-1)
-    # Ranks may differ only where another logit ties the answer's within fp32 rounding.
-    assert np.abs(stats.answer_rank - (above + 1)).max() <= 1
+    answer = z[:, answer_id:answer_id + 1]
+    above = (z > answer).sum(-1)
+    # Exact, except that another token whose logit ties the answer's within the fp32 GEMM
+    # rounding (dz) may land on either side of it.
+    ties = (np.abs(z - answer) <= dz).sum(-1) - 1
+    assert np.all(np.abs(stats.answer_rank - (above + 1)) <= ties)
 
 
 def assert_softcap_applied(backend) -> None:

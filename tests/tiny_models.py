@@ -76,6 +76,9 @@ CONFIGS: dict[str, dict] = {
     # (mlx-lm ignores layer_types; its default pattern 6 breaks a 3-layer model).
     "gemma3_text": dict(model_type="gemma3_text", **_BASE, **_GQA, tie_word_embeddings=True,
                         query_pre_attn_scalar=16, sliding_window=64, sliding_window_pattern=3),
+    # A window shorter than the test prompts, so that the sliding-window masks really act.
+    "gemma3_sliding": dict(model_type="gemma3_text", **_BASE, **_GQA, tie_word_embeddings=True,
+                           query_pre_attn_scalar=16, sliding_window=4, sliding_window_pattern=3),
     "phi3": dict(model_type="phi3", **_BASE, num_key_value_heads=2, tie_word_embeddings=False),
     # gpt2 and gpt_neox: MLP width 4 * hidden, the width mlx-lm hard-codes for both.
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_inner=256, n_positions=128,
