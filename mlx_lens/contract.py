@@ -61,10 +61,6 @@ class LayerStats:
     p_answer: np.ndarray | None = None  # [R]
     answer_rank: np.ndarray | None = None  # [R], 1 = top-1
 
-    @property
-    def n_rows(self) -> int:
-        return self.entropy.shape[0]
-
     @classmethod
     def from_arrays(cls, out: dict) -> "LayerStats":
         """From a backend's reductions (any array-likes numpy can read), in float64 / int64."""

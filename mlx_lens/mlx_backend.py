@@ -140,16 +140,13 @@ class MlxBackend:
             name=source.name, architecture=model_type, n_layers=len(self.blocks),
             d_model=self.hidden,
             n_heads=config.get("num_attention_heads", config.get("n_head")),
-            vocab=self._vocab(),
+            vocab=self.head.weight.shape[0],
             n_ctx=config.get("max_position_embeddings", config.get("n_positions")),
             backend="mlx", device=self.device.name, compute_dtype=_name(compute),
             unembed_dtype="float32",
             norm_types={"first_block": type(self.input_norms[0]).__name__,
                         "final": type(self.final_norm).__name__},
         )
-
-    def _vocab(self) -> int:
-        return self.head.weight.shape[0]
 
     # -- capture -----------------------------------------------------------------------------
     def _rows(self, ids: Sequence[int]) -> list[mx.array]:

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 
 def _top(values: mx.array, ids: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """The k largest along the last axis, unordered (argpartition is O(n), topk sorts nothing)."""
+    """The k largest along the last axis with their ids, unordered (argpartition: O(n) per row)."""
     part = mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k]
     return mx.take_along_axis(values, part, -1), mx.take_along_axis(ids, part, -1)
 
