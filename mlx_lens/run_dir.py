@@ -6,18 +6,25 @@ A failed run therefore never loses the previous one and never leaves a half-writ
 """
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
-import tempfile
+import socket
 from datetime import datetime
 from pathlib import Path
 
 LATEST = "run-latest"
 STAMP_PREFIX = "timestamp-"
+STAGING_PREFIX = ".staging-"
 
 
 def start(runs_root: Path, now: datetime | None = None) -> Path:
     runs_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=runs_root))
+    # Named after its owner (host, pid) so a later run can tell a dead run's leftovers. Made with
+    # mkdir, not mkdtemp, so the published run has the umask's permissions (mkdtemp's are 0700).
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    staging = runs_root / f"{STAGING_PREFIX}{owner}-{secrets.token_hex(4)}"
+    staging.mkdir()
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M")
     (staging / f"{STAMP_PREFIX}{stamp}").write_text(f"{stamp}\n")
     return staging
