@@ -3,6 +3,8 @@
 Publishing moves the previous run-latest to run-YYYYMMDD-HHMM (named by the timestamp file inside
 it; -2, -3, ... when two runs share a minute), then renames the staging folder to run-latest.
 A failed run therefore never loses the previous one and never leaves a half-written run-latest.
+A run that died before it could clean up (SIGKILL, power loss) leaves its staging folder; the next
+run removes it.
 """
 from __future__ import annotations
 
@@ -10,16 +12,43 @@ import os
 import secrets
 import shutil
 import socket
+import time
 from datetime import datetime
 from pathlib import Path
 
 LATEST = "run-latest"
 STAMP_PREFIX = "timestamp-"
 STAGING_PREFIX = ".staging-"
+# Another host's pids cannot be checked from here (runs/ on a shared file system); its staging
+# folder is taken as dead once untouched this long, far beyond any run's time between writes.
+FOREIGN_STALE_AFTER_S = 7 * 24 * 3600
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive: another user's process
+        pass
+    return True
+
+
+def _is_stale(staging: Path) -> bool:
+    owner = staging.name.removeprefix(STAGING_PREFIX).rsplit("-", 2)  # host, pid, random
+    if len(owner) == 3 and owner[0] == socket.gethostname() and owner[1].isdigit():
+        return not _alive(int(owner[1]))
+    try:
+        return time.time() - staging.stat().st_mtime > FOREIGN_STALE_AFTER_S
+    except FileNotFoundError:  # another run removed it meanwhile
+        return False
 
 
 def start(runs_root: Path, now: datetime | None = None) -> Path:
     runs_root.mkdir(parents=True, exist_ok=True)
+    for staging in runs_root.glob(f"{STAGING_PREFIX}*"):  # leftovers of killed runs
+        if _is_stale(staging):
+            discard(staging)
     # Named after its owner (host, pid) so a later run can tell a dead run's leftovers. Made with
     # mkdir, not mkdtemp, so the published run has the umask's permissions (mkdtemp's are 0700).
     owner = f"{socket.gethostname()}-{os.getpid()}"

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import subprocess
+import sys
+import time
 
 from mlx_lens import run_dir
 
@@ -14,3 +18,24 @@ def test_published_run_has_the_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(latest.stat().st_mode) == 0o755
+
+
+def test_next_run_removes_only_dead_runs_staging(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    host = socket.gethostname()
+    week = time.time() - 8 * 24 * 3600
+    folders = {name: root / f"{run_dir.STAGING_PREFIX}{name}" for name in (
+        f"{host}-{dead.pid}-dead", f"{host}-{os.getpid()}-live", "otherhost-1-fresh",
+        "otherhost-1-old")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "output-m.json").write_text("{}")
+    os.utime(folders["otherhost-1-old"], (week, week))
+    mine = run_dir.start(root)
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted([mine.name, folders[f"{host}-{os.getpid()}-live"].name,
+                           folders["otherhost-1-fresh"].name])
+    assert mine.name.startswith(f"{run_dir.STAGING_PREFIX}{host}-{os.getpid()}-")
