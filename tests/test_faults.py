@@ -8,7 +8,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mlx_lens import run_dir
+from mlx_lens.cli import main
 
 
 def test_published_run_has_the_umask_permissions(tmp_path):
@@ -39,3 +42,28 @@ def test_next_run_removes_only_dead_runs_staging(tmp_path):
     assert left == sorted([mine.name, folders[f"{host}-{os.getpid()}-live"].name,
                            folders["otherhost-1-fresh"].name])
     assert mine.name.startswith(f"{run_dir.STAGING_PREFIX}{host}-{os.getpid()}-")
+
+
+def run_cli(args, cwd, capsys):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main(args)
+    finally:
+        os.chdir(old)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out_dir, message", [
+    ("a-file", "--out_dir {out_dir} exists and is not a folder"),
+    ("a-file/sub", "cannot create --out_dir {out_dir}: Not a directory"),
+])
+def test_out_dir_unfit_is_one_line_before_loading(tmp_path, capsys, out_dir, message):
+    (tmp_path / "a-file").write_text("mine")
+    out_dir = tmp_path / out_dir
+    # a model that does not exist: the out_dir error comes first, before any model is looked at
+    code, err = run_cli(["run", "/no/such/model", "--out_dir", str(out_dir)], tmp_path, capsys)
+    assert code == 2
+    assert err.splitlines() == [f"mlx-lens: error: {message.format(out_dir=out_dir)}"]
+    assert (tmp_path / "a-file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
