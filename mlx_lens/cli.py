@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -188,8 +189,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs (no staging left)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity}[args.command](args)
     except LensError as exc:
@@ -198,12 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlx-lens: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mlx-lens: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports it
     except Exception as exc:  # one line, not a traceback wall; MLX_LENS_DEBUG=1 shows it
         if os.environ.get("MLX_LENS_DEBUG"):
             raise
         msg = str(exc).splitlines()[0] if str(exc) else ""
         print(f"mlx-lens: error: {type(exc).__name__}: {msg}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may run inside another program
 
 
 if __name__ == "__main__":

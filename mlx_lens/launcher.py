@@ -54,9 +54,15 @@ def run_one_process(model: str, out_dir: Path, child_args: list[str]) -> ModelOu
         return ModelOutcome(model, f"failed: {exc}")
     cmd = [sys.executable, "-m", "mlx_lens.cli", "run", model, "--out_dir", str(out_dir),
            *child_args]
-    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, check=False)
-    sys.stderr.write(proc.stderr)
-    last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            _, stderr = proc.communicate()
+        except BaseException:  # Ctrl-C or SIGTERM here: stop the child too, it cleans up after itself
+            proc.terminate()
+            sys.stderr.write(proc.communicate()[1])
+            raise
+    sys.stderr.write(stderr)
+    last = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     last = last.removeprefix("mlx-lens: error: ")
     if proc.returncode == EXIT_SKIPPED:
         return ModelOutcome(model, f"skipped: {last}")

@@ -67,3 +67,45 @@ def test_out_dir_unfit_is_one_line_before_loading(tmp_path, capsys, out_dir, mes
     assert err.splitlines() == [f"mlx-lens: error: {message.format(out_dir=out_dir)}"]
     assert (tmp_path / "a-file").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def _start_run(models, cwd):
+    """`mlx-lens run` in a process of its own, once its first model's main() is running."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lens.cli", "run", *map(str, models),
+                             "--backend", "torch"], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # "backend: ..." is printed just before the model loads (by the child in a multi-model run);
+    # the run is far from done then: torch is still to be imported.
+    for line in proc.stdout:
+        if line.startswith("backend:"):
+            return proc
+    proc.wait()
+    raise AssertionError(f"the run ended before loading a model: {proc.stderr.read()}")
+
+
+def _assert_terminated_cleanly(proc, cwd, n_processes):
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.splitlines()[-n_processes:] == ["mlx-lens: terminated"] * n_processes, err
+    assert os.listdir(cwd / "runs") == []  # no staging left, nothing published
+
+
+def test_sigterm_discards_the_staging_folder(tiny_model_dirs, tmp_path):
+    proc = _start_run([tiny_model_dirs["llama"]], tmp_path)
+    try:
+        assert len(list(tmp_path.glob(f"runs/{run_dir.STAGING_PREFIX}*"))) == 1
+        proc.terminate()
+        _assert_terminated_cleanly(proc, tmp_path, 1)
+    finally:
+        proc.kill()
+
+
+def test_sigterm_stops_a_multi_model_runs_child(tiny_model_dirs, tmp_path):
+    """The child gets SIGTERM too and cleans up; its "terminated" line comes before the parent's."""
+    proc = _start_run([tiny_model_dirs["llama"], tiny_model_dirs["gpt2"]], tmp_path)
+    try:
+        proc.terminate()
+        _assert_terminated_cleanly(proc, tmp_path, 2)
+    finally:
+        proc.kill()
