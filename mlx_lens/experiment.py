@@ -44,10 +44,14 @@ class ModelResult:
     prompt_ids: list[int] = field(default_factory=list)
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, n_ctx: int | None = None) -> list[int]:
+    """Token ids of prompt; n_ctx is the model's context (None: no limit)."""
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise LensError(f"the prompt {prompt!r} encodes to no tokens")
+    if n_ctx is not None and len(ids) > n_ctx:
+        raise LensError(f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                        f"{n_ctx} tokens")
     return ids
 
 
@@ -75,7 +79,9 @@ def distribution(logits: np.ndarray, k: int, names: TokenNames, temperature: flo
 
 def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: dict) -> ModelResult:
     tok, info = backend.tokenizer, backend.info
-    ids = encode_prompt(tok, opts.prompt)
+    ids = encode_prompt(tok, opts.prompt, info.n_ctx)
+    # the probes too, so that one too long for the model fails before the sweep
+    probes = {p: encode_prompt(tok, p, info.n_ctx) for p in TEST_PROMPTS} if opts.probes else {}
     answer_id = answer_token_id(tok, ids, opts.prompt, opts.answer)
     names = TokenNames(tok.decode)
     prompt_tokens = [names(i) for i in ids]
@@ -109,8 +115,8 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     }
     if opts.probes:
         payload["test_prompts"] = [
-            {"prompt": p, **distribution(backend.final_logits(encode_prompt(tok, p)), 10, names)}
-            for p in progress(TEST_PROMPTS, "test prompts")]
+            {"prompt": p, **distribution(backend.final_logits(p_ids), 10, names)}
+            for p, p_ids in progress(probes.items(), "test prompts")]
         logits = backend.final_logits(ids)  # one forward pass for every temperature
         payload["temperature_exploration"] = [
             {"temperature": t, **distribution(logits, 15, names, t)} for t in TEMPERATURES]

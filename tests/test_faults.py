@@ -1,7 +1,9 @@
 """Faults a user meets: bad paths, over-long prompts, a killed run, a dead run's leftovers."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -9,9 +11,12 @@ import sys
 import time
 
 import pytest
+from transformers import AutoTokenizer
 
 from mlx_lens import run_dir
 from mlx_lens.cli import main
+from mlx_lens.errors import LensError
+from mlx_lens.experiment import encode_prompt
 
 
 def test_published_run_has_the_umask_permissions(tmp_path):
@@ -109,3 +114,70 @@ def test_sigterm_stops_a_multi_model_runs_child(tiny_model_dirs, tmp_path):
         _assert_terminated_cleanly(proc, tmp_path, 2)
     finally:
         proc.kill()
+
+
+LONG_PROMPT = "The capital of Germany is Berlin. " * 40  # 282 tokens on the tiny tokenizer
+
+
+def _previous_run(cwd):
+    previous = cwd / "runs" / "run-latest"
+    previous.mkdir(parents=True)
+    (previous / "keep.txt").write_text("old run")
+    return previous
+
+
+def _assert_nothing_written(cwd):
+    assert os.listdir(cwd / "runs") == ["run-latest"]
+    assert os.listdir(cwd / "runs" / "run-latest") == ["keep.txt"]
+
+
+def _forbid_sweep(monkeypatch, backend):
+    if backend == "torch":
+        from torch_ref.backend import TorchBackend as cls
+    else:
+        from mlx_lens.mlx_backend import MlxBackend as cls
+    monkeypatch.setattr(cls, "sweep", lambda *a, **k: pytest.fail("swept an over-long prompt"))
+
+
+def test_encode_prompt_refuses_more_than_the_context():
+    class Words:  # one token per word
+        def encode(self, text):
+            return list(range(len(text.split())))
+
+    assert encode_prompt(Words(), "a b c", n_ctx=3) == [0, 1, 2]
+    assert encode_prompt(Words(), "a b c d") == [0, 1, 2, 3]  # no n_ctx: no limit
+    with pytest.raises(LensError) as err:
+        encode_prompt(Words(), "a b c d", n_ctx=3)
+    assert str(err.value) == "the prompt is 4 tokens, longer than the model's context of 3 tokens"
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("model", ["llama", "gpt2"])  # max_position_embeddings / n_positions 128
+def test_over_long_prompt_is_refused_before_the_sweep(tiny_model_dirs, tmp_path, capsys,
+                                                      monkeypatch, model, backend):
+    path = tiny_model_dirs[model]
+    n_tokens = len(AutoTokenizer.from_pretrained(path).encode(LONG_PROMPT))
+    _forbid_sweep(monkeypatch, backend)
+    _previous_run(tmp_path)
+    code, err = run_cli(["run", str(path), "--backend", backend, "--prompt", LONG_PROMPT],
+                        tmp_path, capsys)
+    assert code == 2
+    assert err.splitlines() == [f"mlx-lens: error: the prompt is {n_tokens} tokens, longer than "
+                                "the model's context of 128 tokens"]
+    _assert_nothing_written(tmp_path)
+
+
+def test_probe_prompt_longer_than_the_context_is_refused_before_the_sweep(
+        tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    path = shutil.copytree(tiny_model_dirs["llama"], tmp_path / "short-context")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 20}))
+    _forbid_sweep(monkeypatch, "torch")
+    _previous_run(tmp_path)
+    # the main prompt fits (6 tokens), the longest probe (24 tokens) does not
+    code, err = run_cli(["run", str(path), "--backend", "torch", "--prompt",
+                         "The capital of Germany is"], tmp_path, capsys)
+    assert code == 2
+    assert err.splitlines() == ["mlx-lens: error: the prompt is 24 tokens, longer than the "
+                                "model's context of 20 tokens"]
+    _assert_nothing_written(tmp_path)
