@@ -181,3 +181,17 @@ def test_probe_prompt_longer_than_the_context_is_refused_before_the_sweep(
     assert err.splitlines() == ["mlx-lens: error: the prompt is 24 tokens, longer than the "
                                 "model's context of 20 tokens"]
     _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("extra", [["--backend", "torch"], ["--backend", "mlx", "--no-probes"]])
+def test_same_command_writes_the_same_csv_bytes(tiny_model_dirs, tmp_path, extra):
+    """Two runs of one command, each in its own process as a user runs them, on the CPU."""
+    for out_dir in ("A", "B"):
+        proc = subprocess.run([sys.executable, "-m", "mlx_lens.cli", "run",
+                               str(tiny_model_dirs["llama"]), "--out_dir", out_dir, *extra],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    csvs = sorted(p.name for p in (tmp_path / "A").glob("*.csv"))
+    assert csvs == ["output-llama-pure-next-token.csv", "output-llama-records.csv"]
+    for name in csvs:
+        assert (tmp_path / "A" / name).read_bytes() == (tmp_path / "B" / name).read_bytes(), name
