@@ -16,6 +16,30 @@ def tiny_model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def large_vocab_dir(tmp_path_factory):
+    """The tiny llama_untied body with a 151,936-token head (tests/tiny_models.py)."""
+    return tiny_models.build_model("llama_untied", tmp_path_factory.mktemp("large") / "llama_152k",
+                                   vocab_size=tiny_models.LARGE_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def real_vocab_logits(large_vocab_dir, smollm2_dir):
+    """fp32 lens logits [R, T, V] with realistic vocabularies, as fixed inputs for the
+    reductions: the 151,936-token tiny model (final-norm and raw lens) and SmolLM2's real
+    weights (49,152 tokens)."""
+    from mlx_lens.models import resolve
+    from tests.lens_checks import PROMPT
+    from torch_ref.backend import TorchBackend
+
+    out = []
+    for folder, lenses in ((large_vocab_dir, ("final-norm", "raw")), (smollm2_dir, ("final-norm",))):
+        backend = TorchBackend(resolve(str(folder)))
+        ids = backend.tokenizer.encode(PROMPT)
+        out += [backend.layer_logits(ids, lens) for lens in lenses]
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     """The packaged SmolLM2-135M, prepared in the per-user cache exactly as `mlx-lens run` does
     (built once, reused by later sessions and by the README's run command)."""

@@ -39,8 +39,8 @@ class TokenNames:
         return self._cache[token_id]
 
     def topk(self, ids: np.ndarray, probs: np.ndarray, k: int) -> list[list]:
-        """[[token, prob], ...] as the original's JSON holds it."""
-        return [[self(i), float(p)] for i, p in zip(ids[:k], probs[:k])]
+        """[[token, prob], ...] as the original's JSON holds it (id -1: no token)."""
+        return [[self(i), float(p)] for i, p in zip(ids[:k], probs[:k]) if i >= 0]
 
 
 def verbose_positions(prompt_tokens: Sequence[str]) -> np.ndarray:
@@ -55,13 +55,14 @@ def _topk_frame(stats: LayerStats, rows: np.ndarray, pos: np.ndarray, k: np.ndar
     """top/prob columns (blank beyond each row's k) and rest_mass for cells (rows[i], pos[i])."""
     ids = stats.topk_ids[rows, pos, :TOP_K_VERBOSE]
     probs = stats.topk_probs[rows, pos, :TOP_K_VERBOSE]
-    shown = np.arange(TOP_K_VERBOSE)[None, :] < k[:, None]
+    shown = (np.arange(TOP_K_VERBOSE)[None, :] < k[:, None]) & (ids >= 0)  # -1: blanked row
     cols = {}
     for j in range(TOP_K_VERBOSE):
         cols[f"top{j + 1}"] = [names(i) if s else "" for i, s in zip(ids[:, j], shown[:, j])]
         cols[f"prob{j + 1}"] = np.where(shown[:, j], probs[:, j], np.nan)
     frame = pd.DataFrame(cols)
-    frame["rest_mass"] = np.clip(1.0 - np.where(shown, probs, 0.0).sum(1), 0.0, None)
+    rest = np.clip(1.0 - np.where(shown, probs, 0.0).sum(1), 0.0, None)
+    frame["rest_mass"] = np.where(shown.any(1), rest, np.nan)
     return frame
 
 
@@ -85,7 +86,9 @@ def pure_next_token_frame(stats: LayerStats, flags: dict[str, np.ndarray],
     for name, values in flags.items():
         frame[name] = values
     frame["p_answer"] = stats.p_answer if stats.p_answer is not None else np.nan
-    frame["answer_rank"] = stats.answer_rank if stats.answer_rank is not None else np.nan
+    rank = pd.Series(stats.answer_rank if stats.answer_rank is not None else pd.NA,
+                     index=frame.index, dtype="Int64")
+    frame["answer_rank"] = rank.where(rank > 0)  # a blanked row's -1: an empty cell
     frame["kl_to_final_bits"] = stats.kl_to_final
     frame["cos_to_final"] = stats.cos_to_final
     return frame[PURE_COLUMNS]

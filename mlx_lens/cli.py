@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_lens import backends, run_dir
+from mlx_lens import backends, health, run_dir
 from mlx_lens.artifacts import write_model_artifacts
 from mlx_lens.device_policy import DoesNotFit
 from mlx_lens.chat import CHAT_PROMPT, MAX_TOKENS, chat
@@ -90,16 +90,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from mlx_lens.parity import compare
+    from mlx_lens.parity import BOUND_DESCRIPTION, compare
 
     source = resolve(args.model)
     reference, candidate = backends.load("torch", source), backends.load("mlx", source)
     failed = False
     for lens in LENSES if args.lens == "all" else (args.lens,):
         report = compare(reference, candidate, args.prompt or [PROMPT], lens, args.answer)
-        print(f"{source.name} [{report.architecture}], lens {lens}: torch (reference) vs mlx, "
-              f"tolerance KL {report.tol.kl:.0e} nats, entropy {report.tol.entropy_bits:.0e} bits "
-              f"({report.tol.cause})")
+        print(f"{source.name} [{report.architecture}], lens {lens}: torch (reference) vs mlx; "
+              f"bounds: {BOUND_DESCRIPTION}")
         print(report.table())
         for line in report.failures():
             print(f"FAIL: {line}")
@@ -129,6 +128,9 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path) -> li
         keep_residuals=args.keep_residuals)
     source, backend, reason = _load(args, model)
     result = run_experiment(backend, opts, {"backend_reason": reason})
+    line = health.warning(result.payload["diagnostics"])
+    if line:
+        print(f"mlx-lens: warning: {line}", file=sys.stderr)
     paths = write_model_artifacts(out_dir, source.name, result)
     s = summary_of(result.payload)
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {args.lens}]: "

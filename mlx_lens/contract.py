@@ -1,4 +1,4 @@
-"""The one contract between backends and everything else (DESIGN.md).
+"""The one contract between backends and everything else (docs/design.md).
 
 A backend turns (model, token ids, options) into a `LayerStats` of plain numpy arrays. Nothing
 downstream of this module imports torch or mlx.
@@ -60,6 +60,10 @@ class LayerStats:
     cos_to_final: np.ndarray  # [R] cosine between the row's logits and the last row's
     p_answer: np.ndarray | None = None  # [R]
     answer_rank: np.ndarray | None = None  # [R], 1 = top-1
+    # Roundings a term of the vocabulary sums went through: fixes the reductions' error bound
+    # (mlx_lens.bounds.reduction_bounds); None when not computed by a running reduction.
+    summation_depth: int | None = None
+    finite_residual: np.ndarray | None = None  # [R] bool: the captured residual row is finite
 
     @classmethod
     def from_arrays(cls, out: dict) -> "LayerStats":
@@ -67,7 +71,8 @@ class LayerStats:
         f64 = {k: np.asarray(out[k], np.float64) for k in
                ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer") if k in out}
         i64 = {k: np.asarray(out[k], np.int64) for k in ("topk_ids", "answer_rank") if k in out}
-        return cls(**f64, **i64)
+        depth = out.get("summation_depth")
+        return cls(**f64, **i64, summation_depth=None if depth is None else int(depth))
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class ModelInfo:
     compute_dtype: str
     unembed_dtype: str
     norm_types: dict = field(default_factory=dict)  # e.g. {"first_block": "LlamaRMSNorm", ...}
+    softcap: float | None = None  # the head's final logit soft-cap (Gemma-2/3), if any
 
 
 class Tokenizer(Protocol):
@@ -130,6 +136,12 @@ class Backend(Protocol):
 
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""
+
+    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+        """What the head multiplies: every row after its lens norm, [R, T, d] float32."""
+
+    def head_row_norms(self) -> np.ndarray:
+        """|w_i| of every row of the fp32 unembedding, [V] float64 (for error bounds)."""
 
     def residuals(self, ids: Sequence[int]) -> np.ndarray:
         """The captured residual stream h_0..h_L, [R, T, d] float32."""

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from mlx_lens import health
 from mlx_lens.artifacts import (TokenNames, pure_next_token_frame, records_frame,
                                 verbose_positions)
 from mlx_lens.contract import Backend, Lens, SweepOptions
@@ -88,6 +89,8 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     wide = tuple(bool(w) for w in verbose_positions(prompt_tokens))
     stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_id=answer_id, wide=wide,
                                             narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE))
+    numeric_health = health.nonfinite_layers(stats)
+    stats = health.blank_rows(stats, sorted(set().union(*numeric_health.values())))
     flags = next_token_flags(stats, ids, answer_id, opts.collapse)
 
     final = {"entropy": float(stats.entropy[-1, -1]),
@@ -103,6 +106,9 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
         "answer_token_id": answer_id, "answer_token": names(answer_id),
         "prompt_token_ids": ids,
         **layer_summary(stats, flags),
+        # fixes the error bound of every reported statistic (docs/numerics.md §2)
+        "summation_depth": stats.summation_depth,
+        **numeric_health,
         **extra_diagnostics,
     }
     payload = {

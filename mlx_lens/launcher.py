@@ -6,6 +6,7 @@ model cannot take the others' artifacts with it.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ class ModelOutcome:
 
 
 def summary_of(payload: dict) -> dict:
-    d, top = payload["diagnostics"], payload["final_prediction"]["topk"][0]
+    # A final row blanked by the numeric-health check has no top-1.
+    d, top = payload["diagnostics"], (payload["final_prediction"]["topk"] or [[None, math.nan]])[0]
     return {"model": d["model"], "backend": d["backend"], "device": d["device"],
             "dtype": d["compute_dtype"], "L_copy": d["L_copy"], "L_semantic": d["L_semantic"],
             "n_layers": payload["model_stats"]["num_layers"], "answer": top[0], "p": top[1]}

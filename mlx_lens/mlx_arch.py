@@ -2,7 +2,8 @@
 
 One row per config model_type. Paths are attribute paths from mlx-lm's `Model.model` (the inner
 stack) unless they say otherwise. `config_fixes` maps a transformers-5 config onto the keys
-mlx-lm reads; without it several models load silently wrong (FACTS.md).
+mlx-lm reads, and `fix_modules` gives mlx-lm's modules the checkpoint's own semantics where
+mlx-lm hard-codes others; without them several models load silently wrong (docs/stack.md).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlx_lens.errors import LensError
 
@@ -55,8 +57,10 @@ ARCHITECTURES: dict[str, MlxArch] = {
     "phi3": _PLAIN,
     "gemma2": MlxArch(head=None, embed_scale=lambda d: mx.array(d ** 0.5), array_mask=True,
                       softcap=True, norm_offset=1.0),
-    # mlx-lm rounds Gemma-3's sqrt(d) through bf16, as transformers does.
-    "gemma3_text": MlxArch(embed_scale=lambda d: mx.array(d ** 0.5, mx.bfloat16),
+    # sqrt(d) in the compute dtype, as transformers and Google's reference compute it. mlx-lm's
+    # own forward rounds it through bf16 whatever the dtype (25.25 for 25.2982 at d = 640):
+    # docs/stack.md. The lens's capture loop does not use mlx-lm's embedding step.
+    "gemma3_text": MlxArch(embed_scale=lambda d: mx.array(d ** 0.5),
                            windows=_gemma3_windows, softcap=True, norm_offset=1.0),
     "gpt2": MlxArch(embed="wte", blocks="h", final_norm="ln_f", input_norm="ln_1", head=None,
                     positions="wpe", layer_norm=True),
@@ -100,6 +104,29 @@ def config_fixes(config: dict) -> dict:
             raise LensError("gpt_neox with an MLP width other than 4x hidden cannot be mapped "
                             "(mlx-lm hard-codes 4x)")
     return fixes
+
+
+# transformers' hidden_act names of the tanh-approximate GELU, the one mlx-lm's gpt_neox hard-codes.
+_TANH_GELUS = {"gelu_new", "gelu_fast", "gelu_pytorch_tanh"}
+
+
+def fix_modules(model_type: str, inner, config: dict) -> None:
+    """Give mlx-lm's modules the semantics the checkpoint declares, in place."""
+    if model_type != "gpt_neox":
+        return
+    act = config.get("hidden_act", "gelu")
+    if act in _TANH_GELUS:
+        return
+    if act != "gelu":
+        raise LensError(f"gpt_neox activation {act!r} cannot be mapped to mlx-lm")
+    from mlx_lm.models import gpt_neox
+
+    class ExactGeluMLP(gpt_neox.MLP):  # "gelu" is the exact (erf) GELU, as in Pythia
+        def __call__(self, x: mx.array) -> mx.array:
+            return self.dense_4h_to_h(nn.gelu(self.dense_h_to_4h(x)))
+
+    for block in inner.h:
+        block.mlp.__class__ = ExactGeluMLP
 
 
 def fix_weights(model_type: str, weights: dict) -> dict:

@@ -19,13 +19,14 @@ import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
+from mlx_lens.bounds import SUM_BLOCK
 from mlx_lens.contract import (LayerStats, Lens, ModelInfo, NormRef, NormSpec, SweepOptions,
                                norm_plan)
 from mlx_lens.device_policy import available_ram, choose, footprint
 from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
-from mlx_lens.mlx_arch import ARCHITECTURES, config_fixes, fix_weights, softcap_of
-from mlx_lens.mlx_reduce import RunningStats
+from mlx_lens.mlx_arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
+from mlx_lens.mlx_reduce import sweep_states
 from mlx_lens.models import ModelSource, check_supported
 
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
@@ -125,6 +126,7 @@ class MlxBackend:
             raise LensError(f"cannot load {path}: {type(exc).__name__}: {first}") from None
         if dtype != "stored":
             model.set_dtype(_DTYPES[dtype])
+        fix_modules(model_type, model.model, config)
         self.model, self.path = model, path
         self.inner = model.model
         self.blocks = _attr(self.inner, self.arch.blocks)
@@ -146,6 +148,7 @@ class MlxBackend:
             unembed_dtype="float32",
             norm_types={"first_block": type(self.input_norms[0]).__name__,
                         "final": type(self.final_norm).__name__},
+            softcap=self.softcap,
         )
 
     # -- capture -----------------------------------------------------------------------------
@@ -169,9 +172,10 @@ class MlxBackend:
     def _norm(self, ref: NormRef) -> nn.Module | None:
         return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
 
-    def _normed(self, ids: Sequence[int], lens: Lens) -> mx.array:
+    def _normed(self, rows: list[mx.array], lens: Lens) -> mx.array:
+        """[R, T, d] fp32: every row through the norm the lens assigns it."""
         out = []
-        for h, ref in zip(self._rows(ids), norm_plan(lens, len(self.blocks))):
+        for h, ref in zip(rows, norm_plan(lens, len(self.blocks))):
             norm = self._norm(ref)
             h = h.astype(mx.float32)
             out.append(norm(h) if norm is not None else h)
@@ -198,19 +202,27 @@ class MlxBackend:
         return z
 
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        x = self._normed(ids, opts.lens)
-        a = opts.answer_id
-        answer_logit = self._logits(x[:, -1], a, a + 1)[:, 0] if a is not None else None
-        stats = RunningStats(opts.top_k, answer_logit, a)
-        vocab = self.info.vocab
-        step = max(64, self.chunk_bytes // (4 * x.shape[0] * x.shape[1]))
-        for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
-            stats.update(self._logits(x, start, min(start + step, vocab)), start)
-        return LayerStats.from_arrays({k: np.array(v) for k, v in stats.finish().items()})
+        rows = self._rows(ids)
+        x = self._normed(rows, opts.lens)
+        # Chunks of at most chunk_bytes of fp32 logits, whole summation blocks wide.
+        step = max(SUM_BLOCK, self.chunk_bytes // (4 * x.shape[0] * x.shape[1]) // SUM_BLOCK
+                   * SUM_BLOCK)
+        stats = sweep_states(x, opts, self._logits, self.info.vocab, step, progress)
+        stats.finite_residual = np.array(mx.stack([mx.isfinite(h).all() for h in rows]))
+        return stats
 
     def own_logits(self, ids: Sequence[int]) -> mx.array:
-        """The mlx-lm model's own forward pass, [T, V]."""
+        """The mlx-lm model's own forward pass, [T, V] (for tests: on Gemma-3 mlx-lm rounds
+        sqrt(d) through bf16, docs/stack.md)."""
         return self.model(mx.array([list(ids)]))[0]
+
+    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+        return np.array(self._normed(self._rows(ids), lens))
+
+    def head_row_norms(self) -> np.ndarray:
+        step = 4096  # in slices: an fp32 copy of a whole (quantised) head can be GBs
+        return np.concatenate([np.array(mx.sqrt((self._weight_rows(i, i + step) ** 2).sum(-1)))
+                               for i in range(0, self.info.vocab, step)]).astype(np.float64)
 
     def residuals(self, ids: Sequence[int]) -> np.ndarray:
         return np.array(mx.stack(self._rows(ids)).astype(mx.float32))
@@ -243,10 +255,13 @@ class MlxBackend:
         return out
 
     def final_logits(self, ids: Sequence[int]) -> np.ndarray:
-        return np.array(self.own_logits(ids)[-1].astype(mx.float32))
+        # The lens's own last row: the model's semantics (not mlx-lm's forward, see own_logits),
+        # decoded in fp32 like every lens row.
+        last = self._rows(ids)[-1][-1:].astype(mx.float32)
+        return np.array(self._logits(self.final_norm(last), 0, self.info.vocab)[0])
 
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        return np.array(self._logits(self._normed(ids, lens), 0, self.info.vocab))
+        return np.array(self._logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))
 
 
 def _attr_or_none(obj, dotted: str):

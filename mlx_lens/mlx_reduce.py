@@ -7,12 +7,31 @@ running top-k, at every row and position. At the next-token (last) position only
 are reported: D = sum e^(z-m) (z_f - z) (z_f: the last row) for KL(P || P_f) = -D/S - lse +
 lse_f, the dot products of the cosine to z_f, and the count of tokens above the answer.
 All in fp32 (Metal has no float64).
+
+Every sum over the vocabulary is blocked (`blocked_sum`): a single fp32 reduction over a whole
+vocabulary chunk loses ~3e-4 relative on 150k terms of very different sizes (docs/numerics.md);
+blocks of 64 bound each term's rounding depth by 64 per level.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
+
+from mlx_lens.bounds import SUM_BLOCK, summation_depth
+from mlx_lens.contract import LayerStats, SweepOptions
+
+
+def blocked_sum(x: mx.array) -> mx.array:
+    """Sum over the last axis in levels of SUM_BLOCK terms (zero-padded), so that no term goes
+    through more than SUM_BLOCK roundings per level."""
+    while x.shape[-1] > SUM_BLOCK:
+        pad = -x.shape[-1] % SUM_BLOCK
+        if pad:
+            x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+        x = x.reshape(*x.shape[:-1], -1, SUM_BLOCK).sum(-1)
+    return x.sum(-1)
 
 
 def _top(values: mx.array, ids: mx.array, k: int) -> tuple[mx.array, mx.array]:
@@ -26,15 +45,18 @@ class RunningStats:
         self.k, self.answer_logit, self.answer_id = k, answer_logit, answer_id  # logit: [R]
         self.state: dict[str, mx.array] = {}  # per row and position
         self.last: dict[str, mx.array] = {}  # per row, at the last position
+        self.vocab, self.widest = 0, 0  # for the summation depth
 
     def update(self, z: mx.array, start: int) -> None:
         """Fold a chunk z [R, T, C] of logits (vocabulary from `start`) into the state."""
         st = self.state
+        self.vocab, self.widest = self.vocab + z.shape[-1], max(self.widest, z.shape[-1])
         cm = z.max(-1)
         first = not st
         m = cm if first else mx.maximum(st["m"], cm)
-        e = mx.exp(z - m[..., None])
-        s, a = e.sum(-1), (e * (z - m[..., None])).sum(-1)
+        shifted = z - m[..., None]
+        e = mx.exp(shifted)
+        s, a = blocked_sum(e), blocked_sum(e * shifted)
         if first:
             st.update(s=s, a=a)
         else:
@@ -57,8 +79,8 @@ class RunningStats:
     def _update_last(self, z: mx.array, e: mx.array, c: mx.array | None, start: int) -> None:
         """z, e: [R, C] at the last position; c rescales D to the new max (None: first chunk)."""
         zf = z[-1]
-        chunk = {"d": (e * (zf - z)).sum(-1), "dot": z @ zf, "nz": (z * z).sum(-1),
-                 "nf": (zf * zf).sum()}
+        chunk = {"d": blocked_sum(e * (zf - z)), "dot": blocked_sum(z * zf),
+                 "nz": blocked_sum(z * z), "nf": blocked_sum(zf * zf)}
         if self.answer_id is not None:
             beats = z > self.answer_logit[:, None]
             local = self.answer_id - start
@@ -93,4 +115,17 @@ class RunningStats:
             out["p_answer"] = mx.exp(last["answer"] - lse_last)
             out["answer_rank"] = last["above"] + 1
         mx.eval(out)
+        out["summation_depth"] = summation_depth(self.vocab, self.widest)
         return out
+
+
+def sweep_states(x: mx.array, opts: SweepOptions, logits: Callable, vocab: int, step: int,
+                 progress: Callable = lambda it, desc: it) -> LayerStats:
+    """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
+    logits(x, start, stop) -> fp32 logits of that vocabulary slice, `step` tokens at a time."""
+    a = opts.answer_id
+    answer_logit = logits(x[:, -1], a, a + 1)[:, 0] if a is not None else None
+    stats = RunningStats(opts.top_k, answer_logit, a)
+    for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
+        stats.update(logits(x, start, min(start + step, vocab)), start)
+    return LayerStats.from_arrays(stats.finish())

@@ -14,4 +14,4 @@ def test_parity_command_fails_on_a_wrong_load(tiny_model_dirs, capsys, monkeypat
     monkeypatch.setattr(mlx_backend, "config_fixes", lambda config: {})  # mlx-lm's rope default
     assert main(["parity", str(tiny_model_dirs["llama_rope5e5"]), "--lens", "final-norm"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL: max KL" in out and out.strip().endswith("parity: FAILED")
+    assert "FAIL: logit discrepancy" in out and out.strip().endswith("parity: FAILED")

@@ -1,8 +1,7 @@
 """Parity on real weights: the packaged SmolLM2-135M on both backends, every lens.
 
-A short prompt: mlx on a Linux CPU runs a reference BLAS (FACTS.md), ~10 s per lens here.
-Same assertions and tolerances as the tiny models (measured: KL <= 8.5e-9 nats, entropy gap
-<= 8.3e-5 bits, no decisive top-1 mismatch, identical L_copy / L_copy_H / L_semantic).
+A short prompt: mlx on a Linux CPU runs a reference BLAS (docs/stack.md), ~10 s per lens here.
+Same assertions and derived bounds as the tiny models (docs/numerics.md §4).
 """
 import pytest
 

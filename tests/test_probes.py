@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_lens import bounds
 from mlx_lens.cli import main
 from mlx_lens.probes import TEMPERATURES, TEST_PROMPTS
 from torch_ref.backend import TorchBackend
 from mlx_lens.models import resolve
+from tests.lens_checks import NORM_AND_HEAD, gemm_bound
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +33,31 @@ def direct(tiny_model_dirs):
     return backend, last_logits
 
 
-def _expected(logits, k, names, temperature=1.0):
+def check(entry, prompt, k, backend, direct_logits, temperature=1.0, depth=None):
+    """A JSON distribution (float64 softmax of the lens's last row) against the model's own
+    logits. The two differ by NORM_AND_HEAD dot products' worth of fp32 rounding (b), which
+    moves entropy and probabilities by at most what docs/numerics.md §3 allows; top-k tokens are
+    exact except among tokens whose logits b may reorder. depth: the distribution comes from a
+    sweep's reductions of that summation depth (§2), not from a float64 softmax."""
+    ids = backend.tokenizer.encode(prompt)
+    logits = direct_logits(prompt)
+    lens = backend.layer_logits(ids, "final-norm")
+    b = gemm_bound(backend, ids, "final-norm", lens, NORM_AND_HEAD)[-1, -1] / temperature
     z = logits / temperature
     logp = z - np.logaddexp.reduce(z)
-    top = np.argsort(-logp)[:k]
-    return -(np.exp(logp) * logp).sum() / np.log(2), [[names(i), np.exp(logp[i])] for i in top]
-
-
-def check(entry, logits, k, backend, temperature=1.0):
-    entropy, topk = _expected(logits, k, lambda i: backend.tokenizer.decode([i]), temperature)
-    assert entry["entropy"] == pytest.approx(entropy, abs=1e-5)
-    assert [t for t, _ in entry["topk"]] == [t for t, _ in topk]
-    np.testing.assert_allclose([p for _, p in entry["topk"]], [p for _, p in topk], atol=1e-6)
+    p = np.exp(logp)
+    entropy = -(p * logp).sum() / np.log(2)
+    tol = bounds.logit_shift_bounds(logp[None], b[None])
+    reduction = bounds.reduction_bounds(z[None], depth) if depth else {"entropy": 0, "logp": 0}
+    entropy_tol = bounds.nats_to_bits(tol["entropy"][0] + reduction["entropy"])
+    assert abs(entry["entropy"] - entropy) <= entropy_tol
+    top = np.argsort(-logp, kind="stable")[:k]
+    prob_tol = bounds.probability_bound(p, b + b.max() + np.ravel(reduction["logp"]))
+    got = np.array([q for _, q in entry["topk"]])
+    assert np.all(np.abs(got - p[top]) <= prob_tol[top] + prob_tol[top].max())
+    for (token, _), i in zip(entry["topk"], top):
+        if not bounds.may_swap(z, b, np.array(i)).any():
+            assert token == backend.tokenizer.decode([int(i)])
 
 
 def test_test_prompts(run_payload, direct):
@@ -51,24 +66,24 @@ def test_test_prompts(run_payload, direct):
     assert [e["prompt"] for e in entries] == list(TEST_PROMPTS) and len(entries) == 14
     for entry in entries:
         assert len(entry["topk"]) == 10
-        check(entry, last_logits(entry["prompt"]), 10, backend)
+        check(entry, entry["prompt"], 10, backend, last_logits)
 
 
 def test_temperature_exploration(run_payload, direct):
     backend, last_logits = direct
     entries = run_payload["temperature_exploration"]
     assert [e["temperature"] for e in entries] == list(TEMPERATURES)
-    logits = last_logits(run_payload["prompt"]["context_prompt"])
+    prompt = run_payload["prompt"]["context_prompt"]
     for entry in entries:
         assert len(entry["topk"]) == 15
-        check(entry, logits, 15, backend, entry["temperature"])
+        check(entry, prompt, 15, backend, last_logits, entry["temperature"])
 
 
 def test_final_prediction_model_stats_and_diagnostics(run_payload, direct):
     backend, last_logits = direct
-    check(run_payload["final_prediction"], last_logits(run_payload["prompt"]["context_prompt"]),
-          20, backend)
-    assert run_payload["model_stats"] == {"num_layers": 3, "d_model": 64, "n_heads": 4,
+    check(run_payload["final_prediction"], run_payload["prompt"]["context_prompt"], 20, backend,
+          last_logits, depth=run_payload["diagnostics"]["summation_depth"])
+    assert run_payload["model_stats"] == {"num_layers": 3, "d_model": 96, "n_heads": 4,
                                           "d_vocab": 512, "n_ctx": 128, "architecture": "llama"}
     d = run_payload["diagnostics"]
     assert d["lens"] == "final-norm" and d["compute_dtype"] == "float32"

@@ -44,10 +44,13 @@ The market sells fresh fruit, vegetables, cheese, fish and flowers every Saturda
 History tells us how kingdoms grew, how wars ended and how people built new lives after them."""
 _CORPUS = _CAPITALS.splitlines() * 30 + _TEXT.splitlines() * 5
 
-# Shared shape: hidden 64, 3 layers, 4 query heads of dim 16, 2 kv heads (GQA), MLP 128.
-_BASE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+# Shared shape: hidden 96, 3 layers, 4 query heads of dim 24, 2 kv heads (GQA), MLP 192.
+# The widths make every derived constant inexact in bf16 (sqrt(96) = 9.798 rounds to 9.8125,
+# 24^-0.5 too), so a backend that rounds one through bf16 where the model does not is caught;
+# they are multiples of 32, the group size of MLX's 4-bit quantisation.
+_BASE = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
              max_position_embeddings=128)
-_GQA = dict(num_key_value_heads=2, head_dim=16)
+_GQA = dict(num_key_value_heads=2, head_dim=24)
 
 # name -> config kwargs (`model_type` picks the transformers config/model class).
 CONFIGS: dict[str, dict] = {
@@ -55,8 +58,8 @@ CONFIGS: dict[str, dict] = {
     "llama_untied": dict(model_type="llama", **_BASE, **_GQA, tie_word_embeddings=False),
     "llama_rope5e5": dict(model_type="llama", **_BASE, **_GQA, tie_word_embeddings=False,
                           rope_parameters=dict(rope_type="default", rope_theta=5e5)),
-    # With head_dim 16 and theta 1e4 the 8 RoPE wavelengths span 6..2e4 positions; an original
-    # context of 64 keeps the first, blends the next two and divides the other five by 8.
+    # With head_dim 24 and theta 1e4 the 12 RoPE wavelengths span 6..3.3e4 positions; an
+    # original context of 64 keeps the first two, blends the next two and divides the other 8 by 8.
     "llama3_scaling": dict(model_type="llama", **_BASE, **_GQA, tie_word_embeddings=False,
                            rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0,
                                                 low_freq_factor=1.0, high_freq_factor=4.0,
@@ -64,26 +67,26 @@ CONFIGS: dict[str, dict] = {
     "mistral": dict(model_type="mistral", **_BASE, **_GQA, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", **_BASE, **_GQA, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", **_BASE, **_GQA, tie_word_embeddings=True),
-    # Raw logits here span about +-12: a final soft-cap of 10 bends the top ones (mean entropy
-    # 2.5 -> 4.0 nats, KL 0.4) yet leaves the distribution peaked. The attention cap of 10 bites
-    # too (raw scores reach ~35; removing it moves the output by KL ~0.5).
+    # Raw logits here span about +-12: a final soft-cap of 9.7 bends the top ones yet leaves the
+    # distribution peaked. The attention cap bites too (raw scores reach ~35). Caps and the
+    # query scale (query_pre_attn_scalar 24: 24^-0.5) are inexact in bf16, like sqrt(96).
     # mlx-lm's gemma2 has no sliding window, so the window (64) is longer than any test prompt.
     "gemma2": dict(model_type="gemma2", **_BASE, **_GQA, tie_word_embeddings=True,
-                   query_pre_attn_scalar=16, final_logit_softcapping=10.0,
-                   attn_logit_softcapping=10.0, sliding_window=64),
+                   query_pre_attn_scalar=24, final_logit_softcapping=9.7,
+                   attn_logit_softcapping=12.3, sliding_window=64),
     # Layers: sliding, sliding, full (Gemma 3 uses 5 sliding : 1 full). Given as the Hub-style
     # sliding_window_pattern, which transformers turns into layer_types and mlx-lm reads as is
     # (mlx-lm ignores layer_types; its default pattern 6 breaks a 3-layer model).
     "gemma3_text": dict(model_type="gemma3_text", **_BASE, **_GQA, tie_word_embeddings=True,
-                        query_pre_attn_scalar=16, sliding_window=64, sliding_window_pattern=3),
+                        query_pre_attn_scalar=24, sliding_window=64, sliding_window_pattern=3),
     # A window shorter than the test prompts, so that the sliding-window masks really act.
     "gemma3_sliding": dict(model_type="gemma3_text", **_BASE, **_GQA, tie_word_embeddings=True,
-                           query_pre_attn_scalar=16, sliding_window=4, sliding_window_pattern=3),
+                           query_pre_attn_scalar=24, sliding_window=4, sliding_window_pattern=3),
     "phi3": dict(model_type="phi3", **_BASE, num_key_value_heads=2, tie_word_embeddings=False),
     # gpt2 and gpt_neox: MLP width 4 * hidden, the width mlx-lm hard-codes for both.
-    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_inner=256, n_positions=128,
+    "gpt2": dict(model_type="gpt2", n_embd=96, n_layer=3, n_head=4, n_inner=384, n_positions=128,
                  tie_word_embeddings=True),
-    "gpt_neox": dict(model_type="gpt_neox", **{**_BASE, "intermediate_size": 256},
+    "gpt_neox": dict(model_type="gpt_neox", **{**_BASE, "intermediate_size": 384},
                      tie_word_embeddings=False),
 }
 
@@ -123,12 +126,19 @@ def _randomize(model: torch.nn.Module) -> None:
                 p.normal_(1.0 if is_norm and name == "weight" else 0.0, std)
 
 
-def build_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+# A real vocabulary size (Qwen2's padded 151,936) on the tiny llama body, for the numerics of
+# long vocabulary sums: the tokenizer keeps its 512 tokens and the head decodes all 151,936 ids,
+# as padded real vocabularies do.
+LARGE_VOCAB = 151_936
+
+
+def build_model(name: str, out_dir: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
     """Build the tiny `name` model with random weights; save it and the tokenizer to out_dir."""
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir)
     kwargs = dict(CONFIGS[name])
-    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs, vocab_size=len(tok),
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs,
+                                  vocab_size=vocab_size or len(tok),
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=None, dtype="float32")
     torch.manual_seed(seed)

@@ -21,7 +21,7 @@ from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
 from mlx_lens.models import ModelSource, check_supported, local_model_type
 from torch_ref.architectures import ARCHITECTURES
-from torch_ref.reduce import LOG2E, TiledStats, tiled_sweep
+from torch_ref.reduce import LOG2E, sweep_states
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,6 +89,7 @@ class TorchBackend:
             unembed_dtype="float32",
             norm_types={"first_block": type(self.input_norms[0]).__name__,
                         "final": type(self.final_norm).__name__},
+            softcap=self.softcap,
         )
 
     # -- capture -----------------------------------------------------------------------------
@@ -151,37 +152,33 @@ class TorchBackend:
     @torch.no_grad()
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
         rows = self._capture(ids)
-        x = self._normed(rows, opts.lens)  # [R, T, d]
-        n_rows, n_pos = x.shape[:2]
-        a = opts.answer_id
-        answer_logit = self._logits(x[:, -1], a, a + 1, LOG2E)[:, 0] if a is not None else None
-        stats = TiledStats(n_rows * n_pos, n_rows, opts.top_k, answer_logit, a, x.device)
-        # Position-major rows: positions needing narrow_k candidates first, then the wide ones,
-        # the next-token position last.
-        wide = list(opts.wide or [True] * n_pos)
-        narrow = [t for t in range(n_pos - 1) if not wide[t]]
-        order = narrow + [t for t in range(n_pos - 1) if wide[t]] + [n_pos - 1]
-        groups = [(len(narrow) * n_rows, opts.narrow_k),
-                  ((n_pos - len(narrow)) * n_rows, opts.top_k)]
-        tiled_sweep(x[:, order].transpose(0, 1).reshape(n_pos * n_rows, -1),
-                    [g for g in groups if g[0]],
-                    lambda start, stop: self._head_chunk(start, stop, LOG2E),
-                    self.info.vocab, stats, progress)
-        out = stats.finish()
-        back = torch.argsort(torch.tensor(order))
-        for key in ("entropy", "topk_ids", "topk_probs"):  # back to [R, T, ...]
-            out[key] = out[key].view(n_pos, n_rows, *out[key].shape[1:])[back].transpose(0, 1)
-        return LayerStats.from_arrays({k: v.cpu().numpy() for k, v in out.items()})
+        stats = sweep_states(self._normed(rows, opts.lens), opts,
+                             lambda start, stop: self._head_chunk(start, stop, LOG2E),
+                             self.info.vocab, progress)
+        stats.finite_residual = torch.stack([h.isfinite().all() for h in rows]).cpu().numpy()
+        return stats
 
     @torch.no_grad()
     def final_logits(self, ids: Sequence[int]) -> np.ndarray:
-        x = torch.tensor([list(ids)], device=self.device)
-        return self.model(input_ids=x, use_cache=False).logits[0, -1].float().cpu().numpy()
+        # The lens's own last row, decoded in fp32 like every lens row (the model's own head
+        # runs in the compute dtype).
+        last = self._capture(ids)[-1][-1:].float()
+        return self._logits(self.final_norm(last), 0, self.info.vocab)[0].cpu().numpy()
 
     @torch.no_grad()
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         rows = self._capture(ids)
         return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
+
+    @torch.no_grad()
+    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+        return self._normed(self._capture(ids), lens).cpu().numpy()
+
+    @torch.no_grad()
+    def head_row_norms(self) -> np.ndarray:
+        w, step = self.head.weight, 4096  # in slices: an fp32 copy of a whole head can be GBs
+        return torch.cat([torch.linalg.vector_norm(w[i:i + step].float(), dim=1)
+                          for i in range(0, len(w), step)]).double().cpu().numpy()
 
     @torch.no_grad()
     def residuals(self, ids: Sequence[int]) -> np.ndarray:

@@ -13,6 +13,9 @@ A = sum 2^(z-m) (z-m); log2-sum-exp2 = m + log2 S, entropy = log2 S - A/S; a run
 At the next-token position only, where they are reported: D = sum 2^(z-m) (z_f - z) with z_f
 the last row, for KL(P || P_f) = -D/S - lse + lse_f; dot products for the cosine to z_f; the
 count of tokens above the answer, for its rank.
+
+Every sum over the vocabulary is blocked (`blocked_sum`, as in the MLX reductions), so that its
+rounding error has a known bound: docs/numerics.md.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import math
 from collections.abc import Callable
 
 import torch
+
+from mlx_lens.bounds import SUM_BLOCK, summation_depth
+from mlx_lens.contract import LayerStats, SweepOptions
 
 # A tile of 512 rows x 4096 tokens (8 MiB of fp32 logits) and its exp stay in a CPU's L3 cache;
 # fewer rows make the GEMM slower, shorter rows make top-k slower (measured on the benchmark CPU).
@@ -40,13 +46,21 @@ def tile_shape(device: torch.device) -> tuple[int, int]:
 
 
 LOG2E = 1 / math.log(2)
-_rowdot = torch.linalg.vecdot  # row-wise dot product, without a [B, C] temporary
+
+
+def blocked_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis of a contiguous x in levels of SUM_BLOCK terms (zero-padded), so
+    that no term goes through more than SUM_BLOCK roundings per level."""
+    while x.shape[-1] > SUM_BLOCK:
+        x = torch.nn.functional.pad(x, (0, -x.shape[-1] % SUM_BLOCK))
+        x = x.view(*x.shape[:-1], -1, SUM_BLOCK).sum(-1)
+    return x.sum(-1)
 
 
 class TiledStats:
     def __init__(self, n_rows: int, n_last: int, k: int, answer_logit: torch.Tensor | None,
-                 answer_id: int | None, device: torch.device):
-        self.n_last, self.k = n_last, k
+                 answer_id: int | None, device: torch.device, vocab: int):
+        self.n_last, self.k, self.vocab = n_last, k, vocab
         self.answer_logit, self.answer_id = answer_logit, answer_id  # [n_last]
         self.m = torch.full((n_rows,), -math.inf, device=device)  # base-2 units throughout
         self.s = torch.zeros(n_rows, device=device)
@@ -56,12 +70,14 @@ class TiledStats:
         self.last = {key: torch.zeros(n_last, device=device) for key in ("d", "dot", "nz", "nf")}
         self.last["above"] = torch.zeros(n_last, dtype=torch.long, device=device)
         self.last["answer"] = torch.zeros(n_last, device=device)
+        self.widest = 0  # the widest vocabulary chunk, for the summation depth
 
     def update(self, z: torch.Tensor, rows: slice, k: int, start: int,
                scratch: torch.Tensor) -> None:
         """Fold a tile z [B, C] of logits (rows `rows`, vocabulary from `start`) into the state,
         keeping the top k <= self.k of these rows. z is overwritten; scratch is a buffer of at
         least z.numel() elements."""
+        self.widest = max(self.widest, z.shape[-1])
         v, i = z.topk(min(k, z.shape[-1]), dim=-1)
         v, j = torch.cat([self.top_v[rows, :k], v], -1).topk(k, dim=-1)
         self.top_v[rows, :k] = v
@@ -75,18 +91,20 @@ class TiledStats:
         shifted = z.sub_(m[:, None])
         e = torch.exp2(shifted, out=scratch[:z.numel()].view(z.shape))
         s_old = self.s[rows]
-        self.a[rows] = c * (self.a[rows] + s_old * torch.nan_to_num(m_old - m)) + _rowdot(e, shifted)
-        self.s[rows] = c * s_old + e.sum(-1)
+        s = blocked_sum(e)
+        a = blocked_sum(shifted.mul_(e))  # z's buffer is free now
+        self.a[rows] = c * (self.a[rows] + s_old * torch.nan_to_num(m_old - m)) + a
+        self.s[rows] = c * s_old + s
         self.m[rows] = m
 
     def _update_last(self, z: torch.Tensor, m: torch.Tensor, c: torch.Tensor, start: int) -> None:
         zf = z[-1]
         e = torch.exp2(z - m[:, None])
         st = self.last
-        st["d"] = c * st["d"] + e @ zf - _rowdot(e, z)
-        st["dot"] += z @ zf
-        st["nz"] += _rowdot(z, z)
-        st["nf"] += zf @ zf
+        st["d"] = c * st["d"] + blocked_sum(e * (zf - z))
+        st["dot"] += blocked_sum(z * zf)
+        st["nz"] += blocked_sum(z * z)
+        st["nf"] += blocked_sum(zf * zf)
         if self.answer_id is not None:
             beats = z > self.answer_logit[:, None]
             local = self.answer_id - start
@@ -111,6 +129,7 @@ class TiledStats:
         if self.answer_id is not None:
             out["p_answer"] = torch.exp2(last["answer"] - lse_last)
             out["answer_rank"] = last["above"] + 1
+        out["summation_depth"] = summation_depth(self.vocab, self.widest)
         return out
 
 
@@ -145,3 +164,27 @@ def tiled_sweep(x: torch.Tensor, groups: list[tuple[int, int]], head_chunk: Call
             shape = (rows.stop - rows.start, stop - start)
             z = head(x[rows], tile[:shape[0] * shape[1]].view(shape))
             stats.update(z, rows, k, start, scratch)
+
+
+def sweep_states(x: torch.Tensor, opts: SweepOptions, head_chunk: Callable, vocab: int,
+                 progress: Callable = lambda it, desc: it) -> LayerStats:
+    """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
+    head_chunk (as in tiled_sweep) over a vocabulary of `vocab` tokens."""
+    n_rows, n_pos = x.shape[:2]
+    a = opts.answer_id
+    answer_logit = head_chunk(a, a + 1)(x[:, -1])[:, 0] if a is not None else None
+    stats = TiledStats(n_rows * n_pos, n_rows, opts.top_k, answer_logit, a, x.device, vocab)
+    # Position-major rows: positions needing narrow_k candidates first, then the wide ones,
+    # the next-token position last.
+    wide = list(opts.wide or [True] * n_pos)
+    narrow = [t for t in range(n_pos - 1) if not wide[t]]
+    order = narrow + [t for t in range(n_pos - 1) if wide[t]] + [n_pos - 1]
+    groups = [(len(narrow) * n_rows, opts.narrow_k), ((n_pos - len(narrow)) * n_rows, opts.top_k)]
+    tiled_sweep(x[:, order].transpose(0, 1).reshape(n_pos * n_rows, -1),
+                [g for g in groups if g[0]], head_chunk, vocab, stats, progress)
+    out = stats.finish()
+    back = torch.argsort(torch.tensor(order))
+    for key in ("entropy", "topk_ids", "topk_probs"):  # back to [R, T, ...]
+        out[key] = out[key].view(n_pos, n_rows, *out[key].shape[1:])[back].transpose(0, 1)
+    return LayerStats.from_arrays({k: v.cpu().numpy() if torch.is_tensor(v) else v
+                                   for k, v in out.items()})

@@ -1,0 +1,163 @@
+"""Error bounds of the lens's fp32 arithmetic: every tolerance in the tests and in
+`mlx-lens parity` comes from here. The derivations are in docs/numerics.md; each function names
+its section there. All inputs and results are float64 numpy; bounds are in nats unless a name
+says otherwise, and first order in the unit roundoff u unless stated.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+U32 = UNIT_ROUNDOFF["float32"]
+# Terms per level of every blocked sum over the vocabulary (both backends' reductions).
+SUM_BLOCK = 64
+# Relative error of the exp/exp2 kernels, in units of u, for an argument x <= 0 (nats):
+# EXP_ULPS + EXP_SLOPE * |x|. The slope covers the fp32 rounding of the argument (z - m, and a
+# kernel's own x * log2(e)); measured on mlx-cpu 0.32: 1.13 (4 + |x|) u, torch: 1.2 u (§2).
+EXP_ULPS, EXP_SLOPE = 4.0, 2.0
+
+
+def gamma(n: int | np.ndarray, u: float = U32) -> float | np.ndarray:
+    """Higham's gamma_n = n u / (1 - n u): the worst-case relative error of any n-term sum or
+    length-n dot product in unit roundoff u, whatever the order of the additions (§1)."""
+    return n * u / (1 - n * u)
+
+
+def summation_depth(vocab: int, widest_chunk: int) -> int:
+    """Roundings a term of a blocked running sum over `vocab` tokens can go through, when the
+    vocabulary is consumed in chunks of at most `widest_chunk` (§2): SUM_BLOCK per level of
+    the blocked sum, and per merge of a chunk into the running sum two roundings plus the rescale
+    factor's own exp error (EXP_ULPS)."""
+    levels, n = 1, widest_chunk
+    while n > SUM_BLOCK:
+        n, levels = -(-n // SUM_BLOCK), levels + 1
+    merges = -(-vocab // widest_chunk) - 1
+    return SUM_BLOCK * levels + (2 + int(EXP_ULPS)) * merges
+
+
+def _softmax_parts(z: np.ndarray):
+    z = np.asarray(z, np.float64)
+    m = z.max(-1, keepdims=True)
+    x = z - m  # <= 0
+    s = np.exp(x).sum(-1, keepdims=True)
+    logp = x - np.log(s)
+    return m, x, s, logp, np.exp(logp)
+
+
+def reduction_bounds(z: np.ndarray, depth: int, u: float = U32) -> dict[str, np.ndarray]:
+    """How far a blocked running reduction of depth `depth` (fp32) can be from float64 on the
+    same logits z [..., V] (§2). Returns per row: `entropy` (nats), `log_s` (the relative
+    error of S = sum e^(z-m), i.e. the error of logsumexp), `logp` [..., V] (the error of each
+    log-probability), `mu1` = E_p[m - z] and `lse`."""
+    m, x, s, logp, p = _softmax_parts(z)
+    g = gamma(depth, u)
+    ax = -x
+    mu1 = (p * ax).sum(-1)
+    mu2 = (p * ax * ax).sum(-1)
+    lse = (m + np.log(s))[..., 0]
+    entropy = -(p * logp).sum(-1)
+    eps_s = g + u * (EXP_ULPS + EXP_SLOPE * mu1)  # E_p of each term's exp error, plus the sum's
+    eps_a = g * mu1 + u * ((EXP_ULPS + 1) * mu1 + EXP_SLOPE * mu2)
+    final_ops = 2 * u * (np.log(s[..., 0]) + mu1 + entropy)  # log, division, subtraction
+    logp_err = eps_s[..., None] + u * (EXP_ULPS + EXP_SLOPE * np.abs(logp) + np.abs(lse)[..., None])
+    return {"entropy": eps_s + eps_a + mu1 * eps_s + final_ops, "log_s": eps_s,
+            "logp": logp_err, "mu1": mu1, "lse": lse}
+
+
+def kl_reduction_bound(z: np.ndarray, z_final: np.ndarray, depth: int,
+                       u: float = U32) -> np.ndarray:
+    """Error of KL(P || P_final) in nats from the reductions (§2): rows z [R, V] against the
+    final row z_final [V], with D = sum e^(z-m) (z_f - z) summed like S."""
+    r = reduction_bounds(z, depth, u)
+    rf = reduction_bounds(z_final[None], depth, u)
+    _, x, _, _, p = _softmax_parts(z)
+    gap = np.abs(np.asarray(z_final, np.float64)[None] - z)
+    d_err = (p * gap * (gamma(depth, u) + u * (EXP_ULPS + 1 + EXP_SLOPE * -x))).sum(-1)
+    d_over_s = (p * gap).sum(-1)
+    return (r["log_s"] + rf["log_s"] + d_err
+            + 2 * u * (d_over_s + np.abs(r["lse"]) + np.abs(rf["lse"])))
+
+
+def dot_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, products: float,
+              u: float = U32) -> np.ndarray:
+    """|error| of logits x . w_i for `products` length-d fp32 dot products' worth of rounding:
+    products * gamma_d * |x| |w_i| (Cauchy-Schwarz on sum_j |x_j w_ij|), [..., V] (§1)."""
+    return products * gamma(d, u) * np.asarray(x_norm, np.float64)[..., None] * w_norm
+
+
+def elementwise_bound(z: np.ndarray, softcap: float | None, u: float = U32) -> np.ndarray:
+    """Roundings after the GEMM (§1): bias, the soft-cap's division and a base change, u |z|
+    each; tanh (<= 4 ulp; measured 2.7 on mlx-cpu, 1 on torch) and the cap's multiplication,
+    5 u cap. One u spare on each."""
+    return 4 * u * np.abs(z) + 6 * u * (softcap or 0.0)
+
+
+def logit_shift_bounds(logp: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """What a logit perturbation |delta_i| <= b_i [..., V] can do to a distribution with
+    log-probabilities logp (§3), per row: `entropy` (nats: first order through the varentropy,
+    Cauchy-Schwarz, plus the second-order term), `logp` (max |change| of any log-probability),
+    `kl` (KL between the two distributions, Hoeffding's lemma: range^2 / 8)."""
+    p = np.exp(logp)
+    h = -(p * logp).sum(-1, keepdims=True)
+    varentropy = (p * (logp + h) ** 2).sum(-1)
+    b_max = b.max(-1)
+    first = np.sqrt(varentropy * (p * b * b).sum(-1))
+    return {"entropy": first + 2 * (1 + np.sqrt(varentropy)) * b_max**2,
+            "logp": 2 * b_max, "kl": b_max**2 / 2}
+
+
+def kl_shift_bound(logp: np.ndarray, logq: np.ndarray, b: np.ndarray,
+                   b_final: np.ndarray) -> np.ndarray:
+    """Change of KL(P || Q) in nats when P's logits move by at most b [R, V] and Q's by b_final
+    [V] (§3): Cov_P(delta, log P/Q) through Cauchy-Schwarz, plus the change of log Q."""
+    p = np.exp(logp)
+    ratio = logp - logq
+    sd = np.sqrt((p * (ratio - (p * ratio).sum(-1, keepdims=True)) ** 2).sum(-1))
+    return np.sqrt((p * b * b).sum(-1)) * sd + 2 * b_final.max() + 4 * b.max(-1) ** 2
+
+
+# The smallest normal fp32: a probability below it may be flushed to zero (or lose its bits).
+FP32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def probability_bound(p: np.ndarray, log_err: np.ndarray) -> np.ndarray:
+    """|change| of a probability p whose log moves by at most log_err, computed in fp32."""
+    return p * np.expm1(log_err) + FP32_TINY
+
+
+def sweep_tolerances(z: np.ndarray, b: np.ndarray, depth: int,
+                     u: float = U32) -> dict[str, np.ndarray]:
+    """How far a sweep's statistics may be from the float64 statistics of logits z [R, T, V]
+    (fp32 values) when the sweep's own logits differ from z by at most b [R, T, V] and its
+    vocabulary sums have the given depth (§2 + §3). Entropy and KL in bits; `prob` [R, T, V]
+    bounds each token's probability, `cos` [R] the cosine to the final row (all at the last
+    position for KL and cosine)."""
+    z = np.asarray(z, np.float64)
+    _, _, _, logp, p = _softmax_parts(z)
+    red = reduction_bounds(z, depth, u)
+    shift = logit_shift_bounds(logp, b)
+    b_max = b.max(-1, keepdims=True)
+    last, b_last = z[:, -1], b[:, -1]
+    kl = (kl_reduction_bound(last, last[-1], depth, u)
+          + kl_shift_bound(logp[:, -1], logp[-1, -1], b_last, b_last[-1]))
+    norm_b, norm_z = np.linalg.norm(b_last, axis=-1), np.linalg.norm(last, axis=-1)
+    cos = 2 * (norm_b / norm_z + norm_b[-1] / norm_z[-1]) + 2 * gamma(depth, u) + 4 * u
+    return {"entropy": nats_to_bits(red["entropy"] + shift["entropy"]),
+            "prob": probability_bound(p, red["logp"] + b + b_max),
+            "kl": nats_to_bits(kl), "cos": cos}
+
+
+def may_swap(z: np.ndarray, b: np.ndarray, token: np.ndarray) -> np.ndarray:
+    """[..., V]: which tokens' logits are within the perturbation bounds b of `token`'s [...],
+    so that a perturbed computation may order them either way (the token itself excluded)."""
+    zt = np.take_along_axis(z, token[..., None], -1)
+    bt = np.take_along_axis(b, token[..., None], -1)
+    close = np.abs(np.asarray(z, np.float64) - zt) <= b + bt
+    np.put_along_axis(close, token[..., None], False, -1)
+    return close
+
+
+def nats_to_bits(x):
+    return x / math.log(2)

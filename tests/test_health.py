@@ -1,0 +1,72 @@
+"""NaN or inf in a residual or a lens row: reported by layer, written as empty cells."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mlx_lens.artifacts import read_csv
+from mlx_lens.cli import main
+
+
+def _edit_weights(src, dst, edit):
+    folder = shutil.copytree(src, dst)
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+    return folder
+
+
+def _run(model, out_dir, backend, capsys, *extra):
+    code = main(["run", str(model), "--backend", backend, "--out_dir", str(out_dir),
+                 "--no-probes", *extra])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    diagnostics = json.loads((out_dir / f"output-{model.name}.json").read_text())["diagnostics"]
+    return err, diagnostics, read_csv(out_dir / f"output-{model.name}-pure-next-token.csv"), \
+        read_csv(out_dir / f"output-{model.name}-records.csv")
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_nan_in_a_block_is_reported_by_layer_and_blanked(tiny_model_dirs, tmp_path, capsys,
+                                                         backend):
+    """A NaN weight in block 1 makes the residual after it (row 2) and every later row NaN."""
+    def poison(w):
+        w["model.layers.1.mlp.down_proj.weight"][0, 0] = np.nan
+
+    model = _edit_weights(tiny_model_dirs["llama"], tmp_path / "nan_model", poison)
+    err, d, pure, records = _run(model, tmp_path / "out", backend, capsys)
+    assert d["nonfinite_residual_layers"] == [2, 3] and d["nonfinite_lens_layers"] == [2, 3]
+    lines = err.strip().splitlines()
+    assert lines == ["mlx-lens: warning: non-finite values (NaN/inf) in the residual stream at "
+                     "layers 2, 3 and in the lens at layers 2, 3; those rows are written as "
+                     "empty cells"]
+    for frame in (pure, records):
+        bad = frame["layer"] >= 2
+        for col in ("entropy", "prob1", "rest_mass"):
+            assert frame.loc[bad, col].isna().all() and frame.loc[~bad, col].notna().all(), col
+        assert (frame.loc[bad, "top1"] == "").all() and (frame.loc[~bad, "top1"] != "").all()
+    assert pure.loc[pure["layer"] >= 2, ["p_answer", "answer_rank", "kl_to_final_bits"]].isna().all().all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_overflowing_lens_row_with_a_finite_residual(tiny_model_dirs, tmp_path, capsys, backend):
+    """An embedding of 1e30 for BOS is a finite residual whose raw-lens logits overflow."""
+    def huge(w):
+        w["model.embed_tokens.weight"][0] = 1e30  # BOS, the first token of every prompt
+
+    model = _edit_weights(tiny_model_dirs["llama"], tmp_path / "huge_model", huge)
+    err, d, _, records = _run(model, tmp_path / "out", backend, capsys, "--lens", "raw")
+    assert d["nonfinite_residual_layers"] == [] and 0 in d["nonfinite_lens_layers"]
+    assert "in the lens at layers 0" in err and "residual" not in err
+    assert records.loc[records["layer"] == 0, "entropy"].isna().all()
+
+
+def test_healthy_run_reports_nothing(tiny_model_dirs, tmp_path, capsys):
+    err, d, pure, _ = _run(tiny_model_dirs["llama"], tmp_path / "out", "torch", capsys)
+    assert d["nonfinite_residual_layers"] == [] == d["nonfinite_lens_layers"]
+    assert "warning" not in err and pure["entropy"].notna().all()
