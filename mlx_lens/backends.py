@@ -29,7 +29,7 @@ def choose(name: str) -> tuple[str, str]:
     gpu = mlx_gpu()
     if gpu:
         return "mlx", f"auto: MLX has a {gpu} GPU here"
-    # mlx on a Linux CPU uses a reference BLAS ~50x slower than torch (FACTS.md).
+    # mlx on a Linux CPU uses a reference BLAS ~50x slower than torch (docs/stack.md).
     return "torch", f"auto: no MLX GPU on this host ({platform.system()} {platform.machine()})"
 
 

@@ -18,7 +18,7 @@ class CollapseSettings:
 
 def next_token_flags(stats: LayerStats, prompt_ids: Iterable[int], answer_id: int | None,
                      s: CollapseSettings) -> dict[str, np.ndarray]:
-    """Per-row booleans at the last position (the original's rules, DESIGN.md)."""
+    """Per-row booleans at the last position (the original's rules, docs/design.md)."""
     top1 = stats.topk_ids[:, -1, 0]
     p1, p2 = stats.topk_probs[:, -1, 0], stats.topk_probs[:, -1, 1]
     entropy = stats.entropy[:, -1]

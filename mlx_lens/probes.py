@@ -1,4 +1,4 @@
-"""The probe set of the original experiment (DESIGN.md), as data."""
+"""The probe set of the original experiment (docs/design.md), as data."""
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 ANSWER = "Berlin"

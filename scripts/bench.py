@@ -4,7 +4,7 @@
 For each model and prompt length T it times, interleaved over repetitions (min and median):
   forward   the model's forward pass alone
   gemm      one fp32 GEMM of the lens size: all L+1 normalised states x the unembedding (the
-            floor of any lens is forward + gemm: 2 (L+1) T d V FLOPs, FACTS.md)
+            floor of any lens is forward + gemm: 2 (L+1) T d V FLOPs, docs/stack.md)
   sweep     our full sweep (capture, norms, tiled decode with on-device reductions)
   sweep+csv the sweep plus the records / pure-next-token tables (token strings decoded once
             per distinct id)
