@@ -34,14 +34,14 @@ def test_next_run_removes_only_dead_runs_staging(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped: its pid names no process now
     host = socket.gethostname()
-    week = time.time() - 8 * 24 * 3600
+    eight_days_ago = time.time() - 8 * 24 * 3600
     folders = {name: root / f"{run_dir.STAGING_PREFIX}{name}" for name in (
         f"{host}-{dead.pid}-dead", f"{host}-{os.getpid()}-live", "otherhost-1-fresh",
         "otherhost-1-old")}
     for folder in folders.values():
         folder.mkdir()
         (folder / "output-m.json").write_text("{}")
-    os.utime(folders["otherhost-1-old"], (week, week))
+    os.utime(folders["otherhost-1-old"], (eight_days_ago, eight_days_ago))
     mine = run_dir.start(root)
     left = sorted(p.name for p in root.iterdir())
     assert left == sorted([mine.name, folders[f"{host}-{os.getpid()}-live"].name,
