@@ -195,3 +195,14 @@ def test_same_command_writes_the_same_csv_bytes(tiny_model_dirs, tmp_path, extra
     assert csvs == ["output-llama-pure-next-token.csv", "output-llama-records.csv"]
     for name in csvs:
         assert (tmp_path / "A" / name).read_bytes() == (tmp_path / "B" / name).read_bytes(), name
+
+
+def test_parity_refuses_an_over_long_prompt(tiny_model_dirs, capsys):
+    path = tiny_model_dirs["llama"]
+    n_tokens = len(AutoTokenizer.from_pretrained(path).encode(LONG_PROMPT))
+    code = main(["parity", str(path), "--lens", "raw", "--prompt", "Berlin", "--prompt",
+                 LONG_PROMPT])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"mlx-lens: error: the prompt is {n_tokens} tokens, longer than the model's context of "
+        "128 tokens"]
