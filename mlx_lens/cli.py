@@ -152,21 +152,23 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     return outcomes
 
 
-def _make_out_dir(out_dir: Path) -> None:
-    """Create --out_dir up front, so that a path unfit for it fails before a model is loaded."""
+def _make_out_dir(out_dir: Path) -> bool:
+    """Create --out_dir up front, so that a path unfit for it fails before a model is loaded;
+    True when it did not exist (a failed run then takes it away again)."""
+    existed = out_dir.is_dir()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise LensError(f"--out_dir {out_dir} exists and is not a folder") from None
     except OSError as exc:
         raise LensError(f"cannot create --out_dir {out_dir}: {exc.strerror}") from None
+    return not existed
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.self_test:
         return cmd_self_test(args)
-    if args.out_dir is not None:
-        _make_out_dir(args.out_dir)
+    made_out_dir = args.out_dir is not None and _make_out_dir(args.out_dir)
     models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
     out_dir = args.out_dir if args.out_dir is not None else run_dir.start(Path.cwd() / "runs")
     try:
@@ -182,6 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BaseException:
         if args.out_dir is None:
             run_dir.discard(out_dir)
+        elif made_out_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
         raise
     if args.out_dir is None:
         published = run_dir.publish(out_dir)

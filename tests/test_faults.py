@@ -19,13 +19,20 @@ from mlx_lens.errors import LensError
 from mlx_lens.experiment import encode_prompt
 
 
-def test_published_run_has_the_umask_permissions(tmp_path):
+def test_published_run_has_the_umask_permissions(tiny_model_dirs, tmp_path, capsys):
+    """A colleague on a shared machine can read published results: folder and files get the
+    umask's modes, not mkdtemp's / mkstemp's 0700 / 0600."""
     old = os.umask(0o022)
     try:
-        latest = run_dir.publish(run_dir.start(tmp_path / "runs"))
+        code, err = run_cli(["run", str(tiny_model_dirs["llama"]), "--backend", "torch",
+                             "--no-probes"], tmp_path, capsys)
     finally:
         os.umask(old)
+    assert code == 0, err
+    latest = tmp_path / "runs" / "run-latest"
     assert stat.S_IMODE(latest.stat().st_mode) == 0o755
+    files = list(latest.iterdir())
+    assert len(files) == 4 and all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files)
 
 
 def test_next_run_removes_only_dead_runs_staging(tmp_path):
@@ -72,6 +79,16 @@ def test_out_dir_unfit_is_one_line_before_loading(tmp_path, capsys, out_dir, mes
     assert err.splitlines() == [f"mlx-lens: error: {message.format(out_dir=out_dir)}"]
     assert (tmp_path / "a-file").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_failed_run_takes_away_the_out_dir_it_made(tmp_path, capsys):
+    code, err = run_cli(["run", "/no/such/model", "--out_dir", str(tmp_path / "new")], tmp_path,
+                        capsys)
+    assert code == 2 and "model not found" in err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    run_cli(["run", "/no/such/model", "--out_dir", str(tmp_path / "kept")], tmp_path, capsys)
+    assert (tmp_path / "kept").is_dir()  # the user's own folder stays
 
 
 def _start_run(models, cwd):
