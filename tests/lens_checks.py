@@ -61,6 +61,13 @@ def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: i
     assert_stats_match_logits(stats, logits, gemm_bound(backend, ids, lens, logits, 2), answer_id)
 
 
+def assert_large_vocabulary_sweep(backend, lens: str) -> None:
+    """The whole sweep, GEMM included, on a realistic vocabulary (>= 100k tokens)."""
+    assert backend.info.vocab >= 100_000
+    ids = backend.tokenizer.encode(PROMPT)
+    assert_sweep_matches_logits(backend, ids, lens, ids[-2])
+
+
 def assert_stats_match_logits(stats, logits: np.ndarray, b: np.ndarray, answer_id: int) -> None:
     """LayerStats of logits [R, T, V] (fp32) against their float64 statistics, when the
     statistics' own logits may differ from `logits` by at most b [R, T, V]."""

@@ -13,8 +13,9 @@ from mlx_lens.mlx_backend import MlxBackend
 from mlx_lens.models import resolve
 from mlx_lens.mlx_reduce import sweep_states
 from tests.lens_checks import (NORM_AND_HEAD, PROMPT, assert_chunked_sweep_matches_logits,
-                               assert_reductions_match_float64, assert_softcap_applied,
-                               assert_sweep_matches_logits, backend_cache, gemm_bound)
+                               assert_large_vocabulary_sweep, assert_reductions_match_float64,
+                               assert_softcap_applied, assert_sweep_matches_logits,
+                               backend_cache, gemm_bound)
 from tests.tiny_models import CONFIGS
 
 
@@ -155,7 +156,4 @@ def test_reductions_are_exact_to_their_bound_on_real_vocabularies(real_vocab_log
 
 @pytest.mark.parametrize("lens", ["final-norm", "raw"])
 def test_sweep_equals_float64_on_a_large_vocabulary(large_vocab_dir, lens):
-    backend = MlxBackend(resolve(str(large_vocab_dir)))
-    assert backend.info.vocab >= 100_000
-    ids = backend.tokenizer.encode(PROMPT)
-    assert_sweep_matches_logits(backend, ids, lens, ids[-2])
+    assert_large_vocabulary_sweep(MlxBackend(resolve(str(large_vocab_dir))), lens)
