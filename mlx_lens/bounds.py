@@ -50,7 +50,7 @@ def reduction_bounds(z: np.ndarray, depth: int, u: float = U32) -> dict[str, np.
     """How far a blocked running reduction of depth `depth` (fp32) can be from float64 on the
     same logits z [..., V] (§2). Returns per row: `entropy` (nats), `log_s` (the relative
     error of S = sum e^(z-m), i.e. the error of logsumexp), `logp` [..., V] (the error of each
-    log-probability), `mu1` = E_p[m - z] and `lse`."""
+    log-probability) and `lse`."""
     m, x, s, logp, p = _softmax_parts(z)
     g = gamma(depth, u)
     ax = -x
@@ -63,7 +63,7 @@ def reduction_bounds(z: np.ndarray, depth: int, u: float = U32) -> dict[str, np.
     final_ops = 2 * u * (np.log(s[..., 0]) + mu1 + entropy)  # log, division, subtraction
     logp_err = eps_s[..., None] + u * (EXP_ULPS + EXP_SLOPE * np.abs(logp) + np.abs(lse)[..., None])
     return {"entropy": eps_s + eps_a + mu1 * eps_s + final_ops, "log_s": eps_s,
-            "logp": logp_err, "mu1": mu1, "lse": lse}
+            "logp": logp_err, "lse": lse}
 
 
 def kl_reduction_bound(z: np.ndarray, z_final: np.ndarray, depth: int,

@@ -52,7 +52,9 @@ def blocked_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the last axis of a contiguous x in levels of SUM_BLOCK terms (zero-padded), so
     that no term goes through more than SUM_BLOCK roundings per level."""
     while x.shape[-1] > SUM_BLOCK:
-        x = torch.nn.functional.pad(x, (0, -x.shape[-1] % SUM_BLOCK))
+        pad = -x.shape[-1] % SUM_BLOCK
+        if pad:  # only a vocabulary's last chunk: the others are powers of two
+            x = torch.nn.functional.pad(x, (0, pad))
         x = x.view(*x.shape[:-1], -1, SUM_BLOCK).sum(-1)
     return x.sum(-1)
 
