@@ -60,6 +60,9 @@ class LayerStats:
     cos_to_final: np.ndarray  # [R] cosine between the row's logits and the last row's
     p_answer: np.ndarray | None = None  # [R]
     answer_rank: np.ndarray | None = None  # [R], 1 = top-1
+    # [R, A]: every scored token's probability (the answer first), where more than the answer
+    # is scored (a control prompt: its own answer and the fact's)
+    p_scored: np.ndarray | None = None
     # Roundings a term of the vocabulary sums went through: fixes the reductions' error bound
     # (mlx_lens.bounds.reduction_bounds); None when not computed by a running reduction.
     summation_depth: int | None = None
@@ -69,7 +72,8 @@ class LayerStats:
     def from_arrays(cls, out: dict) -> "LayerStats":
         """From a backend's reductions (any array-likes numpy can read), in float64 / int64."""
         f64 = {k: np.asarray(out[k], np.float64) for k in
-               ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer") if k in out}
+               ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer", "p_scored")
+               if k in out}
         i64 = {k: np.asarray(out[k], np.int64) for k in ("topk_ids", "answer_rank") if k in out}
         depth = out.get("summation_depth")
         return cls(**f64, **i64, summation_depth=None if depth is None else int(depth))
@@ -130,9 +134,15 @@ class Backend(Protocol):
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
         """Decode every row at every position; reductions happen on the device."""
 
-    def final_logits(self, ids: Sequence[int]) -> np.ndarray:
-        """The model's own output logits at the last position, [V] float32 (head transform
-        applied), for probes."""
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
+                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+        """A batch of prompts in one forward pass and one decode, at each prompt's next-token
+        position only: one LayerStats per prompt with T = 1, p_answer / answer_rank for
+        scored[b][0] and p_scored for every id of scored[b] (the same count for every prompt)."""
+
+    def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """The model's output logits at each prompt's last position, [B, V] float32 (the lens's
+        last row: fp32 head, head transform applied), one forward pass for the batch."""
 
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""

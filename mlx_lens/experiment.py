@@ -15,7 +15,6 @@ from mlx_lens.artifacts import (TokenNames, pure_next_token_frame, records_frame
 from mlx_lens.contract import Backend, Lens, SweepOptions
 from mlx_lens.errors import LensError
 from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
-from mlx_lens.progress import progress
 from mlx_lens.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS, TOP_K_RECORDS,
                              TOP_K_VERBOSE)
 
@@ -120,12 +119,13 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
                         "architecture": info.architecture},
     }
     if opts.probes:
-        payload["test_prompts"] = [
-            {"prompt": p, **distribution(backend.final_logits(p_ids), 10, names)}
-            for p, p_ids in progress(probes.items(), "test prompts")]
-        logits = backend.final_logits(ids)  # one forward pass for every temperature
+        # One batched forward pass for the 14 probes and the main prompt (its logits serve every
+        # temperature).
+        *probe_logits, main_logits = backend.final_logits([*probes.values(), ids])
+        payload["test_prompts"] = [{"prompt": p, **distribution(z, 10, names)}
+                                   for p, z in zip(probes, probe_logits)]
         payload["temperature_exploration"] = [
-            {"temperature": t, **distribution(logits, 15, names, t)} for t in TEMPERATURES]
+            {"temperature": t, **distribution(main_logits, 15, names, t)} for t in TEMPERATURES]
     return ModelResult(payload, records_frame(stats, prompt_tokens, names),
                        pure_next_token_frame(stats, flags, names),
                        backend.residuals(ids) if opts.keep_residuals else None, ids)

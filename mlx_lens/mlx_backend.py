@@ -20,13 +20,13 @@ from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_lens.bounds import SUM_BLOCK
-from mlx_lens.contract import (LayerStats, Lens, ModelInfo, NormRef, NormSpec, SweepOptions,
-                               norm_plan)
+from mlx_lens.contract import (TOP_K, LayerStats, Lens, ModelInfo, NormRef, NormSpec,
+                               SweepOptions, norm_plan)
 from mlx_lens.device_policy import available_ram, choose, footprint
 from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
 from mlx_lens.mlx_arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
-from mlx_lens.mlx_reduce import sweep_states
+from mlx_lens.mlx_reduce import sweep_next_token, sweep_states
 from mlx_lens.models import ModelSource, check_supported
 
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
@@ -152,21 +152,34 @@ class MlxBackend:
         )
 
     # -- capture -----------------------------------------------------------------------------
-    def _rows(self, ids: Sequence[int]) -> list[mx.array]:
-        """Residual rows h_0..h_L, [T, d] each, in compute dtype (lazy)."""
-        x = mx.array([list(ids)])
+    def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[mx.array]:
+        """Residual rows h_0..h_L of a batch of prompts (compute dtype, lazy): [B, T, d] each,
+        or [B, d] at each prompt's last token when last_only. Prompts are right-padded, which
+        needs no padding mask: a causal model's tokens never see the pads after them."""
+        lengths = [len(ids) for ids in batch]
+        n = max(lengths)
+        x = mx.array([list(ids) + [0] * (n - len(ids)) for ids in batch])
+        last = mx.arange(len(batch)), mx.array(lengths) - 1
+
+        def keep(h: mx.array) -> mx.array:
+            return h[last] if last_only else h
+
         h = self.embed(x)
         if self.arch.positions:
-            h = h + _attr(self.inner, self.arch.positions)(mx.arange(x.shape[1]))
+            h = h + _attr(self.inner, self.arch.positions)(mx.arange(n))
         if self.arch.embed_scale:
             h = h * self.arch.embed_scale(self.hidden).astype(h.dtype)
-        rows = [h[0]]
+        rows = [keep(h)]
         for block, window in zip(self.blocks, self.arch.windows(self.inner, self.blocks)):
             mask = create_attention_mask(h, None, window_size=window,
                                          return_array=self.arch.array_mask)
             h = block(h, mask, None)
-            rows.append(h[0])
+            rows.append(keep(h))
         return rows
+
+    def _rows(self, ids: Sequence[int]) -> list[mx.array]:
+        """Residual rows h_0..h_L of one prompt, [T, d] each (lazy)."""
+        return [h[0] for h in self._capture([ids])]
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> nn.Module | None:
@@ -204,11 +217,25 @@ class MlxBackend:
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
         rows = self._rows(ids)
         x = self._normed(rows, opts.lens)
-        # Chunks of at most chunk_bytes of fp32 logits, whole summation blocks wide.
-        step = max(SUM_BLOCK, self.chunk_bytes // (4 * x.shape[0] * x.shape[1]) // SUM_BLOCK
-                   * SUM_BLOCK)
-        stats = sweep_states(x, opts, self._logits, self.info.vocab, step, progress)
+        stats = sweep_states(x, opts, self._logits, self.info.vocab,
+                             self._step(x.shape[0] * x.shape[1]), progress)
         stats.finite_residual = np.array(mx.stack([mx.isfinite(h).all() for h in rows]))
+        return stats
+
+    def _step(self, n_states: int) -> int:
+        """Vocabulary chunk for n_states decoded rows: at most chunk_bytes of fp32 logits,
+        whole summation blocks wide."""
+        return max(SUM_BLOCK, self.chunk_bytes // (4 * n_states) // SUM_BLOCK * SUM_BLOCK)
+
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
+                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+        rows = self._capture(prompts, last_only=True)  # R x [B, d]
+        x = self._normed(rows, lens).transpose(1, 0, 2)
+        stats = sweep_next_token(x, list(scored), top_k, self._logits, self.info.vocab,
+                                 self._step(x.shape[0] * x.shape[1]), progress)
+        finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows], -1))
+        for s, f in zip(stats, finite):
+            s.finite_residual = f
         return stats
 
     def own_logits(self, ids: Sequence[int]) -> mx.array:
@@ -254,11 +281,11 @@ class MlxBackend:
             out.append(int(token))
         return out
 
-    def final_logits(self, ids: Sequence[int]) -> np.ndarray:
+    def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # The lens's own last row: the model's semantics (not mlx-lm's forward, see own_logits),
         # decoded in fp32 like every lens row.
-        last = self._rows(ids)[-1][-1:].astype(mx.float32)
-        return np.array(self._logits(self.final_norm(last), 0, self.info.vocab)[0])
+        last = self._capture(prompts, last_only=True)[-1].astype(mx.float32)
+        return np.array(self._logits(self.final_norm(last), 0, self.info.vocab))
 
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         return np.array(self._logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))

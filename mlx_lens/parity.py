@@ -148,7 +148,7 @@ def compare(a: Backend, b: Backend, prompts: list[str], lens: Lens,
         ids = encode_prompt(a.tokenizer, prompt, a.info.n_ctx)
         if ids != encode_prompt(b.tokenizer, prompt, b.info.n_ctx):
             raise LensError(f"the backends tokenise {prompt!r} differently")
-        answer_id = (int(a.final_logits(ids).argmax()) if answer is None
+        answer_id = (int(a.final_logits([ids])[0].argmax()) if answer is None
                      else answer_token_id(a.tokenizer, ids, prompt, answer))
         results.append(compare_prompt(a, b, ids, lens, answer_id, head_norms))
     return ParityReport(a.info.architecture, lens, results)

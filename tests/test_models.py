@@ -43,7 +43,7 @@ def test_packaged_gguf_on_both_backends(smollm2_dir):
     for name in ("torch", "mlx"):
         loaded[name] = b = backends.load(name, source)
         ids = ids or b.tokenizer.encode("The capital of Germany is called")
-        logits[name] = b.final_logits(ids)
+        logits[name] = b.final_logits([ids])[0]
     reference = loaded["torch"]
     z = reference.layer_logits(ids, "final-norm")
     bound = logit_bound(reference, ids, "final-norm", z, reference.head_row_norms())[-1, -1]

@@ -14,14 +14,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mlx_lens.contract import (LayerStats, Lens, ModelInfo, NormRef, NormSpec, SweepOptions,
-                               norm_plan)
+from mlx_lens.contract import (TOP_K, LayerStats, Lens, ModelInfo, NormRef, NormSpec,
+                               SweepOptions, norm_plan)
 from mlx_lens.device_policy import available_ram, choose, footprint
 from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
 from mlx_lens.models import ModelSource, check_supported, local_model_type
 from torch_ref.architectures import ARCHITECTURES
-from torch_ref.reduce import LOG2E, sweep_states
+from torch_ref.reduce import LOG2E, sweep_next_token, sweep_states
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,26 +94,40 @@ class TorchBackend:
 
     # -- capture -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _capture(self, ids: Sequence[int]) -> list[torch.Tensor]:
-        """Residual rows h_0..h_L ([T, d] each, compute dtype), from the base model's forward
-        pass: its head is not needed, the lens decodes the last row itself."""
+    def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[torch.Tensor]:
+        """Residual rows h_0..h_L of a batch of prompts (compute dtype): [B, T, d] each, or
+        [B, d] at each prompt's last token when last_only. From the base model's forward pass:
+        its head is not needed, the lens decodes the last row itself. Prompts are right-padded,
+        which needs no attention mask: a causal model's tokens never see the pads after them, so
+        each prompt's rows are its unbatched rows (docs/design.md)."""
+        lengths = torch.tensor([len(ids) for ids in batch], device=self.device)
+        x = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=self.device)
+        for b, ids in enumerate(batch):
+            x[b, :len(ids)] = torch.tensor(list(ids))
+        last = torch.arange(len(batch), device=self.device), lengths - 1
         rows: list[torch.Tensor] = []
 
+        def keep(h: torch.Tensor) -> None:
+            rows.append(h[last] if last_only else h)
+
         def grab_input(_module, args, kwargs):
-            rows.append((args[0] if args else kwargs["hidden_states"])[0])
+            keep(args[0] if args else kwargs["hidden_states"])
 
         def grab_output(_module, _args, out):
-            rows.append((out[0] if isinstance(out, tuple) else out)[0])
+            keep(out[0] if isinstance(out, tuple) else out)
 
         handles = [self.blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
         handles += [b.register_forward_hook(grab_output) for b in self.blocks]
         try:
-            self.model.base_model(input_ids=torch.tensor([list(ids)], device=self.device),
-                                  use_cache=False)
+            self.model.base_model(input_ids=x, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
         return rows
+
+    def _rows(self, ids: Sequence[int]) -> list[torch.Tensor]:
+        """Residual rows h_0..h_L of one prompt, [T, d] each."""
+        return [h[0] for h in self._capture([ids])]
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> torch.nn.Module | None:
@@ -151,7 +165,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows = self._capture(ids)
+        rows = self._rows(ids)
         stats = sweep_states(self._normed(rows, opts.lens), opts,
                              lambda start, stop: self._head_chunk(start, stop, LOG2E),
                              self.info.vocab, progress)
@@ -159,20 +173,32 @@ class TorchBackend:
         return stats
 
     @torch.no_grad()
-    def final_logits(self, ids: Sequence[int]) -> np.ndarray:
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
+                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+        rows = self._capture(prompts, last_only=True)  # R x [B, d]
+        stats = sweep_next_token(self._normed(rows, lens).transpose(0, 1), list(scored), top_k,
+                                 lambda start, stop: self._head_chunk(start, stop, LOG2E),
+                                 self.info.vocab, progress)
+        finite = torch.stack([h.isfinite().all(-1) for h in rows], -1).cpu().numpy()
+        for s, f in zip(stats, finite):
+            s.finite_residual = f
+        return stats
+
+    @torch.no_grad()
+    def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # The lens's own last row, decoded in fp32 like every lens row (the model's own head
         # runs in the compute dtype).
-        last = self._capture(ids)[-1][-1:].float()
-        return self._logits(self.final_norm(last), 0, self.info.vocab)[0].cpu().numpy()
+        last = self._capture(prompts, last_only=True)[-1].float()
+        return self._logits(self.final_norm(last), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        rows = self._capture(ids)
+        rows = self._rows(ids)
         return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
     def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        return self._normed(self._capture(ids), lens).cpu().numpy()
+        return self._normed(self._rows(ids), lens).cpu().numpy()
 
     @torch.no_grad()
     def head_row_norms(self) -> np.ndarray:
@@ -182,7 +208,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def residuals(self, ids: Sequence[int]) -> np.ndarray:
-        rows = self._capture(ids)
+        rows = self._rows(ids)
         return torch.stack(rows).float().cpu().numpy()
 
     @torch.no_grad()

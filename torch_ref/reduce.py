@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from mlx_lens.bounds import SUM_BLOCK, summation_depth
@@ -60,25 +61,36 @@ def blocked_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 class TiledStats:
-    def __init__(self, n_rows: int, n_last: int, k: int, answer_logit: torch.Tensor | None,
-                 answer_id: int | None, device: torch.device, vocab: int):
-        self.n_last, self.k, self.vocab = n_last, k, vocab
-        self.answer_logit, self.answer_id = answer_logit, answer_id  # [n_last]
+    """Running statistics of n_rows rows that come in groups of `group_rows` (one group: every
+    row of the lens at one position of one prompt). The last n_scored groups are scored: each
+    against its own last row (KL, cosine) and for its own scored token ids (probability, rank)."""
+
+    def __init__(self, n_rows: int, group_rows: int, n_scored: int, k: int,
+                 scored_ids: torch.Tensor | None, scored_logits: torch.Tensor | None,
+                 device: torch.device, vocab: int):
+        self.n_rows, self.group_rows, self.k, self.vocab = n_rows, group_rows, k, vocab
+        self.first_scored = n_rows - n_scored * group_rows
+        # scored_ids [n_scored, A]; scored_logits [n_scored * group_rows, A]: each row's logits
+        # of its group's scored tokens, from a GEMM of their own
+        self.scored_ids, self.scored_logits = scored_ids, scored_logits
         self.m = torch.full((n_rows,), -math.inf, device=device)  # base-2 units throughout
         self.s = torch.zeros(n_rows, device=device)
         self.a = torch.zeros(n_rows, device=device)
         self.top_v = torch.full((n_rows, k), -math.inf, device=device)
         self.top_i = torch.full((n_rows, k), -1, dtype=torch.long, device=device)
-        self.last = {key: torch.zeros(n_last, device=device) for key in ("d", "dot", "nz", "nf")}
-        self.last["above"] = torch.zeros(n_last, dtype=torch.long, device=device)
-        self.last["answer"] = torch.zeros(n_last, device=device)
+        n = n_scored * group_rows
+        self.last = {key: torch.zeros(n, device=device) for key in ("d", "dot", "nz")}
+        self.last["nf"] = torch.zeros(n_scored, device=device)
+        if scored_ids is not None:
+            self.last["above"] = torch.zeros(n, scored_ids.shape[1], dtype=torch.long, device=device)
+            self.last["answer"] = torch.zeros(n, scored_ids.shape[1], device=device)
         self.widest = 0  # the widest vocabulary chunk, for the summation depth
 
     def update(self, z: torch.Tensor, rows: slice, k: int, start: int,
                scratch: torch.Tensor) -> None:
         """Fold a tile z [B, C] of logits (rows `rows`, vocabulary from `start`) into the state,
         keeping the top k <= self.k of these rows. z is overwritten; scratch is a buffer of at
-        least z.numel() elements."""
+        least z.numel() elements. A tile holds scored groups whole."""
         self.widest = max(self.widest, z.shape[-1])
         v, i = z.topk(min(k, z.shape[-1]), dim=-1)
         v, j = torch.cat([self.top_v[rows, :k], v], -1).topk(k, dim=-1)
@@ -88,8 +100,10 @@ class TiledStats:
         m_old = self.m[rows]
         m = torch.maximum(m_old, z.amax(-1))
         c = torch.exp2(m_old - m)  # rescales earlier sums to the new max (0 for the first chunk)
-        if rows.stop == len(self.m):  # the next-token rows, before z is shifted in place
-            self._update_last(z[-self.n_last:], m[-self.n_last:], c[-self.n_last:], start)
+        lo = max(rows.start, self.first_scored) - rows.start
+        if lo < z.shape[0]:  # scored rows, before z is shifted in place
+            first = rows.start + lo - self.first_scored
+            self._update_scored(z[lo:], m[lo:], c[lo:], start, slice(first, first + len(z) - lo))
         shifted = z.sub_(m[:, None])
         e = torch.exp2(shifted, out=scratch[:z.numel()].view(z.shape))
         s_old = self.s[rows]
@@ -99,38 +113,51 @@ class TiledStats:
         self.s[rows] = c * s_old + s
         self.m[rows] = m
 
-    def _update_last(self, z: torch.Tensor, m: torch.Tensor, c: torch.Tensor, start: int) -> None:
-        zf = z[-1]
-        e = torch.exp2(z - m[:, None])
-        st = self.last
-        st["d"] = c * st["d"] + blocked_sum(e * (zf - z))
-        st["dot"] += blocked_sum(z * zf)
-        st["nz"] += blocked_sum(z * z)
-        st["nf"] += blocked_sum(zf * zf)
-        if self.answer_id is not None:
-            beats = z > self.answer_logit[:, None]
-            local = self.answer_id - start
-            if 0 <= local < z.shape[-1]:
-                beats[:, local] = False  # the answer never outranks itself
-                st["answer"] = z[:, local].clone()
-            st["above"] += beats.sum(-1)
+    def _update_scored(self, z: torch.Tensor, m: torch.Tensor, c: torch.Tensor, start: int,
+                       scored: slice) -> None:
+        """z [n, C]: whole scored groups (rows `scored` of the scored region)."""
+        g = self.group_rows
+        z3 = z.view(-1, g, z.shape[-1])
+        zf = z3[:, -1:]  # each group's last row: the model's output at that position
+        e = torch.exp2(z - m[:, None]).view(z3.shape)
+        st, groups = self.last, slice(scored.start // g, scored.stop // g)
+        st["d"][scored] = c * st["d"][scored] + blocked_sum(e * (zf - z3)).view(-1)
+        st["dot"][scored] += blocked_sum(z3 * zf).view(-1)
+        st["nz"][scored] += blocked_sum(z * z)
+        st["nf"][groups] += blocked_sum(zf[:, 0] * zf[:, 0])
+        if self.scored_ids is None:
+            return
+        logit = self.scored_logits[scored]  # [n, A]
+        above = (z[:, None, :] > logit[:, :, None]).sum(-1)
+        local = self.scored_ids[groups].repeat_interleave(g, 0) - start
+        inside = (local >= 0) & (local < z.shape[-1])
+        if inside.any():
+            own = z.gather(1, local.clamp(0, z.shape[-1] - 1))
+            above -= (inside & (own > logit)).long()  # a token never outranks itself
+            st["answer"][scored] = torch.where(inside, own, st["answer"][scored])
+        st["above"][scored] += above
 
     def finish(self) -> dict[str, torch.Tensor]:
-        """Per row: entropy (bits), top-k ids and probabilities; per next-token row: the rest."""
+        """Per row: entropy (bits), top-k ids and probabilities; per scored row ([n_scored,
+        group_rows, ...]): KL and cosine to its group's last row, the scored tokens' probabilities
+        and ranks."""
+        g = self.group_rows
         lse = self.m + torch.log2(self.s)
-        last, lse_last, s_last = self.last, lse[-self.n_last:], self.s[-self.n_last:]
-        kl = -last["d"] / s_last - lse_last + lse_last[-1]
-        kl[-1] = 0.0  # the last row against itself; the sums above leave fp32 rounding
+        last, lse_s = self.last, lse[self.first_scored:].view(-1, g)
+        kl = -last["d"].view(-1, g) / self.s[self.first_scored:].view(-1, g) - lse_s + lse_s[:, -1:]
+        kl[:, -1] = 0.0  # the last row against itself; the sums above leave fp32 rounding
         out = {
             "entropy": torch.log2(self.s) - self.a / self.s,
             "topk_ids": self.top_i,
             "topk_probs": torch.exp2(self.top_v - lse[:, None]),
             "kl_to_final": kl.clamp_min(0),
-            "cos_to_final": last["dot"] / torch.sqrt(last["nz"] * last["nf"]),
+            "cos_to_final": (last["dot"] / torch.sqrt(last["nz"] * last["nf"].repeat_interleave(g)))
+            .view(-1, g),
         }
-        if self.answer_id is not None:
-            out["p_answer"] = torch.exp2(last["answer"] - lse_last)
-            out["answer_rank"] = last["above"] + 1
+        if self.scored_ids is not None:
+            out["p_scored"] = torch.exp2(last["answer"].view(-1, g, last["answer"].shape[-1])
+                                         - lse_s[..., None])
+            out["rank_scored"] = last["above"].view(out["p_scored"].shape) + 1
         out["summation_depth"] = summation_depth(self.vocab, self.widest)
         return out
 
@@ -153,7 +180,9 @@ def tiled_sweep(x: torch.Tensor, groups: list[tuple[int, int]], head_chunk: Call
     head_chunk(start, stop) gives the function (x_rows, out) -> fp32 base-2 logits [B, C] of
     that vocabulary chunk, made once per chunk."""
     elements, rows = tile_shape(x.device)
-    rows_per_tile = max(stats.n_last, min(x.shape[0], rows))
+    g = stats.group_rows
+    # Whole lens groups per tile, so that each scored group meets its own last row in it.
+    rows_per_tile = max(1, min(x.shape[0], rows) // g) * g
     # A power of two: BLAS runs chunk widths like 14563 up to 25% slower than 8192 (measured).
     step = 1 << max(6, (elements // rows_per_tile).bit_length() - 1)
     slices = row_slices(groups, rows_per_tile)
@@ -168,25 +197,66 @@ def tiled_sweep(x: torch.Tensor, groups: list[tuple[int, int]], head_chunk: Call
             stats.update(z, rows, k, start, scratch)
 
 
+def _numpy(out: dict) -> dict:
+    return {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def _scored_logits(x: torch.Tensor, ids: torch.Tensor, head_chunk: Callable) -> torch.Tensor:
+    """[G * R, A]: each row's base-2 logits of its group's scored ids; x [G, R, d], ids [G, A]."""
+    cols = [head_chunk(int(i), int(i) + 1)(x[gi])[:, 0]
+            for gi in range(len(ids)) for i in ids[gi]]
+    return torch.stack(cols).view(*ids.shape, x.shape[1]).transpose(1, 2).reshape(-1, ids.shape[1])
+
+
 def sweep_states(x: torch.Tensor, opts: SweepOptions, head_chunk: Callable, vocab: int,
                  progress: Callable = lambda it, desc: it) -> LayerStats:
     """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
     head_chunk (as in tiled_sweep) over a vocabulary of `vocab` tokens."""
     n_rows, n_pos = x.shape[:2]
-    a = opts.answer_id
-    answer_logit = head_chunk(a, a + 1)(x[:, -1])[:, 0] if a is not None else None
-    stats = TiledStats(n_rows * n_pos, n_rows, opts.top_k, answer_logit, a, x.device, vocab)
-    # Position-major rows: positions needing narrow_k candidates first, then the wide ones,
-    # the next-token position last.
+    # Position-major groups: positions needing narrow_k candidates first, then the wide ones,
+    # the next-token position last (the one scored group).
     wide = list(opts.wide or [True] * n_pos)
     narrow = [t for t in range(n_pos - 1) if not wide[t]]
     order = narrow + [t for t in range(n_pos - 1) if wide[t]] + [n_pos - 1]
-    groups = [(len(narrow) * n_rows, opts.narrow_k), ((n_pos - len(narrow)) * n_rows, opts.top_k)]
-    tiled_sweep(x[:, order].transpose(0, 1).reshape(n_pos * n_rows, -1),
-                [g for g in groups if g[0]], head_chunk, vocab, stats, progress)
-    out = stats.finish()
-    back = torch.argsort(torch.tensor(order))
+    grouped = x[:, order].transpose(0, 1)  # [T, R, d]
+    ids = (torch.tensor([[opts.answer_id]], device=x.device) if opts.answer_id is not None
+           else None)
+    logits = _scored_logits(grouped[-1:], ids, head_chunk) if ids is not None else None
+    stats = TiledStats(n_rows * n_pos, n_rows, 1, opts.top_k, ids, logits, x.device, vocab)
+    partitions = [(len(narrow) * n_rows, opts.narrow_k),
+                  ((n_pos - len(narrow)) * n_rows, opts.top_k)]
+    tiled_sweep(grouped.reshape(n_pos * n_rows, -1), [p for p in partitions if p[0]], head_chunk,
+                vocab, stats, progress)
+    out = _numpy(stats.finish())
+    back = np.argsort(order)
     for key in ("entropy", "topk_ids", "topk_probs"):  # back to [R, T, ...]
-        out[key] = out[key].view(n_pos, n_rows, *out[key].shape[1:])[back].transpose(0, 1)
-    return LayerStats.from_arrays({k: v.cpu().numpy() if torch.is_tensor(v) else v
-                                   for k, v in out.items()})
+        out[key] = out[key].reshape(n_pos, n_rows, *out[key].shape[1:])[back].swapaxes(0, 1)
+    for key in ("kl_to_final", "cos_to_final"):
+        out[key] = out[key][0]
+    if ids is not None:
+        out["p_answer"], out["answer_rank"] = out["p_scored"][0, :, 0], out["rank_scored"][0, :, 0]
+        del out["p_scored"]
+    return LayerStats.from_arrays(out)
+
+
+def sweep_next_token(x: torch.Tensor, scored: list[tuple[int, ...]], top_k: int,
+                     head_chunk: Callable, vocab: int,
+                     progress: Callable = lambda it, desc: it) -> list[LayerStats]:
+    """The next-token statistics of a batch: x [B, R, d] holds each prompt's normalised rows at
+    its last position; scored[b] the token ids whose probability and rank prompt b reports (the
+    same number for every prompt, its answer first). One LayerStats per prompt, T = 1."""
+    n_prompts, n_rows = x.shape[:2]
+    ids = torch.tensor(scored, device=x.device)
+    stats = TiledStats(n_prompts * n_rows, n_rows, n_prompts, top_k, ids,
+                       _scored_logits(x, ids, head_chunk), x.device, vocab)
+    tiled_sweep(x.reshape(n_prompts * n_rows, -1), [(n_prompts * n_rows, top_k)], head_chunk,
+                vocab, stats, progress)
+    out = _numpy(stats.finish())
+    return [LayerStats.from_arrays({
+        "entropy": out["entropy"].reshape(n_prompts, n_rows, 1)[b],
+        "topk_ids": out["topk_ids"].reshape(n_prompts, n_rows, 1, -1)[b],
+        "topk_probs": out["topk_probs"].reshape(n_prompts, n_rows, 1, -1)[b],
+        "kl_to_final": out["kl_to_final"][b], "cos_to_final": out["cos_to_final"][b],
+        "p_answer": out["p_scored"][b, :, 0], "answer_rank": out["rank_scored"][b, :, 0],
+        "p_scored": out["p_scored"][b], "summation_depth": out["summation_depth"]})
+        for b in range(n_prompts)]
