@@ -1,0 +1,206 @@
+"""Fact-suite aggregates (bootstrap CIs, control layers) and the suite tables on disk."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlx_lens.aggregates import (AGGREGATE_COLUMNS, METRICS, add_control_columns, control_summary,
+                                 layer_aggregates)
+from mlx_lens.suite_tables import read_suite_table, write_suite_tables
+
+AWKWARD = ["nan", "", "NULL", "a,b", "line\nbreak", " Berlin", 'say "hi"', "cr\rlf", "Grüße", "NA"]
+N_LAYERS = 5
+
+
+def long_table(n_facts=40, seed=0, groups=("capitals", "elements")):
+    """n_facts x N_LAYERS rows; every 4th fact has a control; fact 1's layer 2 is all NaN."""
+    rng = np.random.default_rng(seed)
+    fact = np.repeat(np.arange(n_facts), N_LAYERS)
+    layer = np.tile(np.arange(N_LAYERS), n_facts)
+    n = len(fact)
+    has_control = fact % 4 == 0
+    control_p = np.where(has_control, rng.uniform(0, 1, n), np.nan)
+    control_p_answer = np.where(has_control, rng.uniform(0, 1, n), np.nan)
+    rank = rng.integers(1, 5000, n)
+    frame = pd.DataFrame({
+        "fact_id": [f"fact-{i:03d}" for i in fact],
+        "group": np.asarray(groups)[fact % len(groups)],
+        "layer": layer,
+        "entropy": rng.uniform(0, 15, n),
+        "top1": np.asarray(AWKWARD)[rng.integers(0, len(AWKWARD), n)],
+        "top1_id": pd.array(rng.integers(0, 50000, n), dtype="Int64"),
+        "p1": rng.uniform(0, 1, n),
+        "p_answer": rng.uniform(0, 1, n),
+        "answer_rank": pd.array(rank, dtype="Int64"),
+        "kl_to_final_bits": rng.exponential(2.0, n),
+        "cos_to_final": rng.uniform(-1, 1, n),
+        "copy_collapse": rng.random(n) < 0.3,
+        "entropy_collapse": rng.random(n) < 0.3,
+        "is_answer": rank == 1,
+        "control_p": control_p,
+        "control_p_answer": control_p_answer,
+        "control_margin": control_p - control_p_answer,
+    })
+    broken = (fact == 1) & (layer == 2)
+    numeric = ["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final"]
+    frame.loc[broken, numeric] = np.nan
+    frame.loc[broken, ["answer_rank", "top1_id"]] = pd.NA
+    return frame
+
+
+def per_fact_table(long):
+    facts = long.drop_duplicates("fact_id")[["fact_id", "group"]].reset_index(drop=True)
+    n = len(facts)
+    layers = pd.array(np.arange(n) % N_LAYERS, dtype="Int64")
+    missing = pd.array(np.where(np.arange(n) % 3 == 0, None, np.arange(n) % N_LAYERS), dtype="Int64")
+    token = np.asarray(AWKWARD)[np.arange(n) % len(AWKWARD)]
+    columns = {"L_copy": missing, "L_copy_H": layers, "L_semantic": missing,
+               "delta_layers": missing, "first_rank_le_1": missing, "first_rank_le_5": layers,
+               "first_rank_le_10": layers, "first_kl_below_0.5": missing,
+               "first_kl_below_1.0": layers}
+    frame = facts.assign(prompt=[f"The {t} prompt, with a comma" for t in token],
+                         answer=token, answer_token=token, **columns, final_top1=token[::-1],
+                         final_p1=np.linspace(0, 1, n), correct=np.arange(n) % 2 == 0)
+    return add_control_columns(frame, long)
+
+
+def with_log10_rank(long):
+    return long.assign(log10_rank=np.log10(long["answer_rank"].astype(float)))
+
+
+def rows(aggregates, group, metric):
+    return aggregates[(aggregates["group"] == group) & (aggregates["metric"] == metric)]
+
+
+def test_means_and_medians_match_a_pandas_groupby():
+    long = long_table()
+    agg = layer_aggregates(long, n_boot=200)
+    assert list(agg.columns) == AGGREGATE_COLUMNS
+    ref = with_log10_rank(long)
+    for group, part in [("all", ref), *ref.groupby("group")]:
+        for metric in METRICS:
+            want = part.groupby("layer")[metric].agg(["count", "mean", "median"])
+            got = rows(agg, group, metric).set_index("layer")
+            assert (got["n"] == want["count"]).all()
+            np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12)
+            np.testing.assert_allclose(got["median"], want["median"], rtol=1e-12)
+
+
+def test_nan_rows_and_facts_without_a_control_are_left_out():
+    agg = layer_aggregates(long_table(), n_boot=200).set_index(["group", "metric", "layer"])
+    assert agg.loc[("all", "entropy", 2), "n"] == 39  # fact 1's broken layer
+    assert agg.loc[("all", "entropy", 3), "n"] == 40
+    assert (agg.loc[("all", "control_p"), "n"] == 10).all()
+    assert (agg.loc[("capitals", "control_margin"), "n"] == 10).all()  # facts 0, 4, ... are even
+    assert (agg.loc[("elements", "control_margin"), "n"] == 0).all()
+    assert agg.loc[("elements", "control_margin"), ["mean", "ci_low"]].isna().all().all()
+
+
+def test_rows_sorted_by_group_all_first_then_metric_then_layer():
+    agg = layer_aggregates(long_table(groups=("zeta", "alpha")), n_boot=50)
+    assert list(pd.unique(agg["group"])) == ["all", "alpha", "zeta"]
+    block = rows(agg, "all", METRICS[0])
+    assert list(block["layer"]) == list(range(N_LAYERS))
+    assert list(pd.unique(agg.loc[agg["group"] == "all", "metric"])) == sorted(METRICS)
+    assert len(agg) == 3 * len(METRICS) * N_LAYERS
+
+
+def test_ci_contains_the_mean_and_narrows_with_more_facts():
+    small, large = (layer_aggregates(long_table(n, seed=n), n_boot=500).query("n > 0")
+                    for n in (40, 400))
+    for agg in (small, large):
+        assert (agg["ci_low"] <= agg["mean"]).all() and (agg["mean"] <= agg["ci_high"]).all()
+    width = [(a["ci_high"] - a["ci_low"]).to_numpy() for a in (small, large)]
+    assert (width[1] < width[0]).all()
+    # The mean of 10x as many facts: about sqrt(10) ~ 3.2x narrower.
+    assert 2 < np.median(width[0] / width[1]) < 4.5
+
+
+def test_a_constant_metric_has_a_point_ci():
+    long = long_table().assign(p_answer=0.1)
+    p = rows(layer_aggregates(long), "all", "p_answer")
+    assert (p["ci_low"] == 0.1).all() and (p["ci_high"] == 0.1).all()
+    assert (p["mean"] == 0.1).all() and (p["median"] == 0.1).all()
+
+
+def test_same_seed_same_table_other_seed_other_ci():
+    long = long_table()
+    first = layer_aggregates(long, seed=7, n_boot=300)
+    pd.testing.assert_frame_equal(first, layer_aggregates(long, seed=7, n_boot=300),
+                                  check_exact=True)
+    other = layer_aggregates(long, seed=8, n_boot=300)
+    pd.testing.assert_frame_equal(first.drop(columns=["ci_low", "ci_high"]),
+                                  other.drop(columns=["ci_low", "ci_high"]), check_exact=True)
+    assert (first["ci_low"] != other["ci_low"]).mean() > 0.9
+
+
+@pytest.mark.parametrize("groups", [("",), ("capitals",), ("capitals", "")])
+def test_group_rows_only_with_more_than_one_group(groups):
+    agg = layer_aggregates(long_table(groups=groups), n_boot=50)
+    assert set(agg["group"]) == {"all"}
+    assert (rows(agg, "all", "entropy")["n"] == [40, 40, 39, 40, 40]).all()
+
+
+def test_a_group_named_all_is_refused():
+    with pytest.raises(ValueError, match="all"):
+        layer_aggregates(long_table(groups=("all", "other")), n_boot=10)
+
+
+def margins_table():
+    """Hand-made control margins: f-late turns positive at layer 2, f-early at 0, f-never never,
+    f-dip goes positive at 1 (then back), f-none has no control; f-nan's layer 0 is NaN."""
+    margins = {"f-late": [-0.5, -0.1, 0.2, 0.4], "f-early": [0.1, 0.3, 0.5, 0.9],
+               "f-never": [-0.3, -0.2, 0.0, -0.1], "f-dip": [-0.1, 0.05, -0.2, 0.3],
+               "f-none": [np.nan] * 4, "f-nan": [np.nan, -0.2, 0.1, 0.2]}
+    return pd.DataFrame([{"fact_id": f, "layer": layer, "control_margin": m}
+                         for f, ms in margins.items() for layer, m in enumerate(ms)])
+
+
+def test_first_layer_where_the_control_margin_is_positive():
+    got = control_summary(margins_table())
+    assert list(got.columns) == ["fact_id", "first_control_margin_positive"]
+    assert got["first_control_margin_positive"].dtype == "Int64"
+    first = dict(zip(got["fact_id"], got["first_control_margin_positive"]))
+    assert {f: first[f] for f in ["f-late", "f-early", "f-dip", "f-nan"]} == {
+        "f-late": 2, "f-early": 0, "f-dip": 1, "f-nan": 2}
+    assert first["f-never"] is pd.NA  # 0.0 is not positive
+    assert "f-none" not in first
+
+
+def test_add_control_columns_keeps_per_fact_order_and_marks_no_control_na():
+    per_fact = pd.DataFrame({"fact_id": ["f-none", "f-late", "f-never", "f-absent"],
+                             "correct": [True, False, True, True]})
+    got = add_control_columns(per_fact, margins_table())
+    pd.testing.assert_frame_equal(got[per_fact.columns], per_fact)
+    assert got["first_control_margin_positive"].dtype == "Int64"
+    assert got["first_control_margin_positive"].tolist() == [pd.NA, 2, pd.NA, pd.NA]
+
+
+def suite_tables():
+    long = long_table()
+    return long, per_fact_table(long), layer_aggregates(long, n_boot=100)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_suite_tables_round_trip_dtype_for_dtype(tmp_path, suffix):
+    tables = suite_tables()
+    paths = write_suite_tables(tmp_path, "tiny-model", *tables)
+    written = [p for p in paths if p.suffix == suffix]
+    assert [p.name for p in written] == [f"suite-tiny-model-{kind}{suffix}"
+                                         for kind in ("layers", "facts", "aggregates")]
+    for path, frame in zip(written, tables):
+        back = read_suite_table(path)
+        pd.testing.assert_frame_equal(back, frame, check_exact=True)
+    assert set(tables[0]["top1"]) == set(AWKWARD)  # every awkward token made the trip
+    assert tables[1]["L_copy"].isna().any() and tables[0]["answer_rank"].isna().any()
+
+
+def test_write_suite_tables_leaves_no_temporary_files(tmp_path):
+    out = tmp_path / "suite"
+    paths = write_suite_tables(out, "m", *suite_tables())
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)
+    assert len(paths) == 6
+
+
+def test_read_suite_table_refuses_other_formats(tmp_path):
+    with pytest.raises(ValueError, match="suite table"):
+        read_suite_table(tmp_path / "suite-m-layers.json")
