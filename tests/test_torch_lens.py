@@ -79,8 +79,7 @@ def test_gemma2_softcap_is_applied(loaded):
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 @pytest.mark.parametrize("lens", LENSES)
 def test_chunked_sweep_equals_float64(loaded, name, lens, monkeypatch):
-    monkeypatch.setattr(reduce, "TILE_ELEMENTS", 20 * 100)  # 100-token chunks ...
-    monkeypatch.setattr(reduce, "ROWS_PER_TILE", 20)  # ... of 20-row slices
+    monkeypatch.setattr(reduce, "cpu_tile", lambda: (20 * 100, 20))  # 100-token chunks, 20 rows
     assert_chunked_sweep_matches_logits(loaded(name), lens)
 
 
@@ -92,8 +91,7 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path):
 
 def test_narrow_positions_get_only_narrow_k(loaded, monkeypatch):
     """Positions marked narrow keep their top-5 exactly; their other columns are empty."""
-    monkeypatch.setattr(reduce, "TILE_ELEMENTS", 20 * 100)
-    monkeypatch.setattr(reduce, "ROWS_PER_TILE", 20)
+    monkeypatch.setattr(reduce, "cpu_tile", lambda: (20 * 100, 20))
     backend = loaded("llama")
     ids = backend.tokenizer.encode(PROMPT)
     wide = tuple(t % 3 == 0 for t in range(len(ids)))

@@ -27,12 +27,9 @@ import torch
 
 from mlx_lens.bounds import SUM_BLOCK, summation_depth
 from mlx_lens.contract import LayerStats, SweepOptions
+from torch_ref.tiles import cpu_tile
 
-# A tile of 512 rows x 4096 tokens (8 MiB of fp32 logits) and its exp stay in a CPU's L3 cache;
-# fewer rows make the GEMM slower, shorter rows make top-k slower (measured on the benchmark CPU).
-TILE_ELEMENTS = 2**21
-ROWS_PER_TILE = 512
-# On a GPU, tiles are sized for launch overhead instead: up to 256 MiB, and at most 1/32 of the
+# On a CPU the tile is calibrated per machine (torch_ref/tiles.py). On a GPU, tiles are sized for launch overhead instead: up to 256 MiB, and at most 1/32 of the
 # free device memory (two tile buffers and the fp32 chunk of W must fit beside the model).
 GPU_TILE_ELEMENTS = 2**26
 GPU_ROWS_PER_TILE = 8192
@@ -41,7 +38,7 @@ GPU_ROWS_PER_TILE = 8192
 def tile_shape(device: torch.device) -> tuple[int, int]:
     """(elements, rows) of one tile on this device."""
     if device.type != "cuda":
-        return TILE_ELEMENTS, ROWS_PER_TILE
+        return cpu_tile()
     free, _ = torch.cuda.mem_get_info(device)
     return max(2**20, min(GPU_TILE_ELEMENTS, free // (4 * 32))), GPU_ROWS_PER_TILE
 
