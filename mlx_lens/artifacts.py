@@ -86,12 +86,16 @@ def pure_next_token_frame(stats: LayerStats, flags: dict[str, np.ndarray],
     for name, values in flags.items():
         frame[name] = values
     frame["p_answer"] = stats.p_answer if stats.p_answer is not None else np.nan
-    rank = pd.Series(stats.answer_rank if stats.answer_rank is not None else pd.NA,
-                     index=frame.index, dtype="Int64")
-    frame["answer_rank"] = rank.where(rank > 0)  # a blanked row's -1: an empty cell
+    frame["answer_rank"] = rank_column(stats.answer_rank, frame.index)
     frame["kl_to_final_bits"] = stats.kl_to_final
     frame["cos_to_final"] = stats.cos_to_final
     return frame[PURE_COLUMNS]
+
+
+def rank_column(ranks: np.ndarray | None, index: pd.Index) -> pd.Series:
+    """Ranks as nullable integers: a blanked row's -1, or no answer at all, is an empty cell."""
+    rank = pd.Series(ranks if ranks is not None else pd.NA, index=index, dtype="Int64")
+    return rank.where(rank > 0)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:

@@ -88,8 +88,7 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     wide = tuple(bool(w) for w in verbose_positions(prompt_tokens))
     stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_id=answer_id, wide=wide,
                                             narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE))
-    numeric_health = health.nonfinite_layers(stats)
-    stats = health.blank_rows(stats, sorted(set().union(*numeric_health.values())))
+    stats, numeric_health = health.checked(stats)
     flags = next_token_flags(stats, ids, answer_id, opts.collapse)
 
     final = {"entropy": float(stats.entropy[-1, -1]),

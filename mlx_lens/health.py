@@ -36,6 +36,12 @@ def blank_rows(stats: LayerStats, rows: list[int]) -> LayerStats:
     return LayerStats(**out)
 
 
+def checked(stats: LayerStats) -> tuple[LayerStats, dict[str, list[int]]]:
+    """The statistics with every non-finite row blanked, and the report of those rows."""
+    report = nonfinite_layers(stats)
+    return blank_rows(stats, sorted(set().union(*report.values()))), report
+
+
 def warning(health: dict[str, list[int]]) -> str | None:
     """One line for the console, or None when every row is finite."""
     residual, lens = health["nonfinite_residual_layers"], health["nonfinite_lens_layers"]
