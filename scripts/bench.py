@@ -139,12 +139,12 @@ def bench_case(backend, T: int, reps: int, rng) -> dict:
     runs = {"sweep": lambda: backend.sweep(ids, opts), "sweep+csv": sweep_and_tables}
     if torch_side:
         with torch.no_grad():
-            rows = backend._capture(ids)
+            rows = backend._rows(ids)
             x = backend._normed(rows, "final-norm").reshape(-1, backend.info.d_model)
         w = backend.head.weight.float()
         runs = {"forward": lambda: backend.model(input_ids=torch.tensor([ids]), use_cache=False),
                 "gemm": lambda: x @ w.T, **runs,
-                "original": lambda: original_loop(backend, ids, backend._capture(ids))}
+                "original": lambda: original_loop(backend, ids, backend._rows(ids))}
     times = {name: [] for name in runs}
     peaks = {}
     with torch.no_grad():
