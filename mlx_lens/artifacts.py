@@ -112,7 +112,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -144,14 +144,14 @@ def write_model_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
     paths = [out_dir / f"output-{model_name}.json", out_dir / f"output-{model_name}-records.csv",
              out_dir / f"output-{model_name}-pure-next-token.csv"]
     text = json.dumps(_json_safe(result.payload), indent=2, ensure_ascii=False, allow_nan=False)
-    _atomic_write(paths[0], lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    atomic_write(paths[0], lambda p: p.write_text(text + "\n", encoding="utf-8"))
     for path, frame in zip(paths[1:], (result.records, result.pure)):
         # CRLF (RFC 4180) so that csv quotes tokens holding a lone "\r" too; with "\n" it would not.
-        _atomic_write(path, lambda p, f=frame: f.to_csv(p, index=False, encoding="utf-8",
+        atomic_write(path, lambda p, f=frame: f.to_csv(p, index=False, encoding="utf-8",
                                                         lineterminator="\r\n"))
     if result.residuals is not None:
         paths.append(out_dir / f"output-{model_name}-residuals.safetensors")
-        _atomic_write(paths[-1], lambda p: save_residuals(p, result.residuals, result.prompt_ids))
+        atomic_write(paths[-1], lambda p: save_residuals(p, result.residuals, result.prompt_ids))
     return paths
 
 

@@ -15,6 +15,7 @@ from mlx_lens.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.contract import LENSES
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import ExperimentOptions, run_experiment
+from mlx_lens.facts import Fact, load_facts
 from mlx_lens.launcher import (EXIT_SKIPPED, ORIGINAL_MODELS, ModelOutcome, run_one_process,
                                summary_of, table)
 from mlx_lens.metrics import CollapseSettings
@@ -22,6 +23,8 @@ from mlx_lens.models import resolve
 from mlx_lens.probes import ANSWER, PROMPT
 from mlx_lens.self_test import report as self_test_report
 from mlx_lens.self_test import run_self_test, self_test_layers
+from mlx_lens.suite import run_suite
+from mlx_lens.suite_tables import write_suite_tables
 
 
 MODEL_HELP = "local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)"
@@ -73,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="write here instead of rotating runs/run-latest")
     run.add_argument("--no-probes", dest="probes", action="store_false",
                      help="skip the extra test prompts and temperature exploration")
+    run.add_argument("--facts", metavar="FILE",
+                     help="also run a fact suite: JSONL or CSV with prompt, answer and optional "
+                          "id, group, control_prompt, control_answer; 'default' for the packaged "
+                          "capital-city suite")
     return parser
 
 
@@ -120,29 +127,45 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def run_single(args: argparse.Namespace, model: str | None, out_dir: Path) -> list[Path]:
+def run_single(args: argparse.Namespace, model: str | None, out_dir: Path,
+               facts: list[Fact] | None = None) -> list[Path]:
     started = time.perf_counter()
     opts = ExperimentOptions(
         prompt=args.prompt, answer=args.answer, lens=args.lens,
         collapse=CollapseSettings(args.copy_threshold, args.copy_margin), probes=args.probes,
         keep_residuals=args.keep_residuals)
     source, backend, reason = _load(args, model)
+    seconds = {"load": time.perf_counter() - started}
     result = run_experiment(backend, opts, {"backend_reason": reason})
+    seconds.update(result.seconds)
+    if facts:
+        began = time.perf_counter()
+        suite = run_suite(backend, facts, args.lens, opts.collapse)
+        seconds["suite"] = time.perf_counter() - began
     line = health.warning(result.payload["diagnostics"])
     if line:
         print(f"mlx-lens: warning: {line}", file=sys.stderr)
+    began = time.perf_counter()
     paths = write_model_artifacts(out_dir, source.name, result)
+    if facts:
+        paths += write_suite_tables(out_dir, source.name, suite.long, suite.per_fact,
+                                    suite.aggregates)
+    seconds["write"] = time.perf_counter() - began
     s = summary_of(result.payload)
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {args.lens}]: "
           f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
-          f"L_semantic={s['L_semantic']} of {s['n_layers']} layers; "
-          f"{time.perf_counter() - started:.1f} s")
+          f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
+    if facts:
+        print(suite.summary_line())
+    print(f"time: {time.perf_counter() - started:.1f} s ("
+          + ", ".join(f"{name} {t:.1f} s" for name, t in seconds.items()) + ")")
     return paths
 
 
 def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> list[ModelOutcome]:
     child = [a for dest, flag in _CHILD_OPTIONS for a in (flag, str(getattr(args, dest)))]
     child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
+    child += ["--facts", args.facts] if args.facts else []
     outcomes = []
     for i, model in enumerate(models, 1):
         print(f"[{i}/{len(models)}] {model}", flush=True)
@@ -168,17 +191,18 @@ def _make_out_dir(out_dir: Path) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.self_test:
         return cmd_self_test(args)
+    facts = load_facts(args.facts) if args.facts else None  # a bad file fails before anything
     made_out_dir = args.out_dir is not None and _make_out_dir(args.out_dir)
     models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
     out_dir = args.out_dir if args.out_dir is not None else run_dir.start(Path.cwd() / "runs")
     try:
         if len(models) == 1:
-            paths = run_single(args, models[0], out_dir)
+            paths = run_single(args, models[0], out_dir, facts)
             code = 0
         else:
             outcomes = run_several(args, models, out_dir)
             code = 1 if any(o.status.startswith("failed") for o in outcomes) else 0
-            paths = sorted(out_dir.glob("output-*"))
+            paths = sorted([*out_dir.glob("output-*"), *out_dir.glob("suite-*")])
             if not paths:
                 raise LensError("no model produced artifacts")
     except BaseException:

@@ -4,6 +4,7 @@ Backend-neutral: it sees a `Backend` and numpy arrays only.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ class ModelResult:
     pure: pd.DataFrame
     residuals: np.ndarray | None = None  # [R, T, d] with --keep-residuals
     prompt_ids: list[int] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went
 
 
 def encode_prompt(tokenizer, prompt: str, n_ctx: int | None = None) -> list[int]:
@@ -86,8 +88,10 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     names = TokenNames(tok.decode)
     prompt_tokens = [names(i) for i in ids]
     wide = tuple(bool(w) for w in verbose_positions(prompt_tokens))
+    started = time.perf_counter()
     stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_id=answer_id, wide=wide,
                                             narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE))
+    seconds = {"sweep": time.perf_counter() - started}
     stats, numeric_health = health.checked(stats)
     flags = next_token_flags(stats, ids, answer_id, opts.collapse)
 
@@ -120,11 +124,13 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     if opts.probes:
         # One batched forward pass for the 14 probes and the main prompt (its logits serve every
         # temperature).
+        started = time.perf_counter()
         *probe_logits, main_logits = backend.final_logits([*probes.values(), ids])
         payload["test_prompts"] = [{"prompt": p, **distribution(z, 10, names)}
                                    for p, z in zip(probes, probe_logits)]
         payload["temperature_exploration"] = [
             {"temperature": t, **distribution(main_logits, 15, names, t)} for t in TEMPERATURES]
+        seconds["probes"] = time.perf_counter() - started
     return ModelResult(payload, records_frame(stats, prompt_tokens, names),
                        pure_next_token_frame(stats, flags, names),
-                       backend.residuals(ids) if opts.keep_residuals else None, ids)
+                       backend.residuals(ids) if opts.keep_residuals else None, ids, seconds)

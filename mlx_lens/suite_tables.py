@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlx_lens.artifacts import _atomic_write
+from mlx_lens.artifacts import atomic_write
 
 _TEXT = pd.Series([""]).dtype  # what pandas gives text by default (str from pandas 3, else object)
 _SCHEMA = {  # every column the three tables may hold; others are written and read as they come
@@ -55,7 +55,7 @@ def write_suite_tables(out_dir: Path, model_name: str, long: pd.DataFrame,
         frame = _conform(frame)
         for suffix, write in ((".parquet", _write_parquet), (".csv", _write_csv)):
             paths.append(Path(out_dir) / f"suite-{model_name}-{kind}{suffix}")
-            _atomic_write(paths[-1], lambda p, f=frame, w=write: w(f, p))
+            atomic_write(paths[-1], lambda p, f=frame, w=write: w(f, p))
     return paths
 
 

@@ -131,6 +131,8 @@ JSONL_CASES = [
     ('{"prompt": "a", "answer": "b", "id": ""}\n', "facts.jsonl:1: empty id"),
     ('{"prompt": "a", "answer": "b", "group": ["g"]}\n',
      "facts.jsonl:1: field 'group' must be a string, not an array"),
+    ('{"prompt": "a", "answer": "b", "group": "all"}\n',
+     "facts.jsonl:1: group 'all' is reserved (the aggregates over every fact)"),
     ('\n{"prompt": "a", "answer": "b", "id": 7}\n{"prompt": "c", "answer": "d", "id": "7"}\n',
      "facts.jsonl:3: duplicate id '7' (first on line 2)"),
     ('{"prompt": "a", "answer": "b", "id": "fact-2"}\n{"prompt": "c", "answer": "d"}\n',

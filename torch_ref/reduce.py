@@ -86,8 +86,8 @@ class TiledStats:
     def update(self, z: torch.Tensor, rows: slice, k: int, start: int,
                scratch: torch.Tensor) -> None:
         """Fold a tile z [B, C] of logits (rows `rows`, vocabulary from `start`) into the state,
-        keeping the top k <= self.k of these rows. z is overwritten; scratch is a buffer of at
-        least z.numel() elements. A tile holds scored groups whole."""
+        keeping the top k <= self.k of these rows. z may be overwritten; scratch is a buffer of
+        at least 2 z.numel() elements. A tile holds scored groups whole."""
         self.widest = max(self.widest, z.shape[-1])
         v, i = z.topk(min(k, z.shape[-1]), dim=-1)
         v, j = torch.cat([self.top_v[rows, :k], v], -1).topk(k, dim=-1)
@@ -97,35 +97,40 @@ class TiledStats:
         m_old = self.m[rows]
         m = torch.maximum(m_old, z.amax(-1))
         c = torch.exp2(m_old - m)  # rescales earlier sums to the new max (0 for the first chunk)
+        work = scratch[:2 * z.numel()].view(2, *z.shape)
         lo = max(rows.start, self.first_scored) - rows.start
-        if lo < z.shape[0]:  # scored rows, before z is shifted in place
-            first = rows.start + lo - self.first_scored
-            self._update_scored(z[lo:], m[lo:], c[lo:], start, slice(first, first + len(z) - lo))
-        shifted = z.sub_(m[:, None])
-        e = torch.exp2(shifted, out=scratch[:z.numel()].view(z.shape))
+        scored = lo < z.shape[0]
+        # Scored rows need z itself afterwards: shift into a buffer then, else in place.
+        shifted = torch.sub(z, m[:, None], out=work[0]) if scored else z.sub_(m[:, None])
+        e = torch.exp2(shifted, out=work[1])
         s_old = self.s[rows]
         s = blocked_sum(e)
-        a = blocked_sum(shifted.mul_(e))  # z's buffer is free now
+        a = blocked_sum(shifted.mul_(e))
+        if scored:
+            first = rows.start + lo - self.first_scored
+            self._update_scored(z[lo:], e[lo:], c[lo:], start,
+                                slice(first, first + len(z) - lo), work[0][lo:])
         self.a[rows] = c * (self.a[rows] + s_old * torch.nan_to_num(m_old - m)) + a
         self.s[rows] = c * s_old + s
         self.m[rows] = m
 
-    def _update_scored(self, z: torch.Tensor, m: torch.Tensor, c: torch.Tensor, start: int,
-                       scored: slice) -> None:
-        """z [n, C]: whole scored groups (rows `scored` of the scored region)."""
+    def _update_scored(self, z: torch.Tensor, e: torch.Tensor, c: torch.Tensor, start: int,
+                       scored: slice, tmp: torch.Tensor) -> None:
+        """z, e [n, C]: whole scored groups (rows `scored` of the scored region), their logits
+        and 2^(z - m); tmp: a buffer of their shape (every product is formed in it)."""
         g = self.group_rows
-        z3 = z.view(-1, g, z.shape[-1])
+        z3, e3, t3 = (t.view(-1, g, z.shape[-1]) for t in (z, e, tmp))
         zf = z3[:, -1:]  # each group's last row: the model's output at that position
-        e = torch.exp2(z - m[:, None]).view(z3.shape)
         st, groups = self.last, slice(scored.start // g, scored.stop // g)
-        st["d"][scored] = c * st["d"][scored] + blocked_sum(e * (zf - z3)).view(-1)
-        st["dot"][scored] += blocked_sum(z3 * zf).view(-1)
-        st["nz"][scored] += blocked_sum(z * z)
+        d = blocked_sum(torch.sub(zf, z3, out=t3).mul_(e3)).view(-1)
+        st["d"][scored] = c * st["d"][scored] + d
+        st["dot"][scored] += blocked_sum(torch.mul(z3, zf, out=t3)).view(-1)
+        st["nz"][scored] += blocked_sum(torch.mul(z, z, out=tmp))
         st["nf"][groups] += blocked_sum(zf[:, 0] * zf[:, 0])
         if self.scored_ids is None:
             return
         logit = self.scored_logits[scored]  # [n, A]
-        above = (z[:, None, :] > logit[:, :, None]).sum(-1)
+        above = torch.stack([(z > logit[:, a, None]).sum(-1) for a in range(logit.shape[1])], -1)
         local = self.scored_ids[groups].repeat_interleave(g, 0) - start
         inside = (local >= 0) & (local < z.shape[-1])
         if inside.any():
@@ -184,7 +189,7 @@ def tiled_sweep(x: torch.Tensor, groups: list[tuple[int, int]], head_chunk: Call
     step = 1 << max(6, (elements // rows_per_tile).bit_length() - 1)
     slices = row_slices(groups, rows_per_tile)
     tile = torch.empty(rows_per_tile * min(step, vocab), device=x.device)
-    scratch = torch.empty_like(tile)
+    scratch = torch.empty(2 * tile.numel(), device=x.device)
     for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
         stop = min(start + step, vocab)
         head = head_chunk(start, stop)

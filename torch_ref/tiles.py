@@ -40,7 +40,7 @@ def _seconds(rows: int, tokens: int) -> float:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(ROWS, D, generator=gen)
     w = torch.randn(TOKENS, D, generator=gen) / D ** 0.5
-    tile, scratch = torch.empty(rows * tokens), torch.empty(rows * tokens)
+    tile, scratch = torch.empty(rows * tokens), torch.empty(2 * rows * tokens)
     best = float("inf")
     for _ in range(2):
         stats = TiledStats(ROWS, 1, 0, 5, None, None, x.device, TOKENS)
