@@ -29,8 +29,9 @@ from mlx_lens.bounds import SUM_BLOCK, summation_depth
 from mlx_lens.contract import LayerStats, SweepOptions
 from torch_ref.tiles import cpu_tile
 
-# On a CPU the tile is calibrated per machine (torch_ref/tiles.py). On a GPU, tiles are sized for launch overhead instead: up to 256 MiB, and at most 1/32 of the
-# free device memory (two tile buffers and the fp32 chunk of W must fit beside the model).
+# On a CPU the tile is calibrated per machine (torch_ref/tiles.py). On a GPU, tiles are sized
+# for launch overhead instead: up to 256 MiB, and at most 1/32 of the free device memory (two
+# tile buffers and the fp32 chunk of W must fit beside the model).
 GPU_TILE_ELEMENTS = 2**26
 GPU_ROWS_PER_TILE = 8192
 
