@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from mlx_lens.bounds import FP32_TINY
+
 ALL = "all"  # the group of rows computed over every fact
 AGGREGATE_COLUMNS = ["group", "layer", "metric", "n", "mean", "median", "ci_low", "ci_high"]
 METRICS = sorted(["p_answer", "log10_rank", "entropy", "kl_to_final_bits", "control_p",
@@ -16,7 +18,9 @@ def control_summary(long: pd.DataFrame) -> pd.DataFrame:
     margin = long["control_margin"]
     # A fact without a control has NaN margins on every row.
     with_control = pd.unique(long.loc[margin.notna(), "fact_id"])
-    first = long.loc[margin > 0].groupby("fact_id")["layer"].min()
+    # Positive means above fp32's smallest normal number: below it a probability may read as 0
+    # on one device and as a subnormal on another (docs/numerics.md §2).
+    first = long.loc[margin > FP32_TINY].groupby("fact_id")["layer"].min()
     return pd.DataFrame({
         "fact_id": with_control,
         "first_control_margin_positive": first.reindex(with_control).to_numpy(),

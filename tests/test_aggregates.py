@@ -146,9 +146,10 @@ def test_a_group_named_all_is_refused():
 
 
 def margins_table():
-    """Hand-made control margins: f-late turns positive at layer 2, f-early at 0, f-never never,
-    f-dip goes positive at 1 (then back), f-none has no control; f-nan's layer 0 is NaN."""
-    margins = {"f-late": [-0.5, -0.1, 0.2, 0.4], "f-early": [0.1, 0.3, 0.5, 0.9],
+    """Hand-made control margins: f-late turns positive at layer 2 (layer 0's subnormal margin,
+    which another device flushes to 0, does not count), f-early at 0, f-never never, f-dip goes
+    positive at 1 (then back), f-none has no control; f-nan's layer 0 is NaN."""
+    margins = {"f-late": [2.8e-40, -0.1, 0.2, 0.4], "f-early": [0.1, 0.3, 0.5, 0.9],
                "f-never": [-0.3, -0.2, 0.0, -0.1], "f-dip": [-0.1, 0.05, -0.2, 0.3],
                "f-none": [np.nan] * 4, "f-nan": [np.nan, -0.2, 0.1, 0.2]}
     return pd.DataFrame([{"fact_id": f, "layer": layer, "control_margin": m}
