@@ -49,14 +49,18 @@ def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) ->
     return int(max(1, min(MAX_BATCH, free // 16 // per_prompt)))
 
 
-def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, int]]], lens: Lens,
+def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], lens: Lens,
            batch: int | None) -> list[LayerStats]:
-    """LayerStats (T = 1) of every (ids, scored) item, in the items' order."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    """LayerStats (T = 1) of every (ids, scored) item, in the items' order. A batch holds items
+    with as many scored ids each (facts score one, controls two), in order of length."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][1]), len(items[i][0])))
     out: list[LayerStats | None] = [None] * len(items)
     b = batch or batch_size(backend, max(len(ids) for ids, _ in items))
-    for first in progress(range(0, len(order), b), "fact batches"):
-        chunk = order[first:first + b]
+    batches = [order[first:first + b] for first in range(0, len(order), b)]
+    # a batch may not mix scored-id counts: split where they change
+    batches = [[i for i in chunk if len(items[i][1]) == n] for chunk in batches
+               for n in sorted({len(items[i][1]) for i in chunk})]
+    for chunk in progress(batches, "fact batches"):
         stats = backend.sweep_next_token([items[i][0] for i in chunk],
                                          [items[i][1] for i in chunk], lens, NEXT_TOKEN_K)
         for i, s in zip(chunk, stats):
@@ -65,22 +69,23 @@ def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, int]]], len
 
 
 def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
-               names: TokenNames, collapse: CollapseSettings) -> tuple[dict, pd.DataFrame]:
+               names: TokenNames, collapse: CollapseSettings) -> tuple[dict, dict]:
+    """The fact's per-fact row and its columns of the long table (plain arrays: one DataFrame
+    is made for all facts at the end)."""
     stats, _ = health.checked(stats)
     flags = next_token_flags(stats, fact.ids, fact.answer_id, collapse)
     top1 = stats.topk_ids[:, 0, 0]
     n = len(top1)
-    layers = pd.DataFrame({
-        "fact_id": fact.fact.id, "group": fact.fact.group, "layer": np.arange(n),
+    p_control = (health.checked(control)[0].p_scored.T if control is not None
+                 else np.full((2, n), np.nan))
+    layers = {
+        "fact_id": [fact.fact.id] * n, "group": [fact.fact.group] * n, "layer": np.arange(n),
         "entropy": stats.entropy[:, 0], "top1": [names(i) if i >= 0 else "" for i in top1],
         "top1_id": top1, "p1": stats.topk_probs[:, 0, 0], "p_answer": stats.p_answer,
-        "answer_rank": rank_column(stats.answer_rank, pd.RangeIndex(n)),
-        "kl_to_final_bits": stats.kl_to_final, "cos_to_final": stats.cos_to_final, **flags})
-    if control is not None:
-        layers["control_p"], layers["control_p_answer"] = health.checked(control)[0].p_scored.T
-    else:
-        layers["control_p"] = layers["control_p_answer"] = np.nan
-    layers["control_margin"] = layers["control_p"] - layers["control_p_answer"]
+        "answer_rank": stats.answer_rank, "kl_to_final_bits": stats.kl_to_final,
+        "cos_to_final": stats.cos_to_final, **flags,
+        "control_p": p_control[0], "control_p_answer": p_control[1],
+        "control_margin": p_control[0] - p_control[1]}
     final = int(top1[-1])
     per_fact = {"fact_id": fact.fact.id, "group": fact.fact.group, "prompt": fact.fact.prompt,
                 "answer": fact.fact.answer, "answer_token": names(fact.answer_id),
@@ -96,7 +101,7 @@ def run_suite(backend: Backend, facts: list[Fact], lens: Lens = "final-norm",
     """Every fact (and its control) through the lens at the next-token position."""
     collapse = collapse or CollapseSettings()
     encoded = encode_facts(facts, backend.tokenizer, backend.info.n_ctx)
-    items = [(f.ids, (f.answer_id, f.answer_id)) for f in encoded]
+    items = [(f.ids, (f.answer_id,)) for f in encoded]
     controls = {i: len(items) + k for k, i in enumerate(
         i for i, f in enumerate(encoded) if f.control_ids is not None)}
     items += [(encoded[i].control_ids, (encoded[i].control_answer_id,
@@ -105,7 +110,9 @@ def run_suite(backend: Backend, facts: list[Fact], lens: Lens = "final-norm",
     names = TokenNames(backend.tokenizer.decode)
     rows = [_fact_rows(f, stats[i], stats[controls[i]] if i in controls else None, names,
                        collapse) for i, f in enumerate(encoded)]
-    long = pd.concat([layers for _, layers in rows], ignore_index=True)
+    long = pd.DataFrame({key: np.concatenate([layers[key] for _, layers in rows])
+                         for key in rows[0][1]})
+    long["answer_rank"] = rank_column(long["answer_rank"].to_numpy(), long.index)
     per_fact = pd.DataFrame([fact for fact, _ in rows])
     for column in per_fact.columns:
         if column.startswith(("L_", "first_", "delta_")):
