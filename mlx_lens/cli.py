@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="also run a fact suite: JSONL or CSV with prompt, answer and optional "
                           "id, group, control_prompt, control_answer; 'default' for the packaged "
                           "capital-city suite")
+    report = sub.add_parser("report", help="one self-contained HTML page of a run folder")
+    report.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/run-latest")
+    report.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
     return parser
 
 
@@ -219,6 +222,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from mlx_lens.report import write_report
+
+    print(f"  wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs (no staging left)."""
 
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity}[args.command](args)
+        commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report}
+        return commands[args.command](args)
     except LensError as exc:
         print(f"mlx-lens: error: {exc}", file=sys.stderr)
         return EXIT_SKIPPED if isinstance(exc, DoesNotFit) else 2
