@@ -27,6 +27,7 @@ from mlx_lens.suite import run_suite
 from mlx_lens.suite_tables import write_suite_tables
 
 
+GRID_COLOURS = ("entropy", "p1")  # mlx_lens.plots.GRID_COLOURS, without importing matplotlib
 MODEL_HELP = "local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)"
 # run options a child process for one model gets from a multi-model run (dest, flag)
 _CHILD_OPTIONS = (("backend", "--backend"), ("device", "--device"), ("dtype", "--dtype"),
@@ -80,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="also run a fact suite: JSONL or CSV with prompt, answer and optional "
                           "id, group, control_prompt, control_answer; 'default' for the packaged "
                           "capital-city suite")
+    run.add_argument("--no-plots", dest="plots", action="store_false",
+                     help="draw no pictures (plot-*.png) of the run")
+    run.add_argument("--grid-colour", choices=GRID_COLOURS, default="entropy",
+                     help="colour of the logit-lens grid: entropy (bits) or p(top-1)")
+    plot = sub.add_parser("plot", help="draw a run folder's pictures (again) from its artifacts")
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/run-latest")
+    plot.add_argument("--grid-colour", choices=GRID_COLOURS, default="entropy",
+                      help="colour of the logit-lens grid: entropy (bits) or p(top-1)")
     report = sub.add_parser("report", help="one self-contained HTML page of a run folder")
     report.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/run-latest")
     report.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
@@ -169,6 +178,7 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     child = [a for dest, flag in _CHILD_OPTIONS for a in (flag, str(getattr(args, dest)))]
     child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
     child += ["--facts", args.facts] if args.facts else []
+    child += ["--no-plots"]  # the pictures of the whole folder are drawn once, at the end
     outcomes = []
     for i, model in enumerate(models, 1):
         print(f"[{i}/{len(models)}] {model}", flush=True)
@@ -176,6 +186,28 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
         print(f"[{i}/{len(models)}] {model}: {outcomes[-1].status}", flush=True)
     print(table(outcomes))
     return outcomes
+
+
+def _draw_plots(out_dir: Path, colour: str) -> list[Path]:
+    """The run's pictures; failing to draw them costs the pictures, never the artifacts."""
+    try:
+        from mlx_lens.plots import draw_run_dir  # matplotlib is imported only to draw
+
+        return draw_run_dir(out_dir, colour)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        if not isinstance(exc, LensError):
+            reason = f"{type(exc).__name__}: {reason}"
+        print(f"mlx-lens: warning: no pictures drawn: {reason}", file=sys.stderr)
+        return []
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mlx_lens.plots import draw_run_dir
+
+    for path in draw_run_dir(args.run_dir, args.grid_colour):
+        print(f"  wrote {path}")
+    return 0
 
 
 def _make_out_dir(out_dir: Path) -> bool:
@@ -208,6 +240,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             paths = sorted([*out_dir.glob("output-*"), *out_dir.glob("suite-*")])
             if not paths:
                 raise LensError("no model produced artifacts")
+        if args.plots:
+            paths += _draw_plots(out_dir, args.grid_colour)
     except BaseException:
         if args.out_dir is None:
             run_dir.discard(out_dir)
@@ -241,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report}
+        commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report,
+                    "plot": cmd_plot}
         return commands[args.command](args)
     except LensError as exc:
         print(f"mlx-lens: error: {exc}", file=sys.stderr)
