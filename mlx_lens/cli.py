@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 from mlx_lens import backends, health, run_dir
+from mlx_lens.api import ModelLens, load
 from mlx_lens.artifacts import write_model_artifacts
 from mlx_lens.device_policy import DoesNotFit
 from mlx_lens.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.contract import LENSES
 from mlx_lens.errors import LensError
-from mlx_lens.experiment import ExperimentOptions, run_experiment
+from mlx_lens.experiment import ExperimentOptions
 from mlx_lens.facts import Fact, load_facts
 from mlx_lens.launcher import (EXIT_SKIPPED, ORIGINAL_MODELS, ModelOutcome, run_one_process,
                                summary_of, table)
@@ -23,7 +24,6 @@ from mlx_lens.models import resolve
 from mlx_lens.probes import ANSWER, PROMPT
 from mlx_lens.self_test import report as self_test_report
 from mlx_lens.self_test import run_self_test, self_test_layers
-from mlx_lens.suite import run_suite
 from mlx_lens.suite_tables import write_suite_tables
 
 
@@ -95,15 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace, model: str | None):
-    source = resolve(model)
-    name, reason = backends.choose(args.backend)
-    print(f"backend: {name} ({reason})")
-    return source, backends.load(name, source, device=args.device, dtype=args.dtype), reason
+def _load(args: argparse.Namespace, model: str | None, lens: str = "final-norm") -> ModelLens:
+    return load(model, args.backend, lens, args.device, args.dtype,
+                announce=lambda name, reason: print(f"backend: {name} ({reason})", flush=True))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    _, backend, _ = _load(args, args.model)
+    backend = _load(args, args.model).backend
     print(f"user: {args.prompt}\n{backend.info.name}: {chat(backend, args.prompt, args.max_tokens)}")
     return 0
 
@@ -129,7 +127,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_self_test(args: argparse.Namespace) -> int:
-    source, backend, _ = _load(args, args.models[0] if args.models else None)
+    lens = _load(args, args.models[0] if args.models else None)
+    source, backend = lens.source, lens.backend
     rows = run_self_test(backend)
     print(f"self-test {source.name} [{backend.info.backend} {backend.info.device}]: norm scale "
           f"applied by the lens vs by hand, layers {self_test_layers(backend.info.n_layers)}")
@@ -142,25 +141,23 @@ def cmd_self_test(args: argparse.Namespace) -> int:
 def run_single(args: argparse.Namespace, model: str | None, out_dir: Path,
                facts: list[Fact] | None = None) -> list[Path]:
     started = time.perf_counter()
-    opts = ExperimentOptions(
-        prompt=args.prompt, answer=args.answer, lens=args.lens,
-        collapse=CollapseSettings(args.copy_threshold, args.copy_margin), probes=args.probes,
-        keep_residuals=args.keep_residuals)
-    source, backend, reason = _load(args, model)
+    collapse = CollapseSettings(args.copy_threshold, args.copy_margin)
+    ExperimentOptions(prompt=args.prompt, answer=args.answer)  # bad input fails before loading
+    lens = _load(args, model, args.lens)
     seconds = {"load": time.perf_counter() - started}
-    result = run_experiment(backend, opts, {"backend_reason": reason})
+    result = lens.run(args.prompt, args.answer, args.probes, collapse, args.keep_residuals)
     seconds.update(result.seconds)
     if facts:
         began = time.perf_counter()
-        suite = run_suite(backend, facts, args.lens, opts.collapse)
+        suite = lens.run_suite(facts, collapse)
         seconds["suite"] = time.perf_counter() - began
     line = health.warning(result.payload["diagnostics"])
     if line:
         print(f"mlx-lens: warning: {line}", file=sys.stderr)
     began = time.perf_counter()
-    paths = write_model_artifacts(out_dir, source.name, result)
+    paths = write_model_artifacts(out_dir, lens.source.name, result)
     if facts:
-        paths += write_suite_tables(out_dir, source.name, suite.long, suite.per_fact,
+        paths += write_suite_tables(out_dir, lens.source.name, suite.long, suite.per_fact,
                                     suite.aggregates)
     seconds["write"] = time.perf_counter() - began
     s = summary_of(result.payload)

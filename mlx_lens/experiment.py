@@ -4,6 +4,7 @@ Backend-neutral: it sees a `Backend` and numpy arrays only.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,6 +45,24 @@ class ModelResult:
     residuals: np.ndarray | None = None  # [R, T, d] with --keep-residuals
     prompt_ids: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
+
+    @property
+    def summary(self) -> dict:
+        """The headline numbers: final answer and its probability, L_copy, L_copy_H,
+        L_semantic, delta_layers, the first layers by KL and answer rank."""
+        d = self.payload["diagnostics"]
+        top = final_answer(self.payload)
+        keys = ("L_copy", "L_copy_H", "L_semantic", "delta_layers", "first_kl_below_0.5",
+                "first_kl_below_1.0", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10")
+        return {"model": d["model"], "answer": top[0], "p": top[1],
+                **{k: d[k] for k in keys if k in d}}
+
+
+def final_answer(payload: dict) -> tuple[str | None, float]:
+    """The final top-1 token and its probability (none when the numeric-health check blanked
+    the model's output row)."""
+    token, p = (payload["final_prediction"]["topk"] or [[None, math.nan]])[0]
+    return token, p
 
 
 def encode_prompt(tokenizer, prompt: str, n_ctx: int | None = None) -> list[int]:

@@ -6,13 +6,13 @@ model cannot take the others' artifacts with it.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_lens.errors import LensError
+from mlx_lens.experiment import final_answer
 from mlx_lens.models import resolve
 
 # The original experiment's model set (hub ids; they need a reachable hub).
@@ -42,8 +42,7 @@ class ModelOutcome:
 
 
 def summary_of(payload: dict) -> dict:
-    # A final row blanked by the numeric-health check has no top-1.
-    d, top = payload["diagnostics"], (payload["final_prediction"]["topk"] or [[None, math.nan]])[0]
+    d, top = payload["diagnostics"], final_answer(payload)
     return {"model": d["model"], "backend": d["backend"], "device": d["device"],
             "dtype": d["compute_dtype"], "L_copy": d["L_copy"], "L_semantic": d["L_semantic"],
             "n_layers": payload["model_stats"]["num_layers"], "answer": top[0], "p": top[1]}

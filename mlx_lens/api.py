@@ -1,0 +1,70 @@
+"""The Python API: what `mlx-lens run` does, for a notebook or a script.
+
+    import mlx_lens
+
+    lens = mlx_lens.load()                 # the packaged SmolLM2, backend chosen as the CLI does
+    result = lens.run("Give the city name only, plain text. The capital of France is called "
+                      "simply", "Paris")
+    result.pure                            # per layer at the next-token position (pandas)
+    result.summary["L_semantic"]
+    suite = lens.run_suite("default")      # or a facts file, or a list of Fact
+    suite.aggregates
+
+The CLI is a thin layer over these calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mlx_lens import backends
+from mlx_lens.contract import LENSES, Backend, Lens
+from mlx_lens.errors import LensError
+from mlx_lens.experiment import ExperimentOptions, ModelResult, run_experiment
+from mlx_lens.facts import Fact, load_facts
+from mlx_lens.metrics import CollapseSettings
+from mlx_lens.models import ModelSource, resolve
+from mlx_lens.probes import ANSWER, PROMPT
+from mlx_lens.suite import SuiteResult, run_suite
+
+
+@dataclass
+class ModelLens:
+    """A loaded model and the lens to decode it with."""
+
+    backend: Backend
+    source: ModelSource
+    lens: Lens = "final-norm"
+    backend_reason: str = ""  # why this backend (recorded in the JSON)
+
+    def run(self, prompt: str = PROMPT, answer: str = ANSWER, probes: bool = True,
+            collapse: CollapseSettings | None = None, keep_residuals: bool = False) -> ModelResult:
+        """The logit-lens experiment on one prompt: every layer at every position."""
+        opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
+                                 collapse=collapse or CollapseSettings(), probes=probes,
+                                 keep_residuals=keep_residuals)
+        return run_experiment(self.backend, opts, {"backend_reason": self.backend_reason})
+
+    def run_suite(self, facts: str | Path | Sequence[Fact],
+                  collapse: CollapseSettings | None = None) -> SuiteResult:
+        """A fact suite (a JSONL/CSV file, "default", or Fact objects) at the next-token
+        position, batched."""
+        if isinstance(facts, (str, Path)):
+            facts = load_facts(str(facts))
+        return run_suite(self.backend, list(facts), self.lens, collapse)
+
+
+def load(model: str | None = None, backend: str = "auto", lens: Lens = "final-norm",
+         device: str = "auto", dtype: str = "auto",
+         announce: Callable[[str, str], None] | None = None) -> ModelLens:
+    """Load `model` (a local folder, a .gguf file, a hub id; None: the packaged SmolLM2) on
+    `backend` ("auto", "mlx", "torch"), to be decoded with `lens`. announce(backend, reason) is
+    called once the backend is chosen, before the (slow) load."""
+    if lens not in LENSES:
+        raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)}")
+    source = resolve(model)
+    name, reason = backends.choose(backend)
+    if announce:
+        announce(name, reason)
+    return ModelLens(backends.load(name, source, device=device, dtype=dtype), source, lens, reason)
