@@ -57,6 +57,14 @@ class ModelResult:
         return {"model": d["model"], "answer": top[0], "p": top[1],
                 **{k: d[k] for k in keys if k in d}}
 
+    def plot(self, colour: str = "entropy") -> dict:
+        """matplotlib Figures: the logit-lens grid (cells coloured by `colour`: entropy or p1)
+        and the next-token trajectory (mlx_lens/plots.py)."""
+        from mlx_lens import plots  # matplotlib is imported only to draw
+
+        return {"grid": plots.grid(self.records, self.payload, colour),
+                "trajectory": plots.trajectory(self.pure, self.payload)}
+
 
 def final_answer(payload: dict) -> tuple[str | None, float]:
     """The final top-1 token and its probability (none when the numeric-health check blanked

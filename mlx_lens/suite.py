@@ -30,6 +30,13 @@ class SuiteResult:
     per_fact: pd.DataFrame  # one row per fact
     aggregates: pd.DataFrame  # per group, layer and metric
 
+    def plot(self) -> dict:
+        """matplotlib Figures: per layer the mean and 95% band of p(answer) and p(control),
+        and the entropy, per group (mlx_lens/plots.py)."""
+        from mlx_lens import plots  # matplotlib is imported only to draw
+
+        return {"suite": plots.suite_bands(self.aggregates)}
+
     def summary_line(self) -> str:
         f = self.per_fact
         semantic = f["L_semantic"].dropna()
