@@ -56,12 +56,15 @@ def _fonts() -> tuple[list[str], frozenset[int]]:
     return families, frozenset(covered)
 
 
+def _style():
+    """Never LaTeX (a token is text, whatever the user's rc file says); the fonts above."""
+    return matplotlib.rc_context({"text.usetex": False, "font.family": _fonts()[0]})
+
+
 def _styled(draw: Callable) -> Callable:
-    """Draw under one style: never LaTeX (a token is text, whatever the user's rc file says),
-    the font families above."""
     @functools.wraps(draw)
     def wrapper(*args, **kwargs):
-        with matplotlib.rc_context({"text.usetex": False, "font.family": _fonts()[0]}):
+        with _style():
             return draw(*args, **kwargs)
     return wrapper
 
@@ -78,10 +81,17 @@ def token_label(token: str, chars: int = LABEL_CHARS) -> str:
     return "".join(c if ord(c) in covered else "□" for c in shown)
 
 
-def _text_width(text: str, size: float) -> float:
+def _text_width(text: str, size: float, weight: str = "normal") -> float:
     """Width in points of text drawn at `size` points."""
-    prop = font_manager.FontProperties(family=_fonts()[0], size=size)
+    prop = font_manager.FontProperties(family=_fonts()[0], size=size, weight=weight)
     return text_to_path.get_text_width_height_descent(text, prop, ismath=False)[0]
+
+
+def _colour_top(values) -> float:
+    """The top of an entropy colour scale: the largest finite value, at least 1 bit."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return max(1.0, float(finite.max())) if finite.size else 1.0
 
 
 def _model(payload: dict) -> str:
@@ -95,6 +105,29 @@ def _text_colour(rgba: np.ndarray) -> np.ndarray:
                     colors.to_rgba_array("white"))
 
 
+def _wrap(text: str, width: float, size: float) -> list[str]:
+    """text broken at spaces into lines at most `width` points wide at `size` points."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and _text_width(f"{lines[-1]} {word}", size) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _grid_cells(records: pd.DataFrame, value_column: str):
+    """[layers, positions] arrays of the last MAX_COLUMNS positions: values and top-1 tokens;
+    the layers, those positions' prompt tokens, and how many positions were left out."""
+    wide = records.pivot(index="layer", columns="pos", values=[value_column, "top1"])
+    positions = wide[value_column].columns.to_numpy()
+    left_out = max(0, len(positions) - MAX_COLUMNS)
+    tokens = records.drop_duplicates("pos").set_index("pos")["token"].reindex(positions)
+    return (wide[value_column].to_numpy(dtype=float)[:, left_out:],
+            wide["top1"].fillna("").to_numpy(dtype=object)[:, left_out:],
+            wide.index.to_numpy(), tokens.fillna("").to_numpy(dtype=object)[left_out:], left_out)
+
+
 @_styled
 def grid(records: pd.DataFrame, payload: dict, colour: str = "entropy") -> Figure:
     """The logit-lens grid: a row per layer (embeddings at the bottom, the model's output at the
@@ -104,80 +137,75 @@ def grid(records: pd.DataFrame, payload: dict, colour: str = "entropy") -> Figur
     if colour not in GRID_COLOURS:
         raise ValueError(f"colour must be one of {GRID_COLOURS}, got {colour!r}")
     d = payload["diagnostics"]
-    value_column = "entropy" if colour == "entropy" else "prob1"
-    wide = records.pivot(index="layer", columns="pos", values=[value_column, "top1"])
-    layers, positions = wide.index.to_numpy(), wide[value_column].columns.to_numpy()
-    tokens = records.drop_duplicates("pos").set_index("pos")["token"].reindex(positions)
-    shown = slice(max(0, len(positions) - MAX_COLUMNS), None)
-    values = wide[value_column].to_numpy(dtype=float)[:, shown]
-    top1 = wide["top1"].fillna("").to_numpy(dtype=object)[:, shown]
-    tokens, positions = tokens.to_numpy(dtype=object)[shown], positions[shown]
+    values, top1, layers, tokens, left_out = _grid_cells(
+        records, "entropy" if colour == "entropy" else "prob1")
     n_rows, n_cols = values.shape
     cell_text = np.vectorize(token_label, otypes=[object])(top1)
     x_labels = [token_label(t) for t in tokens]
     y_labels = [str(layer) for layer in layers]
+    what = "entropy (bits)" if colour == "entropy" else "p(top-1)"
+    answer = d.get("answer_token")
+    is_answer = np.zeros_like(values, dtype=bool)  # drawn in bold and boxed
+    if answer is not None:
+        is_answer[:, -1] = top1[:, -1] == answer
+    cut = f", last {n_cols} of {n_cols + left_out} positions" if left_out else ""
+    caption = (f"Cell: the top-1 prediction for the token after that position, colour: {what}. "
+               "Rows: layers, 0 = embeddings, top = the model's output."
+               + (f" Box: the answer {token_label(answer)!r} is top-1 at the next token (last "
+                  "column)." if answer is not None else ""))
 
-    # Everything is measured at 1 pt and scales with the font: the widest cell text and tick
-    # label fix the cell and the margins, so no text overflows its cell at any size.
-    widest_cell = max([_text_width(s, 1.0) for s in set(cell_text.ravel()) | {"00"}])
-    widest_x = max(_text_width(s, 1.0) for s in x_labels)
-    widest_y = max(_text_width(s, 1.0) for s in y_labels)
+    # Text widths are measured at 1 pt and scale with the font: the widest cell text and tick
+    # labels fix the cells and margins, so no text overflows its cell at any font size.
+    widest_cell = max([_text_width(t, 1.0) for t in set(cell_text.ravel()) | {"00"}]
+                      + [_text_width(t, 1.0, "bold") for t in cell_text[is_answer]])
+    widest_x = max(_text_width(t, 1.0) for t in x_labels)
+    widest_y = max(_text_width(t, 1.0) for t in y_labels)
 
-    def layout(fs: float) -> dict[str, float]:  # inches
-        cell_w, cell_h = (widest_cell + 1.0) * fs / 72, 1.8 * fs / 72
-        margins = {"left": (widest_y + 3.5) * fs / 72 + 0.15,
-                   "bottom": (widest_x + 3.5) * fs / 72 + 0.15,
-                   "top": 3.2 * (fs + 1) / 72 + 0.15, "right": 5.0 * fs / 72 + 0.45}
-        width = max(n_cols * cell_w + margins["left"] + margins["right"], 6.5)
-        return {**margins, "axes_w": n_cols * cell_w, "axes_h": n_rows * cell_h,
-                "width": width, "height": n_rows * cell_h + margins["top"] + margins["bottom"]}
+    def layout(fs: float, title_lines: int) -> dict[str, float]:  # inches
+        cell_w = (widest_cell + 1.6) * fs / 72
+        cell_h = max(1.8 * fs / 72, 2.0 / n_rows)  # a few rows still leave room for the y label
+        m = {"left": (widest_y + 3.5) * fs / 72 + 0.15, "right": 5.0 * fs / 72 + 0.45,
+             "bottom": (widest_x + 3.5) * fs / 72 + 0.15,
+             "top": 1.3 * title_lines * (fs + 1) / 72 + 0.2}
+        width = max(n_cols * cell_w + m["left"] + m["right"], 6.5)
+        return {**m, "axes_w": n_cols * cell_w, "axes_h": n_rows * cell_h, "width": width,
+                "height": n_rows * cell_h + m["top"] + m["bottom"],
+                "axes_x": (width - n_cols * cell_w - m["right"] + m["left"]) / 2}  # centred
 
     fs = MAX_FONT
-    size = layout(fs)
-    scale = min(_MAX_SIZE[0] / size["width"], _MAX_SIZE[1] / size["height"])
-    if scale < 1:
-        fs = max(MIN_FONT, fs * scale)
-        size = layout(fs)
+    while fs > MIN_FONT and (layout(fs, 3)["width"] > _MAX_SIZE[0]
+                             or layout(fs, 3)["height"] > _MAX_SIZE[1]):
+        fs = max(MIN_FONT, fs - 0.25)
+    size = layout(fs, 3)
+    title = [f"{_model(payload)}: logit lens ({d.get('lens', '?')}{cut})",
+             *_wrap(caption, (size["width"] - size["axes_x"] - 0.15) * 72, fs + 1)]
+    size = layout(fs, len(title))
     fig = Figure(figsize=(size["width"], size["height"]), dpi=DPI)
     # Explicit axes geometry (not a layout engine): the cells are exactly the size measured.
-    left = (size["width"] - size["axes_w"] - size["right"] + size["left"]) / 2  # centred
-    ax = fig.add_axes((left / size["width"], size["bottom"] / size["height"],
+    ax = fig.add_axes((size["axes_x"] / size["width"], size["bottom"] / size["height"],
                        size["axes_w"] / size["width"], size["axes_h"] / size["height"]))
 
-    finite = values[np.isfinite(values)]
-    norm = (colors.Normalize(0.0, max(1.0, finite.max() if finite.size else 1.0))
-            if colour == "entropy" else colors.Normalize(0.0, 1.0))
+    norm = colors.Normalize(0.0, _colour_top(values) if colour == "entropy" else 1.0)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad=_BAD)
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, origin="lower",
                       aspect="auto", interpolation="nearest")
     ink = _text_colour(cmap(norm(np.ma.masked_invalid(values))))
-    answer = d.get("answer_token")
-    is_answer = np.zeros_like(values, dtype=bool)
-    if answer is not None:
-        is_answer[:, -1] = top1[:, -1] == answer
     for r, c in zip(*np.nonzero(cell_text != "")):
         ax.text(c, r, cell_text[r, c], ha="center", va="center", fontsize=fs, color=ink[r, c],
                 fontweight="bold" if is_answer[r, c] else "normal", parse_math=False)
     for r in np.flatnonzero(is_answer[:, -1]):
         ax.add_patch(Rectangle((n_cols - 1.5, r - 0.5), 1, 1, fill=False, edgecolor=_MARK,
-                               linewidth=max(1.0, fs / 4)))
+                               linewidth=max(1.0, fs / 4), zorder=3, clip_on=False))  # over spines
     ax.axvline(n_cols - 1.5, color="white", linewidth=max(1.5, fs / 3))  # next-token column
 
     ax.set_xticks(range(n_cols), x_labels, rotation=90, fontsize=fs, parse_math=False)
     ax.set_yticks(range(n_rows), y_labels, fontsize=fs)
     ax.tick_params(length=2)
-    ax.set_xlabel("prompt token (a cell: the top-1 prediction of the token after it)",
-                  fontsize=fs + 1)
-    ax.set_ylabel("layer (0 = embeddings, top = model output)", fontsize=fs + 1)
-    cut = f", last {n_cols} of {len(tokens) + shown.start} positions" if shown.start else ""
-    what = "entropy (bits)" if colour == "entropy" else "p(top-1)"
-    boxed = (f"; box: answer {token_label(answer)!r} is top-1 at the next token"
-             if answer is not None else "")
-    ax.set_title(f"{_model(payload)}: logit lens ({d.get('lens', '?')}{cut})\n"
-                 f"top-1 token per layer and position, colour: {what}{boxed}",
-                 fontsize=fs + 1, loc="left", parse_math=False)
-    bar_x = (left + size["axes_w"] + 0.12) / size["width"]
-    cax = fig.add_axes((bar_x, size["bottom"] / size["height"], 0.15 / size["width"],
+    ax.set_xlabel("prompt token", fontsize=fs + 1)
+    ax.set_ylabel("layer", fontsize=fs + 1)
+    ax.set_title("\n".join(title), fontsize=fs + 1, loc="left", parse_math=False)
+    cax = fig.add_axes(((size["axes_x"] + size["axes_w"] + 0.12) / size["width"],
+                        size["bottom"] / size["height"], 0.15 / size["width"],
                         size["axes_h"] / size["height"]))
     bar = fig.colorbar(image, cax=cax)
     bar.set_label(what, fontsize=fs + 1)
@@ -237,13 +265,13 @@ def suite_bands(aggregates: pd.DataFrame, title: str = "") -> Figure:
     fig = Figure(figsize=(1.6 + 3.4 * len(groups), 5.4), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, len(groups), sharex=True, sharey="row", squeeze=False,
                         height_ratios=[4, 1])
-    entropy = aggregates[aggregates["metric"] == "entropy"]
-    norm = colors.Normalize(0.0, max(1.0, float(np.nanmax(entropy["mean"]))) if len(entropy)
-                            else 1.0)
-    # The control is dashed and under the answer: with an isomorphic control prompt (the
-    # default suite's) the two curves nearly coincide, and both must stay visible.
-    lines = (("control_p", "C1", "--", "p(control answer | control prompt)"),
-             ("p_answer", "C0", "-", "p(answer | prompt)"))
+    norm = colors.Normalize(0.0, _colour_top(aggregates.loc[aggregates["metric"] == "entropy",
+                                                            "mean"]))
+    # The control is thin, dashed and on top: with an isomorphic control prompt (the default
+    # suite's: the next country) its mean nearly equals the answer's, and both must show.
+    lines = (("p_answer", "C0", dict(linewidth=2.0), "p(answer | prompt)"),
+             ("control_p", "C1", dict(linewidth=1.2, linestyle="--"),
+              "p(control answer | control prompt)"))
     for col, group in enumerate(groups):
         rows = aggregates[aggregates["group"] == group]
         top, strip = axes[0, col], axes[1, col]
@@ -253,7 +281,7 @@ def suite_bands(aggregates: pd.DataFrame, title: str = "") -> Figure:
                 continue
             top.fill_between(m["layer"], m["ci_low"], m["ci_high"], color=colour, alpha=0.25,
                              linewidth=0)
-            top.plot(m["layer"], m["mean"], color=colour, linestyle=style, label=label)
+            top.plot(m["layer"], m["mean"], color=colour, label=label, **style)
         n = rows.loc[rows["metric"] == "p_answer", "n"]
         top.set_title(f"{group} ({n.max() if len(n) else 0} facts)", parse_math=False)
         top.grid(alpha=0.3)
@@ -267,8 +295,7 @@ def suite_bands(aggregates: pd.DataFrame, title: str = "") -> Figure:
     axes[0, 0].set_ylim(bottom=0.0)  # after every group is drawn: the row shares one scale
     axes[0, 0].set_ylabel("probability: mean, 95% CI")
     axes[1, 0].set_ylabel("mean\nentropy")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    axes[0, 0].legend(handles[::-1], labels[::-1], loc="upper left", fontsize=8)
+    axes[0, 0].legend(loc="upper left", fontsize=8)
     fig.colorbar(image, ax=axes[1, :].tolist(), label="bits", aspect=6, pad=0.01)
     fig.suptitle(f"{title}: fact suite per layer" if title else "fact suite per layer",
                  parse_math=False)
@@ -329,7 +356,7 @@ def _payload(path: Path) -> dict:
 
 def _save(fig: Figure, path: Path) -> Path:
     # A temporary name, then a rename: a reader never sees half a PNG.
-    with matplotlib.rc_context({"text.usetex": False, "font.family": _fonts()[0]}):
+    with _style():
         atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=DPI))
     return path
 
