@@ -9,8 +9,10 @@ from mlx_lens.bounds import FP32_TINY
 
 ALL = "all"  # the group of rows computed over every fact
 AGGREGATE_COLUMNS = ["group", "layer", "metric", "n", "mean", "median", "ci_low", "ci_high"]
+# p(answer | control prompt): the target's probability where it is not the answer; a lens that
+# says the target everywhere shows it as high as p_answer.
 METRICS = sorted(["p_answer", "log10_rank", "entropy", "kl_to_final_bits", "control_p",
-                  "control_margin"])  # sorted: the table's row order
+                  "control_p_answer", "control_margin"])  # sorted: the table's row order
 
 
 def control_summary(long: pd.DataFrame) -> pd.DataFrame:
