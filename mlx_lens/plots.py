@@ -35,7 +35,7 @@ MAX_COLUMNS = 64  # a longer prompt's grid shows its last positions (the next-to
 _MAX_SIZE = (40.0, 30.0)  # inches; a grid shrinks its font (not below MIN_FONT) to stay inside
 _BAD = "#d9d9d9"  # cells of rows blanked as non-finite
 _MARK = "#e41a1c"  # the answer's boxes and the collapse lines
-_WHITESPACE = {" ": "·", "\n": "⏎", "\t": "⇥"}
+_WHITESPACE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
 # Fonts tried after DejaVu Sans, for glyphs it lacks (CJK, symbols), where installed.
 _FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans", "Noto Sans Symbols 2",
                    "Arial Unicode MS", "PingFang SC", "Hiragino Sans", "Apple SD Gothic Neo",
@@ -70,9 +70,10 @@ def _styled(draw: Callable) -> Callable:
 
 
 def token_label(token: str, chars: int = LABEL_CHARS) -> str:
-    """A token as the pictures show it: spaces as "·", newlines as "⏎", tabs as "⇥", other
-    invisible characters as escapes; cut to `chars` characters and "…"; a glyph no installed
-    font has as "□" (rather than a warning per glyph). Draw it with parse_math=False."""
+    """A token as the pictures show it: spaces as "␣" (as the HTML report shows them),
+    newlines as "⏎", tabs as "⇥", other invisible characters as escapes; cut to `chars`
+    characters and "…"; a glyph no installed font has as "□" (rather than a warning per
+    glyph). Draw it with parse_math=False."""
     shown = "".join(_WHITESPACE.get(c) or (c if c.isprintable() else ascii(c)[1:-1])
                     for c in token)
     if len(shown) > chars:

@@ -91,10 +91,10 @@ def rendered(fig):
 
 
 def test_token_labels_make_whitespace_visible_and_cut_long_tokens():
-    assert plots.token_label(" Berlin") == "·Berlin"
+    assert plots.token_label(" Berlin") == "␣Berlin"
     assert plots.token_label("\n\n") == "⏎⏎"
-    assert plots.token_label("\t x") == "⇥·x"
-    assert plots.token_label(" extraordinarily") == "·extraor…"
+    assert plots.token_label("\t x") == "⇥␣x"
+    assert plots.token_label(" extraordinarily") == "␣extraor…"
     assert plots.token_label("a\u200bb") == "a\\u200bb"  # invisible characters as escapes
     assert plots.token_label("$x$") == "$x$" and plots.token_label("") == ""
     missing = next((chr(c) for c in range(0x4E00, 0x9FFF) if c not in plots._fonts()[1]), None)
