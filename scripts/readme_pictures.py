@@ -1,0 +1,35 @@
+"""Regenerate the README's pictures (docs/pictures/): `mlx-lens run --facts default --backend torch`
+on the packaged default model into a temporary folder, then its grid, trajectory and suite
+pictures copied over. About five minutes on a laptop CPU (the suite's 393 facts take most).
+
+    .venv/bin/python scripts/readme_pictures.py
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from mlx_lens.cli import main
+from mlx_lens.models import resolve
+
+PICTURES = Path(__file__).resolve().parent.parent / "docs" / "pictures"
+KINDS = ("grid", "trajectory", "suite")
+
+
+def regenerate() -> list[Path]:
+    model = resolve(None).name
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        code = main(["run", "--facts", "default", "--backend", "torch", "--out_dir", str(run)])
+        if code != 0:
+            raise SystemExit(f"mlx-lens run failed (exit {code})")
+        PICTURES.mkdir(parents=True, exist_ok=True)
+        # Fixed names: the README's links do not depend on which model is the default.
+        return [Path(shutil.copyfile(run / f"plot-{model}-{kind}.png", PICTURES / f"{kind}.png"))
+                for kind in KINDS]
+
+
+if __name__ == "__main__":
+    for path in regenerate():
+        print(f"  copied {path}")
