@@ -259,9 +259,10 @@ def _suite_groups(aggregates: pd.DataFrame) -> list[str]:
 
 @_styled
 def suite_bands(aggregates: pd.DataFrame, title: str = "") -> Figure:
-    """A fact suite per layer (Wendler et al. 2024's layout): the mean p(answer) and the
-    controls' p(control answer) with their 95% bootstrap bands, and a strip of the mean entropy
-    below; one column per group ("all" first)."""
+    """A fact suite per layer (Wendler et al. 2024's layout): the mean p(answer), the controls'
+    p(control answer) and p(answer | control prompt) (where the table has it) with their 95%
+    bootstrap bands, and a strip of the mean entropy below; one column per group ("all"
+    first)."""
     groups = _suite_groups(aggregates)
     fig = Figure(figsize=(1.6 + 3.4 * len(groups), 5.4), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, len(groups), sharex=True, sharey="row", squeeze=False,
@@ -272,13 +273,15 @@ def suite_bands(aggregates: pd.DataFrame, title: str = "") -> Figure:
     # suite's: the next country) its mean nearly equals the answer's, and both must show.
     lines = (("p_answer", "C0", dict(linewidth=2.0), "p(answer | prompt)"),
              ("control_p", "C1", dict(linewidth=1.2, linestyle="--"),
-              "p(control answer | control prompt)"))
+              "p(control answer | control prompt)"),
+             ("control_p_answer", "C2", dict(linewidth=1.2, linestyle=":"),
+              "p(answer | control prompt)"))
     for col, group in enumerate(groups):
         rows = aggregates[aggregates["group"] == group]
         top, strip = axes[0, col], axes[1, col]
         for metric, colour, style, label in lines:
             m = rows[rows["metric"] == metric].sort_values("layer")
-            if m.empty or m["mean"].isna().all():  # no controls in this suite
+            if m.empty or m["mean"].isna().all():  # no controls, or a table from before them
                 continue
             top.fill_between(m["layer"], m["ci_low"], m["ci_high"], color=colour, alpha=0.25,
                              linewidth=0)

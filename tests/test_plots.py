@@ -65,7 +65,7 @@ def aggregates_frame(groups=("a", "b")) -> pd.DataFrame:
             rows.append({"fact_id": f"f{i}", "group": group, "layer": layer, "p_answer": p,
                          "answer_rank": 5 - layer, "entropy": rng.uniform(0, 6),
                          "kl_to_final_bits": 4 - layer, "control_p": p / 2,
-                         "control_margin": p / 2 - 0.01})
+                         "control_p_answer": p / 10, "control_margin": p / 2 - p / 10})
     return layer_aggregates(pd.DataFrame(rows), n_boot=200)
 
 
@@ -211,8 +211,10 @@ def test_suite_bands_one_column_per_group(tmp_path):
     fig = plots.suite_bands(aggregates, title="tiny")
     tops = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in tops] == ["all (6 facts)", "a (3 facts)", "b (3 facts)"]
-    for ax in tops:  # p_answer and control_p, each a mean line and a CI band
-        assert len(ax.get_lines()) == 2 and len(ax.collections) == 2
+    for ax in tops:  # p_answer, control_p and control_p_answer: each a mean line and a CI band
+        assert len(ax.get_lines()) == 3 and len(ax.collections) == 3
+    older = aggregates[aggregates["metric"] != "control_p_answer"]  # a table from before it
+    assert len([ax for ax in plots.suite_bands(older).axes if ax.get_title()][0].get_lines()) == 2
     strips = [ax for ax in fig.axes if ax.images]
     assert len(strips) == 3 and strips[0].images[0].get_array().shape == (1, 5)
     assert any(ax.get_ylabel() == "bits" for ax in fig.axes)  # the entropy strip's colour bar
@@ -221,7 +223,8 @@ def test_suite_bands_one_column_per_group(tmp_path):
 
 def test_suite_bands_without_groups_or_controls(tmp_path):
     aggregates = aggregates_frame(groups=("",))
-    aggregates.loc[aggregates["metric"] == "control_p", ["mean", "ci_low", "ci_high"]] = np.nan
+    controls = aggregates["metric"].isin(["control_p", "control_p_answer"])
+    aggregates.loc[controls, ["mean", "ci_low", "ci_high"]] = np.nan
     fig = plots.suite_bands(aggregates)
     tops = [ax for ax in fig.axes if ax.get_title()]
     assert len(tops) == 1 and len(tops[0].get_lines()) == 1
