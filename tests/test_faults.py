@@ -31,8 +31,8 @@ def test_published_run_has_the_umask_permissions(tiny_model_dirs, tmp_path, caps
     assert code == 0, err
     latest = tmp_path / "runs" / "run-latest"
     assert stat.S_IMODE(latest.stat().st_mode) == 0o755
-    files = list(latest.iterdir())
-    assert len(files) == 4 and all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files)
+    files = list(latest.iterdir())  # timestamp, JSON, two CSVs, two pictures
+    assert len(files) == 6 and all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files)
 
 
 def test_next_run_removes_only_dead_runs_staging(tmp_path):

@@ -42,9 +42,12 @@ def run_folder(tiny_model_dirs, tmp_path_factory):
     facts = root / "facts.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS), encoding="utf-8")
     out = root / "run"
+    # --no-plots: the report's own fake pictures below, nothing else
     assert main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch", "--no-probes",
-                 "--facts", str(facts), "--prompt", f"Hi {SCRIPT} & co", "--out_dir", str(out)]) == 0
-    assert main(["run", str(tiny_model_dirs["gpt2"]), "--backend", "torch", "--out_dir", str(out)]) == 0
+                 "--no-plots", "--facts", str(facts), "--prompt", f"Hi {SCRIPT} & co",
+                 "--out_dir", str(out)]) == 0
+    assert main(["run", str(tiny_model_dirs["gpt2"]), "--backend", "torch", "--no-plots",
+                 "--out_dir", str(out)]) == 0
     for i, name in enumerate(["plot-llama-grid.png", "plot-gpt2-trajectory.png", "plot-overlay.png"]):
         (out / name).write_bytes(tiny_png(i))
     return out
