@@ -18,15 +18,20 @@ from mlx_lens.parity import logit_bound
 from torch_ref.backend import TorchBackend
 
 
-def run_cli(args, cwd, capsys):
+def run_main(args, cwd, capsys):
+    """`mlx-lens ARGS` in-process from folder cwd: (exit code, stdout, stderr)."""
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        code = main(["run", *args])
+        code = main(args)
     finally:
         os.chdir(old)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def run_cli(args, cwd, capsys):
+    return run_main(["run", *args], cwd, capsys)
 
 
 def check_artifacts(folder, name, n_layers, probes=True):

@@ -17,6 +17,7 @@ from mlx_lens import run_dir
 from mlx_lens.cli import main
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import encode_prompt
+from tests.test_cli import run_main
 
 
 def test_published_run_has_the_umask_permissions(tiny_model_dirs, tmp_path, capsys):
@@ -24,7 +25,7 @@ def test_published_run_has_the_umask_permissions(tiny_model_dirs, tmp_path, caps
     umask's modes, not mkdtemp's / mkstemp's 0700 / 0600."""
     old = os.umask(0o022)
     try:
-        code, err = run_cli(["run", str(tiny_model_dirs["llama"]), "--backend", "torch",
+        code, _, err = run_main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch",
                              "--no-probes"], tmp_path, capsys)
     finally:
         os.umask(old)
@@ -56,16 +57,6 @@ def test_next_run_removes_only_dead_runs_staging(tmp_path):
     assert mine.name.startswith(f"{run_dir.STAGING_PREFIX}{host}-{os.getpid()}-")
 
 
-def run_cli(args, cwd, capsys):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = main(args)
-    finally:
-        os.chdir(old)
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("out_dir, message", [
     ("a-file", "--out_dir {out_dir} exists and is not a folder"),
     ("a-file/sub", "cannot create --out_dir {out_dir}: Not a directory"),
@@ -74,7 +65,7 @@ def test_out_dir_unfit_is_one_line_before_loading(tmp_path, capsys, out_dir, mes
     (tmp_path / "a-file").write_text("mine")
     out_dir = tmp_path / out_dir
     # a model that does not exist: the out_dir error comes first, before any model is looked at
-    code, err = run_cli(["run", "/no/such/model", "--out_dir", str(out_dir)], tmp_path, capsys)
+    code, _, err = run_main(["run", "/no/such/model", "--out_dir", str(out_dir)], tmp_path, capsys)
     assert code == 2
     assert err.splitlines() == [f"mlx-lens: error: {message.format(out_dir=out_dir)}"]
     assert (tmp_path / "a-file").read_text() == "mine"
@@ -82,12 +73,12 @@ def test_out_dir_unfit_is_one_line_before_loading(tmp_path, capsys, out_dir, mes
 
 
 def test_failed_run_takes_away_the_out_dir_it_made(tmp_path, capsys):
-    code, err = run_cli(["run", "/no/such/model", "--out_dir", str(tmp_path / "new")], tmp_path,
+    code, _, err = run_main(["run", "/no/such/model", "--out_dir", str(tmp_path / "new")], tmp_path,
                         capsys)
     assert code == 2 and "model not found" in err
     assert not (tmp_path / "new").exists()
     (tmp_path / "kept").mkdir()
-    run_cli(["run", "/no/such/model", "--out_dir", str(tmp_path / "kept")], tmp_path, capsys)
+    run_main(["run", "/no/such/model", "--out_dir", str(tmp_path / "kept")], tmp_path, capsys)
     assert (tmp_path / "kept").is_dir()  # the user's own folder stays
 
 
@@ -176,7 +167,7 @@ def test_over_long_prompt_is_refused_before_the_sweep(tiny_model_dirs, tmp_path,
     n_tokens = len(AutoTokenizer.from_pretrained(path).encode(LONG_PROMPT))
     _forbid_sweep(monkeypatch, backend)
     _previous_run(tmp_path)
-    code, err = run_cli(["run", str(path), "--backend", backend, "--prompt", LONG_PROMPT],
+    code, _, err = run_main(["run", str(path), "--backend", backend, "--prompt", LONG_PROMPT],
                         tmp_path, capsys)
     assert code == 2
     assert err.splitlines() == [f"mlx-lens: error: the prompt is {n_tokens} tokens, longer than "
@@ -192,7 +183,7 @@ def test_probe_prompt_longer_than_the_context_is_refused_before_the_sweep(
     _forbid_sweep(monkeypatch, "torch")
     _previous_run(tmp_path)
     # the main prompt fits (6 tokens), the longest probe (24 tokens) does not
-    code, err = run_cli(["run", str(path), "--backend", "torch", "--prompt",
+    code, _, err = run_main(["run", str(path), "--backend", "torch", "--prompt",
                          "The capital of Germany is"], tmp_path, capsys)
     assert code == 2
     assert err.splitlines() == ["mlx-lens: error: the prompt is 24 tokens, longer than the "

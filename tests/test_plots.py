@@ -20,6 +20,7 @@ from mlx_lens.aggregates import layer_aggregates
 from mlx_lens.cli import main
 from mlx_lens.errors import LensError
 from tests.test_suite import FACTS, write_facts
+from tests.test_cli import run_main
 
 ANSWER = " Berlin"
 PROMPT = ["Give", " the", " city", "$x$", "a_b", "\n", " extraordinarily", " simply"]
@@ -240,17 +241,6 @@ def test_overlay_one_line_per_model_against_relative_depth(tmp_path):
         assert [line.get_xdata()[-1] for line in ax.get_lines()] == [1.0, 1.0]
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["small", "deep_$"]
     saved_png(fig, tmp_path)
-
-
-def run_main(args, cwd, capsys):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = main(args)
-    finally:
-        os.chdir(old)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
