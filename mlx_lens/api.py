@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mlx_lens import backends
-from mlx_lens.contract import LENSES, Backend, Lens
+from mlx_lens import backends, tuned_lens
+from mlx_lens.contract import LENSES, Backend, LensSpec
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import ExperimentOptions, ModelResult, run_experiment
 from mlx_lens.facts import Fact, load_facts
@@ -27,6 +27,7 @@ from mlx_lens.metrics import CollapseSettings
 from mlx_lens.models import ModelSource, resolve
 from mlx_lens.probes import ANSWER, PROMPT
 from mlx_lens.suite import SuiteResult, run_suite
+from mlx_lens.tuned_lens import TunedLens
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ModelLens:
 
     backend: Backend
     source: ModelSource
-    lens: Lens = "final-norm"
+    lens: LensSpec = "final-norm"  # a norm rule or a TunedLens
     backend_reason: str = ""  # why this backend (recorded in the JSON)
 
     def run(self, prompt: str = PROMPT, answer: str = ANSWER, probes: bool = True,
@@ -55,16 +56,29 @@ class ModelLens:
         return run_suite(self.backend, list(facts), self.lens, collapse)
 
 
-def load(model: str | None = None, backend: str = "auto", lens: Lens = "final-norm",
+def resolve_lens(lens: str | TunedLens) -> LensSpec:
+    """A --lens value: a norm rule, "tuned:DIR" (a tuned lens folder, either layout) or a
+    TunedLens."""
+    if isinstance(lens, TunedLens) or lens in LENSES:
+        return lens
+    if isinstance(lens, str) and lens.startswith(tuned_lens.PREFIX):
+        return tuned_lens.read(lens.removeprefix(tuned_lens.PREFIX))
+    raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)} or tuned:DIR")
+
+
+def load(model: str | None = None, backend: str = "auto", lens: str | TunedLens = "final-norm",
          device: str = "auto", dtype: str = "auto",
          announce: Callable[[str, str], None] | None = None) -> ModelLens:
     """Load `model` (a local folder, a .gguf file, a hub id; None: the packaged SmolLM2) on
-    `backend` ("auto", "mlx", "torch"), to be decoded with `lens`. announce(backend, reason) is
-    called once the backend is chosen, before the (slow) load."""
-    if lens not in LENSES:
-        raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)}")
+    `backend` ("auto", "mlx", "torch"), to be decoded with `lens` ("final-norm", "next-norm",
+    "raw", "tuned:DIR" or a TunedLens). announce(backend, reason) is called once the backend is
+    chosen, before the (slow) load."""
+    spec = resolve_lens(lens)
     source = resolve(model)
     name, reason = backends.choose(backend)
     if announce:
         announce(name, reason)
-    return ModelLens(backends.load(name, source, device=device, dtype=dtype), source, lens, reason)
+    loaded = backends.load(name, source, device=device, dtype=dtype)
+    if not isinstance(spec, str):
+        loaded.translators(spec)  # a lens made for another model is refused here, not later
+    return ModelLens(loaded, source, spec, reason)

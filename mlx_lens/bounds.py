@@ -87,6 +87,25 @@ def dot_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, products: float,
     return products * gamma(d, u) * np.asarray(x_norm, np.float64)[..., None] * w_norm
 
 
+def translated_products(h: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                        u: float = U32) -> np.ndarray:
+    """[R, T]: the parity model's length-d products (§4) for rows decoded through a tuned lens's
+    translators y = h + A h + b (rows past the translators: r + 1 as without one). A residual
+    within r products (relative r gamma_d) reaches y amplified by |I + A|_2 |h| / |y|; computing
+    y adds gamma_{d+2} (|h| + |A||h| + |b|) per component, i.e. that vector's norm over |y| in
+    units of gamma_d; then one product for the decode."""
+    h = np.asarray(h, np.float64)
+    rows, d = len(h), h.shape[-1]
+    out = np.broadcast_to((np.arange(rows) + 1.0)[:, None], h.shape[:2]).copy()
+    for r in range(min(len(weight), rows)):
+        a, b, x = weight[r].astype(np.float64), bias[r].astype(np.float64), h[r]
+        y = np.linalg.norm(x + x @ a.T + b, axis=-1)
+        spread = np.linalg.norm(np.abs(x) + np.abs(x) @ np.abs(a).T + np.abs(b), axis=-1)
+        amplify = np.linalg.norm(np.eye(d) + a, 2) * np.linalg.norm(x, axis=-1)
+        out[r] = (r * amplify + spread * gamma(d + 2, u) / gamma(d, u)) / y + 1
+    return out
+
+
 def elementwise_bound(z: np.ndarray, softcap: float | None, u: float = U32) -> np.ndarray:
     """Roundings after the GEMM (§1): bias, the soft-cap's division and a base change, u |z|
     each; tanh (<= 4 ulp; measured 2.7 on mlx-cpu, 1 on torch) and the cap's multiplication,

@@ -6,12 +6,17 @@ downstream of this module imports torch or mlx.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence, Union
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from mlx_lens.tuned_lens import TunedLens
+
 Lens = Literal["final-norm", "next-norm", "raw"]
 LENSES: tuple[Lens, ...] = ("final-norm", "next-norm", "raw")
+# What decodes the rows: a norm rule, or a tuned lens (its translators, then the final norm).
+LensSpec = Union[Lens, "TunedLens"]
 TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final prediction)
 
 # Which normalisation decodes a row: "final" (the model's final norm), an int i (block i's input
@@ -19,14 +24,22 @@ TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final pred
 NormRef = str | int | None
 
 
-def norm_plan(lens: Lens, n_layers: int) -> list[NormRef]:
+def lens_name(lens: LensSpec) -> str:
+    """The lens as artifacts record it, and as --lens takes it."""
+    return lens if isinstance(lens, str) else lens.name
+
+
+def norm_plan(lens: LensSpec, n_layers: int) -> list[NormRef]:
     """The norm that decodes each of the n_layers + 1 rows under `lens`.
 
     Row 0 is the embedding output, row i the residual after block i-1. The last row is always
     the model's own output distribution (final norm), whatever the lens.
     `next-norm` is the original experiment's rule for pre-norm models: row i goes through block
-    i's input norm, i.e. the norm the next block would apply.
+    i's input norm, i.e. the norm the next block would apply. A tuned lens decodes every
+    translated row through the final norm.
     """
+    if not isinstance(lens, str):
+        return ["final"] * (n_layers + 1)
     if lens == "final-norm":
         return ["final"] * (n_layers + 1)
     if lens == "next-norm":
@@ -38,7 +51,7 @@ def norm_plan(lens: Lens, n_layers: int) -> list[NormRef]:
 
 @dataclass(frozen=True)
 class SweepOptions:
-    lens: Lens = "final-norm"
+    lens: LensSpec = "final-norm"
     answer_id: int | None = None  # gold answer's first token id; enables p_answer / rank
     top_k: int = TOP_K
     # Positions that need only narrow_k candidates (False) may get just those: the remaining
@@ -135,7 +148,7 @@ class Backend(Protocol):
         """Decode every row at every position; reductions happen on the device."""
 
     def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
         """A batch of prompts in one forward pass and one decode, at each prompt's next-token
         position only: one LayerStats per prompt with T = 1, p_answer / answer_rank for
         scored[b][0] and p_scored for every id of scored[b] (the same count for every prompt)."""
@@ -144,10 +157,10 @@ class Backend(Protocol):
         """The model's output logits at each prompt's last position, [B, V] float32 (the lens's
         last row: fp32 head, head transform applied), one forward pass for the batch."""
 
-    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
         """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""
 
-    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
         """What the head multiplies: every row after its lens norm, [R, T, d] float32."""
 
     def head_row_norms(self) -> np.ndarray:
@@ -162,5 +175,50 @@ class Backend(Protocol):
     def norm_spec(self, ref: NormRef) -> NormSpec:
         """The declared semantics of the norm `ref`, with this model's parameters."""
 
+    def unembedding(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the head, as the lens multiplies them: [n, d] float32."""
+
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation token ids (no prompt, no EOS), for `mlx-lens chat`."""
+
+    def translators(self, lens: "TunedLens") -> list:
+        """The lens's (A_r, b_r) on the device, kept for the next calls; a lens made for another
+        model (width, rows, unembedding hash) is refused with a LensError."""
+
+    def tuner(self, lens: "TunedLens", recipe: "Recipe") -> "Tuner":
+        """Training of `lens`'s translators on this model (frozen) with `recipe`."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How translators are trained: the tuned-lens package's defaults (SGD with Nesterov
+    momentum, lr = lr_scale (1 - momentum), L2 weight decay, global gradient clipping)."""
+
+    lr_scale: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    clip: float = 1.0
+
+    @property
+    def lr(self) -> float:
+        return self.lr_scale * (1 - self.momentum)
+
+
+class Tuner(Protocol):
+    """A backend's training of one tuned lens. Batches are token ids [S, T], all of length T."""
+
+    def gradients(self, batch: np.ndarray) -> float:
+        """Accumulate the gradient of the loss on `batch` (sum over translated rows of the mean
+        over positions of KL(model || lens), nats); returns that loss. Interruptible."""
+
+    def update(self, lr: float) -> None:
+        """Clip the accumulated gradient, take one optimizer step with `lr`, zero it."""
+
+    def losses(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """No training: per row, the mean over positions of KL(model || lens) [L] and of the
+        next-token cross-entropy [L + 1] (the last row: the model's own), nats, float64."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """weight, bias and the optimizer's momentum buffers (a checkpoint)."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...

@@ -14,7 +14,7 @@ import pandas as pd
 from mlx_lens import health
 from mlx_lens.artifacts import (TokenNames, pure_next_token_frame, records_frame,
                                 verbose_positions)
-from mlx_lens.contract import Backend, Lens, SweepOptions
+from mlx_lens.contract import Backend, LensSpec, SweepOptions, lens_name
 from mlx_lens.errors import LensError
 from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
 from mlx_lens.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS, TOP_K_RECORDS,
@@ -25,7 +25,7 @@ from mlx_lens.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS, TOP_K_R
 class ExperimentOptions:
     prompt: str = PROMPT
     answer: str = ANSWER
-    lens: Lens = "final-norm"
+    lens: LensSpec = "final-norm"
     collapse: CollapseSettings = field(default_factory=CollapseSettings)
     probes: bool = True  # extra test prompts and temperature exploration
     keep_residuals: bool = False
@@ -129,7 +129,7 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
         "device": info.device, "compute_dtype": info.compute_dtype,
         "unembed_dtype": info.unembed_dtype,
         "use_fp32_unembed": info.unembed_dtype == "float32",
-        "lens": opts.lens, "norm_types": info.norm_types,
+        "lens": lens_name(opts.lens), "norm_types": info.norm_types,
         **asdict(opts.collapse),
         "context_prompt": opts.prompt, "answer": opts.answer,
         "answer_token_id": answer_id, "answer_token": names(answer_id),

@@ -20,14 +20,16 @@ from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_lens.bounds import SUM_BLOCK
-from mlx_lens.contract import (TOP_K, LayerStats, Lens, ModelInfo, NormRef, NormSpec,
+from mlx_lens.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
                                SweepOptions, norm_plan)
 from mlx_lens.device_policy import available_ram, choose, footprint
 from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
 from mlx_lens.mlx_arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
 from mlx_lens.mlx_reduce import sweep_next_token, sweep_states
+from mlx_lens.mlx_tune import MlxTuner, translate
 from mlx_lens.models import ModelSource, check_supported
+from mlx_lens.tuned_lens import TunedLens, check_matches
 
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 # Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]).
@@ -150,6 +152,7 @@ class MlxBackend:
                         "final": type(self.final_norm).__name__},
             softcap=self.softcap,
         )
+        self._tuned: tuple[TunedLens, list] | None = None  # the last tuned lens, on the device
 
     # -- capture -----------------------------------------------------------------------------
     def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[mx.array]:
@@ -185,16 +188,34 @@ class MlxBackend:
     def _norm(self, ref: NormRef) -> nn.Module | None:
         return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
 
-    def _normed(self, rows: list[mx.array], lens: Lens) -> mx.array:
-        """[R, T, d] fp32: every row through the norm the lens assigns it."""
+    def _normed(self, rows: list[mx.array], lens: LensSpec) -> mx.array:
+        """[R, T, d] fp32: every row through the norm the lens assigns it (after its
+        translator, for a tuned lens)."""
         out = []
-        for h, ref in zip(rows, norm_plan(lens, len(self.blocks))):
-            norm = self._norm(ref)
+        translators = [] if isinstance(lens, str) else self.translators(lens)
+        for r, (h, ref) in enumerate(zip(rows, norm_plan(lens, len(self.blocks)))):
             h = h.astype(mx.float32)
+            if r < len(translators):
+                h = translate(h, *translators[r])
+            norm = self._norm(ref)
             out.append(norm(h) if norm is not None else h)
         x = mx.stack(out)
         mx.eval(x)
         return x
+
+    def translators(self, lens: TunedLens) -> list[tuple[mx.array, mx.array]]:
+        """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
+        if self._tuned is None or self._tuned[0] is not lens:
+            check_matches(lens, self.info, self.unembedding)
+            self._tuned = lens, [(mx.array(a), mx.array(b)) for a, b in zip(lens.weight, lens.bias)]
+        return self._tuned[1]
+
+    def unembedding(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self._weight_rows(start, stop))
+
+    def tuner(self, lens: TunedLens, recipe: Recipe) -> MlxTuner:
+        check_matches(lens, self.info, self.unembedding)
+        return MlxTuner(self, lens, recipe)
 
     def _weight_rows(self, start: int, stop: int) -> mx.array:
         m = self.head
@@ -228,7 +249,7 @@ class MlxBackend:
         return max(SUM_BLOCK, self.chunk_bytes // (4 * n_states) // SUM_BLOCK * SUM_BLOCK)
 
     def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
         rows = self._capture(prompts, last_only=True)  # R x [B, d]
         x = self._normed(rows, lens).transpose(1, 0, 2)
         stats = sweep_next_token(x, list(scored), top_k, self._logits, self.info.vocab,
@@ -243,7 +264,7 @@ class MlxBackend:
         sqrt(d) through bf16, docs/stack.md)."""
         return self.model(mx.array([list(ids)]))[0]
 
-    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
         return np.array(self._normed(self._rows(ids), lens))
 
     def head_row_norms(self) -> np.ndarray:
@@ -287,7 +308,7 @@ class MlxBackend:
         last = self._capture(prompts, last_only=True)[-1].astype(mx.float32)
         return np.array(self._logits(self.final_norm(last), 0, self.info.vocab))
 
-    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
         return np.array(self._logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlx_lens import bounds
-from mlx_lens.contract import Backend, LayerStats, Lens
+from mlx_lens.contract import Backend, LayerStats, LensSpec
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import answer_token_id, encode_prompt
 from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
@@ -23,11 +23,14 @@ BOUND_DESCRIPTION = ("each backend within r + 1 worst-case length-d fp32 dot pro
                      "arithmetic at layer r (docs/numerics.md §4)")
 
 
-def logit_bound(backend: Backend, ids: list[int], lens: Lens, logits: np.ndarray,
+def logit_bound(backend: Backend, ids: list[int], lens: LensSpec, logits: np.ndarray,
                 head_norms: np.ndarray) -> np.ndarray:
     """[R, T, V]: how far another fp32 backend's lens logits may be from `backend`'s (§4)."""
     x_norm = np.linalg.norm(backend.lens_inputs(ids, lens).astype(np.float64), axis=-1)
     products = 2 * (np.arange(len(x_norm)) + 1)[:, None, None]  # two backends, r + 1 each
+    if not isinstance(lens, str):  # a tuned lens: its translators amplify and round too
+        products = 2 * bounds.translated_products(backend.residuals(ids), lens.weight,
+                                                  lens.bias)[..., None]
     return (bounds.dot_bound(x_norm, head_norms, backend.info.d_model, products)
             + 2 * bounds.elementwise_bound(logits, backend.info.softcap))
 
@@ -65,7 +68,7 @@ class PromptParity:
     summaries: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
 
 
-def compare_prompt(a: Backend, b: Backend, ids: list[int], lens: Lens, answer_id: int,
+def compare_prompt(a: Backend, b: Backend, ids: list[int], lens: LensSpec, answer_id: int,
                    head_norms: np.ndarray, collapse: CollapseSettings | None = None) -> PromptParity:
     za, zb = a.layer_logits(ids, lens), b.layer_logits(ids, lens)
     bound = logit_bound(a, ids, lens, za, head_norms)
@@ -94,7 +97,7 @@ def compare_prompt(a: Backend, b: Backend, ids: list[int], lens: Lens, answer_id
 @dataclass
 class ParityReport:
     architecture: str
-    lens: Lens
+    lens: LensSpec
     prompts: list[PromptParity]
 
     def _max(self, name: str) -> np.ndarray:
@@ -138,7 +141,7 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def compare(a: Backend, b: Backend, prompts: list[str], lens: Lens,
+def compare(a: Backend, b: Backend, prompts: list[str], lens: LensSpec,
             answer: str | None) -> ParityReport:
     """a is the reference. answer None scores a's own final top-1 token on each prompt, so that
     L_semantic is defined even for a model that does not know the answer."""

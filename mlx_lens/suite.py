@@ -14,7 +14,7 @@ import pandas as pd
 
 from mlx_lens import aggregates, health
 from mlx_lens.artifacts import TokenNames, rank_column
-from mlx_lens.contract import Backend, LayerStats, Lens
+from mlx_lens.contract import Backend, LayerStats, LensSpec
 from mlx_lens.device_policy import available_ram
 from mlx_lens.facts import EncodedFact, Fact, encode_facts
 from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
@@ -56,7 +56,7 @@ def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) ->
     return int(max(1, min(MAX_BATCH, free // 16 // per_prompt)))
 
 
-def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], lens: Lens,
+def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], lens: LensSpec,
            batch: int | None) -> list[LayerStats]:
     """LayerStats (T = 1) of every (ids, scored) item, in the items' order. A batch holds items
     with as many scored ids each (facts score one, controls two), in order of length."""
@@ -103,7 +103,7 @@ def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
     return per_fact, layers
 
 
-def run_suite(backend: Backend, facts: list[Fact], lens: Lens = "final-norm",
+def run_suite(backend: Backend, facts: list[Fact], lens: LensSpec = "final-norm",
               collapse: CollapseSettings | None = None, batch: int | None = None) -> SuiteResult:
     """Every fact (and its control) through the lens at the next-token position."""
     collapse = collapse or CollapseSettings()

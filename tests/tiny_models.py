@@ -151,3 +151,10 @@ def build_model(name: str, out_dir: Path, seed: int = 0, vocab_size: int | None 
 def build_all(root: Path) -> dict[str, Path]:
     """Build every model in CONFIGS into root/<name>."""
     return {name: build_model(name, Path(root) / name) for name in CONFIGS}
+
+
+def corpus_file(out_dir: Path) -> Path:
+    """A text corpus in the tiny tokenizer's language (its training text), for tuned lenses."""
+    path = Path(out_dir) / "corpus.txt"
+    path.write_text("\n".join(_CORPUS) + "\n", encoding="utf-8")
+    return path

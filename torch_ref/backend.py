@@ -14,14 +14,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mlx_lens.contract import (TOP_K, LayerStats, Lens, ModelInfo, NormRef, NormSpec,
+from mlx_lens.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
                                SweepOptions, norm_plan)
 from mlx_lens.device_policy import available_ram, choose, footprint
 from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
 from mlx_lens.models import ModelSource, check_supported, local_model_type
 from torch_ref.architectures import ARCHITECTURES
+from mlx_lens.tuned_lens import TunedLens, check_matches
 from torch_ref.reduce import LOG2E, sweep_next_token, sweep_states
+from torch_ref.tune import TorchTuner, translate
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,6 +93,7 @@ class TorchBackend:
                         "final": type(self.final_norm).__name__},
             softcap=self.softcap,
         )
+        self._tuned: tuple[TunedLens, list] | None = None  # the last tuned lens, on the device
 
     # -- capture -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,13 +136,27 @@ class TorchBackend:
     def _norm(self, ref: NormRef) -> torch.nn.Module | None:
         return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
 
-    def _normed(self, rows: list[torch.Tensor], lens: Lens) -> torch.Tensor:
-        """[R, T, d] fp32: every row through the norm the lens assigns it."""
+    def _normed(self, rows: list[torch.Tensor], lens: LensSpec) -> torch.Tensor:
+        """[R, T, d] fp32: every row through the norm the lens assigns it (after its
+        translator, for a tuned lens)."""
         out = []
-        for h, ref in zip(rows, norm_plan(lens, len(self.blocks))):
+        translators = [] if isinstance(lens, str) else self.translators(lens)
+        for r, (h, ref) in enumerate(zip(rows, norm_plan(lens, len(self.blocks)))):
+            h = h.float()
+            if r < len(translators):
+                h = translate(h, *translators[r])
             norm = self._norm(ref)
-            out.append(norm(h.float()) if norm is not None else h.float())
+            out.append(norm(h) if norm is not None else h)
         return torch.stack(out)
+
+    def translators(self, lens: TunedLens) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
+        if self._tuned is None or self._tuned[0] is not lens:
+            check_matches(lens, self.info, self.unembedding)
+            weight = torch.from_numpy(lens.weight).to(self.device)
+            bias = torch.from_numpy(lens.bias).to(self.device)
+            self._tuned = lens, list(zip(weight, bias))
+        return self._tuned[1]
 
     def _head_chunk(self, start: int, stop: int, scale: float = 1.0):
         """The head for vocabulary slice [start, stop): fp32 weights (converted once per chunk),
@@ -152,7 +169,9 @@ class TorchBackend:
             z = torch.matmul(x, w.T, out=out)
             if b is not None:
                 z += b
-            if self.softcap:
+            if self.softcap and z.requires_grad:  # training a tuned lens: autograd needs tanh's output
+                z = torch.tanh(z / self.softcap) * self.softcap
+            elif self.softcap:
                 z.div_(self.softcap).tanh_().mul_(self.softcap)
             if scale != 1.0:
                 z.mul_(scale)
@@ -174,7 +193,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
         rows = self._capture(prompts, last_only=True)  # R x [B, d]
         stats = sweep_next_token(self._normed(rows, lens).transpose(0, 1), list(scored), top_k,
                                  lambda start, stop: self._head_chunk(start, stop, LOG2E),
@@ -192,12 +211,12 @@ class TorchBackend:
         return self._logits(self.final_norm(last), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
-    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
         rows = self._rows(ids)
         return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
-    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
         return self._normed(self._rows(ids), lens).cpu().numpy()
 
     @torch.no_grad()
@@ -229,6 +248,14 @@ class TorchBackend:
         return NormSpec("layer" if self.spec.layer_norm else "rms",
                         norm.weight.detach().double().cpu().numpy() + self.spec.norm_offset,
                         bias.detach().double().cpu().numpy() if bias is not None else None, eps)
+
+    @torch.no_grad()
+    def unembedding(self, start: int, stop: int) -> np.ndarray:
+        return self.head.weight[start:stop].float().cpu().numpy()
+
+    def tuner(self, lens: TunedLens, recipe: Recipe) -> TorchTuner:
+        check_matches(lens, self.info, self.unembedding)
+        return TorchTuner(self, lens, recipe)
 
     @torch.no_grad()
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
