@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from mlx_lens import backends, health, run_dir
-from mlx_lens.api import ModelLens, load
+from mlx_lens.api import ModelLens, load, resolve_lens
 from mlx_lens.artifacts import write_model_artifacts
 from mlx_lens.device_policy import DoesNotFit
 from mlx_lens.chat import CHAT_PROMPT, MAX_TOKENS, chat
-from mlx_lens.contract import LENSES
+from mlx_lens.contract import LENSES, lens_name
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import ExperimentOptions
 from mlx_lens.facts import Fact, load_facts
@@ -25,6 +25,7 @@ from mlx_lens.probes import ANSWER, PROMPT
 from mlx_lens.self_test import report as self_test_report
 from mlx_lens.self_test import run_self_test, self_test_layers
 from mlx_lens.suite_tables import write_suite_tables
+from mlx_lens.tuning import EVAL_TOKENS, TuneOptions
 
 
 GRID_COLOURS = ("entropy", "p1")  # mlx_lens.plots.GRID_COLOURS, without importing matplotlib
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parity = sub.add_parser("parity", help="check that the MLX lens agrees with the torch reference "
                             "on a model (per-layer table; exit 1 beyond tolerance)")
     parity.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    parity.add_argument("--lens", choices=(*LENSES, "all"), default="all")
+    parity.add_argument("--lens", default="all", help=f"{', '.join(LENSES)}, tuned:DIR or all "
+                        "(the three norm rules)")
     parity.add_argument("--prompt", action="append", help="repeatable (default: the probe prompt)")
     parity.add_argument("--answer", default=ANSWER)
     run = sub.add_parser("run", parents=[options], help="run the logit-lens experiment")
@@ -65,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="check the norm scaling of the lens (prints, writes nothing; exit 0/1)")
     run.add_argument("--keep-residuals", action="store_true",
                      help="also save the residual stream per layer (safetensors)")
-    run.add_argument("--lens", choices=LENSES, default="final-norm",
-                     help="norm that decodes each layer (next-norm: the original's rule)")
+    run.add_argument("--lens", default="final-norm",
+                     help=f"how each layer is decoded: {', '.join(LENSES)} (the norm; next-norm: "
+                          "the original's rule) or tuned:DIR (a tuned lens folder, mlx-lens tune)")
     run.add_argument("--fp32-unembed", action="store_true",
                      help="decode in fp32 (the lens always does; kept for the original's command lines)")
     run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
@@ -85,6 +88,24 @@ def _parser() -> argparse.ArgumentParser:
                      help="draw no pictures (plot-*.png) of the run")
     run.add_argument("--grid-colour", choices=GRID_COLOURS, default="entropy",
                      help="colour of the logit-lens grid: entropy (bits) or p(top-1)")
+    tune = sub.add_parser("tune", parents=[options],
+                          help="train a tuned lens on a corpus (or evaluate one: --eval DIR)")
+    tune.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    tune.add_argument("--corpus", default=None,
+                      help="a text file, or JSONL with a 'text' field (default: Python's own "
+                           "reference topics, pydoc_data; README 'Tuned lens')")
+    tune.add_argument("--steps", type=int, default=TuneOptions.steps)
+    tune.add_argument("--tokens-per-step", type=int, default=TuneOptions.tokens_per_step)
+    tune.add_argument("--seq-len", type=int, default=None,
+                      help=f"tokens per training sequence (default {TuneOptions.seq_len}; with "
+                           "--eval, the lens's own)")
+    tune.add_argument("--out", type=Path, default=None,
+                      help="the new lens folder (default: lenses/<model>)")
+    tune.add_argument("--eval", type=Path, default=None, metavar="DIR",
+                      help="evaluate the lens in DIR against the logit lens on held-out text "
+                           "(table, eval.csv and eval.png in DIR) instead of training")
+    tune.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
+                      help="held-out tokens the evaluation reads at most")
     plot = sub.add_parser("plot", help="draw a run folder's pictures (again) from its artifacts")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/run-latest")
     plot.add_argument("--grid-colour", choices=GRID_COLOURS, default="entropy",
@@ -109,13 +130,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from mlx_lens.parity import BOUND_DESCRIPTION, compare
 
+    lenses = LENSES if args.lens == "all" else (resolve_lens(args.lens),)
     source = resolve(args.model)
     reference, candidate = backends.load("torch", source), backends.load("mlx", source)
     failed = False
-    for lens in LENSES if args.lens == "all" else (args.lens,):
+    for lens in lenses:
         report = compare(reference, candidate, args.prompt or [PROMPT], lens, args.answer)
-        print(f"{source.name} [{report.architecture}], lens {lens}: torch (reference) vs mlx; "
-              f"bounds: {BOUND_DESCRIPTION}")
+        print(f"{source.name} [{report.architecture}], lens {lens_name(lens)}: torch (reference) "
+              f"vs mlx; bounds: {BOUND_DESCRIPTION}")
         print(report.table())
         for line in report.failures():
             print(f"FAIL: {line}")
@@ -161,7 +183,7 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path,
                                     suite.aggregates)
     seconds["write"] = time.perf_counter() - began
     s = summary_of(result.payload)
-    print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {args.lens}]: "
+    print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens_name(lens.lens)}]: "
           f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
           f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
     if facts:
@@ -260,6 +282,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mlx_lens import tuned_lens, tuning
+    from mlx_lens.corpus import load_corpus
+
+    for name in ("steps", "tokens_per_step", "eval_tokens"):
+        if getattr(args, name) < 1:
+            raise LensError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise LensError("--seq-len must be at least 2 (a next token to predict)")
+    tuned = tuned_lens.read(args.eval) if args.eval else None  # a broken lens fails before loading
+    loaded = _load(args, args.model)
+    backend, started = loaded.backend, time.perf_counter()
+    if tuned is not None:
+        trained = tuned.config.get("training", {})
+        corpus = load_corpus(args.corpus or trained.get("corpus"), backend.tokenizer,
+                             args.seq_len or trained.get("seq_len", TuneOptions.seq_len))
+        frame = tuning.evaluate(backend, tuned, corpus.held_out, args.eval_tokens)
+        print(f"{backend.info.name}: logit lens vs tuned lens {args.eval}, held-out "
+              f"{corpus.name} ({int(frame.tokens[0])} tokens), bits")
+        print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
+        for path in tuning.write_eval(frame, args.eval, backend.info.name):
+            print(f"  wrote {path}")
+        return 0
+    opts = TuneOptions(args.steps, args.tokens_per_step, args.seq_len or TuneOptions.seq_len,
+                       args.corpus)
+    corpus = load_corpus(args.corpus, backend.tokenizer, opts.seq_len)
+    out = args.out or Path("lenses") / loaded.source.name
+    info = backend.info
+    print(f"tune: {info.n_layers} translators of {info.d_model}x{info.d_model} on {corpus.name}: "
+          f"{len(corpus.train)} sequences of {opts.seq_len} tokens ({len(corpus.held_out)} held "
+          f"out); {opts.steps} steps of {opts.step_tokens} tokens", flush=True)
+    lens = tuning.train(backend, corpus, opts, out)
+    seconds = time.perf_counter() - started
+    print(f"  wrote {lens.path} in {seconds:.0f} s "
+          f"({opts.steps * opts.step_tokens / seconds:.0f} tokens/s, corpus preparation included)"
+          f"; evaluate it: mlx-lens tune --eval {lens.path}")
+    return 0
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs (no staging left)."""
 
@@ -273,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report,
-                    "plot": cmd_plot}
+                    "plot": cmd_plot, "tune": cmd_tune}
         return commands[args.command](args)
     except LensError as exc:
         print(f"mlx-lens: error: {exc}", file=sys.stderr)

@@ -333,6 +333,29 @@ def overlay(runs: dict[str, tuple[pd.DataFrame, dict]]) -> Figure:
     return fig
 
 
+@_styled
+def tuned_eval(frame: pd.DataFrame, title: str = "") -> Figure:
+    """The tuned-lens paper's main figure: per layer, KL to the model's output and next-token
+    cross-entropy on held-out text, logit lens vs tuned lens (bits); the model's own
+    cross-entropy dashed."""
+    fig = Figure(figsize=(8.0, 6.0), dpi=DPI, layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    layer = frame["layer"].to_numpy()
+    for ax, quantity, label in ((axes[0], "kl", "KL(model || lens) (bits)"),
+                                (axes[1], "ce", "cross-entropy (bits)")):
+        for i, lens in enumerate(("logit", "tuned")):
+            ax.plot(layer, frame[f"{quantity}_{lens}_bits"], marker="o", markersize=3,
+                    color=f"C{i}", label=f"{lens} lens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(float(frame["ce_logit_bits"].iloc[-1]), color="0.4", ls="--", lw=1,
+                    label="the model's output")
+    axes[1].legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("layer (0: embeddings)")
+    fig.suptitle(title.replace("$", r"\$") or "logit lens vs tuned lens")
+    return fig
+
+
 _RECORD_NEEDS = ("layer", "pos", "token", "entropy", "top1", "prob1")
 _PURE_NEEDS = ("layer", "entropy", "p_answer", "answer_rank", "kl_to_final_bits")
 _AGGREGATE_NEEDS = ("group", "layer", "metric", "n", "mean", "ci_low", "ci_high")
@@ -358,7 +381,7 @@ def _payload(path: Path) -> dict:
     return payload
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     # A temporary name, then a rename: a reader never sees half a PNG.
     with _style():
         atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=DPI))
@@ -385,12 +408,12 @@ def draw_run_dir(run_dir: Path, colour: str = "entropy") -> list[Path]:
             tables[name] = _read(found[0], read_suite_table, _AGGREGATE_NEEDS)
     written = []
     for name, (records, pure, payload) in runs.items():
-        written.append(_save(grid(records, payload, colour), run_dir / f"plot-{name}-grid.png"))
-        written.append(_save(trajectory(pure, payload), run_dir / f"plot-{name}-trajectory.png"))
+        written.append(save_png(grid(records, payload, colour), run_dir / f"plot-{name}-grid.png"))
+        written.append(save_png(trajectory(pure, payload), run_dir / f"plot-{name}-trajectory.png"))
         if name in tables:
-            written.append(_save(suite_bands(tables[name], title=name),
+            written.append(save_png(suite_bands(tables[name], title=name),
                                  run_dir / f"plot-{name}-suite.png"))
     if len(runs) >= 2:
         pictures = {name: (pure, payload) for name, (_, pure, payload) in runs.items()}
-        written.append(_save(overlay(pictures), run_dir / "plot-overlay.png"))
+        written.append(save_png(overlay(pictures), run_dir / "plot-overlay.png"))
     return written

@@ -1,0 +1,287 @@
+"""Tuned lens files (both layouts), the corpus, training, checkpoints and `mlx-lens tune` on tiny
+models (torch; the MLX side and parity: parity_tests/test_tuned.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from mlx_lens import bounds, corpus, tuned_lens, tuning
+from mlx_lens.api import load
+from mlx_lens.contract import Recipe
+from mlx_lens.errors import LensError
+from mlx_lens.models import resolve
+from mlx_lens.tuned_lens import TunedLens
+from mlx_lens.tuning import TuneOptions
+from parity_tests.test_tuned import random_lens
+from tests.lens_checks import PROMPT
+from tests.test_cli import run_main
+from tests.tiny_models import corpus_file
+from torch_ref.backend import TorchBackend
+
+OPTS = TuneOptions(steps=6, tokens_per_step=128, seq_len=32, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dirs):
+    return TorchBackend(resolve(str(tiny_model_dirs["llama_untied"])))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return corpus_file(tmp_path_factory.mktemp("corpus"))
+
+
+def _theirs(folder, lens: TunedLens, backend, unembed_hash: str | None = None):
+    """A lens in the tuned-lens package's layout, written as the package writes it: config.json
+    and torch.save of a ModuleList of Linear(d, d) translators' state dict."""
+    n, d = lens.weight.shape[:2]
+    translators = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(n))
+    with torch.no_grad():
+        for t, a, b in zip(translators, lens.weight, lens.bias):
+            t.weight.copy_(torch.from_numpy(a))
+            t.bias.copy_(torch.from_numpy(b))
+    folder.mkdir(parents=True)
+    torch.save(translators.state_dict(), folder / "params.pt")
+    w = backend.model.get_output_embeddings().weight.detach().float().numpy()
+    config = {"base_model_name_or_path": "tiny", "d_model": d, "num_hidden_layers": n,
+              "bias": True, "base_model_revision": None, "lens_type": "linear_tuned_lens",
+              "unembed_hash": unembed_hash or hashlib.sha256(
+                  str.encode(np.array_str(w, precision=1))).hexdigest()}
+    (folder / "config.json").write_text(json.dumps(config))
+    return translators
+
+
+def test_the_packages_layout_decodes_as_the_package_does(llama, tmp_path):
+    """tuned-lens's TunedLens.forward is unembed(h + translator_i(h)), unembed = lm_head(final
+    norm): here with the package's own modules (nn.Linear translators from params.pt, the
+    model's norm and head) on transformers' hidden_states, against the lens's decode."""
+    lens = random_lens(llama.info.n_layers, llama.info.d_model, seed=3)
+    translators = _theirs(tmp_path / "theirs", lens, llama)
+    read = tuned_lens.read(tmp_path / "theirs")
+    assert np.array_equal(read.weight, lens.weight) and np.array_equal(read.bias, lens.bias)
+    ids = llama.tokenizer.encode(PROMPT)
+    got = llama.layer_logits(ids, read)
+    out = llama.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    norm, head = llama.model.model.norm, llama.model.get_output_embeddings()
+    h = llama.residuals(ids)
+    x_norm = np.linalg.norm(llama.lens_inputs(ids, read).astype(np.float64), axis=-1)
+    # Two fp32 evaluations of translator, norm and head (bounds.translated_products at r = 0:
+    # the residuals are the same ones), one norm each (half a dot product): docs/numerics.md §4.
+    products = 2 * bounds.translated_products(h[:1].repeat(len(h), 0), lens.weight, lens.bias) + 1
+    bound = (bounds.dot_bound(x_norm, llama.head_row_norms(), llama.info.d_model, products[..., None])
+             + 2 * bounds.elementwise_bound(got, None))
+    for i, hidden in enumerate(out.hidden_states[:-1]):
+        with torch.no_grad():
+            want = head(norm(hidden[0] + translators[i](hidden[0]))).numpy()
+        assert np.all(np.abs(got[i] - want) <= bound[i]), i
+
+
+def test_their_hash_is_the_packages(llama):
+    w = llama.model.get_output_embeddings().weight.detach().float().numpy()
+    want = hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
+    assert tuned_lens.their_hash(llama.unembedding, llama.info.vocab, llama.info.d_model) == want
+
+
+def test_our_layout_round_trips_whole_and_readable(llama, tmp_path):
+    lens = random_lens(llama.info.n_layers, llama.info.d_model)
+    lens = TunedLens(lens.weight, lens.bias, {"unembed_sha256": tuned_lens.unembedding_hash(
+        llama.unembedding, llama.info.vocab)})
+    saved = tuned_lens.save(lens, tmp_path / "ours")
+    back = tuned_lens.read(saved.path)
+    assert np.array_equal(back.weight, lens.weight) and np.array_equal(back.bias, lens.bias)
+    assert back.name == f"tuned:{tmp_path / 'ours'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]  # no temporary left
+    for path in (tmp_path / "ours", *(tmp_path / "ours").iterdir()):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, (path, oct(mode))  # readable by colleagues, like runs
+    with pytest.raises(LensError, match="never overwritten"):
+        tuned_lens.save(lens, tmp_path / "ours")
+
+
+def test_a_lens_for_another_model_is_refused_in_one_line(llama, tmp_path, tiny_model_dirs,
+                                                           capsys):
+    n, d = llama.info.n_layers, llama.info.d_model
+    cases = {"wide": TunedLens.identity(n, d + 32), "deep": TunedLens.identity(n + 1, d),
+             "ours": TunedLens.identity(n, d, {"unembed_sha256": "0" * 64})}
+    for name, lens in cases.items():
+        tuned_lens.save(lens, tmp_path / name)
+    _theirs(tmp_path / "theirs", TunedLens.identity(n, d), llama, unembed_hash="f" * 64)
+    for name in (*cases, "theirs"):
+        with pytest.raises(LensError, match="was made for"):
+            load(str(tiny_model_dirs["llama_untied"]), "torch", f"tuned:{tmp_path / name}")
+    code, out, err = run_main(["run", str(tiny_model_dirs["llama_untied"]), "--backend", "torch",
+                               "--lens", f"tuned:{tmp_path / 'wide'}", "--out_dir",
+                               str(tmp_path / "run")], tmp_path, capsys)
+    assert code == 2 and err.count("\n") == 1 and "was made for a model with d_model 128" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_broken_lens_files_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LensError, match="config.json is missing"):
+        tuned_lens.read(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(LensError, match="neither translators.safetensors nor params.pt"):
+        tuned_lens.read(tmp_path / "empty")
+    (tmp_path / "empty" / "translators.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LensError, match="unreadable tuned lens"):
+        tuned_lens.read(tmp_path / "empty")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_params_pt_is_read_without_running_pickled_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil").mkdir()
+    torch.save({"0.weight": _Payload()}, tmp_path / "evil" / "params.pt")
+    (tmp_path / "evil" / "config.json").write_text(json.dumps({"d_model": 4, "num_hidden_layers": 1}))
+    with pytest.raises(LensError, match="unreadable tuned lens .*params.pt"):
+        tuned_lens.read(tmp_path / "evil")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_the_corpus_is_split_deterministically(llama, text, tmp_path):
+    a = corpus.load_corpus(str(text), llama.tokenizer, 32)
+    b = corpus.load_corpus(str(text), llama.tokenizer, 32)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.held_out, b.held_out)
+    whole = len(a.train) + len(a.held_out)
+    assert len(a.held_out) == whole // corpus.HELD_OUT_EVERY
+    lines = text.read_text().splitlines()
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(lines)))
+    assert len(corpus.load_corpus(str(jsonl), llama.tokenizer, 32).train) > 0
+    default = corpus.load_corpus(None, llama.tokenizer, 128)  # Python's own pydoc topics
+    assert default.name == corpus.DEFAULT and len(default.held_out) >= 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no text"),
+    ("short text", "at least 20 are needed"),
+    ('{"text": "a"}\n{"txt": "b"}\n', r"c.jsonl:2: not a JSON object with a \"text\" field"),
+])
+def test_bad_corpora_are_one_line_errors(llama, tmp_path, content, message):
+    path = tmp_path / ("c.jsonl" if content.startswith("{") else "c.txt")
+    path.write_text(content)
+    with pytest.raises(LensError, match=message):
+        corpus.load_corpus(str(path), llama.tokenizer, 32)
+    with pytest.raises(LensError, match="corpus not found"):
+        corpus.load_corpus(str(tmp_path / "missing.txt"), llama.tokenizer, 32)
+
+
+def test_training_beats_the_logit_lens_on_held_out_text(llama, text, tmp_path):
+    data = corpus.load_corpus(str(text), llama.tokenizer, OPTS.seq_len)
+    lens = tuning.train(llama, data, TuneOptions(steps=20, tokens_per_step=256, seq_len=32),
+                        tmp_path / "lens")
+    frame = tuning.evaluate(llama, lens, data.held_out)
+    inner = frame.iloc[:-1]
+    assert (inner.kl_tuned_bits < inner.kl_logit_bits).all(), frame
+    assert frame.kl_tuned_bits.iloc[-1] == frame.kl_logit_bits.iloc[-1] == 0
+    assert lens.config["training"]["step"] == 20 and lens.config["d_model"] == llama.info.d_model
+
+
+def test_untrained_translators_evaluate_as_the_logit_lens(llama, text):
+    data = corpus.load_corpus(str(text), llama.tokenizer, 32)
+    frame = tuning.evaluate(llama, TunedLens.identity(llama.info.n_layers, llama.info.d_model),
+                            data.held_out)
+    assert np.array_equal(frame.kl_tuned_bits, frame.kl_logit_bits)
+    assert np.array_equal(frame.ce_tuned_bits, frame.ce_logit_bits)
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(llama, text, tmp_path, monkeypatch):
+    data = corpus.load_corpus(str(text), llama.tokenizer, OPTS.seq_len)
+    whole = tuning.train(llama, data, OPTS, tmp_path / "whole")
+    assert not tuning.checkpoint_path(tmp_path / "whole").exists()  # removed once done
+
+    from torch_ref.tune import TorchTuner
+
+    calls, real = [], TorchTuner.gradients
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 4:  # during step 4: steps 1-3 are whole
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(TorchTuner, "gradients", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.train(llama, data, OPTS, tmp_path / "resumed")
+    ckpt = tuning.checkpoint_path(tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()  # no half-trained lens under the lens's name
+    assert tuned_lens.read(ckpt).config["training"]["step"] == 3
+    monkeypatch.setattr(TorchTuner, "gradients", real)
+    resumed = tuning.train(llama, data, OPTS, tmp_path / "resumed")
+    assert np.array_equal(resumed.weight, whole.weight) and np.array_equal(resumed.bias, whole.bias)
+    assert not ckpt.exists()
+
+
+def test_a_checkpoint_of_other_settings_is_refused(llama, text, tmp_path, monkeypatch):
+    data = corpus.load_corpus(str(text), llama.tokenizer, OPTS.seq_len)
+    from torch_ref.tune import TorchTuner
+
+    def stop(self, batch):
+        raise KeyboardInterrupt
+
+    real = TorchTuner.gradients
+    monkeypatch.setattr(TorchTuner, "gradients", stop)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.train(llama, data, OPTS, tmp_path / "lens")
+    monkeypatch.setattr(TorchTuner, "gradients", real)
+    other = TuneOptions(steps=6, tokens_per_step=128, seq_len=32, recipe=Recipe(lr_scale=2.0))
+    with pytest.raises(LensError, match="checkpoint of another training run"):
+        tuning.train(llama, data, other, tmp_path / "lens")
+
+
+def test_signals_wait_for_an_optimizer_step():
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda *_: got.append("signal"))
+    try:
+        with tuning.deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            got.append("step done")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert got == ["step done", "signal"]
+
+
+def test_tune_eval_and_run_from_the_command_line(tiny_model_dirs, text, tmp_path, capsys):
+    model = str(tiny_model_dirs["llama_untied"])
+    code, out, err = run_main(["tune", model, "--backend", "torch", "--corpus", str(text),
+                               "--steps", "3", "--tokens-per-step", "64", "--seq-len", "32"], tmp_path, capsys)
+    assert code == 0, err
+    lens_dir = tmp_path / "lenses" / "llama_untied"
+    assert (lens_dir / "translators.safetensors").is_file()
+    code, out, err = run_main(["tune", model, "--backend", "torch", "--corpus", str(text),
+                               "--steps", "3", "--seq-len", "32"], tmp_path, capsys)
+    assert code == 2 and "already exists" in err and err.count("\n") == 1
+    code, out, err = run_main(["tune", model, "--backend", "torch", "--eval", str(lens_dir)], tmp_path, capsys)
+    assert code == 0, err
+    assert "kl_tuned_bits" in out and (lens_dir / "eval.csv").is_file()
+    assert (lens_dir / "eval.png").stat().st_size > 10_000
+    code, out, err = run_main(["run", model, "--backend", "torch", "--no-probes", "--facts",
+                               "default", "--lens", f"tuned:{lens_dir}", "--out_dir", "run"], tmp_path, capsys)
+    assert code == 0, err
+    payload = json.loads((tmp_path / "run" / "output-llama_untied.json").read_text())
+    assert payload["diagnostics"]["lens"] == f"tuned:{lens_dir}"
+    for bad, message in ((f"tuned:{tmp_path / 'nothing'}", "config.json is missing"),
+                         ("sideways", "unknown lens 'sideways'")):
+        code, out, err = run_main(["run", model, "--backend", "torch", "--lens", bad,
+                                   "--out_dir", "bad"], tmp_path, capsys)
+        assert code == 2 and message in err and err.count("\n") == 1
+        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--seq-len", "1"),
+                                         ("--tokens-per-step", "-3")])
+def test_bad_tune_settings_are_one_line_errors(tiny_model_dirs, flag, value, tmp_path, capsys):
+    code, out, err = run_main(["tune", str(tiny_model_dirs["llama"]), flag, value], tmp_path, capsys)
+    assert code == 2 and err.startswith("mlx-lens: error: --") and err.count("\n") == 1
