@@ -9,6 +9,9 @@
     result.summary["L_semantic"]
     suite = lens.run_suite("default")      # or a facts file, or a list of Fact
     suite.aggregates
+    tuned = lens.tune("lenses/mine")       # a tuned lens (docs/tuned-lens.md)
+    lens.evaluate(tuned)                   # per layer: logit vs tuned lens on held-out text
+    mlx_lens.load(lens="tuned:lenses/mine").run()
 
 The CLI is a thin layer over these calls.
 """
@@ -18,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mlx_lens import backends, tuned_lens
+import pandas as pd
+
+from mlx_lens import backends, tuned_lens, tuning
 from mlx_lens.contract import LENSES, Backend, LensSpec
+from mlx_lens.corpus import load_corpus
 from mlx_lens.errors import LensError
 from mlx_lens.experiment import ExperimentOptions, ModelResult, run_experiment
 from mlx_lens.facts import Fact, load_facts
@@ -28,6 +34,7 @@ from mlx_lens.models import ModelSource, resolve
 from mlx_lens.probes import ANSWER, PROMPT
 from mlx_lens.suite import SuiteResult, run_suite
 from mlx_lens.tuned_lens import TunedLens
+from mlx_lens.tuning import TuneOptions
 
 
 @dataclass
@@ -54,6 +61,24 @@ class ModelLens:
         if isinstance(facts, (str, Path)):
             facts = load_facts(str(facts))
         return run_suite(self.backend, list(facts), self.lens, collapse)
+
+    def tune(self, out: str | Path, corpus: str | None = None,
+             options: TuneOptions | None = None) -> TunedLens:
+        """Train a tuned lens for this model on `corpus` (a text or JSONL file; None: Python's
+        pydoc topics) and write it to the new folder `out` (docs/tuned-lens.md)."""
+        options = options or TuneOptions(corpus=corpus)
+        text = load_corpus(corpus, self.backend.tokenizer, options.seq_len)
+        return tuning.train(self.backend, text, options, Path(out))
+
+    def evaluate(self, tuned: str | Path | TunedLens, corpus: str | None = None,
+                 seq_len: int | None = None, max_tokens: int = tuning.EVAL_TOKENS) -> pd.DataFrame:
+        """Per layer on held-out text: KL to the model's output and cross-entropy (bits), logit
+        lens vs the tuned lens; corpus and seq_len default to the lens's training ones."""
+        lens = tuned if isinstance(tuned, TunedLens) else tuned_lens.read(tuned)
+        trained = lens.config.get("training", {})
+        text = load_corpus(corpus or trained.get("corpus"), self.backend.tokenizer,
+                           seq_len or trained.get("seq_len", TuneOptions.seq_len))
+        return tuning.evaluate(self.backend, lens, text.held_out, max_tokens)
 
 
 def resolve_lens(lens: str | TunedLens) -> LensSpec:

@@ -284,7 +284,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from mlx_lens import tuned_lens, tuning
-    from mlx_lens.corpus import load_corpus
 
     for name in ("steps", "tokens_per_step", "eval_tokens"):
         if getattr(args, name) < 1:
@@ -293,31 +292,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise LensError("--seq-len must be at least 2 (a next token to predict)")
     tuned = tuned_lens.read(args.eval) if args.eval else None  # a broken lens fails before loading
     loaded = _load(args, args.model)
-    backend, started = loaded.backend, time.perf_counter()
+    info, started = loaded.backend.info, time.perf_counter()
     if tuned is not None:
-        trained = tuned.config.get("training", {})
-        corpus = load_corpus(args.corpus or trained.get("corpus"), backend.tokenizer,
-                             args.seq_len or trained.get("seq_len", TuneOptions.seq_len))
-        frame = tuning.evaluate(backend, tuned, corpus.held_out, args.eval_tokens)
-        print(f"{backend.info.name}: logit lens vs tuned lens {args.eval}, held-out "
-              f"{corpus.name} ({int(frame.tokens[0])} tokens), bits")
+        frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens)
+        print(f"{info.name}: logit lens vs tuned lens {args.eval}, held-out text "
+              f"({int(frame.tokens[0])} tokens), bits")
         print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
-        for path in tuning.write_eval(frame, args.eval, backend.info.name):
+        for path in tuning.write_eval(frame, args.eval, info.name):
             print(f"  wrote {path}")
         return 0
     opts = TuneOptions(args.steps, args.tokens_per_step, args.seq_len or TuneOptions.seq_len,
                        args.corpus)
-    corpus = load_corpus(args.corpus, backend.tokenizer, opts.seq_len)
     out = args.out or Path("lenses") / loaded.source.name
-    info = backend.info
-    print(f"tune: {info.n_layers} translators of {info.d_model}x{info.d_model} on {corpus.name}: "
-          f"{len(corpus.train)} sequences of {opts.seq_len} tokens ({len(corpus.held_out)} held "
-          f"out); {opts.steps} steps of {opts.step_tokens} tokens", flush=True)
-    lens = tuning.train(backend, corpus, opts, out)
+    print(f"tune: {info.n_layers} translators of {info.d_model}x{info.d_model} on "
+          f"{args.corpus or 'pydoc-topics'}, {opts.steps} steps of {opts.step_tokens} tokens "
+          f"(sequences of {opts.seq_len})", flush=True)
+    lens = loaded.tune(out, args.corpus, opts)
     seconds = time.perf_counter() - started
-    print(f"  wrote {lens.path} in {seconds:.0f} s "
-          f"({opts.steps * opts.step_tokens / seconds:.0f} tokens/s, corpus preparation included)"
-          f"; evaluate it: mlx-lens tune --eval {lens.path}")
+    print(f"  wrote {lens.path} in {seconds:.0f} s; evaluate it: mlx-lens tune --eval {lens.path}")
     return 0
 
 

@@ -11,13 +11,10 @@ import numpy as np
 
 from mlx_lens.contract import Recipe
 from mlx_lens.tuned_lens import TunedLens
+from mlx_lens.tuning import micro_batches
 
 if TYPE_CHECKING:
     from mlx_lens.mlx_backend import MlxBackend
-
-# fp32 logits one micro-batch may hold per row: [tokens, V], a few copies live during backward.
-MICRO_BYTES = 256 * 2**20
-
 
 def translate(h: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     """h + A h + b (fp32): the tuned lens's translator of one row."""
@@ -38,13 +35,6 @@ class MlxTuner:
         self._grads: dict[str, list] | None = None
         # d loss_r / d (A_r, b_r) for one row: each row's graph is built and freed on its own.
         self._row_grad = mx.value_and_grad(self._row_loss, argnums=(0, 1))
-
-    def _micro_batches(self, batch: np.ndarray):
-        """Sequences in groups of at most MICRO_BYTES of logits per row, with their share of the
-        batch's tokens (so that the loss is the mean over every position of the batch)."""
-        per = max(1, MICRO_BYTES // (4 * self.backend.info.vocab * batch.shape[1]))
-        for i in range(0, len(batch), per):
-            yield batch[i:i + per], len(batch[i:i + per]) / len(batch)
 
     def _logits(self, h: mx.array) -> mx.array:
         b = self.backend
@@ -67,7 +57,7 @@ class MlxTuner:
             self._grads = {"weight": [mx.zeros_like(self.params["weight"][0])] * n,
                            "bias": [mx.zeros_like(self.params["bias"][0])] * n}
         total = 0.0
-        for micro, share in self._micro_batches(batch):
+        for micro, share in micro_batches(batch, self.backend.info.vocab):
             rows, logp, p = self._rows(micro)
             for r in range(n):  # one row at a time: one row's logits in memory
                 loss, (ga, gb) = self._row_grad(self.params["weight"][r], self.params["bias"][r],
@@ -89,7 +79,7 @@ class MlxTuner:
     def losses(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.params["weight"])
         kl, ce = np.zeros(n), np.zeros(n + 1)
-        for micro, share in self._micro_batches(batch):
+        for micro, share in micro_batches(batch, self.backend.info.vocab):
             rows, logp, p = self._rows(micro)
             nxt = mx.array(micro[:, 1:])
             for r in range(n + 1):

@@ -347,6 +347,7 @@ def tuned_eval(frame: pd.DataFrame, title: str = "") -> Figure:
             ax.plot(layer, frame[f"{quantity}_{lens}_bits"], marker="o", markersize=3,
                     color=f"C{i}", label=f"{lens} lens")
         ax.set_ylabel(label)
+        ax.set_yscale("symlog", linthresh=1.0)  # the embedding row's 100+ bits and the last row's 0
         ax.grid(alpha=0.3)
     axes[1].axhline(float(frame["ce_logit_bits"].iloc[-1]), color="0.4", ls="--", lw=1,
                     label="the model's output")

@@ -23,3 +23,20 @@ def test_smollm2_backends_agree(smollm2_pair, lens):
     report = compare(*smollm2_pair, ["The capital of Germany is called simply"], lens, "Berlin")
     assert not report.failures(), report.table()
     assert report.prompts[0].summaries[0]["L_semantic"] == 30  # Berlin at the last layer
+
+
+def test_smollm2_backends_agree_on_a_tuned_lens_in_the_packages_layout(smollm2_pair, tmp_path):
+    """A random tuned lens written as the tuned-lens package writes it (params.pt, its
+    unembed_hash of SmolLM2's real 49,152 x 576 head) loads on both backends and decodes alike."""
+    from mlx_lens.api import resolve_lens
+    from parity_tests.test_tuned import random_lens
+    from tests.test_tuned_lens import _theirs
+
+    torch_backend, _ = smollm2_pair
+    lens = random_lens(torch_backend.info.n_layers, torch_backend.info.d_model)
+    _theirs(tmp_path / "lens", lens, torch_backend)
+    tuned = resolve_lens(f"tuned:{tmp_path / 'lens'}")
+    for backend in smollm2_pair:
+        backend.translators(tuned)  # the hash and shapes match: not refused
+    report = compare(*smollm2_pair, ["The capital of Germany is called simply"], tuned, "Berlin")
+    assert not report.failures(), report.table()

@@ -71,7 +71,7 @@ def aggregates_frame(groups=("a", "b")) -> pd.DataFrame:
 
 
 def saved_png(fig, tmp_path, name="figure.png") -> np.ndarray:
-    path = plots._save(fig, tmp_path / name)
+    path = plots.save_png(fig, tmp_path / name)
     return check_png(path, fig.get_size_inches() * plots.DPI)
 
 
@@ -174,7 +174,7 @@ def test_dollar_and_underscore_tokens_are_drawn_literally(tmp_path):
     under a user's text.usetex (there is no LaTeX here: savefig would fail if it were used)."""
     with matplotlib.rc_context({"text.usetex": True}):
         fig = plots.grid(records_frame(2, ["$x$", "a_b"]), payload(model="my_model$1"))
-        plots._save(fig, tmp_path / "usetex.png")
+        plots.save_png(fig, tmp_path / "usetex.png")
     renderer = rendered(fig)
     label = fig.axes[0].get_xticklabels()[0]
     assert label.get_text() == "$x$"

@@ -10,13 +10,10 @@ import torch
 
 from mlx_lens.contract import Recipe
 from mlx_lens.tuned_lens import TunedLens
+from mlx_lens.tuning import micro_batches
 
 if TYPE_CHECKING:
     from torch_ref.backend import TorchBackend
-
-# fp32 logits one micro-batch may hold per row: [tokens, V], a few copies live during backward.
-MICRO_BYTES = 256 * 2**20
-
 
 def translate(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """h + A h + b (fp32): the tuned lens's translator of one row."""
@@ -33,13 +30,6 @@ class TorchTuner:
         self.opt = torch.optim.SGD([self.weight, self.bias], lr=recipe.lr, momentum=recipe.momentum,
                                    nesterov=True, weight_decay=recipe.weight_decay)
 
-    def _micro_batches(self, batch: np.ndarray):
-        """Sequences in groups of at most MICRO_BYTES of logits per row, with their share of the
-        batch's tokens (so that the loss is the mean over every position of the batch)."""
-        per = max(1, MICRO_BYTES // (4 * self.backend.info.vocab * batch.shape[1]))
-        for i in range(0, len(batch), per):
-            yield batch[i:i + per], len(batch[i:i + per]) / len(batch)
-
     def _row_logits(self, rows: list[torch.Tensor], r: int) -> torch.Tensor:
         b = self.backend
         h = rows[r].float()
@@ -54,7 +44,7 @@ class TorchTuner:
 
     def gradients(self, batch: np.ndarray) -> float:
         total = 0.0
-        for micro, share in self._micro_batches(batch):
+        for micro, share in micro_batches(batch, self.backend.info.vocab):
             rows = self.backend._capture(micro.tolist())
             logp, p = self._target(rows)
             for r in range(len(self.weight)):  # one row at a time: one row's logits in memory
@@ -75,7 +65,7 @@ class TorchTuner:
     def losses(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.weight)
         kl, ce = np.zeros(n), np.zeros(n + 1)
-        for micro, share in self._micro_batches(batch):
+        for micro, share in micro_batches(batch, self.backend.info.vocab):
             rows = self.backend._capture(micro.tolist())
             logp, p = self._target(rows)
             nxt = torch.from_numpy(micro[:, 1:]).to(logp.device)
