@@ -52,7 +52,8 @@ class ModelLens:
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
                                  keep_residuals=keep_residuals)
-        return run_experiment(self.backend, opts, {"backend_reason": self.backend_reason})
+        extra = getattr(self.backend, "run_diagnostics", dict)()  # e.g. a pipeline's split
+        return run_experiment(self.backend, opts, {"backend_reason": self.backend_reason, **extra})
 
     def run_suite(self, facts: str | Path | Sequence[Fact],
                   collapse: CollapseSettings | None = None) -> SuiteResult:

@@ -1,6 +1,7 @@
 """Choosing and loading a backend. Heavy frameworks are imported only once chosen."""
 from __future__ import annotations
 
+import os
 import platform
 
 from mlx_lens.contract import Backend
@@ -24,6 +25,11 @@ def mlx_gpu() -> str | None:
 
 def choose(name: str) -> tuple[str, str]:
     """(backend, reason) for --backend NAME."""
+    if "MLX_RANK" in os.environ:  # started by mlx.launch: the model is split across processes
+        if name == "torch":
+            raise LensError("a run under mlx.launch splits the model with mx.distributed: "
+                            "use --backend mlx (or auto)")
+        return "mlx", "a pipeline over the processes mlx.launch started"
     if name != "auto":
         return name, "requested with --backend"
     gpu = mlx_gpu()
@@ -40,6 +46,10 @@ def load(name: str, source: ModelSource, device: str = "auto", dtype: str = "aut
         return TorchBackend(source, device=device, dtype=dtype)
     if name == "mlx":
         from mlx_lens.mlx_backend import MlxBackend
+        from mlx_lens.mlx_pipeline import PipelineBackend, distributed_group
 
+        group = distributed_group()
+        if group is not None:
+            return PipelineBackend(source, group, device=device, dtype=dtype)
         return MlxBackend(source, device=device, dtype=dtype)
     raise LensError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")

@@ -160,8 +160,10 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def run_single(args: argparse.Namespace, model: str | None, out_dir: Path,
+def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None,
                facts: list[Fact] | None = None) -> list[Path]:
+    """One model end to end, written to out_dir (None: a pipeline rank other than 0, which
+    computes its part and writes nothing)."""
     started = time.perf_counter()
     collapse = CollapseSettings(args.copy_threshold, args.copy_margin)
     ExperimentOptions(prompt=args.prompt, answer=args.answer)  # bad input fails before loading
@@ -173,6 +175,10 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path,
         began = time.perf_counter()
         suite = lens.run_suite(facts, collapse)
         seconds["suite"] = time.perf_counter() - began
+    pipeline = getattr(lens.backend, "report", None)  # a rank of a pipeline: its own line
+    if out_dir is None:
+        print(pipeline(), flush=True)
+        return []
     line = health.warning(result.payload["diagnostics"])
     if line:
         print(f"mlx-lens: warning: {line}", file=sys.stderr)
@@ -190,6 +196,8 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path,
         print(suite.summary_line())
     print(f"time: {time.perf_counter() - started:.1f} s ("
           + ", ".join(f"{name} {t:.1f} s" for name, t in seconds.items()) + ")")
+    if pipeline:
+        print(pipeline())
     return paths
 
 
@@ -246,8 +254,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.self_test:
         return cmd_self_test(args)
     facts = load_facts(args.facts) if args.facts else None  # a bad file fails before anything
-    made_out_dir = args.out_dir is not None and _make_out_dir(args.out_dir)
     models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
+    if "MLX_RANK" in os.environ:  # one of the processes of mlx.launch: a pipeline (README)
+        if len(models) > 1 or args.keep_residuals:
+            raise LensError("a run split across processes takes one model and keeps no residuals")
+        if os.environ["MLX_RANK"] != "0":  # computes its slice; rank 0 writes everything
+            run_single(args, models[0], None, facts)
+            return 0
+    made_out_dir = args.out_dir is not None and _make_out_dir(args.out_dir)
     out_dir = args.out_dir if args.out_dir is not None else run_dir.start(Path.cwd() / "runs")
     try:
         if len(models) == 1:

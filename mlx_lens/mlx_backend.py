@@ -87,7 +87,9 @@ def local_folder(source: ModelSource) -> Path:
 
 
 class MlxBackend:
-    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
+                 lazy: bool = False):
+        """lazy: weights stay on disk until first used (a pipeline rank evaluates only its own)."""
         import mlx_lm.utils as mlx_utils
         from transformers import AutoTokenizer
 
@@ -118,7 +120,7 @@ class MlxBackend:
             return Fixed, args_class
 
         try:
-            model, _ = mlx_utils.load_model(path, model_config=config_fixes(config),
+            model, _ = mlx_utils.load_model(path, lazy=lazy, model_config=config_fixes(config),
                                             get_model_classes=classes)
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         except LensError:
@@ -159,26 +161,37 @@ class MlxBackend:
         """Residual rows h_0..h_L of a batch of prompts (compute dtype, lazy): [B, T, d] each,
         or [B, d] at each prompt's last token when last_only. Prompts are right-padded, which
         needs no padding mask: a causal model's tokens never see the pads after them."""
+        x, last = self._tokens(batch)
+        h = self._embed(x)
+        rows = [h[last] if last_only else h]
+        for h in self._blocks(h, range(len(self.blocks))):
+            rows.append(h[last] if last_only else h)
+        return rows
+
+    def _tokens(self, batch: Sequence[Sequence[int]]) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """The right-padded ids [B, T] and the index of each prompt's last token."""
         lengths = [len(ids) for ids in batch]
         n = max(lengths)
         x = mx.array([list(ids) + [0] * (n - len(ids)) for ids in batch])
-        last = mx.arange(len(batch)), mx.array(lengths) - 1
+        return x, (mx.arange(len(batch)), mx.array(lengths) - 1)
 
-        def keep(h: mx.array) -> mx.array:
-            return h[last] if last_only else h
-
+    def _embed(self, x: mx.array) -> mx.array:
+        """Row 0: the embeddings (with learned positions, and Gemma's sqrt(d) scale)."""
         h = self.embed(x)
         if self.arch.positions:
-            h = h + _attr(self.inner, self.arch.positions)(mx.arange(n))
+            h = h + _attr(self.inner, self.arch.positions)(mx.arange(x.shape[1]))
         if self.arch.embed_scale:
             h = h * self.arch.embed_scale(self.hidden).astype(h.dtype)
-        rows = [keep(h)]
-        for block, window in zip(self.blocks, self.arch.windows(self.inner, self.blocks)):
-            mask = create_attention_mask(h, None, window_size=window,
+        return h
+
+    def _blocks(self, h: mx.array, indices: range):
+        """The residual after each block of `indices` (consecutive), starting from h."""
+        windows = self.arch.windows(self.inner, self.blocks)
+        for i in indices:
+            mask = create_attention_mask(h, None, window_size=windows[i],
                                          return_array=self.arch.array_mask)
-            h = block(h, mask, None)
-            rows.append(keep(h))
-        return rows
+            h = self.blocks[i](h, mask, None)
+            yield h
 
     def _rows(self, ids: Sequence[int]) -> list[mx.array]:
         """Residual rows h_0..h_L of one prompt, [T, d] each (lazy)."""
@@ -194,6 +207,8 @@ class MlxBackend:
         out = []
         translators = [] if isinstance(lens, str) else self.translators(lens)
         for r, (h, ref) in enumerate(zip(rows, norm_plan(lens, len(self.blocks)))):
+            if h is None:  # a row another process holds (mlx_lens/mlx_pipeline.py)
+                continue
             h = h.astype(mx.float32)
             if r < len(translators):
                 h = translate(h, *translators[r])

@@ -1,0 +1,123 @@
+"""The MLX lens over a model split across 2 processes (mlx.launch --backend ring, localhost
+only, every launch under a timeout): the same statistics as one process, on every architecture's
+tiny model and on the default model; a rank that dies fails the run on rank 0, writing nothing.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_lens.contract import LayerStats
+from mlx_lens.mlx_backend import MlxBackend
+from mlx_lens.mlx_pipeline import block_slices
+from mlx_lens.models import resolve
+from tests.lens_checks import PROMPT, assert_stats_match_logits, gemm_bound
+from tests.pipeline_worker import PROMPTS
+from tests.tiny_models import CONFIGS
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LAUNCH_TIMEOUT = 300  # seconds: a hung rank fails the test instead of hanging CI
+
+
+def launch(args: list[str], cwd: Path, timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """2 processes on localhost. mlx.launch exits 0 whatever its ranks do: callers check what
+    rank 0 printed and wrote."""
+    return subprocess.run([str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2",
+                           str(sys.executable), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _stats(saved, prefix: str) -> LayerStats:
+    fields = {k[len(prefix):]: saved[k] for k in saved.files if k.startswith(prefix)}
+    finite = fields.pop("finite_residual")
+    fields["summation_depth"] = int(fields["summation_depth"])
+    stats = LayerStats(**fields)
+    stats.finite_residual = finite
+    return stats
+
+
+def test_blocks_are_split_contiguously():
+    assert block_slices(30, 2) == [range(0, 15), range(15, 30)]
+    assert block_slices(3, 2) == [range(0, 2), range(2, 3)]
+    with pytest.raises(Exception, match="cannot be split over 4 processes"):
+        block_slices(3, 4)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_two_ranks_give_one_process_statistics(tiny_model_dirs, name, tmp_path):
+    """Against one process's full fp32 logits (layer_logits), within the lens tests' bound: two
+    decodes (the pipeline's and layer_logits') each within one length-d product of exact, plus
+    the reductions' own error. The residuals are the same computation (same kernels, same
+    order), so the bound that holds for one process holds for the pipeline."""
+    model = str(tiny_model_dirs[name])
+    done = launch([str(ROOT / "tests" / "pipeline_worker.py"), model, str(tmp_path / "s.npz")],
+                  tmp_path)
+    assert (tmp_path / "s.npz").is_file(), done.stderr[-2000:]
+    saved = np.load(tmp_path / "s.npz")
+    single = MlxBackend(resolve(model))
+    ids = single.tokenizer.encode(PROMPT)
+    answer = single.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
+    logits = single.layer_logits(ids, "final-norm")
+    stats = _stats(saved, "sweep_")
+    assert stats.entropy.shape == logits.shape[:2] and stats.finite_residual.all()
+    assert_stats_match_logits(stats, logits, gemm_bound(single, ids, "final-norm", logits, 2), answer)
+    for b, prompt in enumerate(PROMPTS):
+        ids_b = single.tokenizer.encode(prompt)
+        z = single.layer_logits(ids_b, "raw")[:, -1:]
+        bound = gemm_bound(single, ids_b, "raw", single.layer_logits(ids_b, "raw"), 2)[:, -1:]
+        assert_stats_match_logits(_stats(saved, f"batch{b}_"), z, bound, answer)
+    final = single.final_logits([ids])
+    assert np.all(np.abs(saved["final"] - final) <= gemm_bound(single, ids, "final-norm", logits, 2)[-1, -1])
+
+
+_DYING_RANK = """
+import os, sys
+from mlx_lens import cli, mlx_pipeline
+if os.environ["MLX_RANK"] == "1":  # dies before sending its residual on
+    mlx_pipeline.PipelineBackend._capture = lambda *args, **kwargs: os._exit(1)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_dies_fails_the_run_on_rank_0(tiny_model_dirs, tmp_path):
+    """Rank 0 waits for what rank 1 never sends: the ring reports the lost peer (or mlx.launch
+    stops rank 0 first); either way rank 0 ends with one line, and nothing is written."""
+    (tmp_path / "dying.py").write_text(_DYING_RANK)
+    done = launch([str(tmp_path / "dying.py"), "run", str(tiny_model_dirs["llama"]),
+                   "--no-probes", "--out_dir", "out"], tmp_path, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("mlx-lens:")]
+    assert lines in (["mlx-lens: terminated"],
+                     ["mlx-lens: error: rank 0 of 2: [ring] connection to a peer was lost "
+                      "(another process of the run failed or was stopped)"]), done.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("run-*/output-*"))
+
+
+def test_the_default_model_over_two_ranks_writes_the_same_run(smollm2_dir, tmp_path):
+    """`mlx-lens run` as the README starts it, against one process on the same backend."""
+    facts = tmp_path / "facts.csv"
+    facts.write_text("prompt,answer\n" + "".join(
+        f'"Give the city name only, plain text. The capital of {c} is called simply",{a}\n'
+        for c, a in (("Germany", "Berlin"), ("France", "Paris"), ("Italy", "Rome"))))
+    # (no --backend under mlx.launch, which would take it as its own; auto is mlx there)
+    args = ["-m", "mlx_lens.cli", "run", "--no-plots", "--no-probes", "--facts", str(facts)]
+    done = launch([*args, "--out_dir", "two"], tmp_path, timeout=600)
+    assert (tmp_path / "two" / "output-SmolLM2-135M-Instruct.json").is_file(), done.stderr[-2000:]
+    one = subprocess.run([sys.executable, *args, "--backend", "mlx", "--out_dir", "one"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    a, b = (json.loads((tmp_path / d / "output-SmolLM2-135M-Instruct.json").read_text())
+            for d in ("one", "two"))
+    assert b["diagnostics"]["pipeline"]["blocks"] == [[0, 15], [15, 30]]
+    for key in ("L_copy", "L_copy_H", "L_semantic", "answer_token_id"):
+        assert a["diagnostics"][key] == b["diagnostics"][key], key
+    assert [t[0] for t in a["final_prediction"]["topk"]] == [t[0] for t in b["final_prediction"]["topk"]]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert "rank 1/2: blocks 15-29" in done.stdout
