@@ -94,17 +94,19 @@ def resolve_lens(lens: str | TunedLens) -> LensSpec:
 
 def load(model: str | None = None, backend: str = "auto", lens: str | TunedLens = "final-norm",
          device: str = "auto", dtype: str = "auto",
-         announce: Callable[[str, str], None] | None = None) -> ModelLens:
+         announce: Callable[[str, str], None] | None = None,
+         device_map: dict | None = None) -> ModelLens:
     """Load `model` (a local folder, a .gguf file, a hub id; None: the packaged SmolLM2) on
     `backend` ("auto", "mlx", "torch"), to be decoded with `lens` ("final-norm", "next-norm",
     "raw", "tuned:DIR" or a TunedLens). announce(backend, reason) is called once the backend is
-    chosen, before the (slow) load."""
+    chosen, before the (slow) load. device_map (torch): module name -> device or "disk", for
+    accelerate to place the model so (README "A model split across devices")."""
     spec = resolve_lens(lens)
     source = resolve(model)
     name, reason = backends.choose(backend)
     if announce:
         announce(name, reason)
-    loaded = backends.load(name, source, device=device, dtype=dtype)
+    loaded = backends.load(name, source, device=device, dtype=dtype, device_map=device_map)
     if not isinstance(spec, str):
         loaded.translators(spec)  # a lens made for another model is refused here, not later
     return ModelLens(loaded, source, spec, reason)

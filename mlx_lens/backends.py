@@ -39,11 +39,16 @@ def choose(name: str) -> tuple[str, str]:
     return "torch", f"auto: no MLX GPU on this host ({platform.system()} {platform.machine()})"
 
 
-def load(name: str, source: ModelSource, device: str = "auto", dtype: str = "auto") -> Backend:
+def load(name: str, source: ModelSource, device: str = "auto", dtype: str = "auto",
+         device_map: dict | None = None) -> Backend:
+    """device_map (torch only): module name -> device or "disk", placed by accelerate."""
     if name == "torch":
         from torch_ref.backend import TorchBackend
 
-        return TorchBackend(source, device=device, dtype=dtype)
+        return TorchBackend(source, device=device, dtype=dtype, device_map=device_map)
+    if device_map is not None:
+        raise LensError("--device-map places a model for the torch backend (MLX splits a model "
+                        "across processes with mlx.launch)")
     if name == "mlx":
         from mlx_lens.mlx_backend import MlxBackend
         from mlx_lens.mlx_pipeline import PipelineBackend, distributed_group

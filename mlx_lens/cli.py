@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     options.add_argument("--backend", choices=backends.BACKENDS, default="auto")
     options.add_argument("--device", default="auto",
                        help="torch: auto, cpu, cuda, cuda:N, mps; mlx: auto, gpu, cpu")
+    options.add_argument("--device-map", default=None, metavar="FILE",
+                         help="torch: place the model with accelerate as this JSON file says "
+                              "(module name -> cuda:N, cpu or disk); without it, --device auto "
+                              "splits a model over GPUs that only together hold it")
     options.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="compute dtype (torch auto: fp32 on CPU, fp16 on CUDA, bf16 for "
                             "Gemma; mlx auto: the checkpoint's)")
@@ -117,8 +121,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, model: str | None, lens: str = "final-norm") -> ModelLens:
+    device_map = None
+    if args.device_map:
+        from torch_ref.backend import read_device_map
+
+        device_map = read_device_map(args.device_map)
     return load(model, args.backend, lens, args.device, args.dtype,
-                announce=lambda name, reason: print(f"backend: {name} ({reason})", flush=True))
+                announce=lambda name, reason: print(f"backend: {name} ({reason})", flush=True),
+                device_map=device_map)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -205,6 +215,7 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     child = [a for dest, flag in _CHILD_OPTIONS for a in (flag, str(getattr(args, dest)))]
     child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
     child += ["--facts", args.facts] if args.facts else []
+    child += ["--device-map", args.device_map] if args.device_map else []
     child += ["--no-plots"]  # the pictures of the whole folder are drawn once, at the end
     outcomes = []
     for i, model in enumerate(models, 1):

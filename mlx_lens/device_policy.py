@@ -98,6 +98,19 @@ def choose(fp: Footprint | None, candidates: list[tuple[str, int]], dtype: str,
                      + "; ".join(tried))
 
 
+def split_across(fp: Footprint | None, gpus: list[tuple[str, int]], dtype: str,
+                 half: str = "fp16") -> tuple[str, dict[int, int]] | None:
+    """Where a model fits no single GPU: (dtype, max_memory per GPU index) when the GPUs hold it
+    together, for accelerate's device_map="auto"; each GPU keeps the lens's buffers free, and
+    the lens decodes on the head's GPU. None where they do not (or there is just one)."""
+    if fp is None or len(gpus) < 2:
+        return None
+    chosen = dtype if dtype != "auto" else half
+    need = need_bytes(fp, None if chosen == "stored" else chosen) - LENS_BYTES
+    room = {int(d.split(":")[1]): free - LENS_BYTES for d, free in gpus if free > LENS_BYTES}
+    return (chosen, room) if sum(room.values()) >= need else None
+
+
 def available_ram() -> int:
     """Free system memory in bytes (MemAvailable on Linux; total RAM elsewhere)."""
     try:

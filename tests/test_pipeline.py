@@ -121,3 +121,25 @@ def test_the_default_model_over_two_ranks_writes_the_same_run(smollm2_dir, tmp_p
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one").iterdir())
     assert "rank 1/2: blocks 15-29" in done.stdout
+
+
+def test_a_tuned_lens_over_two_ranks(tiny_model_dirs, tmp_path):
+    """Each rank applies the translators of its own rows: the next-token table equals one
+    process's exactly (512 tokens: one vocabulary chunk either way, so the same operations on
+    the same rows)."""
+    from mlx_lens import tuned_lens
+    from mlx_lens.artifacts import read_csv
+    from parity_tests.test_tuned import random_lens
+
+    model = str(tiny_model_dirs["qwen2"])
+    single = MlxBackend(resolve(model))
+    tuned_lens.save(random_lens(single.info.n_layers, single.info.d_model), tmp_path / "lens")
+    args = ["-m", "mlx_lens.cli", "run", model, "--no-plots", "--no-probes", "--lens",
+            f"tuned:{tmp_path / 'lens'}"]
+    launch([*args, "--out_dir", "two"], tmp_path)
+    one = subprocess.run([sys.executable, *args, "--backend", "mlx", "--out_dir", "one"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert one.returncode == 0, one.stderr
+    a, b = (read_csv(tmp_path / d / "output-qwen2-pure-next-token.csv") for d in ("one", "two"))
+    for column in ("top1", "prob1", "entropy", "kl_to_final_bits"):
+        assert list(a[column]) == list(b[column]), column

@@ -8,7 +8,10 @@ Gemma's 1+w), decoded through an fp32 unembedding and the model's head transform
 from __future__ import annotations
 
 import copy
+import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +19,8 @@ import torch
 
 from mlx_lens.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
                                SweepOptions, norm_plan)
-from mlx_lens.device_policy import available_ram, choose, footprint
+from mlx_lens.device_policy import (DoesNotFit, auto_dtype, available_ram, choose, footprint,
+                                   split_across)
 from mlx_lens.errors import LensError
 from mlx_lens.progress import progress
 from mlx_lens.models import ModelSource, check_supported, local_model_type
@@ -50,8 +54,52 @@ def candidates(device: str) -> list[tuple[str, int]]:
     return [(d, free(d)) for d in [*found, "cpu"]]
 
 
+def gpus() -> list[tuple[str, int]]:
+    """Every CUDA GPU with its free bytes, for a model that only they together hold."""
+    return [(f"cuda:{i}", torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
+
+
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    """Where a module runs: accelerate's hook says so for a dispatched (split) model."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(module.parameters()).device
+
+
+def _owned(module: torch.nn.Module, device: torch.device, fp32: bool = True) -> torch.nn.Module:
+    """A copy of module for the lens, on `device` (fp32 unless told): real tensors where
+    accelerate offloaded the module's (they live in its hook's weights_map), no hooks."""
+    clone = copy.deepcopy(module)
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import remove_hook_from_module
+        from accelerate.utils import set_module_tensor_to_device
+
+        remove_hook_from_module(clone)
+        for name, p in list(clone.named_parameters()):
+            if p.device.type == "meta":
+                set_module_tensor_to_device(clone, name, "cpu", value=hook.weights_map[name])
+    clone = clone.to(device)
+    return clone.float() if fp32 else clone
+
+
+def read_device_map(path: str | Path) -> dict[str, str | int]:
+    """A device map file: JSON, module name -> "cpu", "disk", "cuda:N", "mps" or a GPU index."""
+    try:
+        device_map = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise LensError(f"unreadable device map {path}: {exc}") from None
+    if not isinstance(device_map, dict) or not device_map:
+        raise LensError(f"device map {path} is not a JSON object of module names and devices")
+    return device_map
+
+
 class TorchBackend:
-    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
+                 device_map: dict | None = None):
+        """device_map (module -> device, "disk" allowed): accelerate places the model so; without
+        one, --device auto splits a model over the GPUs when only they together hold it."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -66,22 +114,31 @@ class TorchBackend:
             config = AutoConfig.from_pretrained(source.location, **kw)
             check_supported(config.model_type, ARCHITECTURES, "torch")
             self.spec = ARCHITECTURES[config.model_type]
-            self.device, dtype = choose(footprint(source), candidates(device), dtype, self.spec.half)
+            placement, dtype = self._placement(source, device, dtype, device_map)
             self.dtype = _DTYPES[dtype]
             self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype, **kw)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype,
+                                                         **kw, **placement)
         except LensError:
             raise
         except Exception as exc:  # a broken or missing file: name the model and the cause
             first = (str(exc).splitlines() or [""])[0]
             raise LensError(f"cannot load {source.location}: {type(exc).__name__}: {first}") from None
-        self.model = model.to(self.device).eval()
+        self.split = bool(placement)
+        if self.split:  # accelerate placed it: the lens decodes on the head's device
+            head = model.get_output_embeddings()
+            self.device = str(_execution_device(head))
+            self.input_device = _execution_device(model.get_input_embeddings())
+            self.head = head if head.weight.device.type != "meta" else _owned(head, self.device, False)
+        else:
+            model = model.to(self.device)
+            self.input_device, self.head = torch.device(self.device), model.get_output_embeddings()
+        self.model = model.eval()
         self.blocks = _attr(model, self.spec.blocks)
         # fp32 copies of the norms: statistics in fp32 with the model's own semantics.
-        self.final_norm = copy.deepcopy(_attr(model, self.spec.final_norm)).float()
-        self.input_norms = [copy.deepcopy(getattr(b, self.spec.input_norm)).float()
+        self.final_norm = _owned(_attr(model, self.spec.final_norm), self.device)
+        self.input_norms = [_owned(getattr(b, self.spec.input_norm), self.device)
                             for b in self.blocks]
-        self.head = model.get_output_embeddings()
         self.softcap = getattr(config, self.spec.softcap, None) if self.spec.softcap else None
         self.info = ModelInfo(
             name=source.name, architecture=config.model_type, n_layers=len(self.blocks),
@@ -95,6 +152,37 @@ class TorchBackend:
         )
         self._tuned: tuple[TunedLens, list] | None = None  # the last tuned lens, on the device
 
+    def _placement(self, source: ModelSource, device: str, dtype: str,
+                   device_map: dict | None) -> tuple[dict, str]:
+        """(from_pretrained's placement arguments, dtype): one device as the policy picks it,
+        the given device map, or accelerate's "auto" over GPUs that only together hold it."""
+        fp = footprint(source)
+        if device_map is not None:
+            gpu = any(str(v).startswith("cuda") or isinstance(v, int) for v in device_map.values())
+            chosen = dtype if dtype != "auto" else auto_dtype("cuda" if gpu else "cpu",
+                                                               fp.n_params if fp else 0, self.spec.half)
+            return self._dispatch(device_map), chosen
+        found = candidates(device)
+        on_gpu = [c for c in found if c[0].startswith("cuda")]
+        if device == "auto" and on_gpu:  # GPUs first: one, or all of them together
+            try:
+                self.device, chosen = choose(fp, on_gpu, dtype, self.spec.half)
+                return {}, chosen
+            except DoesNotFit:
+                split = split_across(fp, gpus(), dtype, self.spec.half)
+                if split is not None:
+                    return self._dispatch("auto", max_memory=split[1]), split[0]
+        self.device, chosen = choose(fp, found, dtype, self.spec.half)
+        return {}, chosen
+
+    def _dispatch(self, device_map, **extra) -> dict:
+        self._offload = tempfile.TemporaryDirectory(prefix="mlx-lens-offload-")  # "disk" entries
+        return {"device_map": device_map, "offload_folder": self._offload.name, **extra}
+
+    def run_diagnostics(self) -> dict:
+        """Recorded in the JSON: where accelerate placed each part of a split model."""
+        return {"device_map": {k: str(v) for k, v in self.model.hf_device_map.items()}} if self.split else {}
+
     # -- capture -----------------------------------------------------------------------------
     @torch.no_grad()
     def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[torch.Tensor]:
@@ -103,15 +191,15 @@ class TorchBackend:
         its head is not needed, the lens decodes the last row itself. Prompts are right-padded,
         which needs no attention mask: a causal model's tokens never see the pads after them, so
         each prompt's rows are its unbatched rows (docs/design.md)."""
-        lengths = torch.tensor([len(ids) for ids in batch], device=self.device)
-        x = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=self.device)
+        lengths = torch.tensor([len(ids) for ids in batch], device=self.input_device)
+        x = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=self.input_device)
         for b, ids in enumerate(batch):
             x[b, :len(ids)] = torch.tensor(list(ids))
-        last = torch.arange(len(batch), device=self.device), lengths - 1
+        last = torch.arange(len(batch)), (lengths - 1).cpu()
         rows: list[torch.Tensor] = []
 
-        def keep(h: torch.Tensor) -> None:
-            rows.append(h[last] if last_only else h)
+        def keep(h: torch.Tensor) -> None:  # h is on its block's device in a split model
+            rows.append(h[tuple(i.to(h.device) for i in last)] if last_only else h)
 
         def grab_input(_module, args, kwargs):
             keep(args[0] if args else kwargs["hidden_states"])
@@ -142,7 +230,7 @@ class TorchBackend:
         out = []
         translators = [] if isinstance(lens, str) else self.translators(lens)
         for r, (h, ref) in enumerate(zip(rows, norm_plan(lens, len(self.blocks)))):
-            h = h.float()
+            h = h.to(self.device).float()
             if r < len(translators):
                 h = translate(h, *translators[r])
             norm = self._norm(ref)
@@ -188,7 +276,7 @@ class TorchBackend:
         stats = sweep_states(self._normed(rows, opts.lens), opts,
                              lambda start, stop: self._head_chunk(start, stop, LOG2E),
                              self.info.vocab, progress)
-        stats.finite_residual = torch.stack([h.isfinite().all() for h in rows]).cpu().numpy()
+        stats.finite_residual = np.array([bool(h.isfinite().all()) for h in rows])
         return stats
 
     @torch.no_grad()
@@ -198,7 +286,7 @@ class TorchBackend:
         stats = sweep_next_token(self._normed(rows, lens).transpose(0, 1), list(scored), top_k,
                                  lambda start, stop: self._head_chunk(start, stop, LOG2E),
                                  self.info.vocab, progress)
-        finite = torch.stack([h.isfinite().all(-1) for h in rows], -1).cpu().numpy()
+        finite = np.stack([h.isfinite().all(-1).cpu().numpy() for h in rows], -1)
         for s, f in zip(stats, finite):
             s.finite_residual = f
         return stats
@@ -207,7 +295,7 @@ class TorchBackend:
     def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # The lens's own last row, decoded in fp32 like every lens row (the model's own head
         # runs in the compute dtype).
-        last = self._capture(prompts, last_only=True)[-1].float()
+        last = self._capture(prompts, last_only=True)[-1].to(self.device).float()
         return self._logits(self.final_norm(last), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
@@ -227,8 +315,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def residuals(self, ids: Sequence[int]) -> np.ndarray:
-        rows = self._rows(ids)
-        return torch.stack(rows).float().cpu().numpy()
+        return torch.stack([h.float().cpu() for h in self._rows(ids)]).numpy()
 
     @torch.no_grad()
     def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
@@ -243,6 +330,8 @@ class TorchBackend:
             norm = _attr(self.model, self.spec.final_norm)
         else:
             norm = getattr(self.blocks[ref], self.spec.input_norm)
+        if norm.weight.device.type == "meta":  # offloaded by accelerate: its stored weights
+            norm = _owned(norm, torch.device("cpu"), fp32=False)
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         bias = getattr(norm, "bias", None)
         return NormSpec("layer" if self.spec.layer_norm else "rms",
@@ -260,7 +349,7 @@ class TorchBackend:
     @torch.no_grad()
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation (transformers' generate), without the prompt."""
-        x = torch.tensor([list(ids)], device=self.device)
+        x = torch.tensor([list(ids)], device=self.input_device)
         eos = self.tokenizer.eos_token_id
         out = self.model.generate(x, max_new_tokens=max_tokens, do_sample=False,
                                   pad_token_id=eos, eos_token_id=eos)
