@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,12 @@ def split_across(fp: Footprint | None, gpus: list[tuple[str, int]], dtype: str,
     need = need_bytes(fp, None if chosen == "stored" else chosen) - LENS_BYTES
     room = {int(d.split(":")[1]): free - LENS_BYTES for d, free in gpus if free > LENS_BYTES}
     return (chosen, room) if sum(room.values()) >= need else None
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def available_ram() -> int:

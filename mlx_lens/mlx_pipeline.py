@@ -13,14 +13,13 @@ Full logits and the rows' residuals never travel.
 from __future__ import annotations
 
 import os
-import resource
-import sys
 from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_lens.contract import TOP_K, LayerStats, LensSpec, SweepOptions
+from mlx_lens.device_policy import peak_memory_mib
 from mlx_lens.errors import LensError
 from mlx_lens.mlx_backend import MlxBackend
 from mlx_lens.mlx_reduce import sweep_next_token, sweep_states
@@ -50,11 +49,6 @@ def block_slices(n_blocks: int, size: int) -> list[range]:
         raise LensError(f"a model of {n_blocks} blocks cannot be split over {size} processes")
     edges = [round(i * n_blocks / size) for i in range(size + 1)]
     return [range(a, b) for a, b in zip(edges, edges[1:])]
-
-
-def peak_memory_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 class PipelineBackend(MlxBackend):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from mlx_lens import backends, tuning  # noqa: E402
 from mlx_lens.contract import Recipe  # noqa: E402
 from mlx_lens.corpus import load_corpus  # noqa: E402
+from mlx_lens.device_policy import peak_memory_mib  # noqa: E402
 from mlx_lens.models import resolve  # noqa: E402
 from mlx_lens.tuned_lens import TunedLens  # noqa: E402
 
@@ -88,7 +88,7 @@ def main() -> int:
               f"({args.tokens} tokens per step)", flush=True)
         if args.full:
             entry["full"] = full(backend)
-        entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        entry["peak_rss_mib"] = peak_memory_mib()
         result["backends"][name] = entry
     out = Path("runs/bench") / f"bench-tune-{datetime.now():%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
