@@ -27,7 +27,7 @@ def real_vocab_logits(large_vocab_dir, smollm2_dir):
     """fp32 lens logits [R, T, V] with realistic vocabularies, as fixed inputs for the
     reductions: the 151,936-token tiny model (final-norm and raw lens) and SmolLM2's real
     weights (49,152 tokens)."""
-    from mlx_lens.models import resolve
+    from mlx_lens.loading.sources import resolve
     from tests.lens_checks import PROMPT
     from torch_ref.backend import TorchBackend
 
@@ -43,6 +43,6 @@ def real_vocab_logits(large_vocab_dir, smollm2_dir):
 def smollm2_dir():
     """The packaged SmolLM2-135M, prepared in the per-user cache exactly as `mlx-lens run` does
     (built once, reused by later sessions and by the README's run command)."""
-    from mlx_lens import default_model
+    from mlx_lens.loading import default_model
 
     return default_model.default_model_dir()

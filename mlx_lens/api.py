@@ -23,18 +23,20 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from mlx_lens import backends, tuned_lens, tuning
-from mlx_lens.contract import LENSES, Backend, LensSpec
-from mlx_lens.corpus import load_corpus
-from mlx_lens.errors import LensError
-from mlx_lens.experiment import ExperimentOptions, ModelResult, run_experiment
-from mlx_lens.facts import Fact, load_facts
-from mlx_lens.metrics import CollapseSettings
-from mlx_lens.models import ModelSource, resolve
-from mlx_lens.probes import ANSWER, PROMPT
-from mlx_lens.suite import SuiteResult, run_suite
-from mlx_lens.tuned_lens import TunedLens
-from mlx_lens.tuning import TuneOptions
+from mlx_lens import backend_choice
+from mlx_lens.tuned import lens_file
+from mlx_lens.tuned import training
+from mlx_lens.core.contract import LENSES, Backend, LensSpec
+from mlx_lens.tuned.corpus import load_corpus
+from mlx_lens.core.errors import LensError
+from mlx_lens.experiment.single import ExperimentOptions, ModelResult, run_experiment
+from mlx_lens.experiment.facts import Fact, load_facts
+from mlx_lens.experiment.metrics import CollapseSettings
+from mlx_lens.loading.sources import ModelSource, resolve
+from mlx_lens.experiment.probes import ANSWER, PROMPT
+from mlx_lens.experiment.suite import SuiteResult, run_suite
+from mlx_lens.tuned.lens_file import TunedLens
+from mlx_lens.tuned.training import TuneOptions
 
 
 @dataclass
@@ -69,17 +71,17 @@ class ModelLens:
         pydoc topics) and write it to the new folder `out` (docs/tuned-lens.md)."""
         options = options or TuneOptions(corpus=corpus)
         text = load_corpus(corpus, self.backend.tokenizer, options.seq_len)
-        return tuning.train(self.backend, text, options, Path(out))
+        return training.train(self.backend, text, options, Path(out))
 
     def evaluate(self, tuned: str | Path | TunedLens, corpus: str | None = None,
-                 seq_len: int | None = None, max_tokens: int = tuning.EVAL_TOKENS) -> pd.DataFrame:
+                 seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS) -> pd.DataFrame:
         """Per layer on held-out text: KL to the model's output and cross-entropy (bits), logit
         lens vs the tuned lens; corpus and seq_len default to the lens's training ones."""
-        lens = tuned if isinstance(tuned, TunedLens) else tuned_lens.read(tuned)
+        lens = tuned if isinstance(tuned, TunedLens) else lens_file.read(tuned)
         trained = lens.config.get("training", {})
         text = load_corpus(corpus or trained.get("corpus"), self.backend.tokenizer,
                            seq_len or trained.get("seq_len", TuneOptions.seq_len))
-        return tuning.evaluate(self.backend, lens, text.held_out, max_tokens)
+        return training.evaluate(self.backend, lens, text.held_out, max_tokens)
 
 
 def resolve_lens(lens: str | TunedLens) -> LensSpec:
@@ -87,8 +89,8 @@ def resolve_lens(lens: str | TunedLens) -> LensSpec:
     TunedLens."""
     if isinstance(lens, TunedLens) or lens in LENSES:
         return lens
-    if isinstance(lens, str) and lens.startswith(tuned_lens.PREFIX):
-        return tuned_lens.read(lens.removeprefix(tuned_lens.PREFIX))
+    if isinstance(lens, str) and lens.startswith(lens_file.PREFIX):
+        return lens_file.read(lens.removeprefix(lens_file.PREFIX))
     raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)} or tuned:DIR")
 
 
@@ -103,10 +105,10 @@ def load(model: str | None = None, backend: str = "auto", lens: str | TunedLens 
     accelerate to place the model so (README "A model split across devices")."""
     spec = resolve_lens(lens)
     source = resolve(model)
-    name, reason = backends.choose(backend)
+    name, reason = backend_choice.choose(backend)
     if announce:
         announce(name, reason)
-    loaded = backends.load(name, source, device=device, dtype=dtype, device_map=device_map)
+    loaded = backend_choice.load(name, source, device=device, dtype=dtype, device_map=device_map)
     if not isinstance(spec, str):
         loaded.translators(spec)  # a lens made for another model is refused here, not later
     return ModelLens(loaded, source, spec, reason)

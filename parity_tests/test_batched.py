@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_lens import bounds
-from mlx_lens.mlx_backend import MlxBackend
-from mlx_lens.models import resolve
-from mlx_lens.parity import logit_bound
+from mlx_lens.core import bounds
+from mlx_lens.mlx.backend import MlxBackend
+from mlx_lens.loading.sources import resolve
+from mlx_lens.checks.parity import logit_bound
 from tests.lens_checks import assert_stats_match_logits
 from tests.tiny_models import CONFIGS
 from torch_ref.backend import TorchBackend

@@ -2,7 +2,7 @@
 
 Each configuration is one tiny random model (tests/tiny_models.py: weights with std 0.2-0.5,
 so distributions are far from uniform) loaded from the same safetensors folder by both backends.
-The bounds are derived, not measured: mlx_lens/parity.py and docs/numerics.md §4.
+The bounds are derived, not measured: mlx_lens/checks/parity.py and docs/numerics.md §4.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_lens import bounds
-from mlx_lens.contract import LENSES
-from mlx_lens.mlx_backend import MlxBackend
-from mlx_lens.models import resolve
-from mlx_lens.parity import compare
+from mlx_lens.core import bounds
+from mlx_lens.core.contract import LENSES
+from mlx_lens.mlx.backend import MlxBackend
+from mlx_lens.loading.sources import resolve
+from mlx_lens.checks.parity import compare
 from tests import test_mlx_lens
 from tests.tiny_models import CONFIGS
 from torch_ref.backend import TorchBackend
@@ -89,7 +89,7 @@ def own_logits(backend, ids: list[int]) -> np.ndarray:
 
 # The suite bites: each of these known mistakes must make it fail.
 def _mlx_without_rope_fixes(folder, monkeypatch):
-    from mlx_lens import mlx_backend
+    from mlx_lens.mlx import backend as mlx_backend
 
     monkeypatch.setattr(mlx_backend, "config_fixes", lambda config: {})
     return MlxBackend(resolve(str(folder)))
@@ -103,8 +103,8 @@ def test_suite_fails_without_the_rope_fixup(pair, tiny_model_dirs, name, monkeyp
 
 
 def test_suite_fails_with_the_wrong_norm(pair, monkeypatch):
-    from mlx_lens import mlx_backend
-    from mlx_lens.contract import norm_plan
+    from mlx_lens.mlx import backend as mlx_backend
+    from mlx_lens.core.contract import norm_plan
 
     torch_backend, mlx = pair("llama")
     monkeypatch.setattr(mlx_backend, "norm_plan", lambda lens, n: norm_plan("next-norm", n))
@@ -126,7 +126,7 @@ def test_suite_fails_with_gemma3s_sqrt_d_rounded_through_bf16(tiny_model_dirs, p
     """mlx-lm's Gemma-3 constant: sqrt(96) = 9.798 taken as bf16's 9.8125 in an fp32 model."""
     from dataclasses import replace
 
-    from mlx_lens import mlx_arch
+    from mlx_lens.mlx import arch as mlx_arch
 
     bf16_scale = replace(mlx_arch.ARCHITECTURES["gemma3_text"],
                          embed_scale=lambda d: mlx.core.array(d ** 0.5, mlx.core.bfloat16))
@@ -138,7 +138,7 @@ def test_suite_fails_with_gemma3s_sqrt_d_rounded_through_bf16(tiny_model_dirs, p
 
 def test_suite_fails_with_mlx_lms_tanh_gelu_on_gpt_neox(tiny_model_dirs, pair, monkeypatch):
     """mlx-lm hard-codes the tanh-approximate GELU; the checkpoint declares the exact one."""
-    from mlx_lens import mlx_backend
+    from mlx_lens.mlx import backend as mlx_backend
 
     monkeypatch.setattr(mlx_backend, "fix_modules", lambda *args: None)
     broken = MlxBackend(resolve(str(tiny_model_dirs["gpt_neox"])))

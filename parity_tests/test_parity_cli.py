@@ -1,5 +1,5 @@
 """`mlx-lens parity MODEL`: a per-layer table, exit 0 within tolerance and 1 beyond it."""
-from mlx_lens.cli import main
+from mlx_lens.cli.main import main
 
 
 def test_parity_command_passes_on_a_good_model(tiny_model_dirs, capsys):
@@ -9,7 +9,7 @@ def test_parity_command_passes_on_a_good_model(tiny_model_dirs, capsys):
 
 
 def test_parity_command_fails_on_a_wrong_load(tiny_model_dirs, capsys, monkeypatch):
-    from mlx_lens import mlx_backend
+    from mlx_lens.mlx import backend as mlx_backend
 
     monkeypatch.setattr(mlx_backend, "config_fixes", lambda config: {})  # mlx-lm's rope default
     assert main(["parity", str(tiny_model_dirs["llama_rope5e5"]), "--lens", "final-norm"]) == 1

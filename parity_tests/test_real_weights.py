@@ -5,10 +5,10 @@ Same assertions and derived bounds as the tiny models (docs/numerics.md §4).
 """
 import pytest
 
-from mlx_lens.contract import LENSES
-from mlx_lens.mlx_backend import MlxBackend
-from mlx_lens.models import resolve
-from mlx_lens.parity import compare
+from mlx_lens.core.contract import LENSES
+from mlx_lens.mlx.backend import MlxBackend
+from mlx_lens.loading.sources import resolve
+from mlx_lens.checks.parity import compare
 from torch_ref.backend import TorchBackend
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_lens import bounds
-from mlx_lens.contract import Recipe
-from mlx_lens.corpus import load_corpus
-from mlx_lens.parity import compare
-from mlx_lens.tuned_lens import TunedLens
-from mlx_lens.tuning import TuneOptions, batch_at
+from mlx_lens.core import bounds
+from mlx_lens.core.contract import Recipe
+from mlx_lens.tuned.corpus import load_corpus
+from mlx_lens.checks.parity import compare
+from mlx_lens.tuned.lens_file import TunedLens
+from mlx_lens.tuned.training import TuneOptions, batch_at
 from parity_tests.test_parity import PROMPTS, pair  # noqa: F401 (a fixture)
 from tests.lens_checks import assert_sweep_matches_logits
 from tests.tiny_models import CONFIGS, corpus_file

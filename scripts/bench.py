@@ -38,12 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mlx_lens import backends  # noqa: E402
-from mlx_lens.artifacts import TokenNames, records_frame, verbose_positions  # noqa: E402
-from mlx_lens.contract import SweepOptions  # noqa: E402
-from mlx_lens.default_model import cache_root  # noqa: E402
-from mlx_lens.models import resolve  # noqa: E402
-from mlx_lens.probes import TOP_K_RECORDS, TOP_K_VERBOSE  # noqa: E402
+from mlx_lens import backend_choice  # noqa: E402
+from mlx_lens.output.artifacts import TokenNames, records_frame, verbose_positions  # noqa: E402
+from mlx_lens.core.contract import SweepOptions  # noqa: E402
+from mlx_lens.loading.default_model import cache_root  # noqa: E402
+from mlx_lens.loading.sources import resolve  # noqa: E402
+from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE  # noqa: E402
 
 LARGE_VOCAB = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                    num_key_value_heads=4, intermediate_size=2816, vocab_size=131072)
@@ -183,14 +183,14 @@ def main() -> int:
                         help="JSON results (default runs/bench/bench-YYYYMMDD-HHMM.json)")
     args = parser.parse_args()
     names = args.backends.split(",") if args.backends else \
-        ["torch"] + (["mlx"] if backends.mlx_gpu() else [])
+        ["torch"] + (["mlx"] if backend_choice.mlx_gpu() else [])
     rng = np.random.default_rng(0)
     results = []
     for model in args.models.split(","):
         path = None if model == "default" else \
             str(large_vocab_model()) if model == "large-vocab" else model
         for name in names:
-            backend = backends.load(name, resolve(path))
+            backend = backend_choice.load(name, resolve(path))
             for T in args.T:
                 print(f"{backend.info.name} [{name} {backend.info.device} "
                       f"{backend.info.compute_dtype}] T={T} ...", flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mlx_lens.default_model import cache_root, default_model_dir  # noqa: E402
+from mlx_lens.loading.default_model import cache_root, default_model_dir  # noqa: E402
 
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,

@@ -28,10 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mlx_lens import backends, suite  # noqa: E402
-from mlx_lens.experiment import ExperimentOptions, run_experiment  # noqa: E402
-from mlx_lens.facts import encode_facts, load_facts  # noqa: E402
-from mlx_lens.models import resolve  # noqa: E402
+from mlx_lens import backend_choice  # noqa: E402
+from mlx_lens.experiment import suite  # noqa: E402
+from mlx_lens.experiment.single import ExperimentOptions, run_experiment  # noqa: E402
+from mlx_lens.experiment.facts import encode_facts, load_facts  # noqa: E402
+from mlx_lens.loading.sources import resolve  # noqa: E402
 
 
 def best_of(reps: int, fn) -> float:
@@ -51,7 +52,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    backend = backends.load("torch", resolve(None), device=args.device)
+    backend = backend_choice.load("torch", resolve(None), device=args.device)
     facts = [dataclasses.replace(f, control_prompt=None, control_answer=None)
              for f in load_facts("default") if f.group == "original"][:args.facts]
     prompts = [f.ids for f in encode_facts(facts, backend.tokenizer, backend.info.n_ctx)]

@@ -25,37 +25,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mlx_lens import backends, tuning  # noqa: E402
-from mlx_lens.contract import Recipe  # noqa: E402
-from mlx_lens.corpus import load_corpus  # noqa: E402
-from mlx_lens.device_policy import peak_memory_mib  # noqa: E402
-from mlx_lens.models import resolve  # noqa: E402
-from mlx_lens.tuned_lens import TunedLens  # noqa: E402
+from mlx_lens import backend_choice  # noqa: E402
+from mlx_lens.tuned import training  # noqa: E402
+from mlx_lens.core.contract import Recipe  # noqa: E402
+from mlx_lens.tuned.corpus import load_corpus  # noqa: E402
+from mlx_lens.loading.placement import peak_memory_mib  # noqa: E402
+from mlx_lens.loading.sources import resolve  # noqa: E402
+from mlx_lens.tuned.lens_file import TunedLens  # noqa: E402
 
 FULL_LIMIT_S = 15 * 60
 
 
 def throughput(backend, tokens: int, steps: int) -> float:
-    opts = tuning.TuneOptions(tokens_per_step=tokens)
+    opts = training.TuneOptions(tokens_per_step=tokens)
     corpus = load_corpus(None, backend.tokenizer, opts.seq_len)
     tuner = backend.tuner(TunedLens.identity(backend.info.n_layers, backend.info.d_model), Recipe())
     times = []
     for step in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
-        tuner.gradients(tuning.batch_at(corpus.train, step, opts.sequences_per_step, 0))
+        tuner.gradients(training.batch_at(corpus.train, step, opts.sequences_per_step, 0))
         tuner.update(opts.lr(step))
         times.append(time.perf_counter() - start)
     return opts.step_tokens / min(times[1:])
 
 
 def full(backend) -> dict:
-    corpus = load_corpus(None, backend.tokenizer, tuning.TuneOptions.seq_len)
+    corpus = load_corpus(None, backend.tokenizer, training.TuneOptions.seq_len)
     out = Path(tempfile.mkdtemp(prefix="bench-tune-")) / "lens"
     try:
         start = time.perf_counter()
-        lens = tuning.train(backend, corpus, tuning.TuneOptions(), out)
+        lens = training.train(backend, corpus, training.TuneOptions(), out)
         seconds = time.perf_counter() - start
-        frame = tuning.evaluate(backend, lens, corpus.held_out)
+        frame = training.evaluate(backend, lens, corpus.held_out)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     print(frame.to_string(index=False, float_format="%.3f"))
@@ -81,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     result = {"date": datetime.now().isoformat(timespec="seconds"), "backends": {}}
     for name in args.backends:
-        backend = backends.load(name, resolve(None))
+        backend = backend_choice.load(name, resolve(None))
         entry = {"device": backend.info.device,
                  "tokens_per_s": throughput(backend, args.tokens, args.steps)}
         print(f"{name} [{backend.info.device}]: {entry['tokens_per_s']:.1f} tokens/s "

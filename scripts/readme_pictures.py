@@ -10,8 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mlx_lens.cli import main
-from mlx_lens.models import resolve
+from mlx_lens.cli.main import main
+from mlx_lens.loading.sources import resolve
 
 PICTURES = Path(__file__).resolve().parent.parent / "docs" / "pictures"
 KINDS = ("grid", "trajectory", "suite")

@@ -8,4 +8,4 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${MLX_LENS_PYTHON:-$root/.venv/bin/python}"
 args=(run --self-test --device "${2:-auto}")
 [ -n "${1:-}" ] && args+=("$1")
-exec "$python" -m mlx_lens.cli "${args[@]}"
+exec "$python" -m mlx_lens.cli.main "${args[@]}"

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_lens import bounds
-from mlx_lens.contract import SweepOptions
-from mlx_lens.models import resolve
+from mlx_lens.core import bounds
+from mlx_lens.core.contract import SweepOptions
+from mlx_lens.loading.sources import resolve
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 # Rounding between the lens's decode and the model's own: two head GEMMs (one length-d dot

@@ -10,16 +10,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mlx_lens import backends  # noqa: E402
-from mlx_lens.contract import SweepOptions  # noqa: E402
-from mlx_lens.models import resolve  # noqa: E402
+from mlx_lens import backend_choice  # noqa: E402
+from mlx_lens.core.contract import SweepOptions  # noqa: E402
+from mlx_lens.loading.sources import resolve  # noqa: E402
 from tests.lens_checks import PROMPT  # noqa: E402
 
 PROMPTS = ["Berlin is the capital of", "The capital of France is called simply"]
 
 
 def main(model: str, out: str, die: bool = False) -> None:
-    backend = backends.load("mlx", resolve(model))
+    backend = backend_choice.load("mlx", resolve(model))
     if die and backend.rank == 1:
         os._exit(1)  # before sending its residual on: rank 0 waits for the statistics
     ids = backend.tokenizer.encode(PROMPT)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import mlx_lens
-from mlx_lens.errors import LensError
+from mlx_lens.core.errors import LensError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,8 +34,8 @@ def test_load_refuses_an_unknown_lens():
 
 def test_api_run_is_the_cli_run(tiny_model_dirs, tmp_path):
     """The same numbers as the CLI's artifacts (the CLI is a layer over the API)."""
-    from mlx_lens.artifacts import read_csv
-    from mlx_lens.cli import main
+    from mlx_lens.output.artifacts import read_csv
+    from mlx_lens.cli.main import main
 
     model = str(tiny_model_dirs["llama"])
     assert main(["run", model, "--backend", "torch", "--out_dir", str(tmp_path)]) == 0

@@ -5,12 +5,12 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-from mlx_lens import run_dir
-from mlx_lens.artifacts import (PURE_COLUMNS, RECORD_COLUMNS, NEXT_TOKEN, TokenNames, read_csv,
+from mlx_lens.output import run_dir
+from mlx_lens.output.artifacts import (PURE_COLUMNS, RECORD_COLUMNS, NEXT_TOKEN, TokenNames, read_csv,
                                 pure_next_token_frame, records_frame, write_model_artifacts)
-from mlx_lens.contract import LayerStats
-from mlx_lens.experiment import ModelResult
-from mlx_lens.metrics import CollapseSettings, next_token_flags
+from mlx_lens.core.contract import LayerStats
+from mlx_lens.experiment.single import ModelResult
+from mlx_lens.experiment.metrics import CollapseSettings, next_token_flags
 
 AWKWARD = ["a,b", 'say "hi"', "line\nbreak", "cr\rlf", "Grüße", "北京", "", "nan", "NULL",
            " Berlin", "\\", "'", "  ", "#", "=1+1", "é\t"]

@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_lens import bounds
-from mlx_lens.artifacts import PURE_COLUMNS, RECORD_COLUMNS, read_csv
-from mlx_lens.cli import main
-from mlx_lens.models import resolve
-from mlx_lens.parity import logit_bound
+from mlx_lens.core import bounds
+from mlx_lens.output.artifacts import PURE_COLUMNS, RECORD_COLUMNS, read_csv
+from mlx_lens.cli.main import main
+from mlx_lens.loading.sources import resolve
+from mlx_lens.checks.parity import logit_bound
 from torch_ref.backend import TorchBackend
 
 
@@ -111,7 +111,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dirs, tmp_path, cap
 def test_auto_backend_says_why(tiny_model_dirs, tmp_path, capsys):
     code, out, err = run_cli([str(tiny_model_dirs["llama"]), "--no-probes"], tmp_path, capsys)
     assert code == 0, err
-    from mlx_lens.backends import mlx_gpu
+    from mlx_lens.backend_choice import mlx_gpu
 
     expected = "backend: mlx (auto: MLX has a" if mlx_gpu() else "backend: torch (auto: no MLX GPU"
     assert expected in out

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from mlx_lens.contract import LENSES, SweepOptions
-from mlx_lens.device_policy import GIB, LENS_BYTES, Footprint, split_across
-from mlx_lens.models import resolve
+from mlx_lens.core.contract import LENSES, SweepOptions
+from mlx_lens.loading.placement import GIB, LENS_BYTES, Footprint, split_across
+from mlx_lens.loading.sources import resolve
 from tests.lens_checks import PROMPT
 from tests.test_cli import run_main
 from torch_ref.backend import TorchBackend, _attr

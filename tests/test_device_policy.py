@@ -1,10 +1,10 @@
 """Device and dtype policy on mocked memory figures; footprints from the checkpoints themselves."""
 import pytest
 
-from mlx_lens import device_policy
-from mlx_lens.default_model import gguf_path
-from mlx_lens.device_policy import GIB, DoesNotFit, Footprint, choose, footprint, need_bytes
-from mlx_lens.models import resolve
+from mlx_lens.loading import placement
+from mlx_lens.loading.default_model import gguf_path
+from mlx_lens.loading.placement import GIB, DoesNotFit, Footprint, choose, footprint, need_bytes
+from mlx_lens.loading.sources import resolve
 
 SEVEN_B = Footprint(7_240_000_000, 14_500_000_000)  # bf16 checkpoint on disk
 THIRTY_FOUR_B = Footprint(34_400_000_000, 68_800_000_000)
@@ -59,7 +59,7 @@ def test_footprint_of_a_gguf(smollm2_dir):
 
 
 def test_cli_skips_a_model_that_fits_nowhere(tiny_model_dirs, tmp_path, capsys, monkeypatch):
-    from mlx_lens.cli import main
+    from mlx_lens.cli.main import main
 
     monkeypatch.setattr(device_policy, "LENS_BYTES", 0)
     monkeypatch.setattr("torch_ref.backend.available_ram", lambda: 1000)

@@ -7,9 +7,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
-from mlx_lens import experiment
-from mlx_lens.errors import LensError
-from mlx_lens.facts import TEMPLATES, EncodedFact, Fact, encode_facts, load_facts
+from mlx_lens.experiment import single
+from mlx_lens.core.errors import LensError
+from mlx_lens.experiment.facts import TEMPLATES, EncodedFact, Fact, encode_facts, load_facts
 
 FULL = {"id": "de", "prompt": "The capital of Germany is called simply", "answer": "Berlin",
         "group": "capitals", "control_prompt": "The capital of France is called simply",
@@ -199,17 +199,17 @@ def test_encode_facts_as_the_experiment_does(llama, tmp_path, monkeypatch):
     facts = loaded(tmp_path, monkeypatch, "facts.jsonl",
                    "\n".join(json.dumps(r) for r in (FULL, BARE)))
     encoded = encode_facts(facts, tok, n_ctx)
-    full_ids = experiment.encode_prompt(tok, FULL["prompt"], n_ctx)
-    control_ids = experiment.encode_prompt(tok, FULL["control_prompt"], n_ctx)
-    bare_ids = experiment.encode_prompt(tok, BARE["prompt"], n_ctx)
+    full_ids = single.encode_prompt(tok, FULL["prompt"], n_ctx)
+    control_ids = single.encode_prompt(tok, FULL["control_prompt"], n_ctx)
+    bare_ids = single.encode_prompt(tok, BARE["prompt"], n_ctx)
     assert encoded == [
         EncodedFact(facts[0], full_ids,
-                    experiment.answer_token_id(tok, full_ids, FULL["prompt"], "Berlin"),
+                    single.answer_token_id(tok, full_ids, FULL["prompt"], "Berlin"),
                     control_ids,
-                    experiment.answer_token_id(tok, control_ids, FULL["control_prompt"], "Paris"),
-                    experiment.answer_token_id(tok, control_ids, FULL["control_prompt"], "Berlin")),
+                    single.answer_token_id(tok, control_ids, FULL["control_prompt"], "Paris"),
+                    single.answer_token_id(tok, control_ids, FULL["control_prompt"], "Berlin")),
         EncodedFact(facts[1], bare_ids,
-                    experiment.answer_token_id(tok, bare_ids, BARE["prompt"], "Madrid")),
+                    single.answer_token_id(tok, bare_ids, BARE["prompt"], "Madrid")),
     ]
     # The tiny tokenizer merges " Berlin" and " Paris" into single tokens.
     assert tok.decode([encoded[0].answer_id]) == " Berlin"

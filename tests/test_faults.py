@@ -13,10 +13,10 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from mlx_lens import run_dir
-from mlx_lens.cli import main
-from mlx_lens.errors import LensError
-from mlx_lens.experiment import encode_prompt
+from mlx_lens.output import run_dir
+from mlx_lens.cli.main import main
+from mlx_lens.core.errors import LensError
+from mlx_lens.experiment.single import encode_prompt
 from tests.test_cli import run_main
 
 
@@ -84,7 +84,7 @@ def test_failed_run_takes_away_the_out_dir_it_made(tmp_path, capsys):
 
 def _start_run(models, cwd):
     """`mlx-lens run` in a process of its own, once its first model's main() is running."""
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lens.cli", "run", *map(str, models),
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lens.cli.main", "run", *map(str, models),
                              "--backend", "torch"], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -143,7 +143,7 @@ def _forbid_sweep(monkeypatch, backend):
     if backend == "torch":
         from torch_ref.backend import TorchBackend as cls
     else:
-        from mlx_lens.mlx_backend import MlxBackend as cls
+        from mlx_lens.mlx.backend import MlxBackend as cls
     monkeypatch.setattr(cls, "sweep", lambda *a, **k: pytest.fail("swept an over-long prompt"))
 
 
@@ -195,7 +195,7 @@ def test_probe_prompt_longer_than_the_context_is_refused_before_the_sweep(
 def test_same_command_writes_the_same_csv_bytes(tiny_model_dirs, tmp_path, extra):
     """Two runs of one command, each in its own process as a user runs them, on the CPU."""
     for out_dir in ("A", "B"):
-        proc = subprocess.run([sys.executable, "-m", "mlx_lens.cli", "run",
+        proc = subprocess.run([sys.executable, "-m", "mlx_lens.cli.main", "run",
                                str(tiny_model_dirs["llama"]), "--out_dir", out_dir, *extra],
                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mlx_lens.artifacts import read_csv
-from mlx_lens.cli import main
+from mlx_lens.output.artifacts import read_csv
+from mlx_lens.cli.main import main
 
 
 def _edit_weights(src, dst, edit):

@@ -4,8 +4,8 @@ import json
 import numpy as np
 from safetensors.numpy import load_file
 
-from mlx_lens.cli import main
-from mlx_lens.models import resolve
+from mlx_lens.cli.main import main
+from mlx_lens.loading.sources import resolve
 from torch_ref.backend import TorchBackend
 
 

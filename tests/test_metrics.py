@@ -1,8 +1,8 @@
 """Collapse rules and L_* summaries on hand-made distributions."""
 import numpy as np
 
-from mlx_lens.contract import LayerStats
-from mlx_lens.metrics import CollapseSettings, layer_summary, next_token_flags
+from mlx_lens.core.contract import LayerStats
+from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 
 PROMPT_IDS = [1, 7, 9]
 ANSWER = 42

@@ -7,11 +7,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lens import mlx_backend
-from mlx_lens.contract import LENSES, norm_plan
-from mlx_lens.mlx_backend import MlxBackend
-from mlx_lens.models import resolve
-from mlx_lens.mlx_reduce import sweep_states
+from mlx_lens.mlx import backend as mlx_backend
+from mlx_lens.core.contract import LENSES, norm_plan
+from mlx_lens.mlx.backend import MlxBackend
+from mlx_lens.loading.sources import resolve
+from mlx_lens.mlx.reduce import sweep_states
 from tests.lens_checks import (NORM_AND_HEAD, PROMPT, assert_chunked_sweep_matches_logits,
                                assert_large_vocabulary_sweep, assert_reductions_match_float64,
                                assert_softcap_applied, assert_sweep_matches_logits,

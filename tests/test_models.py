@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from mlx_lens.default_model import gguf_path
-from mlx_lens.errors import LensError
-from mlx_lens.models import resolve
+from mlx_lens.loading.default_model import gguf_path
+from mlx_lens.core.errors import LensError
+from mlx_lens.loading.sources import resolve
 
 
 def test_resolve_kinds(tiny_model_dirs, tmp_path):
@@ -23,10 +23,10 @@ def test_resolve_kinds(tiny_model_dirs, tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_hub_id_without_a_hub_is_one_clear_error(backend):
-    from mlx_lens import backends
+    from mlx_lens import backend_choice
 
     with pytest.raises(LensError, match="mlx-lens-test/does-not-exist"):
-        backends.load(backend, resolve("mlx-lens-test/does-not-exist"))
+        backend_choice.load(backend, resolve("mlx-lens-test/does-not-exist"))
 
 
 def test_packaged_gguf_on_both_backends(smollm2_dir):
@@ -34,14 +34,15 @@ def test_packaged_gguf_on_both_backends(smollm2_dir):
     folder made from it. Both are fp32 from the same dequantised weights, so their final logits
     agree within the parity bound of two fp32 backends (docs/numerics.md §4), and so does their
     top-1 unless that bound allows a swap."""
-    from mlx_lens import backends, bounds
-    from mlx_lens.parity import logit_bound
+    from mlx_lens import backend_choice
+    from mlx_lens.core import bounds
+    from mlx_lens.checks.parity import logit_bound
 
     source = resolve(str(gguf_path()))
     ids = None
     loaded, logits = {}, {}
     for name in ("torch", "mlx"):
-        loaded[name] = b = backends.load(name, source)
+        loaded[name] = b = backend_choice.load(name, source)
         ids = ids or b.tokenizer.encode("The capital of Germany is called")
         logits[name] = b.final_logits([ids])[0]
     reference = loaded["torch"]

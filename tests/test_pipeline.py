@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_lens.contract import LayerStats
-from mlx_lens.mlx_backend import MlxBackend
-from mlx_lens.mlx_pipeline import block_slices
-from mlx_lens.models import resolve
+from mlx_lens.core.contract import LayerStats
+from mlx_lens.mlx.backend import MlxBackend
+from mlx_lens.mlx.pipeline import block_slices
+from mlx_lens.loading.sources import resolve
 from tests.lens_checks import PROMPT, assert_stats_match_logits, gemm_bound
 from tests.pipeline_worker import PROMPTS
 from tests.tiny_models import CONFIGS
@@ -78,7 +78,8 @@ def test_two_ranks_give_one_process_statistics(tiny_model_dirs, name, tmp_path):
 
 _DYING_RANK = """
 import os, sys
-from mlx_lens import cli, mlx_pipeline
+from mlx_lens.cli import main as cli
+from mlx_lens.mlx import pipeline as mlx_pipeline
 if os.environ["MLX_RANK"] == "1":  # dies before sending its residual on
     mlx_pipeline.PipelineBackend._capture = lambda *args, **kwargs: os._exit(1)
 sys.exit(cli.main(sys.argv[1:]))
@@ -106,7 +107,7 @@ def test_the_default_model_over_two_ranks_writes_the_same_run(smollm2_dir, tmp_p
         f'"Give the city name only, plain text. The capital of {c} is called simply",{a}\n'
         for c, a in (("Germany", "Berlin"), ("France", "Paris"), ("Italy", "Rome"))))
     # (no --backend under mlx.launch, which would take it as its own; auto is mlx there)
-    args = ["-m", "mlx_lens.cli", "run", "--no-plots", "--no-probes", "--facts", str(facts)]
+    args = ["-m", "mlx_lens.cli.main", "run", "--no-plots", "--no-probes", "--facts", str(facts)]
     done = launch([*args, "--out_dir", "two"], tmp_path, timeout=600)
     assert (tmp_path / "two" / "output-SmolLM2-135M-Instruct.json").is_file(), done.stderr[-2000:]
     one = subprocess.run([sys.executable, *args, "--backend", "mlx", "--out_dir", "one"], cwd=tmp_path,
@@ -127,14 +128,14 @@ def test_a_tuned_lens_over_two_ranks(tiny_model_dirs, tmp_path):
     """Each rank applies the translators of its own rows: the next-token table equals one
     process's exactly (512 tokens: one vocabulary chunk either way, so the same operations on
     the same rows)."""
-    from mlx_lens import tuned_lens
-    from mlx_lens.artifacts import read_csv
+    from mlx_lens.tuned import lens_file
+    from mlx_lens.output.artifacts import read_csv
     from parity_tests.test_tuned import random_lens
 
     model = str(tiny_model_dirs["qwen2"])
     single = MlxBackend(resolve(model))
-    tuned_lens.save(random_lens(single.info.n_layers, single.info.d_model), tmp_path / "lens")
-    args = ["-m", "mlx_lens.cli", "run", model, "--no-plots", "--no-probes", "--lens",
+    lens_file.save(random_lens(single.info.n_layers, single.info.d_model), tmp_path / "lens")
+    args = ["-m", "mlx_lens.cli.main", "run", model, "--no-plots", "--no-probes", "--lens",
             f"tuned:{tmp_path / 'lens'}"]
     launch([*args, "--out_dir", "two"], tmp_path)
     one = subprocess.run([sys.executable, *args, "--backend", "mlx", "--out_dir", "one"],

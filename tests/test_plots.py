@@ -1,4 +1,4 @@
-"""Pictures of a run (mlx_lens/plots.py): each figure read back as a PNG, the grid's rows,
+"""Pictures of a run (mlx_lens/view/plots.py): each figure read back as a PNG, the grid's rows,
 columns and text geometry, and `mlx-lens plot` / `mlx-lens run` on real tiny-model runs."""
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from mlx_lens import cli, plots
-from mlx_lens.aggregates import layer_aggregates
-from mlx_lens.cli import main
-from mlx_lens.errors import LensError
+from mlx_lens.cli import main as cli
+from mlx_lens.view import plots
+from mlx_lens.experiment.aggregates import layer_aggregates
+from mlx_lens.cli.main import main
+from mlx_lens.core.errors import LensError
 from tests.test_suite import FACTS, write_facts
 from tests.test_cli import run_main
 

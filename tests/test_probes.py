@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_lens import bounds
-from mlx_lens.cli import main
-from mlx_lens.probes import TEMPERATURES, TEST_PROMPTS
+from mlx_lens.core import bounds
+from mlx_lens.cli.main import main
+from mlx_lens.experiment.probes import TEMPERATURES, TEST_PROMPTS
 from torch_ref.backend import TorchBackend
-from mlx_lens.models import resolve
+from mlx_lens.loading.sources import resolve
 from tests.lens_checks import NORM_AND_HEAD, gemm_bound
 
 

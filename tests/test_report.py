@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lens import report as report_module
-from mlx_lens.cli import main
+from mlx_lens.view import report as report_module
+from mlx_lens.cli.main import main
 
 SCRIPT = "<script>alert(1)</script>"
 FACTS = [

@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from mlx_lens import backends
-from mlx_lens.cli import main
-from mlx_lens.models import resolve
-from mlx_lens.self_test import run_self_test, self_test_layers
+from mlx_lens import backend_choice
+from mlx_lens.cli.main import main
+from mlx_lens.loading.sources import resolve
+from mlx_lens.checks.norm_scale import run_self_test, self_test_layers
 
 
 def test_layers_tested():
@@ -17,7 +17,7 @@ def test_layers_tested():
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])  # RMS, Gemma's 1+w, LayerNorm
 def test_self_test_passes(tiny_model_dirs, backend, name):
-    rows = run_self_test(backends.load(backend, resolve(str(tiny_model_dirs[name]))))
+    rows = run_self_test(backend_choice.load(backend, resolve(str(tiny_model_dirs[name]))))
     assert rows and all(r.passed for r in rows)
     assert all(r.kl_learned > 0.01 for r in rows)  # the scale matters, so the check has teeth
 
@@ -26,7 +26,7 @@ def test_self_test_passes(tiny_model_dirs, backend, name):
 def test_self_test_fails_with_a_wrong_norm(tiny_model_dirs, backend):
     """Gemma's norm read as a plain RMSNorm (scale w instead of 1 + w): the lens's modules
     no longer scale as the architecture defines, and the self-test must say so."""
-    b = backends.load(backend, resolve(str(tiny_model_dirs["gemma2"])))
+    b = backend_choice.load(backend, resolve(str(tiny_model_dirs["gemma2"])))
     spec_of = b.norm_spec
 
     def plain_rms(ref):
@@ -45,7 +45,7 @@ def test_cli_self_test_writes_nothing(tiny_model_dirs, tmp_path, capsys, monkeyp
 
 
 def test_cli_self_test_fails_with_exit_1(tiny_model_dirs, tmp_path, capsys, monkeypatch):
-    real_load = backends.load
+    real_load = backend_choice.load
 
     def broken_load(*args, **kwargs):
         b = real_load(*args, **kwargs)

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from mlx_lens import bounds
-from mlx_lens.cli import main
-from mlx_lens.facts import load_facts
-from mlx_lens.models import resolve
-from mlx_lens.parity import logit_bound
-from mlx_lens.suite import run_suite
-from mlx_lens.suite_tables import read_suite_table
+from mlx_lens.core import bounds
+from mlx_lens.cli.main import main
+from mlx_lens.experiment.facts import load_facts
+from mlx_lens.loading.sources import resolve
+from mlx_lens.checks.parity import logit_bound
+from mlx_lens.experiment.suite import run_suite
+from mlx_lens.output.suite_tables import read_suite_table
 from tests.lens_checks import log_softmax64
 from torch_ref.backend import TorchBackend
 

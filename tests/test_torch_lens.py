@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_lens import bounds
-from mlx_lens.contract import LENSES, SweepOptions, norm_plan
-from mlx_lens.models import resolve
+from mlx_lens.core import bounds
+from mlx_lens.core.contract import LENSES, SweepOptions, norm_plan
+from mlx_lens.loading.sources import resolve
 from tests.lens_checks import (NORM_AND_HEAD, PROMPT, assert_chunked_sweep_matches_logits,
                                assert_large_vocabulary_sweep, assert_reductions_match_float64,
                                assert_softcap_applied, backend_cache, gemm_bound)

@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_lens import bounds, corpus, tuned_lens, tuning
+from mlx_lens.core import bounds
+from mlx_lens.tuned import corpus
+from mlx_lens.tuned import lens_file
+from mlx_lens.tuned import training
 from mlx_lens.api import load
-from mlx_lens.contract import Recipe
-from mlx_lens.errors import LensError
-from mlx_lens.models import resolve
-from mlx_lens.tuned_lens import TunedLens
-from mlx_lens.tuning import TuneOptions
+from mlx_lens.core.contract import Recipe
+from mlx_lens.core.errors import LensError
+from mlx_lens.loading.sources import resolve
+from mlx_lens.tuned.lens_file import TunedLens
+from mlx_lens.tuned.training import TuneOptions
 from parity_tests.test_tuned import random_lens
 from tests.lens_checks import PROMPT
 from tests.test_cli import run_main
@@ -64,7 +67,7 @@ def test_the_packages_layout_decodes_as_the_package_does(llama, tmp_path):
     model's norm and head) on transformers' hidden_states, against the lens's decode."""
     lens = random_lens(llama.info.n_layers, llama.info.d_model, seed=3)
     translators = _theirs(tmp_path / "theirs", lens, llama)
-    read = tuned_lens.read(tmp_path / "theirs")
+    read = lens_file.read(tmp_path / "theirs")
     assert np.array_equal(read.weight, lens.weight) and np.array_equal(read.bias, lens.bias)
     ids = llama.tokenizer.encode(PROMPT)
     got = llama.layer_logits(ids, read)
@@ -86,15 +89,15 @@ def test_the_packages_layout_decodes_as_the_package_does(llama, tmp_path):
 def test_their_hash_is_the_packages(llama):
     w = llama.model.get_output_embeddings().weight.detach().float().numpy()
     want = hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
-    assert tuned_lens.their_hash(llama.unembedding, llama.info.vocab, llama.info.d_model) == want
+    assert lens_file.their_hash(llama.unembedding, llama.info.vocab, llama.info.d_model) == want
 
 
 def test_our_layout_round_trips_whole_and_readable(llama, tmp_path):
     lens = random_lens(llama.info.n_layers, llama.info.d_model)
-    lens = TunedLens(lens.weight, lens.bias, {"unembed_sha256": tuned_lens.unembedding_hash(
+    lens = TunedLens(lens.weight, lens.bias, {"unembed_sha256": lens_file.unembedding_hash(
         llama.unembedding, llama.info.vocab)})
-    saved = tuned_lens.save(lens, tmp_path / "ours")
-    back = tuned_lens.read(saved.path)
+    saved = lens_file.save(lens, tmp_path / "ours")
+    back = lens_file.read(saved.path)
     assert np.array_equal(back.weight, lens.weight) and np.array_equal(back.bias, lens.bias)
     assert back.name == f"tuned:{tmp_path / 'ours'}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]  # no temporary left
@@ -102,7 +105,7 @@ def test_our_layout_round_trips_whole_and_readable(llama, tmp_path):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o044 == 0o044, (path, oct(mode))  # readable by colleagues, like runs
     with pytest.raises(LensError, match="never overwritten"):
-        tuned_lens.save(lens, tmp_path / "ours")
+        lens_file.save(lens, tmp_path / "ours")
 
 
 def test_a_lens_for_another_model_is_refused_in_one_line(llama, tmp_path, tiny_model_dirs,
@@ -111,7 +114,7 @@ def test_a_lens_for_another_model_is_refused_in_one_line(llama, tmp_path, tiny_m
     cases = {"wide": TunedLens.identity(n, d + 32), "deep": TunedLens.identity(n + 1, d),
              "ours": TunedLens.identity(n, d, {"unembed_sha256": "0" * 64})}
     for name, lens in cases.items():
-        tuned_lens.save(lens, tmp_path / name)
+        lens_file.save(lens, tmp_path / name)
     _theirs(tmp_path / "theirs", TunedLens.identity(n, d), llama, unembed_hash="f" * 64)
     for name in (*cases, "theirs"):
         with pytest.raises(LensError, match="was made for"):
@@ -126,13 +129,13 @@ def test_a_lens_for_another_model_is_refused_in_one_line(llama, tmp_path, tiny_m
 def test_broken_lens_files_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LensError, match="config.json is missing"):
-        tuned_lens.read(tmp_path / "empty")
+        lens_file.read(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(LensError, match="neither translators.safetensors nor params.pt"):
-        tuned_lens.read(tmp_path / "empty")
+        lens_file.read(tmp_path / "empty")
     (tmp_path / "empty" / "translators.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LensError, match="unreadable tuned lens"):
-        tuned_lens.read(tmp_path / "empty")
+        lens_file.read(tmp_path / "empty")
 
 
 class _Payload:
@@ -146,7 +149,7 @@ def test_params_pt_is_read_without_running_pickled_code(tmp_path, monkeypatch):
     torch.save({"0.weight": _Payload()}, tmp_path / "evil" / "params.pt")
     (tmp_path / "evil" / "config.json").write_text(json.dumps({"d_model": 4, "num_hidden_layers": 1}))
     with pytest.raises(LensError, match="unreadable tuned lens .*params.pt"):
-        tuned_lens.read(tmp_path / "evil")
+        lens_file.read(tmp_path / "evil")
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -180,9 +183,9 @@ def test_bad_corpora_are_one_line_errors(llama, tmp_path, content, message):
 
 def test_training_beats_the_logit_lens_on_held_out_text(llama, text, tmp_path):
     data = corpus.load_corpus(str(text), llama.tokenizer, OPTS.seq_len)
-    lens = tuning.train(llama, data, TuneOptions(steps=20, tokens_per_step=256, seq_len=32),
+    lens = training.train(llama, data, TuneOptions(steps=20, tokens_per_step=256, seq_len=32),
                         tmp_path / "lens")
-    frame = tuning.evaluate(llama, lens, data.held_out)
+    frame = training.evaluate(llama, lens, data.held_out)
     inner = frame.iloc[:-1]
     assert (inner.kl_tuned_bits < inner.kl_logit_bits).all(), frame
     assert frame.kl_tuned_bits.iloc[-1] == frame.kl_logit_bits.iloc[-1] == 0
@@ -191,7 +194,7 @@ def test_training_beats_the_logit_lens_on_held_out_text(llama, text, tmp_path):
 
 def test_untrained_translators_evaluate_as_the_logit_lens(llama, text):
     data = corpus.load_corpus(str(text), llama.tokenizer, 32)
-    frame = tuning.evaluate(llama, TunedLens.identity(llama.info.n_layers, llama.info.d_model),
+    frame = training.evaluate(llama, TunedLens.identity(llama.info.n_layers, llama.info.d_model),
                             data.held_out)
     assert np.array_equal(frame.kl_tuned_bits, frame.kl_logit_bits)
     assert np.array_equal(frame.ce_tuned_bits, frame.ce_logit_bits)
@@ -199,8 +202,8 @@ def test_untrained_translators_evaluate_as_the_logit_lens(llama, text):
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(llama, text, tmp_path, monkeypatch):
     data = corpus.load_corpus(str(text), llama.tokenizer, OPTS.seq_len)
-    whole = tuning.train(llama, data, OPTS, tmp_path / "whole")
-    assert not tuning.checkpoint_path(tmp_path / "whole").exists()  # removed once done
+    whole = training.train(llama, data, OPTS, tmp_path / "whole")
+    assert not training.checkpoint_path(tmp_path / "whole").exists()  # removed once done
 
     from torch_ref.tune import TorchTuner
 
@@ -214,12 +217,12 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(llama, text, tmp
 
     monkeypatch.setattr(TorchTuner, "gradients", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tuning.train(llama, data, OPTS, tmp_path / "resumed")
-    ckpt = tuning.checkpoint_path(tmp_path / "resumed")
+        training.train(llama, data, OPTS, tmp_path / "resumed")
+    ckpt = training.checkpoint_path(tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists()  # no half-trained lens under the lens's name
-    assert tuned_lens.read(ckpt).config["training"]["step"] == 3
+    assert lens_file.read(ckpt).config["training"]["step"] == 3
     monkeypatch.setattr(TorchTuner, "gradients", real)
-    resumed = tuning.train(llama, data, OPTS, tmp_path / "resumed")
+    resumed = training.train(llama, data, OPTS, tmp_path / "resumed")
     assert np.array_equal(resumed.weight, whole.weight) and np.array_equal(resumed.bias, whole.bias)
     assert not ckpt.exists()
 
@@ -234,18 +237,18 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, text, tmp_path, monkey
     real = TorchTuner.gradients
     monkeypatch.setattr(TorchTuner, "gradients", stop)
     with pytest.raises(KeyboardInterrupt):
-        tuning.train(llama, data, OPTS, tmp_path / "lens")
+        training.train(llama, data, OPTS, tmp_path / "lens")
     monkeypatch.setattr(TorchTuner, "gradients", real)
     other = TuneOptions(steps=6, tokens_per_step=128, seq_len=32, recipe=Recipe(lr_scale=2.0))
     with pytest.raises(LensError, match="checkpoint of another training run"):
-        tuning.train(llama, data, other, tmp_path / "lens")
+        training.train(llama, data, other, tmp_path / "lens")
 
 
 def test_signals_wait_for_an_optimizer_step():
     got = []
     previous = signal.signal(signal.SIGINT, lambda *_: got.append("signal"))
     try:
-        with tuning.deferred_signals():
+        with training.deferred_signals():
             os.kill(os.getpid(), signal.SIGINT)
             got.append("step done")
     finally:

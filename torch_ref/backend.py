@@ -17,15 +17,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mlx_lens.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
+from mlx_lens.core.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
                                SweepOptions, norm_plan)
-from mlx_lens.device_policy import (DoesNotFit, auto_dtype, available_ram, choose, footprint,
+from mlx_lens.loading.placement import (DoesNotFit, auto_dtype, available_ram, choose, footprint,
                                    split_across)
-from mlx_lens.errors import LensError
-from mlx_lens.progress import progress
-from mlx_lens.models import ModelSource, check_supported, local_model_type
-from torch_ref.architectures import ARCHITECTURES
-from mlx_lens.tuned_lens import TunedLens, check_matches
+from mlx_lens.core.errors import LensError
+from mlx_lens.core.progress import progress
+from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
+from torch_ref.arch import ARCHITECTURES
+from mlx_lens.tuned.lens_file import TunedLens, check_matches
 from torch_ref.reduce import LOG2E, sweep_next_token, sweep_states
 from torch_ref.tune import TorchTuner, translate
 

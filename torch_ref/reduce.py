@@ -25,8 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mlx_lens.bounds import SUM_BLOCK, summation_depth
-from mlx_lens.contract import LayerStats, SweepOptions
+from mlx_lens.core.bounds import SUM_BLOCK, summation_depth
+from mlx_lens.core.contract import LayerStats, SweepOptions
 from torch_ref.tiles import cpu_tile
 
 # On a CPU the tile is calibrated per machine (torch_ref/tiles.py). On a GPU, tiles are sized

@@ -62,7 +62,7 @@ def cpu_tile() -> tuple[int, int]:
     if forced:
         rows, tokens = (int(v) for v in forced.lower().split("x"))
         return rows * tokens, rows
-    from mlx_lens.default_model import cache_root
+    from mlx_lens.loading.default_model import cache_root
 
     key = f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_root() / "cpu-tiles.json"

@@ -1,6 +1,6 @@
 """Training a tuned lens on torch: the model frozen, its rows captured without gradients, each
 translator trained on KL(model || lens) at every position (docs/tuned-lens.md). Mirrors
-mlx_lens/mlx_tune.py."""
+mlx_lens/mlx/tune.py."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mlx_lens.contract import Recipe
-from mlx_lens.tuned_lens import TunedLens
-from mlx_lens.tuning import micro_batches
+from mlx_lens.core.contract import Recipe
+from mlx_lens.tuned.lens_file import TunedLens
+from mlx_lens.tuned.training import micro_batches
 
 if TYPE_CHECKING:
     from torch_ref.backend import TorchBackend

@@ -1,0 +1,1 @@
+"""Checks of the lens itself: backend parity and the norm-scale self-test."""

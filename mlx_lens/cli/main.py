@@ -1,0 +1,379 @@
+"""The `mlx-lens` command."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from mlx_lens import backend_choice
+from mlx_lens.experiment import health
+from mlx_lens.output import run_dir
+from mlx_lens.api import ModelLens, load, resolve_lens
+from mlx_lens.output.artifacts import write_model_artifacts
+from mlx_lens.loading.placement import DoesNotFit
+from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
+from mlx_lens.core.contract import LENSES, lens_name
+from mlx_lens.core.errors import LensError
+from mlx_lens.experiment.single import ExperimentOptions
+from mlx_lens.experiment.facts import Fact, load_facts
+from mlx_lens.cli.processes import (EXIT_SKIPPED, ORIGINAL_MODELS, ModelOutcome, run_one_process,
+                               summary_of, table)
+from mlx_lens.experiment.metrics import CollapseSettings
+from mlx_lens.loading.sources import resolve
+from mlx_lens.experiment.probes import ANSWER, PROMPT
+from mlx_lens.checks.norm_scale import report as self_test_report
+from mlx_lens.checks.norm_scale import run_self_test, self_test_layers
+from mlx_lens.output.suite_tables import write_suite_tables
+from mlx_lens.tuned.training import EVAL_TOKENS, TuneOptions
+
+
+GRID_COLOURS = ("entropy", "p1")  # mlx_lens.view.plots.GRID_COLOURS, without importing matplotlib
+MODEL_HELP = "local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)"
+# run options a child process for one model gets from a multi-model run (dest, flag)
+_CHILD_OPTIONS = (("backend", "--backend"), ("device", "--device"), ("dtype", "--dtype"),
+                  ("lens", "--lens"), ("copy_threshold", "--copy-threshold"),
+                  ("copy_margin", "--copy-margin"), ("prompt", "--prompt"), ("answer", "--answer"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--backend", choices=backend_choice.BACKENDS, default="auto")
+    options.add_argument("--device", default="auto",
+                       help="torch: auto, cpu, cuda, cuda:N, mps; mlx: auto, gpu, cpu")
+    options.add_argument("--device-map", default=None, metavar="FILE",
+                         help="torch: place the model with accelerate as this JSON file says "
+                              "(module name -> cuda:N, cpu or disk); without it, --device auto "
+                              "splits a model over GPUs that only together hold it")
+    options.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="compute dtype (torch auto: fp32 on CPU, fp16 on CUDA, bf16 for "
+                            "Gemma; mlx auto: the checkpoint's)")
+
+    parser = argparse.ArgumentParser(prog="mlx-lens", description="Per-layer logit lens.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", parents=[options], help="greedy chat reply (a model check)")
+    chat.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    chat.add_argument("--prompt", default=CHAT_PROMPT)
+    chat.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parity = sub.add_parser("parity", help="check that the MLX lens agrees with the torch reference "
+                            "on a model (per-layer table; exit 1 beyond tolerance)")
+    parity.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    parity.add_argument("--lens", default="all", help=f"{', '.join(LENSES)}, tuned:DIR or all "
+                        "(the three norm rules)")
+    parity.add_argument("--prompt", action="append", help="repeatable (default: the probe prompt)")
+    parity.add_argument("--answer", default=ANSWER)
+    run = sub.add_parser("run", parents=[options], help="run the logit-lens experiment")
+    run.add_argument("models", nargs="*", metavar="model",
+                     help=MODEL_HELP + "; several run one after another, each in its own process")
+    run.add_argument("--all", action="store_true",
+                     help="the original's seven models: " + ", ".join(ORIGINAL_MODELS))
+    run.add_argument("--self-test", action="store_true",
+                     help="check the norm scaling of the lens (prints, writes nothing; exit 0/1)")
+    run.add_argument("--keep-residuals", action="store_true",
+                     help="also save the residual stream per layer (safetensors)")
+    run.add_argument("--lens", default="final-norm",
+                     help=f"how each layer is decoded: {', '.join(LENSES)} (the norm; next-norm: "
+                          "the original's rule) or tuned:DIR (a tuned lens folder, mlx-lens tune)")
+    run.add_argument("--fp32-unembed", action="store_true",
+                     help="decode in fp32 (the lens always does; kept for the original's command lines)")
+    run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
+    run.add_argument("--copy-margin", type=float, default=CollapseSettings.copy_margin)
+    run.add_argument("--prompt", default=PROMPT)
+    run.add_argument("--answer", default=ANSWER, help="gold answer (its first token is scored)")
+    run.add_argument("--out_dir", type=Path, default=None,
+                     help="write here instead of rotating runs/run-latest")
+    run.add_argument("--no-probes", dest="probes", action="store_false",
+                     help="skip the extra test prompts and temperature exploration")
+    run.add_argument("--facts", metavar="FILE",
+                     help="also run a fact suite: JSONL or CSV with prompt, answer and optional "
+                          "id, group, control_prompt, control_answer; 'default' for the packaged "
+                          "capital-city suite")
+    run.add_argument("--no-plots", dest="plots", action="store_false",
+                     help="draw no pictures (plot-*.png) of the run")
+    run.add_argument("--grid-colour", choices=GRID_COLOURS, default="entropy",
+                     help="colour of the logit-lens grid: entropy (bits) or p(top-1)")
+    tune = sub.add_parser("tune", parents=[options],
+                          help="train a tuned lens on a corpus (or evaluate one: --eval DIR)")
+    tune.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    tune.add_argument("--corpus", default=None,
+                      help="a text file, or JSONL with a 'text' field (default: Python's own "
+                           "reference topics, pydoc_data; README 'Tuned lens')")
+    tune.add_argument("--steps", type=int, default=TuneOptions.steps)
+    tune.add_argument("--tokens-per-step", type=int, default=TuneOptions.tokens_per_step)
+    tune.add_argument("--seq-len", type=int, default=None,
+                      help=f"tokens per training sequence (default {TuneOptions.seq_len}; with "
+                           "--eval, the lens's own)")
+    tune.add_argument("--out", type=Path, default=None,
+                      help="the new lens folder (default: lenses/<model>)")
+    tune.add_argument("--eval", type=Path, default=None, metavar="DIR",
+                      help="evaluate the lens in DIR against the logit lens on held-out text "
+                           "(table, eval.csv and eval.png in DIR) instead of training")
+    tune.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
+                      help="held-out tokens the evaluation reads at most")
+    plot = sub.add_parser("plot", help="draw a run folder's pictures (again) from its artifacts")
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/run-latest")
+    plot.add_argument("--grid-colour", choices=GRID_COLOURS, default="entropy",
+                      help="colour of the logit-lens grid: entropy (bits) or p(top-1)")
+    report = sub.add_parser("report", help="one self-contained HTML page of a run folder")
+    report.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/run-latest")
+    report.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
+    return parser
+
+
+def _load(args: argparse.Namespace, model: str | None, lens: str = "final-norm") -> ModelLens:
+    device_map = None
+    if args.device_map:
+        from torch_ref.backend import read_device_map
+
+        device_map = read_device_map(args.device_map)
+    return load(model, args.backend, lens, args.device, args.dtype,
+                announce=lambda name, reason: print(f"backend: {name} ({reason})", flush=True),
+                device_map=device_map)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    backend = _load(args, args.model).backend
+    print(f"user: {args.prompt}\n{backend.info.name}: {chat(backend, args.prompt, args.max_tokens)}")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from mlx_lens.checks.parity import BOUND_DESCRIPTION, compare
+
+    lenses = LENSES if args.lens == "all" else (resolve_lens(args.lens),)
+    source = resolve(args.model)
+    reference, candidate = backend_choice.load("torch", source), backend_choice.load("mlx", source)
+    failed = False
+    for lens in lenses:
+        report = compare(reference, candidate, args.prompt or [PROMPT], lens, args.answer)
+        print(f"{source.name} [{report.architecture}], lens {lens_name(lens)}: torch (reference) "
+              f"vs mlx; bounds: {BOUND_DESCRIPTION}")
+        print(report.table())
+        for line in report.failures():
+            print(f"FAIL: {line}")
+            failed = True
+        for i, p in enumerate(report.prompts):
+            print(f"prompt {i}: torch {p.summaries[0]}, mlx {p.summaries[1]}")
+    print("parity: FAILED" if failed else "parity: OK")
+    return 1 if failed else 0
+
+
+def cmd_self_test(args: argparse.Namespace) -> int:
+    lens = _load(args, args.models[0] if args.models else None)
+    source, backend = lens.source, lens.backend
+    rows = run_self_test(backend)
+    print(f"self-test {source.name} [{backend.info.backend} {backend.info.device}]: norm scale "
+          f"applied by the lens vs by hand, layers {self_test_layers(backend.info.n_layers)}")
+    print(self_test_report(rows))
+    passed = all(r.passed for r in rows)
+    print("self-test: PASS" if passed else "self-test: FAIL")
+    return 0 if passed else 1
+
+
+def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None,
+               facts: list[Fact] | None = None) -> list[Path]:
+    """One model end to end, written to out_dir (None: a pipeline rank other than 0, which
+    computes its part and writes nothing)."""
+    started = time.perf_counter()
+    collapse = CollapseSettings(args.copy_threshold, args.copy_margin)
+    ExperimentOptions(prompt=args.prompt, answer=args.answer)  # bad input fails before loading
+    lens = _load(args, model, args.lens)
+    seconds = {"load": time.perf_counter() - started}
+    result = lens.run(args.prompt, args.answer, args.probes, collapse, args.keep_residuals)
+    seconds.update(result.seconds)
+    if facts:
+        began = time.perf_counter()
+        suite = lens.run_suite(facts, collapse)
+        seconds["suite"] = time.perf_counter() - began
+    pipeline = getattr(lens.backend, "report", None)  # a rank of a pipeline: its own line
+    if out_dir is None:
+        print(pipeline(), flush=True)
+        return []
+    line = health.warning(result.payload["diagnostics"])
+    if line:
+        print(f"mlx-lens: warning: {line}", file=sys.stderr)
+    began = time.perf_counter()
+    paths = write_model_artifacts(out_dir, lens.source.name, result)
+    if facts:
+        paths += write_suite_tables(out_dir, lens.source.name, suite.long, suite.per_fact,
+                                    suite.aggregates)
+    seconds["write"] = time.perf_counter() - began
+    s = summary_of(result.payload)
+    print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens_name(lens.lens)}]: "
+          f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
+          f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
+    if facts:
+        print(suite.summary_line())
+    print(f"time: {time.perf_counter() - started:.1f} s ("
+          + ", ".join(f"{name} {t:.1f} s" for name, t in seconds.items()) + ")")
+    if pipeline:
+        print(pipeline())
+    return paths
+
+
+def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> list[ModelOutcome]:
+    child = [a for dest, flag in _CHILD_OPTIONS for a in (flag, str(getattr(args, dest)))]
+    child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
+    child += ["--facts", args.facts] if args.facts else []
+    child += ["--device-map", args.device_map] if args.device_map else []
+    child += ["--no-plots"]  # the pictures of the whole folder are drawn once, at the end
+    outcomes = []
+    for i, model in enumerate(models, 1):
+        print(f"[{i}/{len(models)}] {model}", flush=True)
+        outcomes.append(run_one_process(model, out_dir, child))
+        print(f"[{i}/{len(models)}] {model}: {outcomes[-1].status}", flush=True)
+    print(table(outcomes))
+    return outcomes
+
+
+def _draw_plots(out_dir: Path, colour: str) -> list[Path]:
+    """The run's pictures; failing to draw them costs the pictures, never the artifacts."""
+    try:
+        from mlx_lens.view.plots import draw_run_dir  # matplotlib is imported only to draw
+
+        return draw_run_dir(out_dir, colour)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        if not isinstance(exc, LensError):
+            reason = f"{type(exc).__name__}: {reason}"
+        print(f"mlx-lens: warning: no pictures drawn: {reason}", file=sys.stderr)
+        return []
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mlx_lens.view.plots import draw_run_dir
+
+    for path in draw_run_dir(args.run_dir, args.grid_colour):
+        print(f"  wrote {path}")
+    return 0
+
+
+def _make_out_dir(out_dir: Path) -> bool:
+    """Create --out_dir up front, so that a path unfit for it fails before a model is loaded;
+    True when it did not exist (a failed run then takes it away again)."""
+    existed = out_dir.is_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LensError(f"--out_dir {out_dir} exists and is not a folder") from None
+    except OSError as exc:
+        raise LensError(f"cannot create --out_dir {out_dir}: {exc.strerror}") from None
+    return not existed
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.self_test:
+        return cmd_self_test(args)
+    facts = load_facts(args.facts) if args.facts else None  # a bad file fails before anything
+    models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
+    if "MLX_RANK" in os.environ:  # one of the processes of mlx.launch: a pipeline (README)
+        if len(models) > 1 or args.keep_residuals:
+            raise LensError("a run split across processes takes one model and keeps no residuals")
+        if os.environ["MLX_RANK"] != "0":  # computes its slice; rank 0 writes everything
+            run_single(args, models[0], None, facts)
+            return 0
+    made_out_dir = args.out_dir is not None and _make_out_dir(args.out_dir)
+    out_dir = args.out_dir if args.out_dir is not None else run_dir.start(Path.cwd() / "runs")
+    try:
+        if len(models) == 1:
+            paths = run_single(args, models[0], out_dir, facts)
+            code = 0
+        else:
+            outcomes = run_several(args, models, out_dir)
+            code = 1 if any(o.status.startswith("failed") for o in outcomes) else 0
+            paths = sorted([*out_dir.glob("output-*"), *out_dir.glob("suite-*")])
+            if not paths:
+                raise LensError("no model produced artifacts")
+        if args.plots:
+            paths += _draw_plots(out_dir, args.grid_colour)
+    except BaseException:
+        if args.out_dir is None:
+            run_dir.discard(out_dir)
+        elif made_out_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    if args.out_dir is None:
+        published = run_dir.publish(out_dir)
+        paths = [published / p.name for p in paths]
+    for path in paths:
+        print(f"  wrote {path}")
+    return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mlx_lens.view.report import write_report
+
+    print(f"  wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mlx_lens.tuned import lens_file
+    from mlx_lens.tuned import training
+
+    for name in ("steps", "tokens_per_step", "eval_tokens"):
+        if getattr(args, name) < 1:
+            raise LensError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise LensError("--seq-len must be at least 2 (a next token to predict)")
+    tuned = lens_file.read(args.eval) if args.eval else None  # a broken lens fails before loading
+    loaded = _load(args, args.model)
+    info, started = loaded.backend.info, time.perf_counter()
+    if tuned is not None:
+        frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens)
+        print(f"{info.name}: logit lens vs tuned lens {args.eval}, held-out text "
+              f"({int(frame.tokens[0])} tokens), bits")
+        print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
+        for path in training.write_eval(frame, args.eval, info.name):
+            print(f"  wrote {path}")
+        return 0
+    opts = TuneOptions(args.steps, args.tokens_per_step, args.seq_len or TuneOptions.seq_len,
+                       args.corpus)
+    out = args.out or Path("lenses") / loaded.source.name
+    print(f"tune: {info.n_layers} translators of {info.d_model}x{info.d_model} on "
+          f"{args.corpus or 'pydoc-topics'}, {opts.steps} steps of {opts.step_tokens} tokens "
+          f"(sequences of {opts.seq_len})", flush=True)
+    lens = loaded.tune(out, args.corpus, opts)
+    seconds = time.perf_counter() - started
+    print(f"  wrote {lens.path} in {seconds:.0f} s; evaluate it: mlx-lens tune --eval {lens.path}")
+    return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs (no staging left)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report,
+                    "plot": cmd_plot, "tune": cmd_tune}
+        return commands[args.command](args)
+    except LensError as exc:
+        print(f"mlx-lens: error: {exc}", file=sys.stderr)
+        return EXIT_SKIPPED if isinstance(exc, DoesNotFit) else 2
+    except KeyboardInterrupt:
+        print("mlx-lens: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("mlx-lens: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports it
+    except Exception as exc:  # one line, not a traceback wall; MLX_LENS_DEBUG=1 shows it
+        if os.environ.get("MLX_LENS_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"mlx-lens: error: {type(exc).__name__}: {msg}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may run inside another program
+
+
+if __name__ == "__main__":
+    sys.exit(main())

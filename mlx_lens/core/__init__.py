@@ -1,0 +1,1 @@
+"""Backend-neutral core (numpy only, never torch or mlx): the contract, the lens, error bounds, float64 numerics, reductions into LayerStats, errors, files, progress."""

@@ -1,0 +1,224 @@
+"""The one contract between backends and everything else (docs/design.md).
+
+A backend turns (model, token ids, options) into a `LayerStats` of plain numpy arrays. Nothing
+downstream of this module imports torch or mlx.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from mlx_lens.tuned.lens_file import TunedLens
+
+Lens = Literal["final-norm", "next-norm", "raw"]
+LENSES: tuple[Lens, ...] = ("final-norm", "next-norm", "raw")
+# What decodes the rows: a norm rule, or a tuned lens (its translators, then the final norm).
+LensSpec = Union[Lens, "TunedLens"]
+TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final prediction)
+
+# Which normalisation decodes a row: "final" (the model's final norm), an int i (block i's input
+# norm) or None (no norm).
+NormRef = str | int | None
+
+
+def lens_name(lens: LensSpec) -> str:
+    """The lens as artifacts record it, and as --lens takes it."""
+    return lens if isinstance(lens, str) else lens.name
+
+
+def norm_plan(lens: LensSpec, n_layers: int) -> list[NormRef]:
+    """The norm that decodes each of the n_layers + 1 rows under `lens`.
+
+    Row 0 is the embedding output, row i the residual after block i-1. The last row is always
+    the model's own output distribution (final norm), whatever the lens.
+    `next-norm` is the original experiment's rule for pre-norm models: row i goes through block
+    i's input norm, i.e. the norm the next block would apply. A tuned lens decodes every
+    translated row through the final norm.
+    """
+    if not isinstance(lens, str):
+        return ["final"] * (n_layers + 1)
+    if lens == "final-norm":
+        return ["final"] * (n_layers + 1)
+    if lens == "next-norm":
+        return [*range(n_layers), "final"]
+    if lens == "raw":
+        return [None] * n_layers + ["final"]
+    raise ValueError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)}")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    lens: LensSpec = "final-norm"
+    answer_id: int | None = None  # gold answer's first token id; enables p_answer / rank
+    top_k: int = TOP_K
+    # Positions that need only narrow_k candidates (False) may get just those: the remaining
+    # top-k columns then hold id -1 and probability 0. None: every position gets top_k.
+    wide: tuple[bool, ...] | None = None
+    narrow_k: int = 5
+
+
+@dataclass
+class LayerStats:
+    """Per row (layer) r and position t of one prompt; probabilities from the fp32 lens.
+    The comparisons with the final distribution and the answer are taken at the next-token
+    (last) position, where the experiment reports them: per row only."""
+
+    entropy: np.ndarray  # [R, T] bits
+    topk_ids: np.ndarray  # [R, T, K] int64, most probable first
+    topk_probs: np.ndarray  # [R, T, K]
+    kl_to_final: np.ndarray  # [R] bits, KL(P_row || P_last_row) at the last position
+    cos_to_final: np.ndarray  # [R] cosine between the row's logits and the last row's
+    p_answer: np.ndarray | None = None  # [R]
+    answer_rank: np.ndarray | None = None  # [R], 1 = top-1
+    # [R, A]: every scored token's probability (the answer first), where more than the answer
+    # is scored (a control prompt: its own answer and the fact's)
+    p_scored: np.ndarray | None = None
+    # Roundings a term of the vocabulary sums went through: fixes the reductions' error bound
+    # (mlx_lens.core.bounds.reduction_bounds); None when not computed by a running reduction.
+    summation_depth: int | None = None
+    finite_residual: np.ndarray | None = None  # [R] bool: the captured residual row is finite
+
+    @classmethod
+    def from_arrays(cls, out: dict) -> "LayerStats":
+        """From a backend's reductions (any array-likes numpy can read), in float64 / int64."""
+        f64 = {k: np.asarray(out[k], np.float64) for k in
+               ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer", "p_scored")
+               if k in out}
+        i64 = {k: np.asarray(out[k], np.int64) for k in ("topk_ids", "answer_rank") if k in out}
+        depth = out.get("summation_depth")
+        return cls(**f64, **i64, summation_depth=None if depth is None else int(depth))
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A norm as the architecture defines it, for checks made outside the backend:
+    y = normalise(x) * scale + bias, with normalise an RMS ("rms") or mean/variance ("layer")
+    normalisation and eps inside the square root. Gemma's 1+w is already folded into scale."""
+
+    kind: Literal["rms", "layer"]
+    scale: np.ndarray
+    bias: np.ndarray | None
+    eps: float
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """The unit-scale part, in float64."""
+        x = x.astype(np.float64)
+        if self.kind == "layer":
+            x = x - x.mean(-1, keepdims=True)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.normalise(x) * self.scale
+        return y + self.bias if self.bias is not None else y
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # short name used in artifact file names
+    architecture: str  # config model_type
+    n_layers: int
+    d_model: int
+    n_heads: int
+    vocab: int
+    n_ctx: int | None
+    backend: str
+    device: str
+    compute_dtype: str
+    unembed_dtype: str
+    norm_types: dict = field(default_factory=dict)  # e.g. {"first_block": "LlamaRMSNorm", ...}
+    softcap: float | None = None  # the head's final logit soft-cap (Gemma-2/3), if any
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the rest of the tool uses."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class Backend(Protocol):
+    info: ModelInfo
+    tokenizer: Tokenizer
+
+    def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
+        """Decode every row at every position; reductions happen on the device."""
+
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
+                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
+        """A batch of prompts in one forward pass and one decode, at each prompt's next-token
+        position only: one LayerStats per prompt with T = 1, p_answer / answer_rank for
+        scored[b][0] and p_scored for every id of scored[b] (the same count for every prompt)."""
+
+    def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """The model's output logits at each prompt's last position, [B, V] float32 (the lens's
+        last row: fp32 head, head transform applied), one forward pass for the batch."""
+
+    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+        """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""
+
+    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+        """What the head multiplies: every row after its lens norm, [R, T, d] float32."""
+
+    def head_row_norms(self) -> np.ndarray:
+        """|w_i| of every row of the fp32 unembedding, [V] float64 (for error bounds)."""
+
+    def residuals(self, ids: Sequence[int]) -> np.ndarray:
+        """The captured residual stream h_0..h_L, [R, T, d] float32."""
+
+    def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
+        """fp32 logits [N, V] of states x [N, d] through the lens's norm `ref` and the head."""
+
+    def norm_spec(self, ref: NormRef) -> NormSpec:
+        """The declared semantics of the norm `ref`, with this model's parameters."""
+
+    def unembedding(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the head, as the lens multiplies them: [n, d] float32."""
+
+    def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
+        """Greedy continuation token ids (no prompt, no EOS), for `mlx-lens chat`."""
+
+    def translators(self, lens: "TunedLens") -> list:
+        """The lens's (A_r, b_r) on the device, kept for the next calls; a lens made for another
+        model (width, rows, unembedding hash) is refused with a LensError."""
+
+    def tuner(self, lens: "TunedLens", recipe: "Recipe") -> "Tuner":
+        """Training of `lens`'s translators on this model (frozen) with `recipe`."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How translators are trained: the tuned-lens package's defaults (SGD with Nesterov
+    momentum, lr = lr_scale (1 - momentum), L2 weight decay, global gradient clipping)."""
+
+    lr_scale: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    clip: float = 1.0
+
+    @property
+    def lr(self) -> float:
+        return self.lr_scale * (1 - self.momentum)
+
+
+class Tuner(Protocol):
+    """A backend's training of one tuned lens. Batches are token ids [S, T], all of length T."""
+
+    def gradients(self, batch: np.ndarray) -> float:
+        """Accumulate the gradient of the loss on `batch` (sum over translated rows of the mean
+        over positions of KL(model || lens), nats); returns that loss. Interruptible."""
+
+    def update(self, lr: float) -> None:
+        """Clip the accumulated gradient, take one optimizer step with `lr`, zero it."""
+
+    def losses(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """No training: per row, the mean over positions of KL(model || lens) [L] and of the
+        next-token cross-entropy [L + 1] (the last row: the model's own), nats, float64."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """weight, bias and the optimizer's momentum buffers (a checkpoint)."""
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...

@@ -1,0 +1,55 @@
+"""Collapse flags at the pure next-token position and the layer summaries built on them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from mlx_lens.core.contract import LayerStats
+
+
+@dataclass(frozen=True)
+class CollapseSettings:
+    copy_threshold: float = 0.90  # p(top-1) must exceed this ...
+    copy_margin: float = 0.05  # ... and beat p(top-2) by more than this
+    entropy_bits: float = 1.0  # entropy at or below this is an entropy collapse
+
+
+def next_token_flags(stats: LayerStats, prompt_ids: Iterable[int], answer_id: int | None,
+                     s: CollapseSettings) -> dict[str, np.ndarray]:
+    """Per-row booleans at the last position (the original's rules, docs/design.md)."""
+    top1 = stats.topk_ids[:, -1, 0]
+    p1, p2 = stats.topk_probs[:, -1, 0], stats.topk_probs[:, -1, 1]
+    entropy = stats.entropy[:, -1]
+    in_prompt = np.isin(top1, np.fromiter(prompt_ids, dtype=np.int64))
+    strict = in_prompt & (p1 > s.copy_threshold) & ((p1 - p2) > s.copy_margin)
+    return {
+        # The original falls back to the entropy rule: a near-certain layer counts as collapsed.
+        "copy_collapse": strict | (entropy < s.entropy_bits),
+        "entropy_collapse": entropy <= s.entropy_bits,
+        "is_answer": (top1 == answer_id) if answer_id is not None else np.zeros_like(strict),
+    }
+
+
+def _first(mask: np.ndarray) -> int | None:
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if hits.size else None
+
+
+def layer_summary(stats: LayerStats, flags: dict[str, np.ndarray]) -> dict[str, int | None]:
+    """L_copy, L_copy_H, L_semantic, delta_layers, and first layers by KL and answer rank."""
+    out = {
+        "L_copy": _first(flags["copy_collapse"]),
+        "L_copy_H": _first(flags["entropy_collapse"]),
+        "L_semantic": _first(flags["is_answer"]),
+    }
+    both = out["L_copy"] is not None and out["L_semantic"] is not None
+    out["delta_layers"] = out["L_semantic"] - out["L_copy"] if both else None
+    kl = stats.kl_to_final
+    out["first_kl_below_0.5"] = _first(kl < 0.5)
+    out["first_kl_below_1.0"] = _first(kl < 1.0)
+    if stats.answer_rank is not None:
+        for k in (1, 5, 10):
+            out[f"first_rank_le_{k}"] = _first(stats.answer_rank <= k)
+    return out

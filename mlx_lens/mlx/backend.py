@@ -1,0 +1,338 @@
+"""The MLX lens: the primary backend (Metal unified memory on Apple silicon; mlx's CUDA or CPU
+builds elsewhere), on mlx-lm's model definitions.
+
+Capture is hand-written: the embedding step and the block loop run here (masks as mlx-lm builds
+them), so every block's output is kept without patching the model. Rows are normalised by fp32
+copies of the model's own norm modules, decoded through an fp32 (dequantised, for quantised
+checkpoints) unembedding in vocabulary chunks, with the model's head transform.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+from mlx_lm.models.base import create_attention_mask
+
+from mlx_lens.core.bounds import SUM_BLOCK
+from mlx_lens.core.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
+                               SweepOptions, norm_plan)
+from mlx_lens.loading.placement import available_ram, choose, footprint
+from mlx_lens.core.errors import LensError
+from mlx_lens.core.progress import progress
+from mlx_lens.mlx.arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
+from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
+from mlx_lens.mlx.tune import MlxTuner, translate
+from mlx_lens.loading.sources import ModelSource, check_supported
+from mlx_lens.tuned.lens_file import TunedLens, check_matches
+
+_DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
+# Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]).
+CHUNK_BYTES = 256 * 2**20
+_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def _attr(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fp32(module: nn.Module) -> nn.Module:
+    """A copy of a norm module with fp32 parameters: its own semantics, fp32 statistics."""
+    clone = copy.copy(module)
+    clone.update(tree_map(lambda a: a.astype(mx.float32), module.parameters()))
+    return clone
+
+
+def candidates(device: str) -> list[tuple[str, int]]:
+    """(device, free bytes) to try: the GPU (Metal's recommended working set, or the CUDA
+    device's memory), then the CPU, for "auto"."""
+    def free(d: str) -> int:
+        if d == "gpu" and mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+        if d == "gpu":
+            return int(mx.device_info().get("memory_size", available_ram()))
+        return available_ram()
+
+    if device not in ("auto", "gpu", "cpu"):
+        raise LensError(f"device {device!r} is not an MLX device (auto, gpu, cpu)")
+    gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+    if device == "gpu" and not gpu:
+        raise LensError("device gpu requested but MLX has no GPU here")
+    names = [device] if device != "auto" else ["gpu", "cpu"] if gpu else ["cpu"]
+    return [(d, free(d)) for d in names]
+
+
+def local_folder(source: ModelSource) -> Path:
+    """A folder mlx-lm can read: the source itself, a hub snapshot, or a converted GGUF."""
+    if source.is_gguf:
+        from mlx_lens.loading.default_model import gguf_folder
+
+        return gguf_folder(source.path)
+    if source.path is not None:
+        return source.path
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(source.hub_id))
+    except Exception as exc:
+        raise LensError(f"cannot fetch {source.hub_id}: {type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0]}") from None
+
+
+class MlxBackend:
+    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
+                 lazy: bool = False):
+        """lazy: weights stay on disk until first used (a pipeline rank evaluates only its own)."""
+        import mlx_lm.utils as mlx_utils
+        from transformers import AutoTokenizer
+
+        path = local_folder(source)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise LensError(f"unreadable config.json in {path}: {exc}") from None
+        model_type = config.get("model_type")
+        check_supported(model_type, ARCHITECTURES, "mlx")
+        self.arch = ARCHITECTURES[model_type]
+        fp = footprint(ModelSource(source.name, path=path))
+        free = candidates(device)
+        device, dtype = choose(fp, free, "stored" if dtype == "auto" else dtype)
+        # The chunk adapts to memory: at most 1/16 of what the device had free at load.
+        self.chunk_bytes = min(CHUNK_BYTES, dict(free)[device] // 16)
+        self.device = getattr(mx, device)
+        mx.set_default_device(self.device)
+
+        def classes(config):
+            model_class, args_class = mlx_utils._get_classes(config)
+
+            class Fixed(model_class):  # weights as transformers 5 writes them -> mlx-lm's names
+                def sanitize(self, weights):
+                    weights = fix_weights(model_type, weights)
+                    return super().sanitize(weights) if hasattr(model_class, "sanitize") else weights
+
+            return Fixed, args_class
+
+        try:
+            model, _ = mlx_utils.load_model(path, lazy=lazy, model_config=config_fixes(config),
+                                            get_model_classes=classes)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except LensError:
+            raise
+        except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0]
+            raise LensError(f"cannot load {path}: {type(exc).__name__}: {first}") from None
+        if dtype != "stored":
+            model.set_dtype(_DTYPES[dtype])
+        fix_modules(model_type, model.model, config)
+        self.model, self.path = model, path
+        self.inner = model.model
+        self.blocks = _attr(self.inner, self.arch.blocks)
+        self.embed = _attr(self.inner, self.arch.embed)
+        head = self.arch.head and _attr_or_none(model, self.arch.head)
+        self.head = head if head is not None else self.embed  # tied
+        self.final_norm = _fp32(_attr(self.inner, self.arch.final_norm))
+        self.input_norms = [_fp32(getattr(b, self.arch.input_norm)) for b in self.blocks]
+        self.softcap = softcap_of(config) if self.arch.softcap else None
+        self.hidden = config.get("hidden_size", config.get("n_embd"))
+        compute = (self.embed.scales if isinstance(self.embed, _QUANTIZED) else self.embed.weight).dtype
+        self.info = ModelInfo(
+            name=source.name, architecture=model_type, n_layers=len(self.blocks),
+            d_model=self.hidden,
+            n_heads=config.get("num_attention_heads", config.get("n_head")),
+            vocab=self.head.weight.shape[0],
+            n_ctx=config.get("max_position_embeddings", config.get("n_positions")),
+            backend="mlx", device=self.device.name, compute_dtype=_name(compute),
+            unembed_dtype="float32",
+            norm_types={"first_block": type(self.input_norms[0]).__name__,
+                        "final": type(self.final_norm).__name__},
+            softcap=self.softcap,
+        )
+        self._tuned: tuple[TunedLens, list] | None = None  # the last tuned lens, on the device
+
+    # -- capture -----------------------------------------------------------------------------
+    def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[mx.array]:
+        """Residual rows h_0..h_L of a batch of prompts (compute dtype, lazy): [B, T, d] each,
+        or [B, d] at each prompt's last token when last_only. Prompts are right-padded, which
+        needs no padding mask: a causal model's tokens never see the pads after them."""
+        x, last = self._tokens(batch)
+        h = self._embed(x)
+        rows = [h[last] if last_only else h]
+        for h in self._blocks(h, range(len(self.blocks))):
+            rows.append(h[last] if last_only else h)
+        return rows
+
+    def _tokens(self, batch: Sequence[Sequence[int]]) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """The right-padded ids [B, T] and the index of each prompt's last token."""
+        lengths = [len(ids) for ids in batch]
+        n = max(lengths)
+        x = mx.array([list(ids) + [0] * (n - len(ids)) for ids in batch])
+        return x, (mx.arange(len(batch)), mx.array(lengths) - 1)
+
+    def _embed(self, x: mx.array) -> mx.array:
+        """Row 0: the embeddings (with learned positions, and Gemma's sqrt(d) scale)."""
+        h = self.embed(x)
+        if self.arch.positions:
+            h = h + _attr(self.inner, self.arch.positions)(mx.arange(x.shape[1]))
+        if self.arch.embed_scale:
+            h = h * self.arch.embed_scale(self.hidden).astype(h.dtype)
+        return h
+
+    def _blocks(self, h: mx.array, indices: range):
+        """The residual after each block of `indices` (consecutive), starting from h."""
+        windows = self.arch.windows(self.inner, self.blocks)
+        for i in indices:
+            mask = create_attention_mask(h, None, window_size=windows[i],
+                                         return_array=self.arch.array_mask)
+            h = self.blocks[i](h, mask, None)
+            yield h
+
+    def _rows(self, ids: Sequence[int]) -> list[mx.array]:
+        """Residual rows h_0..h_L of one prompt, [T, d] each (lazy)."""
+        return [h[0] for h in self._capture([ids])]
+
+    # -- decode ------------------------------------------------------------------------------
+    def _norm(self, ref: NormRef) -> nn.Module | None:
+        return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
+
+    def _normed(self, rows: list[mx.array], lens: LensSpec) -> mx.array:
+        """[R, T, d] fp32: every row through the norm the lens assigns it (after its
+        translator, for a tuned lens)."""
+        out = []
+        translators = [] if isinstance(lens, str) else self.translators(lens)
+        for r, (h, ref) in enumerate(zip(rows, norm_plan(lens, len(self.blocks)))):
+            if h is None:  # a row another process holds (mlx_lens/mlx/pipeline.py)
+                continue
+            h = h.astype(mx.float32)
+            if r < len(translators):
+                h = translate(h, *translators[r])
+            norm = self._norm(ref)
+            out.append(norm(h) if norm is not None else h)
+        x = mx.stack(out)
+        mx.eval(x)
+        return x
+
+    def translators(self, lens: TunedLens) -> list[tuple[mx.array, mx.array]]:
+        """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
+        if self._tuned is None or self._tuned[0] is not lens:
+            check_matches(lens, self.info, self.unembedding)
+            self._tuned = lens, [(mx.array(a), mx.array(b)) for a, b in zip(lens.weight, lens.bias)]
+        return self._tuned[1]
+
+    def unembedding(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self._weight_rows(start, stop))
+
+    def tuner(self, lens: TunedLens, recipe: Recipe) -> MlxTuner:
+        check_matches(lens, self.info, self.unembedding)
+        return MlxTuner(self, lens, recipe)
+
+    def _weight_rows(self, start: int, stop: int) -> mx.array:
+        m = self.head
+        if isinstance(m, _QUANTIZED):
+            biases = m.biases[start:stop] if "biases" in m else None
+            w = mx.dequantize(m.weight[start:stop], m.scales[start:stop], biases,
+                              group_size=m.group_size, bits=m.bits, mode=m.mode)
+        else:
+            w = m.weight[start:stop]
+        return w.astype(mx.float32)
+
+    def _logits(self, x: mx.array, start: int, stop: int) -> mx.array:
+        z = x @ self._weight_rows(start, stop).T
+        if "bias" in self.head:
+            z = z + self.head.bias[start:stop].astype(mx.float32)
+        if self.softcap:
+            z = mx.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
+        rows = self._rows(ids)
+        x = self._normed(rows, opts.lens)
+        stats = sweep_states(x, opts, self._logits, self.info.vocab,
+                             self._step(x.shape[0] * x.shape[1]), progress)
+        stats.finite_residual = np.array(mx.stack([mx.isfinite(h).all() for h in rows]))
+        return stats
+
+    def _step(self, n_states: int) -> int:
+        """Vocabulary chunk for n_states decoded rows: at most chunk_bytes of fp32 logits,
+        whole summation blocks wide."""
+        return max(SUM_BLOCK, self.chunk_bytes // (4 * n_states) // SUM_BLOCK * SUM_BLOCK)
+
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
+                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
+        rows = self._capture(prompts, last_only=True)  # R x [B, d]
+        x = self._normed(rows, lens).transpose(1, 0, 2)
+        stats = sweep_next_token(x, list(scored), top_k, self._logits, self.info.vocab,
+                                 self._step(x.shape[0] * x.shape[1]), progress)
+        finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows], -1))
+        for s, f in zip(stats, finite):
+            s.finite_residual = f
+        return stats
+
+    def own_logits(self, ids: Sequence[int]) -> mx.array:
+        """The mlx-lm model's own forward pass, [T, V] (for tests: on Gemma-3 mlx-lm rounds
+        sqrt(d) through bf16, docs/stack.md)."""
+        return self.model(mx.array([list(ids)]))[0]
+
+    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+        return np.array(self._normed(self._rows(ids), lens))
+
+    def head_row_norms(self) -> np.ndarray:
+        step = 4096  # in slices: an fp32 copy of a whole (quantised) head can be GBs
+        return np.concatenate([np.array(mx.sqrt((self._weight_rows(i, i + step) ** 2).sum(-1)))
+                               for i in range(0, self.info.vocab, step)]).astype(np.float64)
+
+    def residuals(self, ids: Sequence[int]) -> np.ndarray:
+        return np.array(mx.stack(self._rows(ids)).astype(mx.float32))
+
+    def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
+        h = mx.array(np.asarray(x, np.float32))
+        norm = self._norm(ref)
+        return np.array(self._logits(norm(h) if norm is not None else h, 0, self.info.vocab))
+
+    def norm_spec(self, ref: NormRef) -> NormSpec:
+        # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
+        # the model shows up in the self-test.
+        if ref == "final":
+            norm = _attr(self.inner, self.arch.final_norm)
+        else:
+            norm = getattr(self.blocks[ref], self.arch.input_norm)
+        bias = np.array(norm.bias, np.float64) if "bias" in norm else None
+        return NormSpec("layer" if self.arch.layer_norm else "rms",
+                        np.array(norm.weight, np.float64) + self.arch.norm_offset, bias, norm.eps)
+
+    def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
+        """Greedy continuation with mlx-lm's generation loop (KV cache), without the prompt."""
+        from mlx_lm.generate import generate_step
+
+        out = []
+        for token, _ in generate_step(mx.array(list(ids)), self.model, max_tokens=max_tokens):
+            if int(token) == self.tokenizer.eos_token_id:
+                break
+            out.append(int(token))
+        return out
+
+    def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        # The lens's own last row: the model's semantics (not mlx-lm's forward, see own_logits),
+        # decoded in fp32 like every lens row.
+        last = self._capture(prompts, last_only=True)[-1].astype(mx.float32)
+        return np.array(self._logits(self.final_norm(last), 0, self.info.vocab))
+
+    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+        return np.array(self._logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))
+
+
+def _attr_or_none(obj, dotted: str):
+    try:
+        return _attr(obj, dotted)
+    except AttributeError:
+        return None
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")

@@ -1,0 +1,185 @@
+"""Running reductions over vocabulary chunks of lens logits, on the MLX device.
+
+The same statistics as the torch reference, written for MLX: lazy graphs, evaluated once per
+chunk so that only O(chunk) logits are ever alive. With m the running max,
+S = sum e^(z-m), A = sum e^(z-m) (z-m): logsumexp = m + log S, entropy = log S - A/S, and a
+running top-k, at every row and position. At the next-token (last) position only, where they
+are reported: D = sum e^(z-m) (z_f - z) (z_f: the last row) for KL(P || P_f) = -D/S - lse +
+lse_f, the dot products of the cosine to z_f, and the count of tokens above the answer.
+All in fp32 (Metal has no float64).
+
+Every sum over the vocabulary is blocked (`blocked_sum`): a single fp32 reduction over a whole
+vocabulary chunk loses ~3e-4 relative on 150k terms of very different sizes (docs/numerics.md);
+blocks of 64 bound each term's rounding depth by 64 per level.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_lens.core.bounds import SUM_BLOCK, summation_depth
+from mlx_lens.core.contract import LayerStats, SweepOptions
+
+
+def blocked_sum(x: mx.array) -> mx.array:
+    """Sum over the last axis in levels of SUM_BLOCK terms (zero-padded), so that no term goes
+    through more than SUM_BLOCK roundings per level."""
+    while x.shape[-1] > SUM_BLOCK:
+        pad = -x.shape[-1] % SUM_BLOCK
+        if pad:
+            x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+        x = x.reshape(*x.shape[:-1], -1, SUM_BLOCK).sum(-1)
+    return x.sum(-1)
+
+
+def _top(values: mx.array, ids: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The k largest along the last axis with their ids, unordered (argpartition: O(n) per row)."""
+    part = mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k]
+    return mx.take_along_axis(values, part, -1), mx.take_along_axis(ids, part, -1)
+
+
+class RunningStats:
+    """Running statistics of logits in groups: a chunk is [N, R, C], N groups (a prompt's
+    positions, or a batch's prompts) of R rows (the lens's rows) over C tokens. The last
+    n_scored groups are scored: each against its own last row (KL, cosine) and for its own token
+    ids (probability, rank)."""
+
+    def __init__(self, k: int, n_scored: int, scored_ids: mx.array | None,
+                 scored_logits: mx.array | None):
+        # scored_ids [G, A]; scored_logits [G, R, A]: each row's logits of its group's scored
+        # tokens, from a GEMM of their own
+        self.k, self.n_scored = k, n_scored
+        self.scored_ids, self.scored_logits = scored_ids, scored_logits
+        self.state: dict[str, mx.array] = {}  # per group and row
+        self.last: dict[str, mx.array] = {}  # per scored group and row
+        self.vocab, self.widest = 0, 0  # for the summation depth
+
+    def update(self, z: mx.array, start: int) -> None:
+        """Fold a chunk z [N, R, C] of logits (vocabulary from `start`) into the state."""
+        st = self.state
+        self.vocab, self.widest = self.vocab + z.shape[-1], max(self.widest, z.shape[-1])
+        cm = z.max(-1)
+        first = not st
+        m = cm if first else mx.maximum(st["m"], cm)
+        shifted = z - m[..., None]
+        e = mx.exp(shifted)
+        s, a = blocked_sum(e), blocked_sum(e * shifted)
+        if first:
+            st.update(s=s, a=a)
+        else:
+            c = mx.exp(st["m"] - m)
+            st["a"] = c * (st["a"] + st["s"] * (st["m"] - m)) + a
+            st["s"] = c * st["s"] + s
+        g = -self.n_scored
+        self._update_scored(z[g:], e[g:], None if first else mx.exp(st["m"][g:] - m[g:]), start)
+        st["m"] = m
+
+        k = min(self.k, z.shape[-1])
+        ids = mx.broadcast_to(mx.arange(start, start + z.shape[-1]), z.shape)
+        v, i = _top(z, ids, k)
+        if "top_v" in st:
+            v, i = _top(mx.concatenate([st["top_v"], v], -1),
+                        mx.concatenate([st["top_i"], i], -1), self.k)
+        st["top_v"], st["top_i"] = v, i
+        mx.eval(st, self.last)  # bound the lazy graph: this chunk's logits can be freed now
+
+    def _update_scored(self, z: mx.array, e: mx.array, c: mx.array | None, start: int) -> None:
+        """z, e: [G, R, C], the scored groups; c rescales D to the new max (None: first chunk)."""
+        zf = z[:, -1:]  # each group's last row: the model's output at that position
+        chunk = {"d": blocked_sum(e * (zf - z)), "dot": blocked_sum(z * zf),
+                 "nz": blocked_sum(z * z), "nf": blocked_sum(zf * zf)}
+        if self.scored_ids is not None:
+            logit = self.scored_logits  # [G, R, A]
+            above = (z[:, :, None, :] > logit[..., None]).sum(-1).astype(mx.int32)
+            local = self.scored_ids - start  # [G, A]
+            inside = (local >= 0) & (local < z.shape[-1])
+            if mx.any(inside).item():
+                cols = mx.clip(local, 0, z.shape[-1] - 1)[:, None, :]  # [G, 1, A]
+                own = mx.take_along_axis(z, mx.broadcast_to(cols, logit.shape), -1)
+                inside = mx.broadcast_to(inside[:, None, :], logit.shape)
+                # A token never outranks itself; its probability comes from this chunk's GEMM.
+                above = above - (inside & (own > logit)).astype(mx.int32)
+                self.last["answer"] = mx.where(inside, own, self.last.get("answer", own))
+            chunk["above"] = above
+        if c is not None:
+            chunk["d"] = chunk["d"] + c * self.last["d"]
+            for key in ("dot", "nz", "nf", "above"):
+                if key in chunk:
+                    chunk[key] = chunk[key] + self.last[key]
+        self.last.update(chunk)
+
+    def finish(self) -> dict[str, mx.array]:
+        """Per group and row: entropy (bits), top-k; per scored group and row: KL and cosine to
+        the group's last row, the scored tokens' probabilities and ranks."""
+        st, last = self.state, self.last
+        lse = st["m"] + mx.log(st["s"])
+        lse_s = lse[-self.n_scored:]
+        order = mx.argsort(-st["top_v"], axis=-1)
+        top_v = mx.take_along_axis(st["top_v"], order, -1)
+        kl = -last["d"] / st["s"][-self.n_scored:] - lse_s + lse_s[:, -1:]
+        kl = mx.concatenate([kl[:, :-1], mx.zeros((kl.shape[0], 1))], -1)  # last row vs itself
+        out = {
+            "entropy": (mx.log(st["s"]) - st["a"] / st["s"]) / math.log(2),
+            "topk_ids": mx.take_along_axis(st["top_i"], order, -1),
+            "topk_probs": mx.exp(top_v - lse[..., None]),
+            "kl_to_final": mx.maximum(kl, 0) / math.log(2),
+            "cos_to_final": last["dot"] / mx.sqrt(last["nz"] * last["nf"]),
+        }
+        if self.scored_ids is not None:
+            out["p_scored"] = mx.exp(last["answer"] - lse_s[..., None])
+            out["rank_scored"] = last["above"] + 1
+        mx.eval(out)
+        out = {k: np.array(v) for k, v in out.items()}
+        out["summation_depth"] = summation_depth(self.vocab, self.widest)
+        return out
+
+
+def _scored_logits(x: mx.array, ids: mx.array, logits: Callable) -> mx.array:
+    """[G, R, A]: each row's logits of its group's scored ids; x [G, R, d], ids [G, A]."""
+    return mx.stack([mx.stack([logits(x[gi], int(i), int(i) + 1)[:, 0] for i in ids[gi].tolist()],
+                              -1) for gi in range(ids.shape[0])])
+
+
+def _groups(x: mx.array, n_scored: int, scored: list[tuple[int, ...]] | None, top_k: int,
+            logits: Callable, vocab: int, step: int, progress: Callable) -> dict:
+    """Drive RunningStats over x [N, R, d] (groups of rows), `step` tokens at a time."""
+    ids = mx.array(scored) if scored is not None else None
+    scored_logits = _scored_logits(x[-n_scored:], ids, logits) if ids is not None else None
+    stats = RunningStats(top_k, n_scored, ids, scored_logits)
+    for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
+        stats.update(logits(x, start, min(start + step, vocab)), start)
+    return stats.finish()
+
+
+def sweep_states(x: mx.array, opts: SweepOptions, logits: Callable, vocab: int, step: int,
+                 progress: Callable = lambda it, desc: it) -> LayerStats:
+    """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
+    logits(x, start, stop) -> fp32 logits of that vocabulary slice, `step` tokens at a time."""
+    scored = [(opts.answer_id,)] if opts.answer_id is not None else None
+    out = _groups(x.transpose(1, 0, 2), 1, scored, opts.top_k, logits, vocab, step, progress)
+    for key in ("entropy", "topk_ids", "topk_probs"):  # back to [R, T, ...]
+        out[key] = out[key].swapaxes(0, 1)
+    for key in ("kl_to_final", "cos_to_final"):
+        out[key] = out[key][0]
+    if scored is not None:
+        out["p_answer"], out["answer_rank"] = out["p_scored"][0, :, 0], out["rank_scored"][0, :, 0]
+        del out["p_scored"]
+    return LayerStats.from_arrays(out)
+
+
+def sweep_next_token(x: mx.array, scored: list[tuple[int, ...]], top_k: int, logits: Callable,
+                     vocab: int, step: int,
+                     progress: Callable = lambda it, desc: it) -> list[LayerStats]:
+    """The next-token statistics of a batch: x [B, R, d] holds each prompt's normalised rows at
+    its last position; scored[b] the token ids whose probability and rank prompt b reports (the
+    same number for every prompt, its answer first). One LayerStats per prompt, T = 1."""
+    out = _groups(x, x.shape[0], scored, top_k, logits, vocab, step, progress)
+    return [LayerStats.from_arrays({
+        "entropy": out["entropy"][b][:, None], "topk_ids": out["topk_ids"][b][:, None],
+        "topk_probs": out["topk_probs"][b][:, None], "kl_to_final": out["kl_to_final"][b],
+        "cos_to_final": out["cos_to_final"][b], "p_answer": out["p_scored"][b, :, 0],
+        "answer_rank": out["rank_scored"][b, :, 0], "p_scored": out["p_scored"][b],
+        "summation_depth": out["summation_depth"]}) for b in range(x.shape[0])]

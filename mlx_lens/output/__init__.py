@@ -1,0 +1,1 @@
+"""Writing results: the original's artifacts, the suite's tables, run folders."""

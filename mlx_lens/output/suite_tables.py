@@ -1,0 +1,75 @@
+"""A fact suite's tables on disk: the long (fact, layer) table, the per-fact table and the
+aggregates, each as Parquet and as CSV, read back with the same dtypes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mlx_lens.output.artifacts import atomic_write
+
+_TEXT = pd.Series([""]).dtype  # what pandas gives text by default (str from pandas 3, else object)
+_SCHEMA = {  # every column the three tables may hold; others are written and read as they come
+    **dict.fromkeys(["fact_id", "group", "top1", "prompt", "answer", "answer_token", "final_top1",
+                     "metric"], _TEXT),
+    **dict.fromkeys(["layer", "n"], "int64"),
+    **dict.fromkeys(["top1_id", "answer_rank", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
+                     "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
+                     "first_kl_below_0.5", "first_kl_below_1.0", "first_control_margin_positive"],
+                    "Int64"),
+    **dict.fromkeys(["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final", "control_p",
+                     "control_p_answer", "control_margin", "final_p1", "mean", "median", "ci_low",
+                     "ci_high"], "float64"),
+    **dict.fromkeys(["copy_collapse", "entropy_collapse", "is_answer", "correct"], "bool"),
+}
+_TEXT_COLUMNS = {c for c, dtype in _SCHEMA.items() if dtype is _TEXT}
+
+
+def _conform(frame: pd.DataFrame) -> pd.DataFrame:
+    """The schema's dtypes, so that every model's files share one Parquet schema. A missing text
+    cell becomes "" (a CSV cannot tell them apart; the records CSV writes blank tokens so too)."""
+    known = [c for c in frame.columns if c in _SCHEMA]
+    for c in known:
+        if _SCHEMA[c] == "bool" and frame[c].isna().any():
+            raise ValueError(f"column {c!r} is bool but has missing values")  # astype: NaN -> True
+    out = frame.astype({c: _SCHEMA[c] for c in known})
+    text = [c for c in known if c in _TEXT_COLUMNS]
+    out[text] = out[text].fillna("")
+    return out.reset_index(drop=True)
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    frame.to_parquet(path, engine="pyarrow", index=False)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    # As the other artifacts: RFC 4180 (CRLF, so a token holding a lone "\r" is quoted too).
+    frame.to_csv(path, index=False, encoding="utf-8", lineterminator="\r\n")
+
+
+def write_suite_tables(out_dir: Path, model_name: str, long: pd.DataFrame,
+                       per_fact: pd.DataFrame, aggregates: pd.DataFrame) -> list[Path]:
+    """suite-<model>-{layers,facts,aggregates}.{parquet,csv}, each written atomically."""
+    paths = []
+    for kind, frame in (("layers", long), ("facts", per_fact), ("aggregates", aggregates)):
+        frame = _conform(frame)
+        for suffix, write in ((".parquet", _write_parquet), (".csv", _write_csv)):
+            paths.append(Path(out_dir) / f"suite-{model_name}-{kind}{suffix}")
+            atomic_write(paths[-1], lambda p, f=frame, w=write: w(f, p))
+    return paths
+
+
+def read_suite_table(path: str | Path) -> pd.DataFrame:
+    """Read a suite table (.parquet or .csv) back with the dtypes it was written with: text stays
+    text ("nan", "", "NULL" are tokens), Int64 columns keep their NAs."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return _conform(pd.read_parquet(path, engine="pyarrow"))
+    if path.suffix != ".csv":
+        raise ValueError(f"not a suite table (.parquet or .csv): {path}")
+    header = pd.read_csv(path, nrows=0).columns
+    text = [c for c in header if c in _TEXT_COLUMNS]
+    frame = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                        na_values={c: [""] for c in header if c not in _TEXT_COLUMNS},
+                        encoding="utf-8")
+    return _conform(frame)

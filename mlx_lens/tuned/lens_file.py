@@ -1,0 +1,195 @@
+"""A tuned lens (Belrose et al. 2023): one affine translator per row before the last,
+
+    row r -> h + A_r h + b_r -> the model's final norm -> the fp32 head,
+
+held as plain numpy, so both backends apply the same file. A and b zero: exactly the logit lens
+(final-norm). Two folder layouts are read (docs/tuned-lens.md):
+
+- mlx-lens's: `config.json` (model identity, d_model, rows, unembedding hash, training settings)
+  and `translators.safetensors` (`weight` [L, d, d], `bias` [L, d], float32);
+- the tuned-lens package's: `config.json` (TunedLensConfig) and `params.pt`, a torch.save of the
+  translators' ModuleList state dict (`{i}.weight`, `{i}.bias`), read with weights_only=True (no
+  pickled code runs).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mlx_lens.core.contract import ModelInfo
+from mlx_lens.core.errors import LensError
+
+OURS = "translators.safetensors"
+THEIRS = "params.pt"  # the tuned-lens package's
+PREFIX = "tuned:"  # --lens tuned:DIR
+HASH_ROWS = 4096  # the unembedding is hashed in slices: an fp32 copy of a head can be GBs
+
+
+@dataclass(frozen=True, eq=False)
+class TunedLens:
+    weight: np.ndarray  # [L, d, d] float32: translator r acts on row r (row 0: embeddings)
+    bias: np.ndarray  # [L, d] float32
+    config: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """How artifacts record the lens (the --lens value)."""
+        return f"{PREFIX}{self.path}" if self.path is not None else "tuned"
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.weight)
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[-1]
+
+    @classmethod
+    def identity(cls, n_layers: int, d_model: int, config: dict | None = None) -> "TunedLens":
+        """Zero translators: the logit lens, and the tuned lens's starting point."""
+        return cls(np.zeros((n_layers, d_model, d_model), np.float32),
+                   np.zeros((n_layers, d_model), np.float32), config or {})
+
+    def translate(self, h: np.ndarray, row: int) -> np.ndarray:
+        """h + A h + b in float64 (for checks made outside the backends); the last row as is."""
+        h = np.asarray(h, np.float64)
+        if row >= self.n_rows:
+            return h
+        return h + h @ self.weight[row].T.astype(np.float64) + self.bias[row]
+
+
+def unembedding_hash(rows: Callable[[int, int], np.ndarray], vocab: int) -> str:
+    """sha256 of the fp32 unembedding's bytes (row-major, little-endian), read in slices."""
+    digest = hashlib.sha256()
+    for start in range(0, vocab, HASH_ROWS):
+        digest.update(np.ascontiguousarray(rows(start, min(start + HASH_ROWS, vocab)), "<f4").tobytes())
+    return digest.hexdigest()
+
+
+def their_hash(rows: Callable[[int, int], np.ndarray], vocab: int, d: int) -> str:
+    """tuned-lens's unembed_hash: sha256 of np.array_str(W, precision=1), W the fp32 head.
+    numpy summarises a large array to its first and last three rows and columns, so only those
+    rows are read (np.zeros maps the rest lazily, without touching memory)."""
+    w = np.zeros((vocab, d), np.float32)
+    edge = min(3, vocab)
+    w[:edge] = rows(0, edge)
+    w[vocab - edge:] = rows(vocab - edge, vocab)
+    return hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
+
+
+def read(path: str | Path) -> TunedLens:
+    """A lens folder in either layout; a missing or broken file is a LensError naming it."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise LensError(f"no tuned lens in {path}: config.json is missing")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise LensError(f"unreadable {path / 'config.json'}: {exc}") from None
+    if (path / OURS).is_file():
+        weight, bias = _read_ours(path / OURS)
+    elif (path / THEIRS).is_file():
+        weight, bias = _read_theirs(path / THEIRS, config)
+    else:
+        raise LensError(f"no tuned lens in {path}: neither {OURS} nor {THEIRS} is there")
+    if weight.ndim != 3 or weight.shape[1:] != (weight.shape[2],) * 2 or bias.shape != weight.shape[:2]:
+        raise LensError(f"tuned lens {path}: translators of shapes {weight.shape} and {bias.shape} "
+                        "are not [L, d, d] and [L, d]")
+    return TunedLens(weight, bias, config, path)
+
+
+def _read_ours(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(file))
+        return tensors["weight"].astype(np.float32), tensors["bias"].astype(np.float32)
+    except Exception as exc:
+        raise LensError(f"unreadable tuned lens {file}: {type(exc).__name__}: {exc}") from None
+
+
+def _read_theirs(file: Path, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise LensError(f"unreadable tuned lens {file}: {type(exc).__name__}: {first}") from None
+    n = config.get("num_hidden_layers")
+    d = config.get("d_model")
+    if not isinstance(n, int) or not isinstance(d, int):
+        raise LensError(f"{file.parent / 'config.json'} lacks num_hidden_layers or d_model")
+    try:
+        weight = np.stack([state[f"{i}.weight"].float().numpy() for i in range(n)])
+        bias = np.stack([state[f"{i}.bias"].float().numpy() if f"{i}.bias" in state
+                         else np.zeros(d, np.float32) for i in range(n)])
+    except (KeyError, AttributeError) as exc:
+        raise LensError(f"tuned lens {file}: no translator {exc} in the state dict") from None
+    return weight, bias
+
+
+def save(lens: TunedLens, path: Path, extra: dict[str, dict[str, np.ndarray]] | None = None,
+         replace: bool = False) -> TunedLens:
+    """Write `lens` to the folder `path` in mlx-lens's layout (and `extra` safetensors files, e.g.
+    a checkpoint's optimizer state), whole or not at all: the files go into a temporary folder
+    beside it, renamed into place. An existing `path` is replaced only when `replace` (a
+    checkpoint); the old one is removed after the new one is in place."""
+    from safetensors.numpy import save_file
+
+    from mlx_lens.output.artifacts import _json_safe, _umask
+
+    path = Path(path)
+    if path.exists() and not replace:
+        raise LensError(f"{path} already exists; a lens is never overwritten (choose another --out)")
+    tmp, old = (path.parent / f".{path.name}.{os.getpid()}.{kind}" for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = {OURS: {"weight": lens.weight, "bias": lens.bias}, **(extra or {})}
+        for name, tensors in files.items():
+            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+                      str(tmp / name))
+        (tmp / "config.json").write_text(json.dumps(_json_safe(lens.config), indent=2) + "\n")
+        for file in tmp.iterdir():  # safetensors writes 0600; results are for colleagues too
+            os.chmod(file, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TunedLens(lens.weight, lens.bias, lens.config, path)
+
+
+def read_extra(path: Path, name: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(Path(path) / name))
+
+
+def check_matches(lens: TunedLens, info: ModelInfo, rows: Callable[[int, int], np.ndarray]) -> None:
+    """Refuse, in one line, a lens made for another model: other width, rows or unembedding."""
+    where = lens.path or "the tuned lens"
+    if lens.d_model != info.d_model or lens.n_rows != info.n_layers:
+        raise LensError(f"{where} was made for a model with d_model {lens.d_model} and "
+                        f"{lens.n_rows} translated rows, not {info.name} (d_model {info.d_model}, "
+                        f"{info.n_layers} layers)")
+    ours = lens.config.get("unembed_sha256")
+    theirs = lens.config.get("unembed_hash")
+    if ours and ours != unembedding_hash(rows, info.vocab):
+        raise LensError(f"{where} was made for another unembedding than {info.name}'s "
+                        "(unembed_sha256 differs)")
+    if not ours and theirs and theirs != their_hash(rows, info.vocab, info.d_model):
+        raise LensError(f"{where} was made for another unembedding than {info.name}'s "
+                        "(tuned-lens unembed_hash differs)")

@@ -1,0 +1,226 @@
+"""Training and evaluating a tuned lens, on either backend (`mlx-lens tune`, docs/tuned-lens.md).
+
+The loop is the tuned-lens package's: per step, tokens_per_step tokens of the corpus's training
+split, the gradient of the sum over rows of the mean KL(model || lens), clipped, one SGD step at
+a learning rate decaying linearly to 0. Batches are a function of (seed, step) alone, so a run
+resumed from its checkpoint sees the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlx_lens.core.contract import Backend, Recipe
+from mlx_lens.tuned.corpus import Corpus
+from mlx_lens.core.errors import LensError
+from mlx_lens.core.progress import progress
+from mlx_lens.tuned.lens_file import TunedLens, read, read_extra, save, unembedding_hash
+
+FORMAT = "mlx-lens tuned lens 1"
+OPTIMIZER = "optimizer.safetensors"  # a checkpoint's momentum buffers
+# The held-out evaluation reads at most this many tokens by default: ~3 minutes with SmolLM2 on
+# a 2-core CPU (two lenses, every row, the whole vocabulary); --eval-tokens reads more.
+EVAL_TOKENS = 4096
+# fp32 logits a backend's micro-batch may hold per row: [tokens, V], a few copies live in backward.
+MICRO_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    # ~13 minutes on a 2-core CPU with SmolLM2 (25 tokens/s; README "Tuned lens")
+    steps: int = 25
+    tokens_per_step: int = 768
+    seq_len: int = 128
+    corpus: str | None = None  # mlx_lens.tuned.corpus: a file, or None for the default
+    recipe: Recipe = field(default_factory=Recipe)
+    seed: int = 0
+    checkpoint_every: int = 5
+
+    @property
+    def sequences_per_step(self) -> int:
+        return max(1, self.tokens_per_step // self.seq_len)
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens per step as trained: tokens_per_step rounded down to whole sequences."""
+        return self.sequences_per_step * self.seq_len
+
+    def lr(self, step: int) -> float:
+        """Linear decay from the recipe's rate to 0 (the package's schedule without warm-up)."""
+        return self.recipe.lr * (self.steps - step) / self.steps
+
+
+def micro_batches(batch: np.ndarray, vocab: int):
+    """A step's sequences in groups of at most MICRO_BYTES of logits per row, each with its share
+    of the step's tokens (so that a loss is the mean over every position of the step)."""
+    per = max(1, MICRO_BYTES // (4 * vocab * batch.shape[1]))
+    for i in range(0, len(batch), per):
+        yield batch[i:i + per], len(batch[i:i + per]) / len(batch)
+
+
+def batch_at(train: np.ndarray, step: int, per_step: int, seed: int) -> np.ndarray:
+    """The sequences of step `step`: consecutive slices of a per-epoch permutation."""
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(i, len(train))
+        out.append(train[np.random.default_rng((seed, epoch)).permutation(len(train))[k]])
+    return np.stack(out)
+
+
+def lens_config(backend: Backend, corpus: Corpus, opts: TuneOptions) -> dict:
+    """config.json: the model's identity (a superset of the tuned-lens package's
+    TunedLensConfig) and how the lens was trained."""
+    info = backend.info
+    return {
+        "format": FORMAT, "base_model_name_or_path": info.name, "architecture": info.architecture,
+        "d_model": info.d_model, "num_hidden_layers": info.n_layers, "vocab": info.vocab,
+        "bias": True, "lens_type": "linear_tuned_lens",
+        "unembed_sha256": unembedding_hash(backend.unembedding, info.vocab),
+        "training": {"backend": info.backend, "device": info.device, "corpus": corpus.name,
+                     "seq_len": opts.seq_len, "steps": opts.steps,
+                     "tokens_per_step": opts.step_tokens, "seed": opts.seed,
+                     **asdict(opts.recipe)},
+    }
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGINT and SIGTERM wait until the block is done: an optimizer step or a checkpoint is
+    never left half-applied. Python-level handlers (a thread mask would not do: the kernel hands
+    a process signal to any thread, e.g. one of torch's), re-raised after the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    names = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in names}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoint")
+
+
+def train(backend: Backend, corpus: Corpus, opts: TuneOptions, out: Path) -> TunedLens:
+    """Train a tuned lens and write it to `out` (a new folder). Every checkpoint_every steps,
+    and when interrupted, the state goes to `<out>.checkpoint`, from which the same command
+    resumes; it is removed once the lens is written."""
+    if out.exists():
+        raise LensError(f"{out} already exists; a lens is never overwritten (choose another --out)")
+    ckpt = checkpoint_path(out)
+    config = _at_step(lens_config(backend, corpus, opts), opts, 0)
+    tuner = backend.tuner(TunedLens.identity(backend.info.n_layers, backend.info.d_model), opts.recipe)
+    start = _resume(tuner, ckpt, config)
+    print(f"  {corpus.name}: {len(corpus.train)} training sequences of {opts.seq_len} tokens, "
+          f"{len(corpus.held_out)} held out" + (f"; resuming from {ckpt} at step {start}"
+                                                 if start else ""), flush=True)
+    began = time.perf_counter()
+
+    def keep(step: int) -> Path:
+        state = tuner.state()
+        lens = TunedLens(state.pop("weight"), state.pop("bias"), _at_step(config, opts, step))
+        with deferred_signals():
+            return save(lens, ckpt, {OPTIMIZER: state}, replace=True).path
+
+    done = start  # whole steps: an update and this count change together
+    bar = progress(range(start, opts.steps), "tune", total=opts.steps - start)
+    try:
+        for step in bar:
+            loss = tuner.gradients(batch_at(corpus.train, step, opts.sequences_per_step, opts.seed))
+            with deferred_signals():
+                tuner.update(opts.lr(step))
+                done = step + 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(kl_nats=f"{loss:.3f}")
+            if done % opts.checkpoint_every == 0:
+                if not sys.stderr.isatty():  # no bar: a line per checkpoint period
+                    print(f"  step {done}/{opts.steps}: loss {loss:.4f} nats (sum over rows)",
+                          flush=True)
+                if done < opts.steps:
+                    keep(done)
+    except Exception:  # a failure: the last checkpoint stands
+        raise
+    except BaseException:  # interrupted (SIGINT, SIGTERM): the last whole step is kept
+        print(f"mlx-lens: step {done} of {opts.steps} kept in {keep(done)}; "
+              "the same command resumes from it", file=sys.stderr)
+        raise
+    seconds = time.perf_counter() - began
+    print(f"  {done - start} steps in {seconds:.0f} s: "
+          f"{(done - start) * opts.step_tokens / max(seconds, 1e-9):.1f} tokens/s", flush=True)
+    state = tuner.state()
+    with deferred_signals():
+        lens = save(TunedLens(state["weight"], state["bias"], _at_step(config, opts, done)), out)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return lens
+
+
+def _at_step(config: dict, opts: TuneOptions, step: int) -> dict:
+    return {**config, "training": {**config["training"], "step": step,
+                                   "tokens_seen": step * opts.step_tokens}}
+
+
+def _resume(tuner, ckpt: Path, config: dict) -> int:
+    """The step a checkpoint resumes from (0 without one); one made with other settings or for
+    another model is refused, not silently mixed in."""
+    if not ckpt.exists():
+        return 0
+    old = read(ckpt)
+    same = {k: v for k, v in old.config.get("training", {}).items() if k not in ("step", "tokens_seen")}
+    want = {k: v for k, v in config["training"].items() if k not in ("step", "tokens_seen")}
+    if same != want or old.config.get("unembed_sha256") != config["unembed_sha256"]:
+        raise LensError(f"{ckpt} is a checkpoint of another training run (other model or settings); "
+                        "rerun with its settings, or remove it")
+    tuner.load_state({"weight": old.weight, "bias": old.bias, **read_extra(ckpt, OPTIMIZER)})
+    return int(old.config["training"]["step"])
+
+
+def evaluate(backend: Backend, lens: TunedLens, held_out: np.ndarray,
+             max_tokens: int = EVAL_TOKENS) -> pd.DataFrame:
+    """Per row, on held-out text: KL(model || lens) and next-token cross-entropy, in bits, for
+    the logit lens (final-norm) and the tuned lens. The last row is the model's own output."""
+    seqs = held_out[:max(1, max_tokens // held_out.shape[1])]
+    identity = TunedLens.identity(lens.n_rows, lens.d_model, lens.config)
+    per_step = max(1, 1024 // held_out.shape[1])  # the trainer splits further when memory asks
+    totals = {}
+    for name, l in (("logit", identity), ("tuned", lens)):
+        tuner = backend.tuner(l, Recipe())
+        kl, ce = np.zeros(lens.n_rows), np.zeros(lens.n_rows + 1)
+        for i in progress(range(0, len(seqs), per_step), f"eval {name}",
+                          total=math.ceil(len(seqs) / per_step)):
+            part = seqs[i:i + per_step]
+            k, c = tuner.losses(part)
+            kl += k * len(part) / len(seqs)
+            ce += c * len(part) / len(seqs)
+        totals[name] = np.append(kl, 0.0) / math.log(2), ce / math.log(2)
+    rows = np.arange(lens.n_rows + 1)
+    return pd.DataFrame({
+        "layer": rows, "kl_logit_bits": totals["logit"][0], "kl_tuned_bits": totals["tuned"][0],
+        "ce_logit_bits": totals["logit"][1], "ce_tuned_bits": totals["tuned"][1],
+        "tokens": len(seqs) * held_out.shape[1]})
+
+
+def write_eval(frame: pd.DataFrame, lens_dir: Path, model: str) -> list[Path]:
+    """eval.csv and its picture eval.png (mlx_lens/view/plots.py) in the lens's folder."""
+    from mlx_lens.view import plots  # matplotlib is imported only to draw
+    from mlx_lens.output.artifacts import atomic_write
+
+    csv, png = Path(lens_dir) / "eval.csv", Path(lens_dir) / "eval.png"
+    atomic_write(csv, lambda p: frame.to_csv(p, index=False))
+    plots.save_png(plots.tuned_eval(frame, f"{model}: logit lens vs tuned lens, held-out text"), png)
+    return [csv, png]

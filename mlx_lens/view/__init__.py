@@ -1,0 +1,1 @@
+"""Pictures of a run and the HTML report, drawn from its artifacts."""
