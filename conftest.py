@@ -27,15 +27,16 @@ def real_vocab_logits(large_vocab_dir, smollm2_dir):
     """fp32 lens logits [R, T, V] with realistic vocabularies, as fixed inputs for the
     reductions: the 151,936-token tiny model (final-norm and raw lens) and SmolLM2's real
     weights (49,152 tokens)."""
+    from mlx_lens.core.lens import Lens
     from mlx_lens.loading.sources import resolve
     from tests.lens_checks import PROMPT
     from torch_ref.backend import TorchBackend
 
     out = []
-    for folder, lenses in ((large_vocab_dir, ("final-norm", "raw")), (smollm2_dir, ("final-norm",))):
+    for folder, rules in ((large_vocab_dir, ("final-norm", "raw")), (smollm2_dir, ("final-norm",))):
         backend = TorchBackend(resolve(str(folder)))
         ids = backend.tokenizer.encode(PROMPT)
-        out += [backend.layer_logits(ids, lens) for lens in lenses]
+        out += [backend.layer_logits(ids, Lens(rule)) for rule in rules]
     return out
 
 

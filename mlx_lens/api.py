@@ -26,7 +26,9 @@ import pandas as pd
 from mlx_lens import backend_choice
 from mlx_lens.tuned import lens_file
 from mlx_lens.tuned import training
-from mlx_lens.core.contract import LENSES, Backend, LensSpec
+from mlx_lens.core.contract import Backend, require
+from mlx_lens.core.lens import FINAL_NORM, RULES, Lens
+from mlx_lens.core.training import TrainableBackend
 from mlx_lens.tuned.corpus import load_corpus
 from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.single import ExperimentOptions, ModelResult, run_experiment
@@ -45,7 +47,7 @@ class ModelLens:
 
     backend: Backend
     source: ModelSource
-    lens: LensSpec = "final-norm"  # a norm rule or a TunedLens
+    lens: Lens = FINAL_NORM  # a norm rule, or a tuned lens's translators before the final norm
     backend_reason: str = ""  # why this backend (recorded in the JSON)
 
     def run(self, prompt: str = PROMPT, answer: str = ANSWER, probes: bool = True,
@@ -54,7 +56,7 @@ class ModelLens:
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
                                  keep_residuals=keep_residuals)
-        extra = getattr(self.backend, "run_diagnostics", dict)()  # e.g. a pipeline's split
+        extra = self.backend.run_diagnostics()  # e.g. a pipeline's split
         return run_experiment(self.backend, opts, {"backend_reason": self.backend_reason, **extra})
 
     def run_suite(self, facts: str | Path | Sequence[Fact],
@@ -71,7 +73,8 @@ class ModelLens:
         pydoc topics) and write it to the new folder `out` (docs/tuned-lens.md)."""
         options = options or TuneOptions(corpus=corpus)
         text = load_corpus(corpus, self.backend.tokenizer, options.seq_len)
-        return training.train(self.backend, text, options, Path(out))
+        return training.train(require(self.backend, TrainableBackend, "tune"), text, options,
+                              Path(out))
 
     def evaluate(self, tuned: str | Path | TunedLens, corpus: str | None = None,
                  seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS) -> pd.DataFrame:
@@ -81,20 +84,25 @@ class ModelLens:
         trained = lens.config.get("training", {})
         text = load_corpus(corpus or trained.get("corpus"), self.backend.tokenizer,
                            seq_len or trained.get("seq_len", TuneOptions.seq_len))
-        return training.evaluate(self.backend, lens, text.held_out, max_tokens)
+        return training.evaluate(require(self.backend, TrainableBackend, "tune --eval"), lens,
+                                 text.held_out, max_tokens)
 
 
-def resolve_lens(lens: str | TunedLens) -> LensSpec:
-    """A --lens value: a norm rule, "tuned:DIR" (a tuned lens folder, either layout) or a
-    TunedLens."""
-    if isinstance(lens, TunedLens) or lens in LENSES:
+def resolve_lens(lens: str | Lens | TunedLens) -> Lens:
+    """A --lens value: a norm rule, "tuned:DIR" (a tuned lens folder, either layout), a Lens or
+    a TunedLens."""
+    if isinstance(lens, Lens):
         return lens
-    if isinstance(lens, str) and lens.startswith(lens_file.PREFIX):
-        return lens_file.read(lens.removeprefix(lens_file.PREFIX))
-    raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)} or tuned:DIR")
+    if isinstance(lens, TunedLens):
+        return Lens.tuned(lens)
+    if lens in RULES:
+        return Lens(lens)
+    if str(lens).startswith(lens_file.PREFIX):
+        return Lens.tuned(lens_file.read(lens.removeprefix(lens_file.PREFIX)))
+    raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(RULES)} or tuned:DIR")
 
 
-def load(model: str | None = None, backend: str = "auto", lens: str | TunedLens = "final-norm",
+def load(model: str | None = None, backend: str = "auto", lens: str | Lens | TunedLens = "final-norm",
          device: str = "auto", dtype: str = "auto",
          announce: Callable[[str, str], None] | None = None,
          device_map: dict | None = None) -> ModelLens:
@@ -105,10 +113,9 @@ def load(model: str | None = None, backend: str = "auto", lens: str | TunedLens 
     accelerate to place the model so (README "A model split across devices")."""
     spec = resolve_lens(lens)
     source = resolve(model)
-    name, reason = backend_choice.choose(backend)
+    name, reason = backend_choice.pick(backend)
     if announce:
         announce(name, reason)
     loaded = backend_choice.load(name, source, device=device, dtype=dtype, device_map=device_map)
-    if not isinstance(spec, str):
-        loaded.translators(spec)  # a lens made for another model is refused here, not later
+    loaded.check_lens(spec)  # a lens made for another model is refused here, not later
     return ModelLens(loaded, source, spec, reason)

@@ -23,7 +23,7 @@ def mlx_gpu() -> str | None:
     return "cuda" if cuda is not None and cuda.is_available() else None
 
 
-def choose(name: str) -> tuple[str, str]:
+def pick(name: str) -> tuple[str, str]:
     """(backend, reason) for --backend NAME."""
     if "MLX_RANK" in os.environ:  # started by mlx.launch: the model is split across processes
         if name == "torch":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mlx_lens.core.lens import FINAL_NORM
 from mlx_lens.core import bounds
 from mlx_lens.mlx.backend import MlxBackend
 from mlx_lens.loading.sources import resolve
@@ -27,7 +28,7 @@ PROMPTS = [
 ]
 
 
-def _check(backend, batch_ids, lens="final-norm"):
+def _check(backend, batch_ids, lens=FINAL_NORM):
     norms = backend.head_row_norms()
     # The prompt's own last token and another: two scored ids per prompt, as a control has.
     scored = [(ids[-1], ids[0]) for ids in batch_ids]
@@ -66,6 +67,6 @@ def test_batched_final_logits_equal_unbatched(tiny_model_dirs, backend_class):
     norms = backend.head_row_norms()
     for ids, got in zip(batch, together):
         alone = backend.final_logits([ids])[0]
-        lens = backend.layer_logits(ids, "final-norm")
-        b = logit_bound(backend, ids, "final-norm", lens, norms)[-1, -1]
+        lens = backend.layer_logits(ids, FINAL_NORM)
+        b = logit_bound(backend, ids, FINAL_NORM, lens, norms)[-1, -1]
         assert np.all(np.abs(got - alone) <= b)

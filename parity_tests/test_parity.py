@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_lens.core.lens import FINAL_NORM, RULES, Lens
+from tests.lens_checks import LENSES
 from mlx_lens.core import bounds
-from mlx_lens.core.contract import LENSES
 from mlx_lens.mlx.backend import MlxBackend
 from mlx_lens.loading.sources import resolve
 from mlx_lens.checks.parity import compare
-from tests import test_mlx_lens
+from tests import test_backends
 from tests.tiny_models import CONFIGS
 from torch_ref.backend import TorchBackend
 
@@ -40,7 +41,7 @@ def pair(tiny_model_dirs):
     return get
 
 
-@pytest.mark.parametrize("lens", LENSES)
+@pytest.mark.parametrize("lens", LENSES, ids=RULES)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_backends_agree(pair, name, lens):
     torch_backend, mlx_backend = pair(name)
@@ -65,10 +66,10 @@ def test_reduced_precision_decodes_the_models_own_state_in_fp32(tiny_model_dirs,
     half = low.info.compute_dtype
     assert half in ("bfloat16", "float16") and low.info.unembed_dtype == "float32"
     ids = low.tokenizer.encode(PROMPTS[0])
-    lens = low.layer_logits(ids, "final-norm")[-1]
+    lens = low.layer_logits(ids, FINAL_NORM)[-1]
     own = own_logits(low, ids)
     u_h = bounds.UNIT_ROUNDOFF[half]
-    x_norm = np.linalg.norm(low.lens_inputs(ids, "final-norm")[-1].astype(np.float64), axis=-1)
+    x_norm = np.linalg.norm(low.lens_inputs(ids, FINAL_NORM)[-1].astype(np.float64), axis=-1)
     w_norm = low.head_row_norms()
     bound = (bounds.dot_bound(x_norm, w_norm, 1, 2, u_h)
              + bounds.dot_bound(x_norm, w_norm, low.info.d_model, 2)
@@ -84,7 +85,7 @@ def own_logits(backend, ids: list[int]) -> np.ndarray:
     if isinstance(backend, TorchBackend):
         with torch.no_grad():
             return backend.model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    return test_mlx_lens.mlx_lm_logits(backend, ids).astype(np.float32)
+    return test_backends.mlx_lm_logits(backend, ids).astype(np.float32)
 
 
 # The suite bites: each of these known mistakes must make it fail.
@@ -98,17 +99,18 @@ def _mlx_without_rope_fixes(folder, monkeypatch):
 @pytest.mark.parametrize("name", ["llama_rope5e5", "llama3_scaling", "qwen2"])
 def test_suite_fails_without_the_rope_fixup(pair, tiny_model_dirs, name, monkeypatch):
     broken = _mlx_without_rope_fixes(tiny_model_dirs[name], monkeypatch)
-    report = compare(pair(name)[0], broken, PROMPTS, "final-norm", answer=None)
+    report = compare(pair(name)[0], broken, PROMPTS, FINAL_NORM, answer=None)
     assert any("logit discrepancy" in f for f in report.failures())
 
 
 def test_suite_fails_with_the_wrong_norm(pair, monkeypatch):
-    from mlx_lens.mlx import backend as mlx_backend
-    from mlx_lens.core.contract import norm_plan
+    from mlx_lens.mlx.backend import MlxBackend
 
     torch_backend, mlx = pair("llama")
-    monkeypatch.setattr(mlx_backend, "norm_plan", lambda lens, n: norm_plan("next-norm", n))
-    report = compare(torch_backend, mlx, PROMPTS, "final-norm", answer=None)
+    # MLX decodes every row through the next block's input norm while torch uses the final norm
+    monkeypatch.setattr(mlx, "_normed",
+                        lambda rows, lens: MlxBackend._normed(mlx, rows, Lens("next-norm")))
+    report = compare(torch_backend, mlx, PROMPTS, FINAL_NORM, answer=None)
     assert any("logit discrepancy" in f for f in report.failures())
 
 
@@ -116,7 +118,7 @@ def test_suite_fails_without_the_softcap(pair):
     torch_backend, mlx = pair("gemma2")
     cap, mlx.softcap = mlx.softcap, None
     try:
-        report = compare(torch_backend, mlx, PROMPTS, "final-norm", answer=None)
+        report = compare(torch_backend, mlx, PROMPTS, FINAL_NORM, answer=None)
     finally:
         mlx.softcap = cap
     assert any("logit discrepancy" in f for f in report.failures())
@@ -132,7 +134,7 @@ def test_suite_fails_with_gemma3s_sqrt_d_rounded_through_bf16(tiny_model_dirs, p
                          embed_scale=lambda d: mlx.core.array(d ** 0.5, mlx.core.bfloat16))
     monkeypatch.setitem(mlx_arch.ARCHITECTURES, "gemma3_text", bf16_scale)
     broken = MlxBackend(resolve(str(tiny_model_dirs["gemma3_text"])))
-    report = compare(pair("gemma3_text")[0], broken, PROMPTS, "final-norm", answer=None)
+    report = compare(pair("gemma3_text")[0], broken, PROMPTS, FINAL_NORM, answer=None)
     assert any("logit discrepancy" in f for f in report.failures())
 
 
@@ -142,5 +144,5 @@ def test_suite_fails_with_mlx_lms_tanh_gelu_on_gpt_neox(tiny_model_dirs, pair, m
 
     monkeypatch.setattr(mlx_backend, "fix_modules", lambda *args: None)
     broken = MlxBackend(resolve(str(tiny_model_dirs["gpt_neox"])))
-    report = compare(pair("gpt_neox")[0], broken, PROMPTS, "final-norm", answer=None)
+    report = compare(pair("gpt_neox")[0], broken, PROMPTS, FINAL_NORM, answer=None)
     assert any("logit discrepancy" in f for f in report.failures())

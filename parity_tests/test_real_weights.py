@@ -5,7 +5,8 @@ Same assertions and derived bounds as the tiny models (docs/numerics.md §4).
 """
 import pytest
 
-from mlx_lens.core.contract import LENSES
+from mlx_lens.core.lens import RULES
+from tests.lens_checks import LENSES
 from mlx_lens.mlx.backend import MlxBackend
 from mlx_lens.loading.sources import resolve
 from mlx_lens.checks.parity import compare
@@ -18,7 +19,7 @@ def smollm2_pair(smollm2_dir):
     return TorchBackend(source), MlxBackend(source)
 
 
-@pytest.mark.parametrize("lens", LENSES)
+@pytest.mark.parametrize("lens", LENSES, ids=RULES)
 def test_smollm2_backends_agree(smollm2_pair, lens):
     report = compare(*smollm2_pair, ["The capital of Germany is called simply"], lens, "Berlin")
     assert not report.failures(), report.table()
@@ -37,6 +38,6 @@ def test_smollm2_backends_agree_on_a_tuned_lens_in_the_packages_layout(smollm2_p
     _theirs(tmp_path / "lens", lens, torch_backend)
     tuned = resolve_lens(f"tuned:{tmp_path / 'lens'}")
     for backend in smollm2_pair:
-        backend.translators(tuned)  # the hash and shapes match: not refused
+        backend.check_lens(tuned)  # the hash and shapes match: not refused
     report = compare(*smollm2_pair, ["The capital of Germany is called simply"], tuned, "Berlin")
     assert not report.failures(), report.table()

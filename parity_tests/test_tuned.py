@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.core import bounds
-from mlx_lens.core.contract import Recipe
+from mlx_lens.core.training import Recipe
 from mlx_lens.tuned.corpus import load_corpus
 from mlx_lens.checks.parity import compare
 from mlx_lens.tuned.lens_file import TunedLens
@@ -34,7 +35,7 @@ def random_lens(n_layers: int, d: int, seed: int = 0) -> TunedLens:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_backends_agree_on_a_tuned_lens(pair, name):  # noqa: F811
     torch_backend, mlx_backend = pair(name)
-    lens = random_lens(torch_backend.info.n_layers, torch_backend.info.d_model)
+    lens = Lens.tuned(random_lens(torch_backend.info.n_layers, torch_backend.info.d_model))
     report = compare(torch_backend, mlx_backend, PROMPTS, lens, answer=None)
     assert not report.failures(), report.table()
     cells = sum(len(torch_backend.tokenizer.encode(p)) for p in PROMPTS) * report.max_kl.size
@@ -42,7 +43,7 @@ def test_backends_agree_on_a_tuned_lens(pair, name):  # noqa: F811
     ids = torch_backend.tokenizer.encode(PROMPTS[0])
     for backend in (torch_backend, mlx_backend):
         # The translators act: every translated row differs from the logit lens's.
-        tuned, plain = backend.layer_logits(ids, lens), backend.layer_logits(ids, "final-norm")
+        tuned, plain = backend.layer_logits(ids, lens), backend.layer_logits(ids, FINAL_NORM)
         assert np.all(np.abs(tuned[:-1] - plain[:-1]).max(axis=(1, 2)) > 0.1)
         assert np.array_equal(tuned[-1], plain[-1])  # the last row has no translator
         assert_sweep_matches_logits(backend, ids, lens, answer_id=int(plain[-1, -1].argmax()))
@@ -52,8 +53,8 @@ def test_backends_agree_on_a_tuned_lens(pair, name):  # noqa: F811
 def test_zero_translators_are_the_logit_lens_bit_for_bit(pair, name):  # noqa: F811
     for backend in pair(name):
         ids = backend.tokenizer.encode(PROMPTS[1])
-        zero = TunedLens.identity(backend.info.n_layers, backend.info.d_model)
-        assert np.array_equal(backend.layer_logits(ids, zero), backend.layer_logits(ids, "final-norm"))
+        zero = Lens.tuned(TunedLens.identity(backend.info.n_layers, backend.info.d_model))
+        assert np.array_equal(backend.layer_logits(ids, zero), backend.layer_logits(ids, FINAL_NORM))
 
 
 # Training parity: the same run (zero translators, the same batches) on both backends. No a-priori
@@ -82,7 +83,8 @@ def test_the_same_training_run_stays_close_across_backends(pair, name, tmp_path)
         losses = [t.gradients(batch) for t in tuners]
         for t in tuners:
             t.update(opts.lr(step))
-        assert losses[1] == pytest.approx(losses[0], rel=training_bound(info, opts.step_tokens, step + 1))
+        bound = training_bound(info, opts.step_tokens, step + 1)
+        assert losses[1] == pytest.approx(losses[0], rel=bound)
     a, b = (t.state() for t in tuners)
     for key in ("weight", "bias"):
         size = np.linalg.norm(a[key].astype(np.float64))

@@ -38,8 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mlx_lens.core.lens import FINAL_NORM  # noqa: E402
 from mlx_lens import backend_choice  # noqa: E402
-from mlx_lens.output.artifacts import TokenNames, records_frame, verbose_positions  # noqa: E402
+from mlx_lens.experiment.frames import TokenNames, records_frame, verbose_positions  # noqa: E402
 from mlx_lens.core.contract import SweepOptions  # noqa: E402
 from mlx_lens.loading.default_model import cache_root  # noqa: E402
 from mlx_lens.loading.sources import resolve  # noqa: E402
@@ -140,7 +141,7 @@ def bench_case(backend, T: int, reps: int, rng) -> dict:
     if torch_side:
         with torch.no_grad():
             rows = backend._rows(ids)
-            x = backend._normed(rows, "final-norm").reshape(-1, backend.info.d_model)
+            x = backend._normed(rows, FINAL_NORM).reshape(-1, backend.info.d_model)
         w = backend.head.weight.float()
         runs = {"forward": lambda: backend.model(input_ids=torch.tensor([ids]), use_cache=False),
                 "gemm": lambda: x @ w.T, **runs,

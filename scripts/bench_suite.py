@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mlx_lens.core.lens import FINAL_NORM  # noqa: E402
 from mlx_lens import backend_choice  # noqa: E402
 from mlx_lens.experiment import suite  # noqa: E402
 from mlx_lens.experiment.single import ExperimentOptions, run_experiment  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> int:
     batch = suite.batch_size(backend, len(order[-1]))
 
     def forward_rows():
-        return [backend._normed(backend._capture(order[i:i + batch], last_only=True), "final-norm")
+        return [backend._normed(backend.capture(order[i:i + batch], last_only=True), FINAL_NORM)
                 for i in range(0, len(order), batch)]
 
     with torch.no_grad():

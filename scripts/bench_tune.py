@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mlx_lens import backend_choice  # noqa: E402
 from mlx_lens.tuned import training  # noqa: E402
-from mlx_lens.core.contract import Recipe  # noqa: E402
+from mlx_lens.core.training import Recipe  # noqa: E402
 from mlx_lens.tuned.corpus import load_corpus  # noqa: E402
 from mlx_lens.loading.placement import peak_memory_mib  # noqa: E402
 from mlx_lens.loading.sources import resolve  # noqa: E402

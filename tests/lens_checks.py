@@ -1,4 +1,4 @@
-"""Backend-independent checks of one backend's lens, shared by the torch and MLX test files.
+"""Backend-independent checks of one backend's lens, shared by the tests of both backends.
 
 Every comparison is made in float64 against a direct, unchunked computation.
 """
@@ -8,12 +8,15 @@ import numpy as np
 
 from mlx_lens.core import bounds
 from mlx_lens.core.contract import SweepOptions
+from mlx_lens.core.lens import FINAL_NORM, RULES, Lens
+from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.loading.sources import resolve
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 # Rounding between the lens's decode and the model's own: two head GEMMs (one length-d dot
 # product each) and two norms (a length-d mean of squares, half a dot product each).
 NORM_AND_HEAD = 3
+LENSES = tuple(Lens(rule) for rule in RULES)  # the norm rules, as backends take them
 
 
 def backend_cache(backend_class, model_dirs):
@@ -28,13 +31,7 @@ def backend_cache(backend_class, model_dirs):
     return get
 
 
-def log_softmax64(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    m = z.max(-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-
-
-def assert_chunked_sweep_matches_logits(backend, lens: str) -> None:
+def assert_chunked_sweep_matches_logits(backend, lens: Lens) -> None:
     """Call with the backend's tiles made small (several vocabulary chunks, and row slices where
     the backend has them), so that the running merges are exercised."""
     ids = backend.tokenizer.encode(PROMPT)
@@ -42,7 +39,7 @@ def assert_chunked_sweep_matches_logits(backend, lens: str) -> None:
     assert_sweep_matches_logits(backend, ids, lens, answer)
 
 
-def gemm_bound(backend, ids: list[int], lens: str, logits: np.ndarray, gemms: int) -> np.ndarray:
+def gemm_bound(backend, ids: list[int], lens: Lens, logits: np.ndarray, gemms: int) -> np.ndarray:
     """[R, T, V]: how far `gemms` independent fp32 evaluations of the head may each be from exact
     logits (docs/numerics.md §1): one length-d dot product per logit, then the element-wise
     roundings after it (bias, soft-cap, base change)."""
@@ -52,7 +49,7 @@ def gemm_bound(backend, ids: list[int], lens: str, logits: np.ndarray, gemms: in
     return gemms * per_gemm
 
 
-def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: int) -> None:
+def assert_sweep_matches_logits(backend, ids: list[int], lens: Lens, answer_id: int) -> None:
     """The chunked on-device reductions equal the same statistics from full float64 logits, within
     the derived bounds: the sweep's GEMM and layer_logits' GEMM each within one length-d dot
     product of exact logits (2 GEMMs), plus the reductions' own error at their summation depth."""
@@ -61,7 +58,7 @@ def assert_sweep_matches_logits(backend, ids: list[int], lens: str, answer_id: i
     assert_stats_match_logits(stats, logits, gemm_bound(backend, ids, lens, logits, 2), answer_id)
 
 
-def assert_large_vocabulary_sweep(backend, lens: str) -> None:
+def assert_large_vocabulary_sweep(backend, lens: Lens) -> None:
     """The whole sweep, GEMM included, on a realistic vocabulary (>= 100k tokens)."""
     assert backend.info.vocab >= 100_000
     ids = backend.tokenizer.encode(PROMPT)
@@ -122,11 +119,11 @@ def assert_softcap_applied(backend) -> None:
     cap = backend.softcap
     assert cap, "the model must have a final logit soft-cap"
     ids = backend.tokenizer.encode(PROMPT)
-    capped = backend.layer_logits(ids, "final-norm")
+    capped = backend.layer_logits(ids, FINAL_NORM)
     assert np.abs(capped).max() <= cap * (1 + 6 * bounds.U32)  # |tanh| <= 1, then two roundings
     backend.softcap = None
     try:
-        uncapped = backend.layer_logits(ids, "final-norm")
+        uncapped = backend.layer_logits(ids, FINAL_NORM)
     finally:
         backend.softcap = cap
     # The same GEMM both times; only the soft-cap's own roundings differ (docs/numerics.md §1).

@@ -10,6 +10,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mlx_lens.core.lens import Lens  # noqa: E402
 from mlx_lens import backend_choice  # noqa: E402
 from mlx_lens.core.contract import SweepOptions  # noqa: E402
 from mlx_lens.loading.sources import resolve  # noqa: E402
@@ -26,12 +27,13 @@ def main(model: str, out: str, die: bool = False) -> None:
     answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
     stats = backend.sweep(ids, SweepOptions(answer_id=answer))
     batch = backend.sweep_next_token([backend.tokenizer.encode(p) for p in PROMPTS],
-                                     [(answer, 5)] * len(PROMPTS), "raw")
+                                     [(answer, 5)] * len(PROMPTS), Lens("raw"))
     final = backend.final_logits([ids])
     if backend.rank == 0:
         arrays = {f"sweep_{k}": v for k, v in vars(stats).items() if isinstance(v, (np.ndarray, int))}
         for b, s in enumerate(batch):
-            arrays |= {f"batch{b}_{k}": v for k, v in vars(s).items() if isinstance(v, (np.ndarray, int))}
+            arrays |= {f"batch{b}_{k}": v for k, v in vars(s).items()
+                       if isinstance(v, (np.ndarray, int))}
         np.savez(out, final=final, **arrays)
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlx_lens.experiment.aggregates import (AGGREGATE_COLUMNS, METRICS, add_control_columns, control_summary,
-                                 layer_aggregates)
+from mlx_lens.experiment.aggregates import (AGGREGATE_COLUMNS, METRICS, add_control_columns,
+                                            control_summary, layer_aggregates)
 from mlx_lens.output.suite_tables import read_suite_table, write_suite_tables
 
 AWKWARD = ["nan", "", "NULL", "a,b", "line\nbreak", " Berlin", 'say "hi"', "cr\rlf", "Grüße", "NA"]

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 
 from mlx_lens.output import run_dir
-from mlx_lens.output.artifacts import (PURE_COLUMNS, RECORD_COLUMNS, NEXT_TOKEN, TokenNames, read_csv,
-                                pure_next_token_frame, records_frame, write_model_artifacts)
+from mlx_lens.experiment.frames import (NEXT_TOKEN, PURE_COLUMNS, RECORD_COLUMNS, TokenNames,
+                                       pure_next_token_frame, records_frame)
+from mlx_lens.output.artifacts import read_csv, write_model_artifacts
 from mlx_lens.core.contract import LayerStats
 from mlx_lens.experiment.single import ModelResult
 from mlx_lens.experiment.metrics import CollapseSettings, next_token_flags

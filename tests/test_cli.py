@@ -10,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from mlx_lens.core.lens import FINAL_NORM
 from mlx_lens.core import bounds
-from mlx_lens.output.artifacts import PURE_COLUMNS, RECORD_COLUMNS, read_csv
+from mlx_lens.experiment.frames import PURE_COLUMNS, RECORD_COLUMNS
+from mlx_lens.output.artifacts import read_csv
 from mlx_lens.cli.main import main
 from mlx_lens.loading.sources import resolve
 from mlx_lens.checks.parity import logit_bound
@@ -154,8 +156,8 @@ def test_default_model_answers_berlin_at_the_last_layer(smollm2_dir, tmp_path, c
         ids = payload["diagnostics"]["prompt_token_ids"]
 
     reference = TorchBackend(resolve(str(smollm2_dir)))
-    z = reference.layer_logits(ids, "final-norm").astype(np.float64)
-    b = logit_bound(reference, ids, "final-norm", z, reference.head_row_norms())
+    z = reference.layer_logits(ids, FINAL_NORM).astype(np.float64)
+    b = logit_bound(reference, ids, FINAL_NORM, z, reference.head_row_norms())
     logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
     tol = bounds.nats_to_bits(bounds.logit_shift_bounds(logp, b)["entropy"]
                               + sum(bounds.reduction_bounds(z, d)["entropy"] for d in depths.values()))

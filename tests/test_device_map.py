@@ -10,7 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from mlx_lens.core.contract import LENSES, SweepOptions
+from mlx_lens.core.lens import Lens
+from mlx_lens.core.contract import SweepOptions
+from tests.lens_checks import LENSES
 from mlx_lens.loading.placement import GIB, LENS_BYTES, Footprint, split_across
 from mlx_lens.loading.sources import resolve
 from tests.lens_checks import PROMPT
@@ -46,12 +48,12 @@ def test_an_offloaded_model_gives_the_whole_models_lens(tiny_model_dirs, name):
     ids = whole.tokenizer.encode(PROMPT)
     answer = whole.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
     for lens in LENSES:
-        assert np.array_equal(split.layer_logits(ids, lens), whole.layer_logits(ids, lens)), lens
+        assert np.array_equal(split.layer_logits(ids, lens), whole.layer_logits(ids, lens)), lens.name
         a, b = (be.sweep(ids, SweepOptions(lens=lens, answer_id=answer)) for be in (split, whole))
         for key in ("entropy", "topk_ids", "topk_probs", "kl_to_final", "p_answer", "finite_residual"):
-            assert np.array_equal(getattr(a, key), getattr(b, key)), (lens, key)
+            assert np.array_equal(getattr(a, key), getattr(b, key)), (lens.name, key)
     prompts = [ids, whole.tokenizer.encode("Berlin is the capital of")]
-    a, b = (be.sweep_next_token(prompts, [(answer,), (answer,)], "raw") for be in (split, whole))
+    a, b = (be.sweep_next_token(prompts, [(answer,), (answer,)], Lens("raw")) for be in (split, whole))
     assert all(np.array_equal(x.entropy, y.entropy) and np.array_equal(x.p_answer, y.p_answer)
                for x, y in zip(a, b))
     assert np.array_equal(split.final_logits(prompts), whole.final_logits(prompts))
@@ -92,21 +94,17 @@ def test_gpus_that_only_together_hold_a_model_split_it():
 
 def test_auto_splits_over_gpus_before_falling_back_to_the_cpu(monkeypatch, tiny_model_dirs):
     """No GPU here: the placement decision alone, with the GPUs' free memory mocked."""
-    from types import SimpleNamespace
+    from torch_ref import placement
 
-    from torch_ref import backend as torch_backend
-
-    monkeypatch.setattr(torch_backend, "candidates",
+    monkeypatch.setattr(placement, "candidates",
                         lambda device: [("cuda", 1 * GIB), ("cpu", 1000 * GIB)])
-    monkeypatch.setattr(torch_backend, "gpus", lambda: [("cuda:0", 4 * GIB), ("cuda:1", 4 * GIB)])
-    monkeypatch.setattr(torch_backend, "footprint",
+    monkeypatch.setattr(placement, "gpus", lambda: [("cuda:0", 4 * GIB), ("cuda:1", 4 * GIB)])
+    monkeypatch.setattr(placement, "footprint",
                         lambda source: Footprint(n_params=int(1e9), stored_bytes=int(2e9)))
-    fake = SimpleNamespace(spec=SimpleNamespace(half="fp16"))
-    fake._dispatch = lambda device_map, **extra: TorchBackend._dispatch(fake, device_map, **extra)
     source = resolve(str(tiny_model_dirs["llama"]))
-    placement, dtype = TorchBackend._placement(fake, source, "auto", "auto", None)
-    assert placement["device_map"] == "auto" and dtype == "fp16"
-    assert placement["max_memory"] == {0: 4 * GIB - LENS_BYTES, 1: 4 * GIB - LENS_BYTES}
-    monkeypatch.setattr(torch_backend, "gpus", lambda: [("cuda:0", 3 * GIB), ("cuda:1", 3 * GIB)])
-    placement, dtype = TorchBackend._placement(fake, source, "auto", "auto", None)
-    assert placement == {} and fake.device == "cpu"  # too small together: the CPU
+    placed = placement.place(source, "fp16", "auto", "auto", None)
+    assert placed.kwargs["device_map"] == "auto" and placed.dtype == "fp16"
+    assert placed.kwargs["max_memory"] == {0: 4 * GIB - LENS_BYTES, 1: 4 * GIB - LENS_BYTES}
+    monkeypatch.setattr(placement, "gpus", lambda: [("cuda:0", 3 * GIB), ("cuda:1", 3 * GIB)])
+    placed = placement.place(source, "fp16", "auto", "auto", None)
+    assert placed.kwargs == {} and placed.device == "cpu"  # too small together: the CPU

@@ -3,7 +3,7 @@ import pytest
 
 from mlx_lens.loading import placement
 from mlx_lens.loading.default_model import gguf_path
-from mlx_lens.loading.placement import GIB, DoesNotFit, Footprint, choose, footprint, need_bytes
+from mlx_lens.loading.placement import GIB, DoesNotFit, Footprint, pick_device, footprint, need_bytes
 from mlx_lens.loading.sources import resolve
 
 SEVEN_B = Footprint(7_240_000_000, 14_500_000_000)  # bf16 checkpoint on disk
@@ -11,36 +11,36 @@ THIRTY_FOUR_B = Footprint(34_400_000_000, 68_800_000_000)
 
 
 def test_cuda_first_when_it_fits_then_half_precision():
-    assert choose(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto") == ("cuda", "fp16")
-    assert choose(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto", half="bf16") == \
+    assert pick_device(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto") == ("cuda", "fp16")
+    assert pick_device(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto", half="bf16") == \
         ("cuda", "bf16")  # Gemma's policy
-    assert choose(SEVEN_B, [("mps", 64 * GIB)], "auto") == ("mps", "fp16")
+    assert pick_device(SEVEN_B, [("mps", 64 * GIB)], "auto") == ("mps", "fp16")
 
 
 def test_falls_back_to_cpu_in_fp32_up_to_27b():
     # 7B fp16 needs ~17.6 GiB: not on a 16 GiB GPU; fp32 on a 64 GiB CPU (~34 GiB) fits.
-    assert choose(SEVEN_B, [("cuda", 16 * GIB), ("cpu", 64 * GIB)], "auto") == ("cpu", "fp32")
+    assert pick_device(SEVEN_B, [("cuda", 16 * GIB), ("cpu", 64 * GIB)], "auto") == ("cpu", "fp32")
 
 
 def test_cpu_uses_bf16_from_30b():
-    assert choose(THIRTY_FOUR_B, [("cpu", 256 * GIB)], "auto") == ("cpu", "bf16")
+    assert pick_device(THIRTY_FOUR_B, [("cpu", 256 * GIB)], "auto") == ("cpu", "bf16")
 
 
 def test_explicit_dtype_and_stored_size():
-    assert choose(SEVEN_B, [("cpu", 64 * GIB)], "bf16") == ("cpu", "bf16")
+    assert pick_device(SEVEN_B, [("cpu", 64 * GIB)], "bf16") == ("cpu", "bf16")
     assert need_bytes(SEVEN_B, None) == int(SEVEN_B.stored_bytes * 1.2 + 2 * GIB)
-    assert choose(SEVEN_B, [("gpu", 24 * GIB)], "stored") == ("gpu", "stored")
+    assert pick_device(SEVEN_B, [("gpu", 24 * GIB)], "stored") == ("gpu", "stored")
 
 
 def test_fits_nowhere_is_one_clear_line():
     with pytest.raises(DoesNotFit) as err:
-        choose(THIRTY_FOUR_B, [("cuda", 24 * GIB), ("cpu", 32 * GIB)], "auto")
+        pick_device(THIRTY_FOUR_B, [("cuda", 24 * GIB), ("cpu", 32 * GIB)], "auto")
     msg = str(err.value)
     assert "\n" not in msg and "fits no device" in msg and "cuda has 24.0 GiB" in msg
 
 
 def test_unknown_size_defers_to_the_first_device():
-    assert choose(None, [("cuda", 1), ("cpu", 1)], "auto") == ("cuda", "fp16")
+    assert pick_device(None, [("cuda", 1), ("cpu", 1)], "auto") == ("cuda", "fp16")
 
 
 def test_footprint_from_safetensors_headers(tiny_model_dirs):
@@ -61,8 +61,8 @@ def test_footprint_of_a_gguf(smollm2_dir):
 def test_cli_skips_a_model_that_fits_nowhere(tiny_model_dirs, tmp_path, capsys, monkeypatch):
     from mlx_lens.cli.main import main
 
-    monkeypatch.setattr(device_policy, "LENS_BYTES", 0)
-    monkeypatch.setattr("torch_ref.backend.available_ram", lambda: 1000)
+    monkeypatch.setattr(placement, "LENS_BYTES", 0)
+    monkeypatch.setattr("torch_ref.placement.available_ram", lambda: 1000)
     monkeypatch.chdir(tmp_path)
     code = main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from mlx_lens.core.lens import FINAL_NORM
 from mlx_lens.loading.default_model import gguf_path
 from mlx_lens.core.errors import LensError
 from mlx_lens.loading.sources import resolve
@@ -46,8 +47,8 @@ def test_packaged_gguf_on_both_backends(smollm2_dir):
         ids = ids or b.tokenizer.encode("The capital of Germany is called")
         logits[name] = b.final_logits([ids])[0]
     reference = loaded["torch"]
-    z = reference.layer_logits(ids, "final-norm")
-    bound = logit_bound(reference, ids, "final-norm", z, reference.head_row_norms())[-1, -1]
+    z = reference.layer_logits(ids, FINAL_NORM)
+    bound = logit_bound(reference, ids, FINAL_NORM, z, reference.head_row_norms())[-1, -1]
     assert np.all(np.abs(logits["torch"] - logits["mlx"]) <= bound)
     top = logits["torch"].argmax()
     assert logits["mlx"].argmax() == top or bounds.may_swap(z[-1, -1], bound, np.array(top)).any()

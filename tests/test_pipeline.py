@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.core.contract import LayerStats
 from mlx_lens.mlx.backend import MlxBackend
 from mlx_lens.mlx.pipeline import block_slices
@@ -63,17 +64,19 @@ def test_two_ranks_give_one_process_statistics(tiny_model_dirs, name, tmp_path):
     single = MlxBackend(resolve(model))
     ids = single.tokenizer.encode(PROMPT)
     answer = single.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
-    logits = single.layer_logits(ids, "final-norm")
+    logits = single.layer_logits(ids, FINAL_NORM)
     stats = _stats(saved, "sweep_")
     assert stats.entropy.shape == logits.shape[:2] and stats.finite_residual.all()
-    assert_stats_match_logits(stats, logits, gemm_bound(single, ids, "final-norm", logits, 2), answer)
+    assert_stats_match_logits(stats, logits, gemm_bound(single, ids, FINAL_NORM, logits, 2), answer)
     for b, prompt in enumerate(PROMPTS):
         ids_b = single.tokenizer.encode(prompt)
-        z = single.layer_logits(ids_b, "raw")[:, -1:]
-        bound = gemm_bound(single, ids_b, "raw", single.layer_logits(ids_b, "raw"), 2)[:, -1:]
+        z = single.layer_logits(ids_b, Lens("raw"))[:, -1:]
+        raw = Lens("raw")
+        bound = gemm_bound(single, ids_b, raw, single.layer_logits(ids_b, raw), 2)[:, -1:]
         assert_stats_match_logits(_stats(saved, f"batch{b}_"), z, bound, answer)
     final = single.final_logits([ids])
-    assert np.all(np.abs(saved["final"] - final) <= gemm_bound(single, ids, "final-norm", logits, 2)[-1, -1])
+    bound = gemm_bound(single, ids, FINAL_NORM, logits, 2)[-1, -1]
+    assert np.all(np.abs(saved["final"] - final) <= bound)
 
 
 _DYING_RANK = """
@@ -81,7 +84,7 @@ import os, sys
 from mlx_lens.cli import main as cli
 from mlx_lens.mlx import pipeline as mlx_pipeline
 if os.environ["MLX_RANK"] == "1":  # dies before sending its residual on
-    mlx_pipeline.PipelineBackend._capture = lambda *args, **kwargs: os._exit(1)
+    mlx_pipeline.PipelineBackend.capture = lambda *args, **kwargs: os._exit(1)
 sys.exit(cli.main(sys.argv[1:]))
 """
 

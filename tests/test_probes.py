@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_lens.core.lens import FINAL_NORM
 from mlx_lens.core import bounds
 from mlx_lens.cli.main import main
 from mlx_lens.experiment.probes import TEMPERATURES, TEST_PROMPTS
@@ -41,8 +42,8 @@ def check(entry, prompt, k, backend, direct_logits, temperature=1.0, depth=None)
     sweep's reductions of that summation depth (§2), not from a float64 softmax."""
     ids = backend.tokenizer.encode(prompt)
     logits = direct_logits(prompt)
-    lens = backend.layer_logits(ids, "final-norm")
-    b = gemm_bound(backend, ids, "final-norm", lens, NORM_AND_HEAD)[-1, -1] / temperature
+    lens = backend.layer_logits(ids, FINAL_NORM)
+    b = gemm_bound(backend, ids, FINAL_NORM, lens, NORM_AND_HEAD)[-1, -1] / temperature
     z = logits / temperature
     logp = z - np.logaddexp.reduce(z)
     p = np.exp(logp)

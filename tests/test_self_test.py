@@ -52,7 +52,7 @@ def test_cli_self_test_fails_with_exit_1(tiny_model_dirs, tmp_path, capsys, monk
         b.final_norm.weight.data *= 1.5  # a lens whose final norm no longer matches the model
         return b
 
-    monkeypatch.setattr(backends, "load", broken_load)
+    monkeypatch.setattr(backend_choice, "load", broken_load)
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(tiny_model_dirs["llama"]), "--self-test", "--backend", "torch"]) == 1
     assert "self-test: FAIL" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from mlx_lens.core.lens import FINAL_NORM
 from mlx_lens.core import bounds
 from mlx_lens.cli.main import main
 from mlx_lens.experiment.facts import load_facts
@@ -13,7 +14,7 @@ from mlx_lens.loading.sources import resolve
 from mlx_lens.checks.parity import logit_bound
 from mlx_lens.experiment.suite import run_suite
 from mlx_lens.output.suite_tables import read_suite_table
-from tests.lens_checks import log_softmax64
+from mlx_lens.core.numerics import log_softmax64
 from torch_ref.backend import TorchBackend
 
 FACTS = [
@@ -56,8 +57,8 @@ def test_suite_rows_are_each_facts_own_lens(tiny_model_dirs, tmp_path):
         rows = suite.long[suite.long["fact_id"] == fact.id]
         ids = tok.encode(fact.prompt)
         answer = tok.encode(f"{fact.prompt} {fact.answer}")[len(ids)]
-        logits = backend.layer_logits(ids, "final-norm")
-        b = logit_bound(backend, ids, "final-norm", logits, norms)[:, -1:]
+        logits = backend.layer_logits(ids, FINAL_NORM)
+        b = logit_bound(backend, ids, FINAL_NORM, logits, norms)[:, -1:]
         tol = bounds.sweep_tolerances(logits[:, -1:], b, depth)
         p = _p(logits, answer)
         assert np.all(np.abs(rows["p_answer"].to_numpy() - p) <= tol["prob"][:, 0, answer])
@@ -68,10 +69,10 @@ def test_suite_rows_are_each_facts_own_lens(tiny_model_dirs, tmp_path):
             assert rows["control_margin"].isna().all()
             continue
         c_ids = tok.encode(fact.control_prompt)
-        c_logits = backend.layer_logits(c_ids, "final-norm")
+        c_logits = backend.layer_logits(c_ids, FINAL_NORM)
         c_answer = tok.encode(f"{fact.control_prompt} {fact.control_answer}")[len(c_ids)]
         own = tok.encode(f"{fact.control_prompt} {fact.answer}")[len(c_ids)]
-        cb = logit_bound(backend, c_ids, "final-norm", c_logits, norms)[:, -1:]
+        cb = logit_bound(backend, c_ids, FINAL_NORM, c_logits, norms)[:, -1:]
         c_tol = bounds.sweep_tolerances(c_logits[:, -1:], cb, depth)["prob"][:, 0]
         assert np.all(np.abs(rows["control_p"].to_numpy() - _p(c_logits, c_answer))
                       <= c_tol[:, c_answer])

@@ -17,8 +17,9 @@ from mlx_lens.tuned import corpus
 from mlx_lens.tuned import lens_file
 from mlx_lens.tuned import training
 from mlx_lens.api import load
-from mlx_lens.core.contract import Recipe
+from mlx_lens.core.training import Recipe
 from mlx_lens.core.errors import LensError
+from mlx_lens.core.lens import Lens
 from mlx_lens.loading.sources import resolve
 from mlx_lens.tuned.lens_file import TunedLens
 from mlx_lens.tuned.training import TuneOptions
@@ -70,11 +71,11 @@ def test_the_packages_layout_decodes_as_the_package_does(llama, tmp_path):
     read = lens_file.read(tmp_path / "theirs")
     assert np.array_equal(read.weight, lens.weight) and np.array_equal(read.bias, lens.bias)
     ids = llama.tokenizer.encode(PROMPT)
-    got = llama.layer_logits(ids, read)
+    got = llama.layer_logits(ids, Lens.tuned(read))
     out = llama.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
     norm, head = llama.model.model.norm, llama.model.get_output_embeddings()
     h = llama.residuals(ids)
-    x_norm = np.linalg.norm(llama.lens_inputs(ids, read).astype(np.float64), axis=-1)
+    x_norm = np.linalg.norm(llama.lens_inputs(ids, Lens.tuned(read)).astype(np.float64), axis=-1)
     # Two fp32 evaluations of translator, norm and head (bounds.translated_products at r = 0:
     # the residuals are the same ones), one norm each (half a dot product): docs/numerics.md §4.
     products = 2 * bounds.translated_products(h[:1].repeat(len(h), 0), lens.weight, lens.bias) + 1

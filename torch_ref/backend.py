@@ -7,25 +7,21 @@ Gemma's 1+w), decoded through an fp32 unembedding and the model's head transform
 """
 from __future__ import annotations
 
-import copy
-import json
 import sys
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from mlx_lens.core.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
-                               SweepOptions, norm_plan)
-from mlx_lens.loading.placement import (DoesNotFit, auto_dtype, available_ram, choose, footprint,
-                                   split_across)
-from mlx_lens.core.errors import LensError
+from mlx_lens.core.contract import TOP_K, LayerStats, ModelInfo, NormSpec, SweepOptions
+from mlx_lens.core.errors import LensError, one_line
+from mlx_lens.core.lens import Lens, NormRef, Translators
 from mlx_lens.core.progress import progress
+from mlx_lens.core.training import Recipe
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
+from mlx_lens.tuned.lens_file import check_matches
 from torch_ref.arch import ARCHITECTURES
-from mlx_lens.tuned.lens_file import TunedLens, check_matches
+from torch_ref.placement import execution_device, owned, place
 from torch_ref.reduce import LOG2E, sweep_next_token, sweep_states
 from torch_ref.tune import TorchTuner, translate
 
@@ -36,63 +32,6 @@ def _attr(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def candidates(device: str) -> list[tuple[str, int]]:
-    """(device, free bytes) to try, in preference order: cuda, mps, cpu for "auto"."""
-    def free(d: str) -> int:
-        if d.startswith("cuda"):
-            return torch.cuda.mem_get_info(torch.device(d))[0]
-        return available_ram()  # CPU, and MPS's unified memory
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise LensError(f"device {device} requested but torch sees no CUDA GPU")
-        return [(device, free(device))]
-    found = ["cuda"] if torch.cuda.is_available() else []
-    found += ["mps"] if torch.backends.mps.is_available() else []
-    return [(d, free(d)) for d in [*found, "cpu"]]
-
-
-def gpus() -> list[tuple[str, int]]:
-    """Every CUDA GPU with its free bytes, for a model that only they together hold."""
-    return [(f"cuda:{i}", torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
-
-
-def _execution_device(module: torch.nn.Module) -> torch.device:
-    """Where a module runs: accelerate's hook says so for a dispatched (split) model."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    return next(module.parameters()).device
-
-
-def _owned(module: torch.nn.Module, device: torch.device, fp32: bool = True) -> torch.nn.Module:
-    """A copy of module for the lens, on `device` (fp32 unless told): real tensors where
-    accelerate offloaded the module's (they live in its hook's weights_map), no hooks."""
-    clone = copy.deepcopy(module)
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None:
-        from accelerate.hooks import remove_hook_from_module
-        from accelerate.utils import set_module_tensor_to_device
-
-        remove_hook_from_module(clone)
-        for name, p in list(clone.named_parameters()):
-            if p.device.type == "meta":
-                set_module_tensor_to_device(clone, name, "cpu", value=hook.weights_map[name])
-    clone = clone.to(device)
-    return clone.float() if fp32 else clone
-
-
-def read_device_map(path: str | Path) -> dict[str, str | int]:
-    """A device map file: JSON, module name -> "cpu", "disk", "cuda:N", "mps" or a GPU index."""
-    try:
-        device_map = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise LensError(f"unreadable device map {path}: {exc}") from None
-    if not isinstance(device_map, dict) or not device_map:
-        raise LensError(f"device map {path} is not a JSON object of module names and devices")
-    return device_map
 
 
 class TorchBackend:
@@ -114,30 +53,30 @@ class TorchBackend:
             config = AutoConfig.from_pretrained(source.location, **kw)
             check_supported(config.model_type, ARCHITECTURES, "torch")
             self.spec = ARCHITECTURES[config.model_type]
-            placement, dtype = self._placement(source, device, dtype, device_map)
+            placed = place(source, self.spec.half, device, dtype, device_map)
+            self.device, self._offload, dtype = placed.device, placed.offload, placed.dtype
             self.dtype = _DTYPES[dtype]
             self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
             model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype,
-                                                         **kw, **placement)
+                                                         **kw, **placed.kwargs)
         except LensError:
             raise
         except Exception as exc:  # a broken or missing file: name the model and the cause
-            first = (str(exc).splitlines() or [""])[0]
-            raise LensError(f"cannot load {source.location}: {type(exc).__name__}: {first}") from None
-        self.split = bool(placement)
+            raise LensError(f"cannot load {source.location}: {one_line(exc)}") from None
+        self.split = bool(placed.kwargs)
         if self.split:  # accelerate placed it: the lens decodes on the head's device
             head = model.get_output_embeddings()
-            self.device = str(_execution_device(head))
-            self.input_device = _execution_device(model.get_input_embeddings())
-            self.head = head if head.weight.device.type != "meta" else _owned(head, self.device, False)
+            self.device = str(execution_device(head))
+            self.input_device = execution_device(model.get_input_embeddings())
+            self.head = head if head.weight.device.type != "meta" else owned(head, self.device, False)
         else:
             model = model.to(self.device)
             self.input_device, self.head = torch.device(self.device), model.get_output_embeddings()
         self.model = model.eval()
         self.blocks = _attr(model, self.spec.blocks)
         # fp32 copies of the norms: statistics in fp32 with the model's own semantics.
-        self.final_norm = _owned(_attr(model, self.spec.final_norm), self.device)
-        self.input_norms = [_owned(getattr(b, self.spec.input_norm), self.device)
+        self.final_norm = owned(_attr(model, self.spec.final_norm), self.device)
+        self.input_norms = [owned(getattr(b, self.spec.input_norm), self.device)
                             for b in self.blocks]
         self.softcap = getattr(config, self.spec.softcap, None) if self.spec.softcap else None
         self.info = ModelInfo(
@@ -150,42 +89,20 @@ class TorchBackend:
                         "final": type(self.final_norm).__name__},
             softcap=self.softcap,
         )
-        self._tuned: tuple[TunedLens, list] | None = None  # the last tuned lens, on the device
-
-    def _placement(self, source: ModelSource, device: str, dtype: str,
-                   device_map: dict | None) -> tuple[dict, str]:
-        """(from_pretrained's placement arguments, dtype): one device as the policy picks it,
-        the given device map, or accelerate's "auto" over GPUs that only together hold it."""
-        fp = footprint(source)
-        if device_map is not None:
-            gpu = any(str(v).startswith("cuda") or isinstance(v, int) for v in device_map.values())
-            chosen = dtype if dtype != "auto" else auto_dtype("cuda" if gpu else "cpu",
-                                                               fp.n_params if fp else 0, self.spec.half)
-            return self._dispatch(device_map), chosen
-        found = candidates(device)
-        on_gpu = [c for c in found if c[0].startswith("cuda")]
-        if device == "auto" and on_gpu:  # GPUs first: one, or all of them together
-            try:
-                self.device, chosen = choose(fp, on_gpu, dtype, self.spec.half)
-                return {}, chosen
-            except DoesNotFit:
-                split = split_across(fp, gpus(), dtype, self.spec.half)
-                if split is not None:
-                    return self._dispatch("auto", max_memory=split[1]), split[0]
-        self.device, chosen = choose(fp, found, dtype, self.spec.half)
-        return {}, chosen
-
-    def _dispatch(self, device_map, **extra) -> dict:
-        self._offload = tempfile.TemporaryDirectory(prefix="mlx-lens-offload-")  # "disk" entries
-        return {"device_map": device_map, "offload_folder": self._offload.name, **extra}
+        self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
 
     def run_diagnostics(self) -> dict:
         """Recorded in the JSON: where accelerate placed each part of a split model."""
-        return {"device_map": {k: str(v) for k, v in self.model.hf_device_map.items()}} if self.split else {}
+        if not self.split:
+            return {}
+        return {"device_map": {k: str(v) for k, v in self.model.hf_device_map.items()}}
+
+    def run_report(self) -> str | None:
+        return None
 
     # -- capture -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[torch.Tensor]:
+    def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[torch.Tensor]:
         """Residual rows h_0..h_L of a batch of prompts (compute dtype): [B, T, d] each, or
         [B, d] at each prompt's last token when last_only. From the base model's forward pass:
         its head is not needed, the lens decodes the last row itself. Prompts are right-padded,
@@ -218,18 +135,18 @@ class TorchBackend:
 
     def _rows(self, ids: Sequence[int]) -> list[torch.Tensor]:
         """Residual rows h_0..h_L of one prompt, [T, d] each."""
-        return [h[0] for h in self._capture([ids])]
+        return [h[0] for h in self.capture([ids])]
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> torch.nn.Module | None:
         return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
 
-    def _normed(self, rows: list[torch.Tensor], lens: LensSpec) -> torch.Tensor:
+    def _normed(self, rows: list[torch.Tensor], lens: Lens) -> torch.Tensor:
         """[R, T, d] fp32: every row through the norm the lens assigns it (after its
         translator, for a tuned lens)."""
         out = []
-        translators = [] if isinstance(lens, str) else self.translators(lens)
-        for r, (h, ref) in enumerate(zip(rows, norm_plan(lens, len(self.blocks)))):
+        translators = [] if lens.translators is None else self._translators(lens.translators)
+        for r, (h, ref) in enumerate(zip(rows, lens.norm_plan(len(self.blocks)))):
             h = h.to(self.device).float()
             if r < len(translators):
                 h = translate(h, *translators[r])
@@ -237,7 +154,11 @@ class TorchBackend:
             out.append(norm(h) if norm is not None else h)
         return torch.stack(out)
 
-    def translators(self, lens: TunedLens) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def check_lens(self, lens: Lens) -> None:
+        if lens.translators is not None:
+            self._translators(lens.translators)
+
+    def _translators(self, lens: Translators) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
         if self._tuned is None or self._tuned[0] is not lens:
             check_matches(lens, self.info, self.unembedding)
@@ -267,7 +188,7 @@ class TorchBackend:
 
         return apply
 
-    def _logits(self, x: torch.Tensor, start: int, stop: int, scale: float = 1.0) -> torch.Tensor:
+    def head_logits(self, x: torch.Tensor, start: int, stop: int, scale: float = 1.0) -> torch.Tensor:
         return self._head_chunk(start, stop, scale)(x)
 
     @torch.no_grad()
@@ -281,8 +202,8 @@ class TorchBackend:
 
     @torch.no_grad()
     def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
-        rows = self._capture(prompts, last_only=True)  # R x [B, d]
+                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+        rows = self.capture(prompts, last_only=True)  # R x [B, d]
         stats = sweep_next_token(self._normed(rows, lens).transpose(0, 1), list(scored), top_k,
                                  lambda start, stop: self._head_chunk(start, stop, LOG2E),
                                  self.info.vocab, progress)
@@ -295,16 +216,16 @@ class TorchBackend:
     def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # The lens's own last row, decoded in fp32 like every lens row (the model's own head
         # runs in the compute dtype).
-        last = self._capture(prompts, last_only=True)[-1].to(self.device).float()
-        return self._logits(self.final_norm(last), 0, self.info.vocab).cpu().numpy()
+        last = self.capture(prompts, last_only=True)[-1].to(self.device).float()
+        return self.head_logits(self.final_norm(last), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
-    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         rows = self._rows(ids)
-        return self._logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
+        return self.head_logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
-    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         return self._normed(self._rows(ids), lens).cpu().numpy()
 
     @torch.no_grad()
@@ -321,7 +242,7 @@ class TorchBackend:
     def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
         h = torch.from_numpy(np.asarray(x, np.float32)).to(self.device)
         norm = self._norm(ref)
-        return self._logits(norm(h) if norm is not None else h, 0, self.info.vocab).cpu().numpy()
+        return self.head_logits(norm(h) if norm is not None else h, 0, self.info.vocab).cpu().numpy()
 
     def norm_spec(self, ref: NormRef) -> NormSpec:
         # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
@@ -331,7 +252,7 @@ class TorchBackend:
         else:
             norm = getattr(self.blocks[ref], self.spec.input_norm)
         if norm.weight.device.type == "meta":  # offloaded by accelerate: its stored weights
-            norm = _owned(norm, torch.device("cpu"), fp32=False)
+            norm = owned(norm, torch.device("cpu"), fp32=False)
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         bias = getattr(norm, "bias", None)
         return NormSpec("layer" if self.spec.layer_norm else "rms",
@@ -342,9 +263,11 @@ class TorchBackend:
     def unembedding(self, start: int, stop: int) -> np.ndarray:
         return self.head.weight[start:stop].float().cpu().numpy()
 
-    def tuner(self, lens: TunedLens, recipe: Recipe) -> TorchTuner:
+    def tuner(self, lens: Translators, recipe: Recipe) -> TorchTuner:
         check_matches(lens, self.info, self.unembedding)
-        return TorchTuner(self, lens, recipe)
+        self.model.requires_grad_(False)  # frozen: gradients reach the translators only
+        self.final_norm.requires_grad_(False)
+        return TorchTuner(self, lens, recipe, self.device)
 
     @torch.no_grad()
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:

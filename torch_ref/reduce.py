@@ -20,6 +20,7 @@ rounding error has a known bound: docs/numerics.md.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch
 
 from mlx_lens.core.bounds import SUM_BLOCK, summation_depth
 from mlx_lens.core.contract import LayerStats, SweepOptions
-from torch_ref.tiles import cpu_tile
+from mlx_lens.core.stats import batch_stats, prompt_stats
+from torch_ref import tiles
 
 # On a CPU the tile is calibrated per machine (torch_ref/tiles.py). On a GPU, tiles are sized
 # for launch overhead instead: up to 256 MiB, and at most 1/32 of the free device memory (two
@@ -39,7 +41,7 @@ GPU_ROWS_PER_TILE = 8192
 def tile_shape(device: torch.device) -> tuple[int, int]:
     """(elements, rows) of one tile on this device."""
     if device.type != "cuda":
-        return cpu_tile()
+        return tiles.cpu_tile(tile_seconds)
     free, _ = torch.cuda.mem_get_info(device)
     return max(2**20, min(GPU_TILE_ELEMENTS, free // (4 * 32))), GPU_ROWS_PER_TILE
 
@@ -165,6 +167,27 @@ class TiledStats:
         return out
 
 
+def tile_seconds(rows: int, tokens: int) -> float:
+    """Best of 2: the sweep's per-tile work (GEMM, base change, reductions) over tiles.ROWS x
+    tiles.TOKENS in tiles of rows x tokens, for the CPU tile's calibration."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tiles.ROWS, tiles.D, generator=gen)
+    w = torch.randn(tiles.TOKENS, tiles.D, generator=gen) / tiles.D ** 0.5
+    tile, scratch = torch.empty(rows * tokens), torch.empty(2 * rows * tokens)
+    best = float("inf")
+    for _ in range(2):
+        stats = TiledStats(tiles.ROWS, 1, 0, 5, None, None, x.device, tiles.TOKENS)
+        began = time.perf_counter()
+        for start in range(0, tiles.TOKENS, tokens):
+            chunk = w[start:start + tokens]
+            for first in range(0, tiles.ROWS, rows):
+                z = torch.matmul(x[first:first + rows], chunk.T,
+                                 out=tile.view(rows, tokens)).mul_(LOG2E)
+                stats.update(z, slice(first, first + rows), 5, start, scratch)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
 def row_slices(groups: list[tuple[int, int]], rows_per_tile: int) -> list[tuple[slice, int]]:
     """(rows, k) slices of at most rows_per_tile rows over consecutive groups of (rows, k),
     never spanning two groups, cut from the end: the last slice holds the last rows, i.e. all
@@ -232,14 +255,9 @@ def sweep_states(x: torch.Tensor, opts: SweepOptions, head_chunk: Callable, voca
                 vocab, stats, progress)
     out = _numpy(stats.finish())
     back = np.argsort(order)
-    for key in ("entropy", "topk_ids", "topk_probs"):  # back to [R, T, ...]
-        out[key] = out[key].reshape(n_pos, n_rows, *out[key].shape[1:])[back].swapaxes(0, 1)
-    for key in ("kl_to_final", "cos_to_final"):
-        out[key] = out[key][0]
-    if ids is not None:
-        out["p_answer"], out["answer_rank"] = out["p_scored"][0, :, 0], out["rank_scored"][0, :, 0]
-        del out["p_scored"]
-    return LayerStats.from_arrays(out)
+    for key in ("entropy", "topk_ids", "topk_probs"):  # [T, R, ...] in position order
+        out[key] = out[key].reshape(n_pos, n_rows, *out[key].shape[1:])[back]
+    return prompt_stats(out)
 
 
 def sweep_next_token(x: torch.Tensor, scored: list[tuple[int, ...]], top_k: int,
@@ -255,11 +273,6 @@ def sweep_next_token(x: torch.Tensor, scored: list[tuple[int, ...]], top_k: int,
     tiled_sweep(x.reshape(n_prompts * n_rows, -1), [(n_prompts * n_rows, top_k)], head_chunk,
                 vocab, stats, progress)
     out = _numpy(stats.finish())
-    return [LayerStats.from_arrays({
-        "entropy": out["entropy"].reshape(n_prompts, n_rows, 1)[b],
-        "topk_ids": out["topk_ids"].reshape(n_prompts, n_rows, 1, -1)[b],
-        "topk_probs": out["topk_probs"].reshape(n_prompts, n_rows, 1, -1)[b],
-        "kl_to_final": out["kl_to_final"][b], "cos_to_final": out["cos_to_final"][b],
-        "p_answer": out["p_scored"][b, :, 0], "answer_rank": out["rank_scored"][b, :, 0],
-        "p_scored": out["p_scored"][b], "summation_depth": out["summation_depth"]})
-        for b in range(n_prompts)]
+    for key in ("entropy", "topk_ids", "topk_probs"):  # [B, R, ...]
+        out[key] = out[key].reshape(n_prompts, n_rows, *out[key].shape[1:])
+    return batch_stats(out)

@@ -3,17 +3,12 @@ translator trained on KL(model || lens) at every position (docs/tuned-lens.md). 
 mlx_lens/mlx/tune.py."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
-from mlx_lens.core.contract import Recipe
-from mlx_lens.tuned.lens_file import TunedLens
-from mlx_lens.tuned.training import micro_batches
+from mlx_lens.core.lens import Translators
+from mlx_lens.core.training import Recipe, RowDecoder, micro_batches
 
-if TYPE_CHECKING:
-    from torch_ref.backend import TorchBackend
 
 def translate(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """h + A h + b (fp32): the tuned lens's translator of one row."""
@@ -21,12 +16,10 @@ def translate(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torc
 
 
 class TorchTuner:
-    def __init__(self, backend: "TorchBackend", lens: TunedLens, recipe: Recipe):
+    def __init__(self, backend: RowDecoder, lens: Translators, recipe: Recipe, device: str):
         self.backend, self.recipe = backend, recipe
-        backend.model.requires_grad_(False)  # frozen: gradients reach the translators only
-        backend.final_norm.requires_grad_(False)
-        self.weight = torch.nn.Parameter(torch.from_numpy(lens.weight.copy()).to(backend.device))
-        self.bias = torch.nn.Parameter(torch.from_numpy(lens.bias.copy()).to(backend.device))
+        self.weight = torch.nn.Parameter(torch.from_numpy(lens.weight.copy()).to(device))
+        self.bias = torch.nn.Parameter(torch.from_numpy(lens.bias.copy()).to(device))
         self.opt = torch.optim.SGD([self.weight, self.bias], lr=recipe.lr, momentum=recipe.momentum,
                                    nesterov=True, weight_decay=recipe.weight_decay)
 
@@ -35,7 +28,7 @@ class TorchTuner:
         h = rows[r].float()
         if r < len(self.weight):
             h = translate(h, self.weight[r], self.bias[r])
-        return b._logits(b.final_norm(h), 0, b.info.vocab)
+        return b.head_logits(b.final_norm(h), 0, b.info.vocab)
 
     def _target(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -45,7 +38,7 @@ class TorchTuner:
     def gradients(self, batch: np.ndarray) -> float:
         total = 0.0
         for micro, share in micro_batches(batch, self.backend.info.vocab):
-            rows = self.backend._capture(micro.tolist())
+            rows = self.backend.capture(micro.tolist())
             logp, p = self._target(rows)
             for r in range(len(self.weight)):  # one row at a time: one row's logits in memory
                 logq = torch.log_softmax(self._row_logits(rows, r), -1)
@@ -66,7 +59,7 @@ class TorchTuner:
         n = len(self.weight)
         kl, ce = np.zeros(n), np.zeros(n + 1)
         for micro, share in micro_batches(batch, self.backend.info.vocab):
-            rows = self.backend._capture(micro.tolist())
+            rows = self.backend.capture(micro.tolist())
             logp, p = self._target(rows)
             nxt = torch.from_numpy(micro[:, 1:]).to(logp.device)
             for r in range(n + 1):

@@ -18,17 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlx_lens.core import bounds
-from mlx_lens.core.contract import Backend, NormRef
+from mlx_lens.core.contract import Backend, InspectableBackend, require
+from mlx_lens.core.lens import NormRef
+from mlx_lens.core.numerics import log_softmax64
 
 PROMPT = "The capital of Germany is"
 # The learned and by-hand logits differ by rounding only: the fp32 module's norm (a length-d mean
 # of squares, half a dot product) and the two head GEMMs (one each), docs/numerics.md §1.
 ROUNDING_DOT_PRODUCTS = 3
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    return z - np.logaddexp.reduce(z)
 
 
 def _kl_bits(lp: np.ndarray, lq: np.ndarray) -> float:
@@ -54,6 +51,7 @@ def self_test_layers(n_layers: int) -> list[int]:
 
 def run_self_test(backend: Backend, prompt: str = PROMPT) -> list[SelfTestRow]:
     """Every tested layer under the final norm and under the next block's input norm."""
+    backend = require(backend, InspectableBackend, "the self-test")
     ids = backend.tokenizer.encode(prompt)
     resid = backend.residuals(ids)
     info, w_norm = backend.info, backend.head_row_norms()
@@ -62,15 +60,15 @@ def run_self_test(backend: Backend, prompt: str = PROMPT) -> list[SelfTestRow]:
         h = resid[layer + 1, -1:]
         for ref in dict.fromkeys(("final", layer + 1 if layer + 1 < info.n_layers else "final")):
             spec = backend.norm_spec(ref)
-            unit = _log_softmax(backend.decode_rows(spec.normalise(h), None)[0])
-            learned = _log_softmax(backend.decode_rows(h, ref)[0])
+            unit = log_softmax64(backend.decode_rows(spec.normalise(h), None)[0])
+            learned = log_softmax64(backend.decode_rows(h, ref)[0])
             by_hand = spec(h)
             manual = backend.decode_rows(by_hand, None)[0]
             b = (bounds.dot_bound(np.linalg.norm(by_hand[0]), w_norm, info.d_model,
                                   ROUNDING_DOT_PRODUCTS)
                  + 2 * bounds.elementwise_bound(manual, info.softcap))
             bound = bounds.kl_shift_bound(learned[None], unit, b[None], np.zeros(1))[0]
-            manual = _log_softmax(manual)
+            manual = log_softmax64(manual)
             rows.append(SelfTestRow(layer, ref, _kl_bits(learned, unit), _kl_bits(manual, unit),
                                     float(bounds.nats_to_bits(bound))))
     return rows

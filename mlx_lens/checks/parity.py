@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlx_lens.core import bounds
-from mlx_lens.core.contract import Backend, LayerStats, LensSpec
+from mlx_lens.core.contract import InspectableBackend, LayerStats, require
 from mlx_lens.core.errors import LensError
+from mlx_lens.core.lens import Lens
+from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.experiment.single import answer_token_id, encode_prompt
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 
@@ -23,22 +25,16 @@ BOUND_DESCRIPTION = ("each backend within r + 1 worst-case length-d fp32 dot pro
                      "arithmetic at layer r (docs/numerics.md §4)")
 
 
-def logit_bound(backend: Backend, ids: list[int], lens: LensSpec, logits: np.ndarray,
+def logit_bound(backend: InspectableBackend, ids: list[int], lens: Lens, logits: np.ndarray,
                 head_norms: np.ndarray) -> np.ndarray:
     """[R, T, V]: how far another fp32 backend's lens logits may be from `backend`'s (§4)."""
     x_norm = np.linalg.norm(backend.lens_inputs(ids, lens).astype(np.float64), axis=-1)
     products = 2 * (np.arange(len(x_norm)) + 1)[:, None, None]  # two backends, r + 1 each
-    if not isinstance(lens, str):  # a tuned lens: its translators amplify and round too
-        products = 2 * bounds.translated_products(backend.residuals(ids), lens.weight,
-                                                  lens.bias)[..., None]
+    if lens.translators is not None:  # a tuned lens: its translators amplify and round too
+        products = 2 * bounds.translated_products(backend.residuals(ids), lens.translators.weight,
+                                                  lens.translators.bias)[..., None]
     return (bounds.dot_bound(x_norm, head_norms, backend.info.d_model, products)
             + 2 * bounds.elementwise_bound(logits, backend.info.softcap))
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    m = z.max(-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
 def _stats(logp: np.ndarray, answer_id: int) -> LayerStats:
@@ -68,11 +64,12 @@ class PromptParity:
     summaries: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
 
 
-def compare_prompt(a: Backend, b: Backend, ids: list[int], lens: LensSpec, answer_id: int,
+def compare_prompt(a: InspectableBackend, b: InspectableBackend, ids: list[int], lens: Lens,
+                   answer_id: int,
                    head_norms: np.ndarray, collapse: CollapseSettings | None = None) -> PromptParity:
     za, zb = a.layer_logits(ids, lens), b.layer_logits(ids, lens)
     bound = logit_bound(a, ids, lens, za, head_norms)
-    la, lb = _log_softmax(za), _log_softmax(zb)
+    la, lb = log_softmax64(za), log_softmax64(zb)
     pa, pb = np.exp(la), np.exp(lb)
     kl = (pa * (la - lb)).sum(-1)
     gap = np.abs((pa * la).sum(-1) - (pb * lb).sum(-1))  # nats
@@ -97,7 +94,7 @@ def compare_prompt(a: Backend, b: Backend, ids: list[int], lens: LensSpec, answe
 @dataclass
 class ParityReport:
     architecture: str
-    lens: LensSpec
+    lens: Lens
     prompts: list[PromptParity]
 
     def _max(self, name: str) -> np.ndarray:
@@ -141,10 +138,11 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def compare(a: Backend, b: Backend, prompts: list[str], lens: LensSpec,
+def compare(a: InspectableBackend, b: InspectableBackend, prompts: list[str], lens: Lens,
             answer: str | None) -> ParityReport:
     """a is the reference. answer None scores a's own final top-1 token on each prompt, so that
     L_semantic is defined even for a model that does not know the answer."""
+    a, b = (require(x, InspectableBackend, "parity") for x in (a, b))
     head_norms = a.head_row_norms()
     results = []
     for prompt in prompts:

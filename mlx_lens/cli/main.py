@@ -13,9 +13,9 @@ from mlx_lens.experiment import health
 from mlx_lens.output import run_dir
 from mlx_lens.api import ModelLens, load, resolve_lens
 from mlx_lens.output.artifacts import write_model_artifacts
-from mlx_lens.loading.placement import DoesNotFit
+from mlx_lens.loading.placement import DoesNotFit, read_device_map
 from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
-from mlx_lens.core.contract import LENSES, lens_name
+from mlx_lens.core.lens import RULES, Lens
 from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.single import ExperimentOptions
 from mlx_lens.experiment.facts import Fact, load_facts
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parity = sub.add_parser("parity", help="check that the MLX lens agrees with the torch reference "
                             "on a model (per-layer table; exit 1 beyond tolerance)")
     parity.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    parity.add_argument("--lens", default="all", help=f"{', '.join(LENSES)}, tuned:DIR or all "
+    parity.add_argument("--lens", default="all", help=f"{', '.join(RULES)}, tuned:DIR or all "
                         "(the three norm rules)")
     parity.add_argument("--prompt", action="append", help="repeatable (default: the probe prompt)")
     parity.add_argument("--answer", default=ANSWER)
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-residuals", action="store_true",
                      help="also save the residual stream per layer (safetensors)")
     run.add_argument("--lens", default="final-norm",
-                     help=f"how each layer is decoded: {', '.join(LENSES)} (the norm; next-norm: "
+                     help=f"how each layer is decoded: {', '.join(RULES)} (the norm; next-norm: "
                           "the original's rule) or tuned:DIR (a tuned lens folder, mlx-lens tune)")
     run.add_argument("--fp32-unembed", action="store_true",
                      help="decode in fp32 (the lens always does; kept for the original's command lines)")
@@ -125,8 +125,6 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, model: str | None, lens: str = "final-norm") -> ModelLens:
     device_map = None
     if args.device_map:
-        from torch_ref.backend import read_device_map
-
         device_map = read_device_map(args.device_map)
     return load(model, args.backend, lens, args.device, args.dtype,
                 announce=lambda name, reason: print(f"backend: {name} ({reason})", flush=True),
@@ -142,13 +140,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from mlx_lens.checks.parity import BOUND_DESCRIPTION, compare
 
-    lenses = LENSES if args.lens == "all" else (resolve_lens(args.lens),)
+    lenses = [Lens(r) for r in RULES] if args.lens == "all" else [resolve_lens(args.lens)]
     source = resolve(args.model)
     reference, candidate = backend_choice.load("torch", source), backend_choice.load("mlx", source)
     failed = False
     for lens in lenses:
         report = compare(reference, candidate, args.prompt or [PROMPT], lens, args.answer)
-        print(f"{source.name} [{report.architecture}], lens {lens_name(lens)}: torch (reference) "
+        print(f"{source.name} [{report.architecture}], lens {lens.name}: torch (reference) "
               f"vs mlx; bounds: {BOUND_DESCRIPTION}")
         print(report.table())
         for line in report.failures():
@@ -187,9 +185,9 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
         began = time.perf_counter()
         suite = lens.run_suite(facts, collapse)
         seconds["suite"] = time.perf_counter() - began
-    pipeline = getattr(lens.backend, "report", None)  # a rank of a pipeline: its own line
+    rank_line = lens.backend.run_report()  # a rank of a pipeline: its own line
     if out_dir is None:
-        print(pipeline(), flush=True)
+        print(rank_line, flush=True)
         return []
     line = health.warning(result.payload["diagnostics"])
     if line:
@@ -201,15 +199,15 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
                                     suite.aggregates)
     seconds["write"] = time.perf_counter() - began
     s = summary_of(result.payload)
-    print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens_name(lens.lens)}]: "
+    print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens.lens.name}]: "
           f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
           f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
     if facts:
         print(suite.summary_line())
     print(f"time: {time.perf_counter() - started:.1f} s ("
           + ", ".join(f"{name} {t:.1f} s" for name, t in seconds.items()) + ")")
-    if pipeline:
-        print(pipeline())
+    if rank_line:
+        print(rank_line)
     return paths
 
 
@@ -311,7 +309,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from mlx_lens.tuned import lens_file
-    from mlx_lens.tuned import training
+    from mlx_lens.view.plots import write_eval
 
     for name in ("steps", "tokens_per_step", "eval_tokens"):
         if getattr(args, name) < 1:
@@ -326,7 +324,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"{info.name}: logit lens vs tuned lens {args.eval}, held-out text "
               f"({int(frame.tokens[0])} tokens), bits")
         print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
-        for path in training.write_eval(frame, args.eval, info.name):
+        for path in write_eval(frame, args.eval, info.name):
             print(f"  wrote {path}")
         return 0
     opts = TuneOptions(args.steps, args.tokens_per_step, args.seq_len or TuneOptions.seq_len,

@@ -1,57 +1,28 @@
 """The one contract between backends and everything else (docs/design.md).
 
-A backend turns (model, token ids, options) into a `LayerStats` of plain numpy arrays. Nothing
-downstream of this module imports torch or mlx.
+A backend turns (model, token ids, options) into a `LayerStats` of plain numpy arrays. The
+contract is split by who needs it: `Backend` produces results (every backend), an
+`InspectableBackend` also shows the lens's intermediate values (one process), and training's
+part is in mlx_lens/core/training.py. Only the backends (mlx_lens/mlx/, torch_ref/) import mlx or
+torch for the lens itself (pyproject.toml's import-linter contracts).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, Sequence, Union
+from typing import Literal, Protocol, Sequence, TypeVar, runtime_checkable
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from mlx_lens.tuned.lens_file import TunedLens
+from mlx_lens.core.errors import LensError
+from mlx_lens.core.lens import FINAL_NORM, Lens, NormRef
 
-Lens = Literal["final-norm", "next-norm", "raw"]
-LENSES: tuple[Lens, ...] = ("final-norm", "next-norm", "raw")
-# What decodes the rows: a norm rule, or a tuned lens (its translators, then the final norm).
-LensSpec = Union[Lens, "TunedLens"]
+B = TypeVar("B")
 TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final prediction)
-
-# Which normalisation decodes a row: "final" (the model's final norm), an int i (block i's input
-# norm) or None (no norm).
-NormRef = str | int | None
-
-
-def lens_name(lens: LensSpec) -> str:
-    """The lens as artifacts record it, and as --lens takes it."""
-    return lens if isinstance(lens, str) else lens.name
-
-
-def norm_plan(lens: LensSpec, n_layers: int) -> list[NormRef]:
-    """The norm that decodes each of the n_layers + 1 rows under `lens`.
-
-    Row 0 is the embedding output, row i the residual after block i-1. The last row is always
-    the model's own output distribution (final norm), whatever the lens.
-    `next-norm` is the original experiment's rule for pre-norm models: row i goes through block
-    i's input norm, i.e. the norm the next block would apply. A tuned lens decodes every
-    translated row through the final norm.
-    """
-    if not isinstance(lens, str):
-        return ["final"] * (n_layers + 1)
-    if lens == "final-norm":
-        return ["final"] * (n_layers + 1)
-    if lens == "next-norm":
-        return [*range(n_layers), "final"]
-    if lens == "raw":
-        return [None] * n_layers + ["final"]
-    raise ValueError(f"unknown lens {lens!r}; choose one of {', '.join(LENSES)}")
 
 
 @dataclass(frozen=True)
 class SweepOptions:
-    lens: LensSpec = "final-norm"
+    lens: Lens = FINAL_NORM
     answer_id: int | None = None  # gold answer's first token id; enables p_answer / rank
     top_k: int = TOP_K
     # Positions that need only narrow_k candidates (False) may get just those: the remaining
@@ -140,7 +111,11 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+@runtime_checkable
 class Backend(Protocol):
+    """What the experiment and the suites need: results. Every backend, the pipeline over
+    several processes included (mlx_lens/mlx/pipeline.py), implements this."""
+
     info: ModelInfo
     tokenizer: Tokenizer
 
@@ -148,7 +123,7 @@ class Backend(Protocol):
         """Decode every row at every position; reductions happen on the device."""
 
     def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
+                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
         """A batch of prompts in one forward pass and one decode, at each prompt's next-token
         position only: one LayerStats per prompt with T = 1, p_answer / answer_rank for
         scored[b][0] and p_scored for every id of scored[b] (the same count for every prompt)."""
@@ -157,10 +132,28 @@ class Backend(Protocol):
         """The model's output logits at each prompt's last position, [B, V] float32 (the lens's
         last row: fp32 head, head transform applied), one forward pass for the batch."""
 
-    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+    def check_lens(self, lens: Lens) -> None:
+        """Refuse, with a LensError, a lens made for another model (width, rows, unembedding
+        hash); its translators are kept on the device for the next calls."""
+
+    def run_diagnostics(self) -> dict:
+        """What the JSON records about how the model was placed (a split model's devices, a
+        pipeline's blocks per rank and traffic)."""
+
+    def run_report(self) -> str | None:
+        """A line a run prints about this process's part (a pipeline rank's blocks, memory and
+        traffic), or None."""
+
+
+@runtime_checkable
+class InspectableBackend(Backend, Protocol):
+    """What parity, the self-test, --keep-residuals, chat and the tests need: the lens's
+    intermediate values on small inputs. A model in one process only."""
+
+    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""
 
-    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         """What the head multiplies: every row after its lens norm, [R, T, d] float32."""
 
     def head_row_norms(self) -> np.ndarray:
@@ -181,44 +174,11 @@ class Backend(Protocol):
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation token ids (no prompt, no EOS), for `mlx-lens chat`."""
 
-    def translators(self, lens: "TunedLens") -> list:
-        """The lens's (A_r, b_r) on the device, kept for the next calls; a lens made for another
-        model (width, rows, unembedding hash) is refused with a LensError."""
 
-    def tuner(self, lens: "TunedLens", recipe: "Recipe") -> "Tuner":
-        """Training of `lens`'s translators on this model (frozen) with `recipe`."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How translators are trained: the tuned-lens package's defaults (SGD with Nesterov
-    momentum, lr = lr_scale (1 - momentum), L2 weight decay, global gradient clipping)."""
-
-    lr_scale: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    clip: float = 1.0
-
-    @property
-    def lr(self) -> float:
-        return self.lr_scale * (1 - self.momentum)
-
-
-class Tuner(Protocol):
-    """A backend's training of one tuned lens. Batches are token ids [S, T], all of length T."""
-
-    def gradients(self, batch: np.ndarray) -> float:
-        """Accumulate the gradient of the loss on `batch` (sum over translated rows of the mean
-        over positions of KL(model || lens), nats); returns that loss. Interruptible."""
-
-    def update(self, lr: float) -> None:
-        """Clip the accumulated gradient, take one optimizer step with `lr`, zero it."""
-
-    def losses(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """No training: per row, the mean over positions of KL(model || lens) [L] and of the
-        next-token cross-entropy [L + 1] (the last row: the model's own), nats, float64."""
-
-    def state(self) -> dict[str, np.ndarray]:
-        """weight, bias and the optimizer's momentum buffers (a checkpoint)."""
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
+def require(backend: Backend, kind: type[B], what: str) -> B:
+    """`backend` where `what` needs more than results (kind: InspectableBackend, or training's
+    TrainableBackend); refused in one line for a model split across processes."""
+    if not isinstance(backend, kind):
+        raise LensError(f"{what} is not available when the model is split across processes "
+                        "(runs, suites and probes are)")
+    return backend

@@ -3,3 +3,8 @@
 
 class LensError(Exception):
     """A problem with the user's input or environment, stated in one line."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for a user: its type and the first line of its text."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"

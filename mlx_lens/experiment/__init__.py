@@ -1,1 +1,2 @@
-"""The experiment: probes, the single-prompt run, collapse metrics, numeric health, fact suites and their aggregates, chat."""
+"""The experiment: probes, the single-prompt run, collapse metrics, numeric health, fact suites and
+their aggregates, chat."""

@@ -6,8 +6,7 @@ import numpy as np
 import pandas as pd
 
 from mlx_lens.core.bounds import FP32_TINY
-
-ALL = "all"  # the group of rows computed over every fact
+from mlx_lens.output.suite_tables import ALL
 AGGREGATE_COLUMNS = ["group", "layer", "metric", "n", "mean", "median", "ci_low", "ci_high"]
 # p(answer | control prompt): the target's probability where it is not the answer; a lens that
 # says the target everywhere shows it as high as p_answer.

@@ -1,7 +1,7 @@
 """`mlx-lens chat`: the original's basic chat check, one user message answered greedily."""
 from __future__ import annotations
 
-from mlx_lens.core.contract import Backend
+from mlx_lens.core.contract import Backend, InspectableBackend, require
 from mlx_lens.core.errors import LensError
 
 CHAT_PROMPT = "The capital of Germany is"
@@ -9,6 +9,7 @@ MAX_TOKENS = 64
 
 
 def chat(backend: Backend, prompt: str = CHAT_PROMPT, max_tokens: int = MAX_TOKENS) -> str:
+    backend = require(backend, InspectableBackend, "chat")
     tok = backend.tokenizer
     if not getattr(tok, "chat_template", None):
         raise LensError(f"{backend.info.name} has no chat template; `mlx-lens chat` needs one")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mlx_lens.experiment import aggregates
+from mlx_lens.output.suite_tables import ALL
 from mlx_lens.experiment import single
 from mlx_lens.core.errors import LensError
 
@@ -216,8 +216,8 @@ def _fact(record: dict, source: str, index: int) -> Fact:
     group = record.get("group")
     if group is not None and not isinstance(group, str):
         raise LensError(f"{source}: field 'group' must be a string, not {_json_type(group)}")
-    if group == aggregates.ALL:
-        raise LensError(f"{source}: group '{aggregates.ALL}' is reserved (the aggregates over "
+    if group == ALL:
+        raise LensError(f"{source}: group '{ALL}' is reserved (the aggregates over "
                         "every fact)")
     # Answers are words to score, whose leading space answer_token_id supplies: surrounding
     # whitespace (e.g. after a CSV comma) would silently score another token.

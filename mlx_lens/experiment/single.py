@@ -12,9 +12,11 @@ import numpy as np
 import pandas as pd
 
 from mlx_lens.experiment import health
-from mlx_lens.output.artifacts import (TokenNames, pure_next_token_frame, records_frame,
-                                verbose_positions)
-from mlx_lens.core.contract import Backend, LensSpec, SweepOptions, lens_name
+from mlx_lens.experiment.frames import (TokenNames, pure_next_token_frame, records_frame,
+                                       verbose_positions)
+from mlx_lens.core.contract import Backend, InspectableBackend, SweepOptions, require
+from mlx_lens.core.lens import FINAL_NORM, Lens
+from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 from mlx_lens.experiment.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS, TOP_K_RECORDS,
@@ -25,7 +27,7 @@ from mlx_lens.experiment.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMP
 class ExperimentOptions:
     prompt: str = PROMPT
     answer: str = ANSWER
-    lens: LensSpec = "final-norm"
+    lens: Lens = FINAL_NORM
     collapse: CollapseSettings = field(default_factory=CollapseSettings)
     probes: bool = True  # extra test prompts and temperature exploration
     keep_residuals: bool = False
@@ -99,8 +101,7 @@ def answer_token_id(tokenizer, prompt_ids: list[int], prompt: str, answer: str) 
 
 def distribution(logits: np.ndarray, k: int, names: TokenNames, temperature: float = 1.0) -> dict:
     """Entropy (bits) and top-k of softmax(logits / T), in float64."""
-    z = logits.astype(np.float64) / temperature
-    logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    logp = log_softmax64(logits.astype(np.float64) / temperature)
     p = np.exp(logp)
     top = np.argsort(-logp, kind="stable")[:k]
     return {"entropy": float(-(p * logp).sum() / np.log(2)), "topk": names.topk(top, p[top], k)}
@@ -129,7 +130,7 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
         "device": info.device, "compute_dtype": info.compute_dtype,
         "unembed_dtype": info.unembed_dtype,
         "use_fp32_unembed": info.unembed_dtype == "float32",
-        "lens": lens_name(opts.lens), "norm_types": info.norm_types,
+        "lens": opts.lens.name, "norm_types": info.norm_types,
         **asdict(opts.collapse),
         "context_prompt": opts.prompt, "answer": opts.answer,
         "answer_token_id": answer_id, "answer_token": names(answer_id),
@@ -158,6 +159,7 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
         payload["temperature_exploration"] = [
             {"temperature": t, **distribution(main_logits, 15, names, t)} for t in TEMPERATURES]
         seconds["probes"] = time.perf_counter() - started
+    residuals = (require(backend, InspectableBackend, "--keep-residuals").residuals(ids)
+                 if opts.keep_residuals else None)
     return ModelResult(payload, records_frame(stats, prompt_tokens, names),
-                       pure_next_token_frame(stats, flags, names),
-                       backend.residuals(ids) if opts.keep_residuals else None, ids, seconds)
+                       pure_next_token_frame(stats, flags, names), residuals, ids, seconds)

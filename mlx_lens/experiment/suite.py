@@ -14,8 +14,9 @@ import pandas as pd
 
 from mlx_lens.experiment import aggregates
 from mlx_lens.experiment import health
-from mlx_lens.output.artifacts import TokenNames, rank_column
-from mlx_lens.core.contract import Backend, LayerStats, LensSpec
+from mlx_lens.experiment.frames import TokenNames, rank_column
+from mlx_lens.core.contract import Backend, LayerStats
+from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.loading.placement import available_ram
 from mlx_lens.experiment.facts import EncodedFact, Fact, encode_facts
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
@@ -57,7 +58,7 @@ def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) ->
     return int(max(1, min(MAX_BATCH, free // 16 // per_prompt)))
 
 
-def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], lens: LensSpec,
+def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], lens: Lens,
            batch: int | None) -> list[LayerStats]:
     """LayerStats (T = 1) of every (ids, scored) item, in the items' order. A batch holds items
     with as many scored ids each (facts score one, controls two), in order of length."""
@@ -104,7 +105,7 @@ def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
     return per_fact, layers
 
 
-def run_suite(backend: Backend, facts: list[Fact], lens: LensSpec = "final-norm",
+def run_suite(backend: Backend, facts: list[Fact], lens: Lens = FINAL_NORM,
               collapse: CollapseSettings | None = None, batch: int | None = None) -> SuiteResult:
     """Every fact (and its control) through the lens at the next-token position."""
     collapse = collapse or CollapseSettings()

@@ -15,11 +15,11 @@ import json
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
 from mlx_lens.core.errors import LensError
+from mlx_lens.core.files import atomic_folder
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -64,11 +64,6 @@ def _is_complete(folder: Path, stamp: str) -> bool:
         return False
 
 
-def _sibling(final: Path, kind: str) -> Path:
-    # Hidden, unique per process and call, on the same filesystem so os.replace is atomic.
-    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def _sweep_leftovers(final: Path) -> None:
     # A killed build (SIGKILL, power loss) leaves a ~0.5 GB tmp folder; anything idle for an
     # hour cannot belong to a live builder (a build takes well under a minute).
@@ -97,27 +92,17 @@ def gguf_folder(gguf: Path, progress: Callable[[str], None] = print) -> Path:
     progress(f"preparing {gguf.name} as an fp32 folder in {final.parent} (once) ...")
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(final)
-    # Build in a private sibling and rename at the end: an interrupted build never looks complete.
-    # (mkdir, not mkdtemp: the final folder should get umask permissions, not 0700.)
-    tmp = _sibling(final, "tmp")
-    tmp.mkdir()
-    try:
+
+    def build(tmp: Path) -> None:
         _build(gguf, tmp)
         (tmp / _MARKER).write_text(stamp)
-        if final.exists() and not _is_complete(final, stamp):
-            # Stale (older GGUF) or damaged: move it aside first, rename cannot replace a full dir.
-            stale = _sibling(final, "stale")
-            with contextlib.suppress(FileNotFoundError):  # another builder moved it first
-                os.replace(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # A concurrent builder won the race; its folder is as good as ours.
-            if not _is_complete(final, stamp):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        atomic_folder(final, build)  # a stale (older GGUF) or damaged folder is replaced
+    except OSError:
+        # A concurrent builder won the race; its folder is as good as ours.
+        if not _is_complete(final, stamp):
+            raise
     return final
 
 

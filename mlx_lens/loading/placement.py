@@ -83,8 +83,8 @@ def need_bytes(fp: Footprint, dtype: str | None) -> int:
     return int(weights * OVERHEAD + LENS_BYTES)
 
 
-def choose(fp: Footprint | None, candidates: list[tuple[str, int]], dtype: str,
-           half: str = "fp16") -> tuple[str, str]:
+def pick_device(fp: Footprint | None, candidates: list[tuple[str, int]], dtype: str,
+                half: str = "fp16") -> tuple[str, str]:
     """(device, dtype): the first candidate (device, free bytes), in preference order, where the
     model fits. dtype "auto" follows the policy per device; "stored" keeps the checkpoint's."""
     tried = []
@@ -129,3 +129,14 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def read_device_map(path: str | Path) -> dict[str, str | int]:
+    """A device map file: JSON, module name -> "cpu", "disk", "cuda:N", "mps" or a GPU index."""
+    try:
+        device_map = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise LensError(f"unreadable device map {path}: {exc}") from None
+    if not isinstance(device_map, dict) or not device_map:
+        raise LensError(f"device map {path} is not a JSON object of module names and devices")
+    return device_map

@@ -20,16 +20,17 @@ from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_lens.core.bounds import SUM_BLOCK
-from mlx_lens.core.contract import (TOP_K, LayerStats, LensSpec, ModelInfo, NormRef, NormSpec, Recipe,
-                               SweepOptions, norm_plan)
-from mlx_lens.loading.placement import available_ram, choose, footprint
-from mlx_lens.core.errors import LensError
+from mlx_lens.core.contract import TOP_K, LayerStats, ModelInfo, NormSpec, SweepOptions
+from mlx_lens.core.errors import LensError, one_line
+from mlx_lens.core.lens import Lens, NormRef, Translators
 from mlx_lens.core.progress import progress
+from mlx_lens.core.training import Recipe
+from mlx_lens.loading.placement import available_ram, pick_device, footprint
+from mlx_lens.loading.sources import ModelSource, check_supported
 from mlx_lens.mlx.arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
 from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
 from mlx_lens.mlx.tune import MlxTuner, translate
-from mlx_lens.loading.sources import ModelSource, check_supported
-from mlx_lens.tuned.lens_file import TunedLens, check_matches
+from mlx_lens.tuned.lens_file import check_matches
 
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 # Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]).
@@ -82,11 +83,13 @@ def local_folder(source: ModelSource) -> Path:
     try:
         return Path(_download(source.hub_id))
     except Exception as exc:
-        raise LensError(f"cannot fetch {source.hub_id}: {type(exc).__name__}: "
-                        f"{(str(exc).splitlines() or [''])[0]}") from None
+        raise LensError(f"cannot fetch {source.hub_id}: {one_line(exc)}") from None
 
 
-class MlxBackend:
+class MlxLens:
+    """The producing part (mlx_lens/core/contract.py's Backend): load, capture, decode, sweep.
+    The pipeline over several processes (mlx_lens/mlx/pipeline.py) is one of these too."""
+
     def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
                  lazy: bool = False):
         """lazy: weights stay on disk until first used (a pipeline rank evaluates only its own)."""
@@ -103,7 +106,7 @@ class MlxBackend:
         self.arch = ARCHITECTURES[model_type]
         fp = footprint(ModelSource(source.name, path=path))
         free = candidates(device)
-        device, dtype = choose(fp, free, "stored" if dtype == "auto" else dtype)
+        device, dtype = pick_device(fp, free, "stored" if dtype == "auto" else dtype)
         # The chunk adapts to memory: at most 1/16 of what the device had free at load.
         self.chunk_bytes = min(CHUNK_BYTES, dict(free)[device] // 16)
         self.device = getattr(mx, device)
@@ -126,8 +129,7 @@ class MlxBackend:
         except LensError:
             raise
         except Exception as exc:
-            first = (str(exc).splitlines() or [""])[0]
-            raise LensError(f"cannot load {path}: {type(exc).__name__}: {first}") from None
+            raise LensError(f"cannot load {path}: {one_line(exc)}") from None
         if dtype != "stored":
             model.set_dtype(_DTYPES[dtype])
         fix_modules(model_type, model.model, config)
@@ -154,10 +156,10 @@ class MlxBackend:
                         "final": type(self.final_norm).__name__},
             softcap=self.softcap,
         )
-        self._tuned: tuple[TunedLens, list] | None = None  # the last tuned lens, on the device
+        self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
 
     # -- capture -----------------------------------------------------------------------------
-    def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[mx.array]:
+    def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[mx.array]:
         """Residual rows h_0..h_L of a batch of prompts (compute dtype, lazy): [B, T, d] each,
         or [B, d] at each prompt's last token when last_only. Prompts are right-padded, which
         needs no padding mask: a causal model's tokens never see the pads after them."""
@@ -195,18 +197,18 @@ class MlxBackend:
 
     def _rows(self, ids: Sequence[int]) -> list[mx.array]:
         """Residual rows h_0..h_L of one prompt, [T, d] each (lazy)."""
-        return [h[0] for h in self._capture([ids])]
+        return [h[0] for h in self.capture([ids])]
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> nn.Module | None:
         return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
 
-    def _normed(self, rows: list[mx.array], lens: LensSpec) -> mx.array:
+    def _normed(self, rows: list[mx.array], lens: Lens) -> mx.array:
         """[R, T, d] fp32: every row through the norm the lens assigns it (after its
         translator, for a tuned lens)."""
         out = []
-        translators = [] if isinstance(lens, str) else self.translators(lens)
-        for r, (h, ref) in enumerate(zip(rows, norm_plan(lens, len(self.blocks)))):
+        translators = [] if lens.translators is None else self._translators(lens.translators)
+        for r, (h, ref) in enumerate(zip(rows, lens.norm_plan(len(self.blocks)))):
             if h is None:  # a row another process holds (mlx_lens/mlx/pipeline.py)
                 continue
             h = h.astype(mx.float32)
@@ -218,7 +220,11 @@ class MlxBackend:
         mx.eval(x)
         return x
 
-    def translators(self, lens: TunedLens) -> list[tuple[mx.array, mx.array]]:
+    def check_lens(self, lens: Lens) -> None:
+        if lens.translators is not None:
+            self._translators(lens.translators)
+
+    def _translators(self, lens: Translators) -> list[tuple[mx.array, mx.array]]:
         """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
         if self._tuned is None or self._tuned[0] is not lens:
             check_matches(lens, self.info, self.unembedding)
@@ -227,10 +233,6 @@ class MlxBackend:
 
     def unembedding(self, start: int, stop: int) -> np.ndarray:
         return np.array(self._weight_rows(start, stop))
-
-    def tuner(self, lens: TunedLens, recipe: Recipe) -> MlxTuner:
-        check_matches(lens, self.info, self.unembedding)
-        return MlxTuner(self, lens, recipe)
 
     def _weight_rows(self, start: int, stop: int) -> mx.array:
         m = self.head
@@ -242,7 +244,7 @@ class MlxBackend:
             w = m.weight[start:stop]
         return w.astype(mx.float32)
 
-    def _logits(self, x: mx.array, start: int, stop: int) -> mx.array:
+    def head_logits(self, x: mx.array, start: int, stop: int) -> mx.array:
         z = x @ self._weight_rows(start, stop).T
         if "bias" in self.head:
             z = z + self.head.bias[start:stop].astype(mx.float32)
@@ -253,7 +255,7 @@ class MlxBackend:
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
         rows = self._rows(ids)
         x = self._normed(rows, opts.lens)
-        stats = sweep_states(x, opts, self._logits, self.info.vocab,
+        stats = sweep_states(x, opts, self.head_logits, self.info.vocab,
                              self._step(x.shape[0] * x.shape[1]), progress)
         stats.finite_residual = np.array(mx.stack([mx.isfinite(h).all() for h in rows]))
         return stats
@@ -264,22 +266,43 @@ class MlxBackend:
         return max(SUM_BLOCK, self.chunk_bytes // (4 * n_states) // SUM_BLOCK * SUM_BLOCK)
 
     def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
-        rows = self._capture(prompts, last_only=True)  # R x [B, d]
+                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+        rows = self.capture(prompts, last_only=True)  # R x [B, d]
         x = self._normed(rows, lens).transpose(1, 0, 2)
-        stats = sweep_next_token(x, list(scored), top_k, self._logits, self.info.vocab,
+        stats = sweep_next_token(x, list(scored), top_k, self.head_logits, self.info.vocab,
                                  self._step(x.shape[0] * x.shape[1]), progress)
         finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows], -1))
         for s, f in zip(stats, finite):
             s.finite_residual = f
         return stats
 
+    def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        # The lens's own last row: the model's semantics (not mlx-lm's forward, see own_logits),
+        # decoded in fp32 like every lens row.
+        last = self.capture(prompts, last_only=True)[-1].astype(mx.float32)
+        return np.array(self.head_logits(self.final_norm(last), 0, self.info.vocab))
+
+    def run_diagnostics(self) -> dict:
+        return {}
+
+    def run_report(self) -> str | None:
+        return None
+
+
+class MlxBackend(MlxLens):
+    """One process: results, the lens's intermediate values and training (InspectableBackend,
+    TrainableBackend)."""
+
+    def tuner(self, lens: Translators, recipe: Recipe) -> MlxTuner:
+        check_matches(lens, self.info, self.unembedding)
+        return MlxTuner(self, lens, recipe)
+
     def own_logits(self, ids: Sequence[int]) -> mx.array:
         """The mlx-lm model's own forward pass, [T, V] (for tests: on Gemma-3 mlx-lm rounds
         sqrt(d) through bf16, docs/stack.md)."""
         return self.model(mx.array([list(ids)]))[0]
 
-    def lens_inputs(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
+    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         return np.array(self._normed(self._rows(ids), lens))
 
     def head_row_norms(self) -> np.ndarray:
@@ -293,7 +316,7 @@ class MlxBackend:
     def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
         h = mx.array(np.asarray(x, np.float32))
         norm = self._norm(ref)
-        return np.array(self._logits(norm(h) if norm is not None else h, 0, self.info.vocab))
+        return np.array(self.head_logits(norm(h) if norm is not None else h, 0, self.info.vocab))
 
     def norm_spec(self, ref: NormRef) -> NormSpec:
         # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
@@ -317,14 +340,8 @@ class MlxBackend:
             out.append(int(token))
         return out
 
-    def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        # The lens's own last row: the model's semantics (not mlx-lm's forward, see own_logits),
-        # decoded in fp32 like every lens row.
-        last = self._capture(prompts, last_only=True)[-1].astype(mx.float32)
-        return np.array(self._logits(self.final_norm(last), 0, self.info.vocab))
-
-    def layer_logits(self, ids: Sequence[int], lens: LensSpec) -> np.ndarray:
-        return np.array(self._logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))
+    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+        return np.array(self.head_logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))
 
 
 def _attr_or_none(obj, dotted: str):

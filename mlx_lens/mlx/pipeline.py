@@ -18,10 +18,11 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_lens.core.contract import TOP_K, LayerStats, LensSpec, SweepOptions
+from mlx_lens.core.contract import TOP_K, LayerStats, SweepOptions
+from mlx_lens.core.lens import Lens
 from mlx_lens.loading.placement import peak_memory_mib
 from mlx_lens.core.errors import LensError
-from mlx_lens.mlx.backend import MlxBackend
+from mlx_lens.mlx.backend import MlxLens
 from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
 from mlx_lens.loading.sources import ModelSource
 from mlx_lens.core.progress import progress
@@ -51,7 +52,10 @@ def block_slices(n_blocks: int, size: int) -> list[range]:
     return [range(a, b) for a, b in zip(edges, edges[1:])]
 
 
-class PipelineBackend(MlxBackend):
+class PipelineBackend(MlxLens):
+    """Results only (the contract's Backend): the lens's intermediate values and training need
+    the whole model in one process."""
+
     def __init__(self, source: ModelSource, group: mx.distributed.Group, device: str = "auto",
                  dtype: str = "auto"):
         super().__init__(source, device, dtype, lazy=True)
@@ -75,7 +79,7 @@ class PipelineBackend(MlxBackend):
                              "blocks": [[s.start, s.stop] for s in self.slices],
                              "bytes_sent_by_rank_0": self.bytes_sent}}
 
-    def report(self) -> str:
+    def run_report(self) -> str:
         """One line per rank, printed at the end of a run."""
         return (f"rank {self.rank}/{self.size}: blocks {self.slice.start}-{self.slice.stop - 1}, "
                 f"peak memory {peak_memory_mib():.0f} MiB, sent {self.bytes_sent} bytes")
@@ -104,7 +108,7 @@ class PipelineBackend(MlxBackend):
         return self._eval(mx.distributed.all_sum(mine, group=self.group))
 
     # -- the pipeline ------------------------------------------------------------------------
-    def _capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list:
+    def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list:
         """This rank's rows (None for the others' rows), [B, T, d] each or [B, d] when last_only,
         and the model's output row h_L on every rank, fp32 at each prompt's last token [B, d]."""
         x, last = self._tokens(batch)
@@ -136,9 +140,9 @@ class PipelineBackend(MlxBackend):
         return mx.concatenate([x, out[:, None]], 1), own
 
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows = [None if h is None else h[0] for h in self._capture([ids])]
+        rows = [None if h is None else h[0] for h in self.capture([ids])]
         x, own = self._with_output(self._normed(rows, opts.lens).transpose(1, 0, 2))
-        stats = sweep_states(x.transpose(1, 0, 2), opts, self._logits, self.info.vocab,
+        stats = sweep_states(x.transpose(1, 0, 2), opts, self.head_logits, self.info.vocab,
                              self._step(x.shape[0] * x.shape[1]), progress)
         arrays = {k: v[:own] for k, v in vars(stats).items() if k in _FIELDS and v is not None}
         arrays["finite_residual"] = np.array([bool(mx.isfinite(h).all()) for h in rows
@@ -146,10 +150,10 @@ class PipelineBackend(MlxBackend):
         return self._gathered(arrays, stats.summation_depth)
 
     def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: LensSpec, top_k: int = TOP_K) -> list[LayerStats]:
-        rows = self._capture(prompts, last_only=True)
+                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
+        rows = self.capture(prompts, last_only=True)
         x, own = self._with_output(self._normed(rows, lens).transpose(1, 0, 2))
-        per_prompt = sweep_next_token(x, list(scored), top_k, self._logits, self.info.vocab,
+        per_prompt = sweep_next_token(x, list(scored), top_k, self.head_logits, self.info.vocab,
                                       self._step(x.shape[0] * x.shape[1]), progress)
         finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows if h is not None], -1))
         # [B, rows, ...] -> rows first, for the gather
@@ -185,11 +189,5 @@ class PipelineBackend(MlxBackend):
     def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # Every rank decodes the broadcast output row with its own copy of the head: [B, d]
         # travels, not [B, V].
-        self._capture(prompts, last_only=True)
-        return np.array(self._logits(self.final_norm(self.output_row), 0, self.info.vocab))
-
-    def _single_process_only(self, *_args, **_kwargs):
-        raise LensError("not available when the model is split across processes "
-                        "(runs, suites and probes are)")
-
-    layer_logits = lens_inputs = residuals = decode_rows = generate = tuner = _single_process_only
+        self.capture(prompts, last_only=True)
+        return np.array(self.head_logits(self.final_norm(self.output_row), 0, self.info.vocab))

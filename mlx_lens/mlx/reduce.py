@@ -22,6 +22,7 @@ import numpy as np
 
 from mlx_lens.core.bounds import SUM_BLOCK, summation_depth
 from mlx_lens.core.contract import LayerStats, SweepOptions
+from mlx_lens.core.stats import batch_stats, prompt_stats
 
 
 def blocked_sum(x: mx.array) -> mx.array:
@@ -159,15 +160,8 @@ def sweep_states(x: mx.array, opts: SweepOptions, logits: Callable, vocab: int, 
     """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
     logits(x, start, stop) -> fp32 logits of that vocabulary slice, `step` tokens at a time."""
     scored = [(opts.answer_id,)] if opts.answer_id is not None else None
-    out = _groups(x.transpose(1, 0, 2), 1, scored, opts.top_k, logits, vocab, step, progress)
-    for key in ("entropy", "topk_ids", "topk_probs"):  # back to [R, T, ...]
-        out[key] = out[key].swapaxes(0, 1)
-    for key in ("kl_to_final", "cos_to_final"):
-        out[key] = out[key][0]
-    if scored is not None:
-        out["p_answer"], out["answer_rank"] = out["p_scored"][0, :, 0], out["rank_scored"][0, :, 0]
-        del out["p_scored"]
-    return LayerStats.from_arrays(out)
+    return prompt_stats(_groups(x.transpose(1, 0, 2), 1, scored, opts.top_k, logits, vocab, step,
+                                progress))
 
 
 def sweep_next_token(x: mx.array, scored: list[tuple[int, ...]], top_k: int, logits: Callable,
@@ -176,10 +170,4 @@ def sweep_next_token(x: mx.array, scored: list[tuple[int, ...]], top_k: int, log
     """The next-token statistics of a batch: x [B, R, d] holds each prompt's normalised rows at
     its last position; scored[b] the token ids whose probability and rank prompt b reports (the
     same number for every prompt, its answer first). One LayerStats per prompt, T = 1."""
-    out = _groups(x, x.shape[0], scored, top_k, logits, vocab, step, progress)
-    return [LayerStats.from_arrays({
-        "entropy": out["entropy"][b][:, None], "topk_ids": out["topk_ids"][b][:, None],
-        "topk_probs": out["topk_probs"][b][:, None], "kl_to_final": out["kl_to_final"][b],
-        "cos_to_final": out["cos_to_final"][b], "p_answer": out["p_scored"][b, :, 0],
-        "answer_rank": out["rank_scored"][b, :, 0], "p_scored": out["p_scored"][b],
-        "summation_depth": out["summation_depth"]}) for b in range(x.shape[0])]
+    return batch_stats(_groups(x, x.shape[0], scored, top_k, logits, vocab, step, progress))

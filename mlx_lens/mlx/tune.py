@@ -3,18 +3,13 @@ captured without gradients, each translator trained on KL(model || lens) at ever
 (docs/tuned-lens.md). Mirrors torch_ref/tune.py."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_lens.core.contract import Recipe
-from mlx_lens.tuned.lens_file import TunedLens
-from mlx_lens.tuned.training import micro_batches
+from mlx_lens.core.lens import Translators
+from mlx_lens.core.training import Recipe, RowDecoder, micro_batches
 
-if TYPE_CHECKING:
-    from mlx_lens.mlx.backend import MlxBackend
 
 def translate(h: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     """h + A h + b (fp32): the tuned lens's translator of one row."""
@@ -26,7 +21,7 @@ def _log_softmax(z: mx.array) -> mx.array:
 
 
 class MlxTuner:
-    def __init__(self, backend: "MlxBackend", lens: TunedLens, recipe: Recipe):
+    def __init__(self, backend: RowDecoder, lens: Translators, recipe: Recipe):
         self.backend, self.recipe = backend, recipe
         self.params = {"weight": mx.array(lens.weight), "bias": mx.array(lens.bias)}
         self.opt = optim.SGD(recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
@@ -38,14 +33,14 @@ class MlxTuner:
 
     def _logits(self, h: mx.array) -> mx.array:
         b = self.backend
-        return b._logits(b.final_norm(h), 0, b.info.vocab)
+        return b.head_logits(b.final_norm(h), 0, b.info.vocab)
 
     def _row_loss(self, weight, bias, h, logp, p) -> mx.array:
         logq = _log_softmax(self._logits(translate(h, weight, bias)))
         return (p * (logp - logq)).sum(-1).mean()
 
     def _rows(self, micro: np.ndarray) -> tuple[list[mx.array], mx.array, mx.array]:
-        rows = [h.astype(mx.float32) for h in self.backend._capture(micro.tolist())]
+        rows = [h.astype(mx.float32) for h in self.backend.capture(micro.tolist())]
         logp = _log_softmax(self._logits(rows[-1]))
         p = mx.exp(logp)
         mx.eval(rows, logp, p)

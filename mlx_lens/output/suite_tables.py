@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlx_lens.output.artifacts import atomic_write
+from mlx_lens.core.files import atomic_write
 
+ALL = "all"  # the aggregates' group of rows computed over every fact
 _TEXT = pd.Series([""]).dtype  # what pandas gives text by default (str from pandas 3, else object)
 _SCHEMA = {  # every column the three tables may hold; others are written and read as they come
     **dict.fromkeys(["fact_id", "group", "top1", "prompt", "answer", "answer_token", "final_top1",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,8 @@ from typing import Callable
 import numpy as np
 
 from mlx_lens.core.contract import ModelInfo
-from mlx_lens.core.errors import LensError
+from mlx_lens.core.errors import LensError, one_line
+from mlx_lens.core.files import atomic_folder, json_safe, umask
 
 OURS = "translators.safetensors"
 THEIRS = "params.pt"  # the tuned-lens package's
@@ -122,8 +122,7 @@ def _read_theirs(file: Path, config: dict) -> tuple[np.ndarray, np.ndarray]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).splitlines() or [""])[0]
-        raise LensError(f"unreadable tuned lens {file}: {type(exc).__name__}: {first}") from None
+        raise LensError(f"unreadable tuned lens {file}: {one_line(exc)}") from None
     n = config.get("num_hidden_layers")
     d = config.get("d_model")
     if not isinstance(n, int) or not isinstance(d, int):
@@ -145,30 +144,20 @@ def save(lens: TunedLens, path: Path, extra: dict[str, dict[str, np.ndarray]] | 
     checkpoint); the old one is removed after the new one is in place."""
     from safetensors.numpy import save_file
 
-    from mlx_lens.output.artifacts import _json_safe, _umask
-
     path = Path(path)
     if path.exists() and not replace:
         raise LensError(f"{path} already exists; a lens is never overwritten (choose another --out)")
-    tmp, old = (path.parent / f".{path.name}.{os.getpid()}.{kind}" for kind in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def build(tmp: Path) -> None:
         files = {OURS: {"weight": lens.weight, "bias": lens.bias}, **(extra or {})}
         for name, tensors in files.items():
             save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
                       str(tmp / name))
-        (tmp / "config.json").write_text(json.dumps(_json_safe(lens.config), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(json_safe(lens.config), indent=2) + "\n")
         for file in tmp.iterdir():  # safetensors writes 0600; results are for colleagues too
-            os.chmod(file, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.chmod(file, 0o666 & ~umask())
+
+    atomic_folder(path, build)
     return TunedLens(lens.weight, lens.bias, lens.config, path)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlx_lens.core.contract import Backend, Recipe
+from mlx_lens.core.training import Recipe, TrainableBackend
 from mlx_lens.tuned.corpus import Corpus
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.progress import progress
@@ -31,8 +31,6 @@ OPTIMIZER = "optimizer.safetensors"  # a checkpoint's momentum buffers
 # The held-out evaluation reads at most this many tokens by default: ~3 minutes with SmolLM2 on
 # a 2-core CPU (two lenses, every row, the whole vocabulary); --eval-tokens reads more.
 EVAL_TOKENS = 4096
-# fp32 logits a backend's micro-batch may hold per row: [tokens, V], a few copies live in backward.
-MICRO_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,14 +58,6 @@ class TuneOptions:
         return self.recipe.lr * (self.steps - step) / self.steps
 
 
-def micro_batches(batch: np.ndarray, vocab: int):
-    """A step's sequences in groups of at most MICRO_BYTES of logits per row, each with its share
-    of the step's tokens (so that a loss is the mean over every position of the step)."""
-    per = max(1, MICRO_BYTES // (4 * vocab * batch.shape[1]))
-    for i in range(0, len(batch), per):
-        yield batch[i:i + per], len(batch[i:i + per]) / len(batch)
-
-
 def batch_at(train: np.ndarray, step: int, per_step: int, seed: int) -> np.ndarray:
     """The sequences of step `step`: consecutive slices of a per-epoch permutation."""
     out = []
@@ -77,7 +67,7 @@ def batch_at(train: np.ndarray, step: int, per_step: int, seed: int) -> np.ndarr
     return np.stack(out)
 
 
-def lens_config(backend: Backend, corpus: Corpus, opts: TuneOptions) -> dict:
+def lens_config(backend: TrainableBackend, corpus: Corpus, opts: TuneOptions) -> dict:
     """config.json: the model's identity (a superset of the tuned-lens package's
     TunedLensConfig) and how the lens was trained."""
     info = backend.info
@@ -117,7 +107,7 @@ def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
 
-def train(backend: Backend, corpus: Corpus, opts: TuneOptions, out: Path) -> TunedLens:
+def train(backend: TrainableBackend, corpus: Corpus, opts: TuneOptions, out: Path) -> TunedLens:
     """Train a tuned lens and write it to `out` (a new folder). Every checkpoint_every steps,
     and when interrupted, the state goes to `<out>.checkpoint`, from which the same command
     resumes; it is removed once the lens is written."""
@@ -190,7 +180,7 @@ def _resume(tuner, ckpt: Path, config: dict) -> int:
     return int(old.config["training"]["step"])
 
 
-def evaluate(backend: Backend, lens: TunedLens, held_out: np.ndarray,
+def evaluate(backend: TrainableBackend, lens: TunedLens, held_out: np.ndarray,
              max_tokens: int = EVAL_TOKENS) -> pd.DataFrame:
     """Per row, on held-out text: KL(model || lens) and next-token cross-entropy, in bits, for
     the logit lens (final-norm) and the tuned lens. The last row is the model's own output."""
@@ -198,8 +188,8 @@ def evaluate(backend: Backend, lens: TunedLens, held_out: np.ndarray,
     identity = TunedLens.identity(lens.n_rows, lens.d_model, lens.config)
     per_step = max(1, 1024 // held_out.shape[1])  # the trainer splits further when memory asks
     totals = {}
-    for name, l in (("logit", identity), ("tuned", lens)):
-        tuner = backend.tuner(l, Recipe())
+    for name, translators in (("logit", identity), ("tuned", lens)):
+        tuner = backend.tuner(translators, Recipe())
         kl, ce = np.zeros(lens.n_rows), np.zeros(lens.n_rows + 1)
         for i in progress(range(0, len(seqs), per_step), f"eval {name}",
                           total=math.ceil(len(seqs) / per_step)):
@@ -213,14 +203,3 @@ def evaluate(backend: Backend, lens: TunedLens, held_out: np.ndarray,
         "layer": rows, "kl_logit_bits": totals["logit"][0], "kl_tuned_bits": totals["tuned"][0],
         "ce_logit_bits": totals["logit"][1], "ce_tuned_bits": totals["tuned"][1],
         "tokens": len(seqs) * held_out.shape[1]})
-
-
-def write_eval(frame: pd.DataFrame, lens_dir: Path, model: str) -> list[Path]:
-    """eval.csv and its picture eval.png (mlx_lens/view/plots.py) in the lens's folder."""
-    from mlx_lens.view import plots  # matplotlib is imported only to draw
-    from mlx_lens.output.artifacts import atomic_write
-
-    csv, png = Path(lens_dir) / "eval.csv", Path(lens_dir) / "eval.png"
-    atomic_write(csv, lambda p: frame.to_csv(p, index=False))
-    plots.save_png(plots.tuned_eval(frame, f"{model}: logit lens vs tuned lens, held-out text"), png)
-    return [csv, png]

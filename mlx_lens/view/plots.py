@@ -21,8 +21,9 @@ from matplotlib.patches import Rectangle
 from matplotlib.textpath import text_to_path
 from matplotlib.ticker import MaxNLocator
 
-from mlx_lens.experiment.aggregates import ALL
-from mlx_lens.output.artifacts import atomic_write, read_csv
+from mlx_lens.core.files import atomic_write
+from mlx_lens.output.artifacts import read_csv
+from mlx_lens.output.suite_tables import ALL
 from mlx_lens.core.errors import LensError
 from mlx_lens.output.suite_tables import read_suite_table
 
@@ -355,6 +356,15 @@ def tuned_eval(frame: pd.DataFrame, title: str = "") -> Figure:
     axes[-1].set_xlabel("layer (0: embeddings)")
     fig.suptitle(title.replace("$", r"\$") or "logit lens vs tuned lens")
     return fig
+
+
+def write_eval(frame: pd.DataFrame, lens_dir: Path, model: str) -> list[Path]:
+    """eval.csv and its picture eval.png in the lens's folder."""
+
+    csv, png = Path(lens_dir) / "eval.csv", Path(lens_dir) / "eval.png"
+    atomic_write(csv, lambda p: frame.to_csv(p, index=False))
+    save_png(tuned_eval(frame, f"{model}: logit lens vs tuned lens, held-out text"), png)
+    return [csv, png]
 
 
 _RECORD_NEEDS = ("layer", "pos", "token", "entropy", "top1", "prob1")

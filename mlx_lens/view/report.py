@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlx_lens.output.artifacts import atomic_write, read_csv
+from mlx_lens.core.files import atomic_write
+from mlx_lens.output.artifacts import read_csv
 from mlx_lens.core.errors import LensError
 from mlx_lens.output.suite_tables import read_suite_table
 

@@ -1,0 +1,72 @@
+"""Files written whole or not at all: a crash never leaves a half-written artifact, lens or cache
+folder. Each is built under a hidden temporary name beside its target and renamed into place."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills a temporary file beside `path`, which is then renamed to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        # mkstemp makes 0600; results are for colleagues too: the mode any new file gets.
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sibling(final: Path, kind: str) -> Path:
+    """A hidden name beside `final`, unique per process and call, on the same filesystem so
+    that os.replace is atomic."""
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_folder(final: Path, build: Callable[[Path], None]) -> None:
+    """build(tmp) fills a new folder beside `final`, which is then renamed to `final`: an
+    interrupted build never looks finished. An existing `final` is moved aside first (a rename
+    cannot replace a folder that holds files) and removed once the new one is in place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sibling(final, "tmp")
+    tmp.mkdir()  # mkdir, not mkdtemp: the folder gets the umask's mode, not 0700
+    try:
+        build(tmp)
+        old = sibling(final, "old")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def json_safe(obj):
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj

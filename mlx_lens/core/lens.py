@@ -1,0 +1,68 @@
+"""The lens: how each captured row becomes a distribution over the vocabulary.
+
+A lens is a norm rule (which normalisation decodes each row) and, for a tuned lens, the affine
+translators applied to a row before that norm (after tuned-lens's `Lens.transform_hidden`).
+Backends ask a lens only for these two things; artifacts record its `name`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+Rule = Literal["final-norm", "next-norm", "raw"]
+RULES: tuple[Rule, ...] = ("final-norm", "next-norm", "raw")
+
+# Which normalisation decodes a row: "final" (the model's final norm), an int i (block i's input
+# norm) or None (no norm).
+NormRef = str | int | None
+
+
+class Translators(Protocol):
+    """Affine translators, one per row before the last: row r -> h + A_r h + b_r
+    (mlx_lens/tuned/lens_file.py's TunedLens)."""
+
+    weight: np.ndarray  # [L, d, d] float32
+    bias: np.ndarray  # [L, d] float32
+
+    @property
+    def name(self) -> str: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Lens:
+    rule: Rule = "final-norm"
+    translators: Translators | None = None  # a tuned lens: decoded through the final norm
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown lens {self.rule!r}; choose one of {', '.join(RULES)}")
+        if self.translators is not None and self.rule != "final-norm":
+            raise ValueError("a tuned lens decodes its translated rows through the final norm")
+
+    @classmethod
+    def tuned(cls, translators: Translators) -> "Lens":
+        return cls("final-norm", translators)
+
+    @property
+    def name(self) -> str:
+        """The lens as artifacts record it, and as --lens takes it."""
+        return self.rule if self.translators is None else self.translators.name
+
+    def norm_plan(self, n_layers: int) -> list[NormRef]:
+        """The norm that decodes each of the n_layers + 1 rows.
+
+        Row 0 is the embedding output, row i the residual after block i-1. The last row is
+        always the model's own output distribution (final norm), whatever the lens.
+        `next-norm` is the original experiment's rule for pre-norm models: row i goes through
+        block i's input norm, i.e. the norm the next block would apply.
+        """
+        if self.rule == "next-norm":
+            return [*range(n_layers), "final"]
+        if self.rule == "raw":
+            return [None] * n_layers + ["final"]
+        return ["final"] * (n_layers + 1)
+
+
+FINAL_NORM = Lens("final-norm")
