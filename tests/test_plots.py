@@ -1,4 +1,4 @@
-"""Pictures of a run (mlx_lens/view/plots.py): each figure read back as a PNG, the grid's rows,
+"""Pictures of a run (mlx_lens/view/): each figure read back as a PNG, the grid's rows,
 columns and text geometry, and `mlx-lens plot` / `mlx-lens run` on real tiny-model runs."""
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from mlx_lens.cli import main as cli
-from mlx_lens.view import plots
+from mlx_lens.output.artifacts import read_csv
+from mlx_lens.view import grid, run_folder, style, suite, trajectory
 from mlx_lens.experiment.aggregates import layer_aggregates
 from mlx_lens.cli.main import main
 from mlx_lens.core.errors import LensError
@@ -72,8 +73,8 @@ def aggregates_frame(groups=("a", "b")) -> pd.DataFrame:
 
 
 def saved_png(fig, tmp_path, name="figure.png") -> np.ndarray:
-    path = plots.save_png(fig, tmp_path / name)
-    return check_png(path, fig.get_size_inches() * plots.DPI)
+    path = style.save_png(fig, tmp_path / name)
+    return check_png(path, fig.get_size_inches() * style.DPI)
 
 
 def check_png(path, size_px) -> np.ndarray:
@@ -93,25 +94,25 @@ def rendered(fig):
 
 
 def test_token_labels_make_whitespace_visible_and_cut_long_tokens():
-    assert plots.token_label(" Berlin") == "␣Berlin"
-    assert plots.token_label("\n\n") == "⏎⏎"
-    assert plots.token_label("\t x") == "⇥␣x"
-    assert plots.token_label(" extraordinarily") == "␣extraor…"
-    assert plots.token_label("a\u200bb") == "a\\u200bb"  # invisible characters as escapes
-    assert plots.token_label("$x$") == "$x$" and plots.token_label("") == ""
-    missing = next((chr(c) for c in range(0x4E00, 0x9FFF) if c not in plots._fonts()[1]), None)
+    assert style.token_label(" Berlin") == "␣Berlin"
+    assert style.token_label("\n\n") == "⏎⏎"
+    assert style.token_label("\t x") == "⇥␣x"
+    assert style.token_label(" extraordinarily") == "␣extraor…"
+    assert style.token_label("a\u200bb") == "a\\u200bb"  # invisible characters as escapes
+    assert style.token_label("$x$") == "$x$" and style.token_label("") == ""
+    missing = next((chr(c) for c in range(0x4E00, 0x9FFF) if c not in style._fonts()[1]), None)
     if missing is not None:  # a CJK font here may cover them all
-        assert plots.token_label(missing) == "□"
+        assert style.token_label(missing) == "□"
 
 
 def test_grid_rows_columns_and_labels(tmp_path):
-    fig = plots.grid(records_frame(5, PROMPT), payload())
+    fig = grid.grid(records_frame(5, PROMPT), payload())
     ax = fig.axes[0]
     image = ax.images[0]
     assert image.get_array().shape == (6, len(PROMPT))
     assert image.origin == "lower"  # embeddings at the bottom
     assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(6)]
-    assert [t.get_text() for t in ax.get_xticklabels()] == [plots.token_label(t) for t in PROMPT]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [style.token_label(t) for t in PROMPT]
     assert len(ax.texts) == 6 * len(PROMPT)  # one top-1 token per cell
     assert sorted(int(p.get_y() + 0.5) for p in ax.patches) == [3, 4, 5]  # the answer's boxes
     assert fig.axes[1].get_ylabel() == "entropy (bits)"  # the colour bar
@@ -121,14 +122,14 @@ def test_grid_rows_columns_and_labels(tmp_path):
 
 def test_grid_coloured_by_p1():
     records = records_frame(3, PROMPT)
-    fig = plots.grid(records, payload(), colour="p1")
+    fig = grid.grid(records, payload(), colour="p1")
     image = fig.axes[0].images[0]
     assert (image.norm.vmin, image.norm.vmax) == (0, 1)
     assert fig.axes[1].get_ylabel() == "p(top-1)"
     expected = records.pivot(index="layer", columns="pos", values="prob1").to_numpy()
     np.testing.assert_array_equal(image.get_array(), expected)
     with pytest.raises(ValueError, match="colour"):
-        plots.grid(records, payload(), colour="rank")
+        grid.grid(records, payload(), colour="rank")
 
 
 def test_big_grid_is_readable(tmp_path, caplog):
@@ -137,14 +138,14 @@ def test_big_grid_is_readable(tmp_path, caplog):
     tokens = [PROMPT[i % len(PROMPT)] if i % 3 else f" tok{i}" for i in range(40)]
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="matplotlib"):
         warnings.simplefilter("error")
-        fig = plots.grid(records_frame(60, tokens), payload())
+        fig = grid.grid(records_frame(60, tokens), payload())
         renderer = rendered(fig)
         image = saved_png(fig, tmp_path)
     assert not caplog.records, [r.getMessage() for r in caplog.records]  # e.g. missing glyphs
     ax = fig.axes[0]
     assert ax.images[0].get_array().shape == (61, 40)
     texts = [*ax.texts, *ax.get_xticklabels(), *ax.get_yticklabels()]
-    assert min(t.get_fontsize() for t in texts) >= plots.MIN_FONT
+    assert min(t.get_fontsize() for t in texts) >= grid.MIN_FONT
     for text in ax.texts:
         c, r = text.get_position()
         (x0, y0), (x1, y1) = ax.transData.transform([(c - 0.5, r - 0.5), (c + 0.5, r + 0.5)])
@@ -159,37 +160,37 @@ def test_big_grid_is_readable(tmp_path, caplog):
             box = text.get_window_extent(renderer)
             assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, text.get_text()
             assert fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, text.get_text()
-    assert image.shape[1] <= plots._MAX_SIZE[0] * plots.DPI + 1
+    assert image.shape[1] <= grid._MAX_SIZE[0] * style.DPI + 1
 
 
 def test_wide_prompt_keeps_its_last_positions():
-    tokens = [f" t{i}" for i in range(plots.MAX_COLUMNS + 10)]
-    ax = plots.grid(records_frame(2, tokens), payload()).axes[0]
+    tokens = [f" t{i}" for i in range(grid.MAX_COLUMNS + 10)]
+    ax = grid.grid(records_frame(2, tokens), payload()).axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert len(labels) == plots.MAX_COLUMNS and labels[-1] == plots.token_label(tokens[-1])
-    assert f"last {plots.MAX_COLUMNS} of {len(tokens)} positions" in ax.get_title(loc="left")
+    assert len(labels) == grid.MAX_COLUMNS and labels[-1] == style.token_label(tokens[-1])
+    assert f"last {grid.MAX_COLUMNS} of {len(tokens)} positions" in ax.get_title(loc="left")
 
 
 def test_dollar_and_underscore_tokens_are_drawn_literally(tmp_path):
     """"$x$" would be an italic x as mathtext; the label must be three characters wide. Also
     under a user's text.usetex (there is no LaTeX here: savefig would fail if it were used)."""
     with matplotlib.rc_context({"text.usetex": True}):
-        fig = plots.grid(records_frame(2, ["$x$", "a_b"]), payload(model="my_model$1"))
-        plots.save_png(fig, tmp_path / "usetex.png")
+        fig = grid.grid(records_frame(2, ["$x$", "a_b"]), payload(model="my_model$1"))
+        style.save_png(fig, tmp_path / "usetex.png")
     renderer = rendered(fig)
     label = fig.axes[0].get_xticklabels()[0]
     assert label.get_text() == "$x$"
     fs = label.get_fontsize()
-    literal = plots._text_width("$x$", fs) * fig.dpi / 72
+    literal = style.text_width("$x$", fs) * fig.dpi / 72
     assert abs(label.get_window_extent(renderer).height - literal) < 2  # rotated 90 degrees
-    math = plots.text_to_path.get_text_width_height_descent(
+    math = style.text_to_path.get_text_width_height_descent(
         "$x$", matplotlib.font_manager.FontProperties(size=fs), ismath=True)[0] * fig.dpi / 72
     assert abs(math - literal) > 4  # the check above tells the two apart
     assert fig.axes[0].get_title(loc="left").startswith("my_model$1")
 
 
 def test_trajectory_panels(tmp_path):
-    fig = plots.trajectory(pure_frame(6), payload())
+    fig = trajectory.trajectory(pure_frame(6), payload())
     axes = fig.axes
     assert [ax.get_ylabel() for ax in axes] == ["entropy (bits)", "p(answer)",
                                                 "answer rank (1 = top-1)", "KL to final (bits)"]
@@ -203,20 +204,20 @@ def test_trajectory_panels(tmp_path):
 
 
 def test_trajectory_without_collapse_has_no_lines(tmp_path):
-    fig = plots.trajectory(pure_frame(3), payload(L_copy=None, L_semantic=None))
+    fig = trajectory.trajectory(pure_frame(3), payload(L_copy=None, L_semantic=None))
     assert all(len(ax.get_lines()) == 1 for ax in fig.axes) and fig.axes[0].get_legend() is None
     saved_png(fig, tmp_path)
 
 
 def test_suite_bands_one_column_per_group(tmp_path):
     aggregates = aggregates_frame()
-    fig = plots.suite_bands(aggregates, title="tiny")
+    fig = suite.suite_bands(aggregates, title="tiny")
     tops = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in tops] == ["all (6 facts)", "a (3 facts)", "b (3 facts)"]
     for ax in tops:  # p_answer, control_p and control_p_answer: each a mean line and a CI band
         assert len(ax.get_lines()) == 3 and len(ax.collections) == 3
     older = aggregates[aggregates["metric"] != "control_p_answer"]  # a table from before it
-    assert len([ax for ax in plots.suite_bands(older).axes if ax.get_title()][0].get_lines()) == 2
+    assert len([ax for ax in suite.suite_bands(older).axes if ax.get_title()][0].get_lines()) == 2
     strips = [ax for ax in fig.axes if ax.images]
     assert len(strips) == 3 and strips[0].images[0].get_array().shape == (1, 5)
     assert any(ax.get_ylabel() == "bits" for ax in fig.axes)  # the entropy strip's colour bar
@@ -227,7 +228,7 @@ def test_suite_bands_without_groups_or_controls(tmp_path):
     aggregates = aggregates_frame(groups=("",))
     controls = aggregates["metric"].isin(["control_p", "control_p_answer"])
     aggregates.loc[controls, ["mean", "ci_low", "ci_high"]] = np.nan
-    fig = plots.suite_bands(aggregates)
+    fig = suite.suite_bands(aggregates)
     tops = [ax for ax in fig.axes if ax.get_title()]
     assert len(tops) == 1 and len(tops[0].get_lines()) == 1
     saved_png(fig, tmp_path)
@@ -235,7 +236,7 @@ def test_suite_bands_without_groups_or_controls(tmp_path):
 
 def test_overlay_one_line_per_model_against_relative_depth(tmp_path):
     runs = {"small": (pure_frame(4), payload("small")), "deep_$": (pure_frame(12), payload())}
-    fig = plots.overlay(runs)
+    fig = trajectory.overlay(runs)
     assert len(fig.axes) == 3
     for ax in fig.axes:
         assert len(ax.get_lines()) == 2
@@ -291,10 +292,10 @@ def test_plot_two_models_overlays_them(tiny_run, tmp_path, capsys):
     assert len(out.splitlines()) == len(expected)
     overlay = matplotlib.image.imread(folder / "plot-overlay.png")
     assert overlay.shape[:2] == (900, 960)  # 8 x 7.5 inches at 120 dpi
-    records = plots.read_csv(folder / "output-gpt2-records.csv")
-    grid = plots.grid(records, json.loads((folder / "output-gpt2.json").read_text()), colour="p1")
-    assert grid.axes[0].images[0].get_array().shape == (4, records["pos"].nunique())  # 3 layers
-    check_png(folder / "plot-gpt2-grid.png", grid.get_size_inches() * plots.DPI)
+    records = read_csv(folder / "output-gpt2-records.csv")
+    fig = grid.grid(records, json.loads((folder / "output-gpt2.json").read_text()), colour="p1")
+    assert fig.axes[0].images[0].get_array().shape == (4, records["pos"].nunique())  # 3 layers
+    check_png(folder / "plot-gpt2-grid.png", fig.get_size_inches() * style.DPI)
 
 
 @pytest.mark.parametrize("make", ["empty", "missing", "other files"])
@@ -327,7 +328,7 @@ def test_unreadable_artifact_is_named(tiny_run, tmp_path, capsys, broken, conten
 
 def test_draw_run_dir_raises_lens_error(tmp_path):
     with pytest.raises(LensError, match="no mlx-lens artifacts"):
-        plots.draw_run_dir(tmp_path)
+        run_folder.draw_run_dir(tmp_path)
 
 
 def test_run_draws_into_the_published_folder(tiny_model_dirs, tmp_path, capsys):
@@ -344,7 +345,7 @@ def test_failed_plot_keeps_the_run(tiny_model_dirs, tmp_path, capsys, monkeypatc
     def fail(run_dir, colour):
         raise RuntimeError("no canvas today\nsecond line")
 
-    monkeypatch.setattr(plots, "draw_run_dir", fail)
+    monkeypatch.setattr(run_folder, "draw_run_dir", fail)
     code, _, err = run_main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch",
                              "--no-probes"], tmp_path, capsys)
     assert code == 0
@@ -367,4 +368,4 @@ def test_several_models_are_drawn_once_by_the_parent(tiny_model_dirs, tmp_path, 
 
 
 def test_cli_grid_colours_are_the_plots():
-    assert cli.GRID_COLOURS == plots.GRID_COLOURS
+    assert cli.GRID_COLOURS == grid.GRID_COLOURS

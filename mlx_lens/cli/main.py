@@ -30,7 +30,7 @@ from mlx_lens.output.suite_tables import write_suite_tables
 from mlx_lens.tuned.training import EVAL_TOKENS, TuneOptions
 
 
-GRID_COLOURS = ("entropy", "p1")  # mlx_lens.view.plots.GRID_COLOURS, without importing matplotlib
+GRID_COLOURS = ("entropy", "p1")  # mlx_lens.view.grid.GRID_COLOURS, without importing matplotlib
 MODEL_HELP = "local folder, .gguf file or hub id (default: the packaged SmolLM2-135M)"
 # run options a child process for one model gets from a multi-model run (dest, flag)
 _CHILD_OPTIONS = (("backend", "--backend"), ("device", "--device"), ("dtype", "--dtype"),
@@ -229,7 +229,7 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
 def _draw_plots(out_dir: Path, colour: str) -> list[Path]:
     """The run's pictures; failing to draw them costs the pictures, never the artifacts."""
     try:
-        from mlx_lens.view.plots import draw_run_dir  # matplotlib is imported only to draw
+        from mlx_lens.view.run_folder import draw_run_dir  # matplotlib is imported only to draw
 
         return draw_run_dir(out_dir, colour)
     except Exception as exc:
@@ -241,7 +241,7 @@ def _draw_plots(out_dir: Path, colour: str) -> list[Path]:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mlx_lens.view.plots import draw_run_dir
+    from mlx_lens.view.run_folder import draw_run_dir
 
     for path in draw_run_dir(args.run_dir, args.grid_colour):
         print(f"  wrote {path}")
@@ -309,7 +309,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from mlx_lens.tuned import lens_file
-    from mlx_lens.view.plots import write_eval
+    from mlx_lens.view.tuned import write_eval
 
     for name in ("steps", "tokens_per_step", "eval_tokens"):
         if getattr(args, name) < 1:

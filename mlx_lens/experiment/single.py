@@ -61,11 +61,12 @@ class ModelResult:
 
     def plot(self, colour: str = "entropy") -> dict:
         """matplotlib Figures: the logit-lens grid (cells coloured by `colour`: entropy or p1)
-        and the next-token trajectory (mlx_lens/view/plots.py)."""
-        from mlx_lens.view import plots  # matplotlib is imported only to draw
+        and the next-token trajectory (mlx_lens/view/grid.py, trajectory.py)."""
+        from mlx_lens.view.grid import grid  # matplotlib is imported only to draw
+        from mlx_lens.view.trajectory import trajectory
 
-        return {"grid": plots.grid(self.records, self.payload, colour),
-                "trajectory": plots.trajectory(self.pure, self.payload)}
+        return {"grid": grid(self.records, self.payload, colour),
+                "trajectory": trajectory(self.pure, self.payload)}
 
 
 def final_answer(payload: dict) -> tuple[str | None, float]:

@@ -34,10 +34,10 @@ class SuiteResult:
 
     def plot(self) -> dict:
         """matplotlib Figures: per layer the mean and 95% band of p(answer) and p(control),
-        and the entropy, per group (mlx_lens/view/plots.py)."""
-        from mlx_lens.view import plots  # matplotlib is imported only to draw
+        and the entropy, per group (mlx_lens/view/suite.py)."""
+        from mlx_lens.view.suite import suite_bands  # matplotlib is imported only to draw
 
-        return {"suite": plots.suite_bands(self.aggregates)}
+        return {"suite": suite_bands(self.aggregates)}
 
     def summary_line(self) -> str:
         f = self.per_fact

@@ -1,0 +1,70 @@
+"""Every picture of a run folder, drawn from its artifacts alone (no model): `mlx-lens plot`,
+and `mlx-lens run` unless --no-plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from mlx_lens.core.errors import LensError
+from mlx_lens.output.artifacts import read_csv
+from mlx_lens.output.suite_tables import read_suite_table
+from mlx_lens.view.grid import grid
+from mlx_lens.view.style import save_png
+from mlx_lens.view.suite import suite_bands
+from mlx_lens.view.trajectory import overlay, trajectory
+
+_RECORD_NEEDS = ("layer", "pos", "token", "entropy", "top1", "prob1")
+_PURE_NEEDS = ("layer", "entropy", "p_answer", "answer_rank", "kl_to_final_bits")
+_AGGREGATE_NEEDS = ("group", "layer", "metric", "n", "mean", "ci_low", "ci_high")
+
+
+def _read(path: Path, reader: Callable, needs: tuple[str, ...] = ()):
+    """One artifact, or a one-line LensError naming it."""
+    try:
+        table = reader(path)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LensError(f"cannot read {path}: {reason}") from None
+    missing = [c for c in needs if c not in table.columns]
+    if missing:
+        raise LensError(f"cannot read {path}: no column {', '.join(missing)}")
+    return table
+
+
+def _payload(path: Path) -> dict:
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(payload, dict) or not isinstance(payload.get("diagnostics"), dict):
+        raise ValueError("no diagnostics")
+    return payload
+
+
+def draw_run_dir(run_dir: Path, colour: str = "entropy") -> list[Path]:
+    """Every picture of a run folder, from its artifacts: per model plot-<model>-grid.png,
+    plot-<model>-trajectory.png and, with a fact suite, plot-<model>-suite.png; with two models
+    or more, plot-overlay.png. Every artifact is read before anything is drawn."""
+    run_dir = Path(run_dir)
+    names = sorted(p.name[len("output-"):-len(".json")] for p in run_dir.glob("output-*.json"))
+    if not names:
+        raise LensError(f"no mlx-lens artifacts in {run_dir}")
+    runs, tables = {}, {}
+    for name in names:
+        payload = _read(run_dir / f"output-{name}.json", _payload)
+        records = _read(run_dir / f"output-{name}-records.csv", read_csv, _RECORD_NEEDS)
+        pure = _read(run_dir / f"output-{name}-pure-next-token.csv", read_csv, _PURE_NEEDS)
+        runs[name] = (records, pure, payload)
+        suite = [run_dir / f"suite-{name}-aggregates{s}" for s in (".parquet", ".csv")]
+        found = [p for p in suite if p.is_file()]
+        if found:
+            tables[name] = _read(found[0], read_suite_table, _AGGREGATE_NEEDS)
+    written = []
+    for name, (records, pure, payload) in runs.items():
+        written.append(save_png(grid(records, payload, colour), run_dir / f"plot-{name}-grid.png"))
+        written.append(save_png(trajectory(pure, payload), run_dir / f"plot-{name}-trajectory.png"))
+        if name in tables:
+            written.append(save_png(suite_bands(tables[name], title=name),
+                                 run_dir / f"plot-{name}-suite.png"))
+    if len(runs) >= 2:
+        pictures = {name: (pure, payload) for name, (_, pure, payload) in runs.items()}
+        written.append(save_png(overlay(pictures), run_dir / "plot-overlay.png"))
+    return written
