@@ -6,6 +6,7 @@ import platform
 
 from mlx_lens.core.contract import Backend
 from mlx_lens.core.errors import LensError
+from mlx_lens.loading.hub import reachable_or_cached
 from mlx_lens.loading.sources import ModelSource
 
 BACKENDS = ("auto", "mlx", "torch")
@@ -41,7 +42,9 @@ def pick(name: str) -> tuple[str, str]:
 
 def load(name: str, source: ModelSource, device: str = "auto", dtype: str = "auto",
          device_map: dict | None = None) -> Backend:
-    """device_map (torch only): module name -> device or "disk", placed by accelerate."""
+    """device_map (torch only): module name -> device or "disk", placed by accelerate. A hub id
+    the hub cannot serve now is read from the hub client's cache (mlx_lens/loading/hub.py)."""
+    source = reachable_or_cached(source)
     if name == "torch":
         from torch_ref.backend import TorchBackend
 

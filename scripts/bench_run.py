@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mlx_lens.loading.default_model import cache_root, default_model_dir  # noqa: E402
+from mlx_lens.loading.quiet import quiet_library_bars  # noqa: E402
 
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
@@ -37,6 +38,7 @@ def model_05b() -> Path:
     print(f"building the 0.5B benchmark model in {folder} (once) ...", flush=True)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_05B))
+    quiet_library_bars()
     model.save_pretrained(folder)
     # SmolLM2's tokenizer: real text to tokenise; its 49,152 ids fit the larger vocabulary.
     AutoTokenizer.from_pretrained(str(default_model_dir())).save_pretrained(folder)

@@ -108,3 +108,24 @@ def test_auto_splits_over_gpus_before_falling_back_to_the_cpu(monkeypatch, tiny_
     monkeypatch.setattr(placement, "gpus", lambda: [("cuda:0", 3 * GIB), ("cuda:1", 3 * GIB)])
     placed = placement.place(source, "fp16", "auto", "auto", None)
     assert placed.kwargs == {} and placed.device == "cpu"  # too small together: the CPU
+
+
+def test_a_map_that_leaves_modules_unplaced_is_one_short_line(tiny_model_dirs, tmp_path, capsys):
+    """The first few unplaced tensors and their count, not every parameter of the model; checked
+    on an empty (meta) model before anything loads, and nothing is written."""
+    from mlx_lens.cli.main import main
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "cpu"}))
+    code = main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch", "--device-map",
+                 str(path), "--out_dir", str(tmp_path / "out"), "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and len(err) < 300
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs["llama"]))
+    names = [n for n, _ in [*model.named_parameters(), *model.named_buffers()]]
+    missing = [n for n in names if not n.startswith(("model.embed_tokens.", "model.layers.0."))]
+    assert f"places {len(missing)} of the model's {len(names)} tensors nowhere ({missing[0]}, " in err
+    assert err.rstrip().endswith(', ...): name every module, or "" for the rest')
+    assert not (tmp_path / "out").exists()

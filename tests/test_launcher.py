@@ -48,3 +48,14 @@ def test_keep_residuals_round_trip(tiny_model_dirs, tmp_path):
 
     with safe_open(tmp_path / "output-gpt2-residuals.safetensors", "np") as f:
         assert json.loads(f.metadata()["token_ids"]) == ids
+
+
+def test_a_run_of_several_models_exits_1_when_every_model_failed(tmp_path, capsys, monkeypatch):
+    """README "Running": exit 1 when any model failed, all of them included; nothing is
+    published and no staging folder is left."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "/no/such/model", "/nor/this/one", "--no-probes"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1] == "mlx-lens: error: none of the 2 models produced artifacts"
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -1,4 +1,6 @@
 """Resolving model arguments, and the real loading paths: GGUF files and hub ids."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -52,3 +54,106 @@ def test_packaged_gguf_on_both_backends(smollm2_dir):
     assert np.all(np.abs(logits["torch"] - logits["mlx"]) <= bound)
     top = logits["torch"].argmax()
     assert logits["mlx"].argmax() == top or bounds.may_swap(z[-1, -1], bound, np.array(top)).any()
+
+
+def test_a_gguf_converts_quietly_once_per_content(tmp_path, monkeypatch):
+    """Two copies of the packaged GGUF share one cached folder (keyed on the file's content, not
+    its path); the first conversion, with stderr a pipe as in a log, shows no library progress
+    bar (transformers' conversion and loading bars)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from mlx_lens.loading import default_model
+
+    cache = tmp_path / "cache"
+    copies = [tmp_path / kind / default_model.GGUF_NAME for kind in ("a", "b")]
+    for copy in copies:
+        copy.parent.mkdir()
+        shutil.copyfile(gguf_path(), copy)
+    code = ("import sys; from pathlib import Path; "
+            "from mlx_lens.loading.default_model import gguf_folder; "
+            "print(gguf_folder(Path(sys.argv[1])))")
+    proc = subprocess.run([sys.executable, "-c", code, str(copies[0])], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "MLX_LENS_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "it/s" not in proc.stderr and "|" not in proc.stderr, proc.stderr[-2000:]
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder.parent == cache and (folder / "model.safetensors").is_file()
+
+    def no_build(*_args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setenv("MLX_LENS_CACHE", str(cache))
+    monkeypatch.setattr(default_model, "_build", no_build)
+    said = []
+    assert default_model.gguf_folder(copies[1], progress=said.append) == folder and said == []
+
+
+def _no_network(monkeypatch) -> list:
+    """The hub unreachable (its probe refused), offline mode not yet on; the probes made."""
+    from mlx_lens.loading import hub
+
+    probes = []
+
+    def refuse(address, timeout):
+        probes.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # restored after the test
+    monkeypatch.setattr(hub.socket, "create_connection", refuse)
+    return probes
+
+
+def test_an_unreachable_hub_is_one_line_after_one_probe(tmp_path, capsys, monkeypatch):
+    """No retries: one refused probe turns the hub client's offline mode on, and a model that is
+    not in its cache is one line naming the cause."""
+    import os
+
+    from mlx_lens.cli.main import main
+
+    probes = _no_network(monkeypatch)
+    code = main(["run", "mlx-lens-test/not-cached", "--backend", "torch", "--out_dir",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and len(probes) == 1
+    assert ("cannot fetch mlx-lens-test/not-cached: the model hub cannot be reached (no "
+            "connection to") in err and "Network is unreachable) and the model is not in" in err
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and not (tmp_path / "out").exists()
+
+
+def test_several_hub_models_probe_the_hub_once(tmp_path, capsys, monkeypatch):
+    """--all offline: the run probes once and its children start in offline mode."""
+    from mlx_lens.cli.main import main
+
+    probes = _no_network(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "mlx-lens-test/one", "mlx-lens-test/two", "--no-probes"])
+    out, err = capsys.readouterr()
+    assert code == 1 and len(probes) == 1
+    assert out.count("failed: cannot fetch mlx-lens-test/") == 4  # per model: its line, the table
+    assert "model hub: no connection to " in out and "HF_HUB_OFFLINE is set" in out
+
+
+def test_a_cached_hub_model_runs_without_the_hub(tiny_model_dirs, tmp_path, monkeypatch):
+    """A hub id in the hub client's cache (its layout: models--org--name/snapshots/<rev>, refs)
+    is read from there when the hub cannot be reached."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from mlx_lens.cli.main import main
+
+    _no_network(monkeypatch)
+    cache = tmp_path / "hub"
+    repo = cache / "models--mlx-lens-test--llama"
+    revision = "0" * 40
+    shutil.copytree(tiny_model_dirs["llama"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "out"
+    assert main(["run", "mlx-lens-test/llama", "--backend", "torch", "--no-probes", "--no-plots",
+                 "--out_dir", str(out)]) == 0
+    assert (out / "output-llama.json").is_file()

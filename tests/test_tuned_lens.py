@@ -289,3 +289,16 @@ def test_tune_eval_and_run_from_the_command_line(tiny_model_dirs, text, tmp_path
 def test_bad_tune_settings_are_one_line_errors(tiny_model_dirs, flag, value, tmp_path, capsys):
     code, out, err = run_main(["tune", str(tiny_model_dirs["llama"]), flag, value], tmp_path, capsys)
     assert code == 2 and err.startswith("mlx-lens: error: --") and err.count("\n") == 1
+
+
+def test_a_missing_corpus_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The arguments are checked first, as `run --facts` does: no model is loaded."""
+    from mlx_lens.cli import main as cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    code, out, err = run_main(["tune", "--corpus", str(tmp_path / "missing.txt")], tmp_path, capsys)
+    assert code == 2 and err == f"mlx-lens: error: corpus not found: {tmp_path / 'missing.txt'}\n"
+    assert "backend:" not in out

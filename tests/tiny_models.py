@@ -13,6 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from mlx_lens.loading.quiet import quiet_library_bars
+
 BOS, EOS = "<|bos|>", "<|eos|>"
 VOCAB_SIZE = 512
 INIT_STD = 0.2
@@ -144,6 +146,7 @@ def build_model(name: str, out_dir: Path, seed: int = 0, vocab_size: int | None 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     _randomize(model)  # a tied head is the same Parameter as the embedding, so both change
+    quiet_library_bars()  # no shard-writing bar in the test log
     model.save_pretrained(out_dir)
     return out_dir
 

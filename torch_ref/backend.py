@@ -7,7 +7,6 @@ Gemma's 1+w), decoded through an fp32 unembedding and the model's head transform
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ from mlx_lens.core.errors import LensError, one_line
 from mlx_lens.core.lens import Lens, NormRef, Translators
 from mlx_lens.core.progress import progress
 from mlx_lens.core.training import Recipe
+from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
 from mlx_lens.tuned.lens_file import check_matches
 from torch_ref.arch import ARCHITECTURES
@@ -43,8 +43,7 @@ class TorchBackend:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # our own console lines only; errors still raise
-        if not sys.stderr.isatty():  # loading bars only on a terminal, not in logs
-            hf_logging.disable_progress_bar()
+        quiet_library_bars()
 
         if source.path is not None and not source.is_gguf:  # refuse early, before loading
             check_supported(local_model_type(source), ARCHITECTURES, "torch")
@@ -53,12 +52,13 @@ class TorchBackend:
             config = AutoConfig.from_pretrained(source.location, **kw)
             check_supported(config.model_type, ARCHITECTURES, "torch")
             self.spec = ARCHITECTURES[config.model_type]
-            placed = place(source, self.spec.half, device, dtype, device_map)
+            placed = place(source, self.spec.half, device, dtype, device_map, config)
             self.device, self._offload, dtype = placed.device, placed.offload, placed.dtype
             self.dtype = _DTYPES[dtype]
-            self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype,
-                                                         **kw, **placed.kwargs)
+            with quiet_gguf_conversion():  # a GGUF is dequantised as it loads
+                self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
+                model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype,
+                                                             **kw, **placed.kwargs)
         except LensError:
             raise
         except Exception as exc:  # a broken or missing file: name the model and the cause

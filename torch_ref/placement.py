@@ -71,12 +71,15 @@ def owned(module: torch.nn.Module, device: torch.device, fp32: bool = True) -> t
 
 
 
-def place(source: ModelSource, half: str, device: str, dtype: str,
-          device_map: dict | None) -> Placement:
-    """One device as the policy picks it, the given device map, or accelerate's "auto" over GPUs
-    that only together hold it. half: the architecture's half-precision dtype on a GPU."""
+def place(source: ModelSource, half: str, device: str, dtype: str, device_map: dict | None,
+          config=None) -> Placement:
+    """One device as the policy picks it, the given device map (which must place every
+    parameter of the model `config` describes), or accelerate's "auto" over GPUs that only
+    together hold it. half: the architecture's half-precision dtype on a GPU."""
     fp = footprint(source)
     if device_map is not None:
+        if config is not None:
+            check_covers(device_map, config)
         gpu = any(str(v).startswith("cuda") or isinstance(v, int) for v in device_map.values())
         chosen = dtype if dtype != "auto" else auto_dtype("cuda" if gpu else "cpu",
                                                            fp.n_params if fp else 0, half)
@@ -93,6 +96,32 @@ def place(source: ModelSource, half: str, device: str, dtype: str,
                 return _dispatched("auto", split[0], max_memory=split[1])
     one, chosen = pick_device(fp, found, dtype, half)
     return Placement({}, chosen, one)
+
+
+def unplaced(device_map: dict, config) -> tuple[list[str], int]:
+    """The parameters and buffers of the model `config` describes that no entry of the map
+    places (an entry places a module and everything inside it; "" places all), and how many
+    there are in all. Read from an empty (meta) model: nothing is loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # a tied head is the embeddings' tensor, placed with them
+    names = [n for n, _ in skeleton.named_parameters()]  # tied weights once
+    names += [n for n, _ in skeleton.named_buffers()]
+    keys = [str(k) for k in device_map]
+    missing = [n for n in names if not any(k == "" or n == k or n.startswith(f"{k}.") for k in keys)]
+    return missing, len(names)
+
+
+def check_covers(device_map: dict, config) -> None:
+    """Refuse, in one line, a map that leaves part of the model unplaced."""
+    missing, total = unplaced(device_map, config)
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise LensError(f"the device map places {len(missing)} of the model's {total} tensors "
+                        f"nowhere ({shown}): name every module, or \"\" for the rest")
 
 
 def _dispatched(device_map, dtype: str, **extra) -> Placement:

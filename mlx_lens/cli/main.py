@@ -13,14 +13,15 @@ from mlx_lens.experiment import health
 from mlx_lens.output import run_dir
 from mlx_lens.api import ModelLens, load, resolve_lens
 from mlx_lens.output.artifacts import write_model_artifacts
-from mlx_lens.loading.placement import DoesNotFit, read_device_map
+from mlx_lens.loading import hub
+from mlx_lens.loading.placement import read_device_map
 from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.core.lens import RULES, Lens
 from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.single import ExperimentOptions
 from mlx_lens.experiment.facts import Fact, load_facts
-from mlx_lens.cli.processes import (EXIT_SKIPPED, ORIGINAL_MODELS, ModelOutcome, run_one_process,
-                               summary_of, table)
+from mlx_lens.cli.processes import (ORIGINAL_MODELS, ModelOutcome, NothingProduced,
+                                    run_one_process, summary_of, table)
 from mlx_lens.experiment.metrics import CollapseSettings
 from mlx_lens.loading.sources import resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
@@ -217,6 +218,10 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     child += ["--facts", args.facts] if args.facts else []
     child += ["--device-map", args.device_map] if args.device_map else []
     child += ["--no-plots"]  # the pictures of the whole folder are drawn once, at the end
+    # One probe of the hub for the whole run: without one, every child starts in offline mode.
+    offline = hub.unreachable() if any(_hub_id(model) for model in models) else None
+    if offline:
+        print(f"model hub: {offline}; hub ids are read from the local cache only", flush=True)
     outcomes = []
     for i, model in enumerate(models, 1):
         print(f"[{i}/{len(models)}] {model}", flush=True)
@@ -224,6 +229,13 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
         print(f"[{i}/{len(models)}] {model}: {outcomes[-1].status}", flush=True)
     print(table(outcomes))
     return outcomes
+
+
+def _hub_id(model: str) -> bool:
+    try:
+        return resolve(model).hub_id is not None
+    except LensError:
+        return False
 
 
 def _draw_plots(out_dir: Path, colour: str) -> list[Path]:
@@ -283,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             code = 1 if any(o.status.startswith("failed") for o in outcomes) else 0
             paths = sorted([*out_dir.glob("output-*"), *out_dir.glob("suite-*")])
             if not paths:
-                raise LensError("no model produced artifacts")
+                raise NothingProduced(f"none of the {len(models)} models produced artifacts")
         if args.plots:
             paths += _draw_plots(out_dir, args.grid_colour)
     except BaseException:
@@ -309,6 +321,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from mlx_lens.tuned import lens_file
+    from mlx_lens.tuned.corpus import documents
     from mlx_lens.view.tuned import write_eval
 
     for name in ("steps", "tokens_per_step", "eval_tokens"):
@@ -316,7 +329,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise LensError(f"--{name.replace('_', '-')} must be at least 1")
     if args.seq_len is not None and args.seq_len < 2:
         raise LensError("--seq-len must be at least 2 (a next token to predict)")
-    tuned = lens_file.read(args.eval) if args.eval else None  # a broken lens fails before loading
+    # A broken lens or corpus fails before the model is loaded.
+    tuned = lens_file.read(args.eval) if args.eval else None
+    if args.corpus is not None:
+        documents(args.corpus)
     loaded = _load(args, args.model)
     info, started = loaded.backend.info, time.perf_counter()
     if tuned is not None:
@@ -356,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except LensError as exc:
         print(f"mlx-lens: error: {exc}", file=sys.stderr)
-        return EXIT_SKIPPED if isinstance(exc, DoesNotFit) else 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("mlx-lens: interrupted", file=sys.stderr)
         return 130

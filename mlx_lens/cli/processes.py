@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.single import final_answer
+from mlx_lens.loading.placement import DoesNotFit
 from mlx_lens.loading.sources import resolve
 
 # The original experiment's model set (hub ids; they need a reachable hub).
@@ -25,7 +26,13 @@ ORIGINAL_MODELS = (
     "google/gemma-2-27b",
     "01-ai/Yi-34B",
 )
-EXIT_SKIPPED = 3  # a model that fits no device
+EXIT_SKIPPED = DoesNotFit.exit_code  # a model that fits no device
+
+
+class NothingProduced(LensError):
+    """Every model of a run of several failed: exit 1, as when any of them fails."""
+
+    exit_code = 1
 
 
 @dataclass

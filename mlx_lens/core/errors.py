@@ -4,6 +4,8 @@
 class LensError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 
+    exit_code = 2  # what the CLI exits with (README "Running")
+
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line for a user: its type and the first line of its text."""

@@ -3,7 +3,8 @@ and GGUF files as cached folders.
 
 No model hub is needed. On first use a GGUF is dequantised once by transformers and written as a
 plain fp32 safetensors folder that both the torch and the MLX backends can load; later calls
-only check a marker file.
+only check a marker file. The folder is keyed on the file's content: two copies of one GGUF share
+one folder (~4 bytes per parameter), and a changed file gets a new one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_lens.core.errors import LensError
-from mlx_lens.core.files import atomic_folder
+from mlx_lens.core.files import atomic_folder, atomic_write
+from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -51,10 +53,25 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mlx-lens"
 
 
-def _stamp(gguf: Path) -> str:
-    # Size + mtime of the source: a reinstalled/upgraded wheel invalidates the cached folder.
+def content_digest(gguf: Path) -> str:
+    """sha256 of the file's bytes, hashed once per (path, size, mtime): the digests already
+    computed are kept in the cache folder."""
     st = gguf.stat()
-    return f"{gguf.name} {st.st_size} {st.st_mtime_ns}\n"
+    key, index = str(gguf.resolve()), cache_root() / "gguf-digests.json"
+    stamp = f"{st.st_size} {st.st_mtime_ns}"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key, {}).get("stamp") != stamp:
+        digest = hashlib.sha256()
+        with open(gguf, "rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                digest.update(block)
+        known[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+        text = json.dumps(known, indent=1, sort_keys=True) + "\n"
+        atomic_write(index, lambda p: p.write_text(text))  # concurrent runs: both are right
+    return known[key]["sha256"]
 
 
 def _is_complete(folder: Path, stamp: str) -> bool:
@@ -81,15 +98,16 @@ def default_model_dir(progress: Callable[[str], None] = print) -> Path:
 
 def gguf_folder(gguf: Path, progress: Callable[[str], None] = print) -> Path:
     """A GGUF file as a cached fp32 folder (both backends read folders; mlx-lm reads only
-    folders), converted on first use only. One folder per GGUF path."""
-    digest = hashlib.sha1(str(gguf.resolve()).encode()).hexdigest()[:8]
-    name = f"{gguf.name.split('.')[0]}-{digest}"
-    stamp = _stamp(gguf)
+    folders), converted on first use only. One folder per GGUF content."""
+    digest = content_digest(gguf)
+    name = f"{gguf.name.split('.')[0]}-{digest[:12]}"
+    stamp = f"sha256 {digest}\n"
     final = cache_root() / name
     if _is_complete(final, stamp):
         return final
 
     progress(f"preparing {gguf.name} as an fp32 folder in {final.parent} (once) ...")
+    quiet_library_bars()
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(final)
 
@@ -113,8 +131,9 @@ def _build(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    with quiet_gguf_conversion():
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
 
     # save_pretrained refuses gguf-quantised models, so write the pieces by hand.
     tied = bool(model.config.tie_word_embeddings)

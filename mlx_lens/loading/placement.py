@@ -25,7 +25,9 @@ LENS_BYTES = 2 * GIB  # fp32 unembedding chunk + logits chunk + reductions (CHUN
 
 
 class DoesNotFit(LensError):
-    """No device has room for the model: the launcher reports it as skipped."""
+    """No device has room for the model: a run of several models reports it as skipped."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)

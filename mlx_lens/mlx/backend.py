@@ -26,6 +26,7 @@ from mlx_lens.core.lens import Lens, NormRef, Translators
 from mlx_lens.core.progress import progress
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.placement import available_ram, pick_device, footprint
+from mlx_lens.loading.quiet import quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported
 from mlx_lens.mlx.arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
 from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
@@ -96,6 +97,7 @@ class MlxLens:
         import mlx_lm.utils as mlx_utils
         from transformers import AutoTokenizer
 
+        quiet_library_bars()
         path = local_folder(source)
         try:
             config = json.loads((path / "config.json").read_text())
