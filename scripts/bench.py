@@ -206,7 +206,7 @@ def main() -> int:
     out = args.out or Path("runs/bench") / f"bench-{datetime.now():%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n" + "\n".join(format_row(r) for r in results))
+    print("\n" + format_table(results))
     for line in report["targets"]:
         print(line)
     print(f"wrote {out}")
@@ -221,9 +221,31 @@ def format_row(r: dict) -> str:
         mib = {k: v / 2**20 for k, v in r["peak_extra_bytes"].items()}
         parts += [f"sweep/floor {r['sweep_over_floor']:.2f}",
                   f"original/sweep+csv {r['original_over_sweep_csv']:.1f}",
-                  f"peak sweep {mib['sweep']:.0f} MiB gemm {mib['gemm']:.0f} MiB "
-                  f"({100 * r['sweep_peak_fraction']:.1f}% of all logits)"]
+                  f"peak extra memory: sweep {mib['sweep']:.0f} MiB "
+                  f"({100 * r['sweep_peak_fraction']:.1f}% of all fp32 logits), "
+                  f"one GEMM {mib['gemm']:.0f} MiB"]
     return "  ".join(parts)
+
+
+def format_table(results: list[dict]) -> str:
+    """The README's Performance table (Markdown): one row per model and T, times the minimum of
+    the repetitions; the percentage is the sweep's peak extra memory over all [L+1, T, V] fp32
+    logits."""
+    head = ["model", "backend", "T", "forward", "one GEMM", "sweep", "sweep / floor",
+            "original / sweep+tables", "sweep peak extra memory"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        t = {k: v["min"] for k, v in r["times"].items()}
+        row = [r["model"], r["backend"], str(r["T"])]
+        if "floor" in r:
+            sweep_mib = r["peak_extra_bytes"]["sweep"] / 2**20
+            row += [f"{t['forward']:.3f} s", f"{t['gemm']:.3f} s", f"{t['sweep']:.3f} s",
+                    f"{r['sweep_over_floor']:.2f}", f"{r['original_over_sweep_csv']:.1f}",
+                    f"{sweep_mib:.0f} MiB ({100 * r['sweep_peak_fraction']:.1f}%)"]
+        else:  # MLX: no floor is measured for it here
+            row += ["", "", f"{t['sweep']:.3f} s", "", "", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def targets(results: list[dict]) -> list[str]:

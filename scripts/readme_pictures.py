@@ -1,11 +1,13 @@
 """Regenerate the README's pictures (docs/pictures/): `mlx-lens run --facts default --backend torch`
 on the packaged default model into a temporary folder, then its grid, trajectory and suite
-pictures copied over. About five minutes on a laptop CPU (the suite's 393 facts take most).
+pictures copied over (overwriting the tracked ones). About a minute on a 2-core CPU (45 s
+measured; the suite's 393 facts take most).
 
-    .venv/bin/python scripts/readme_pictures.py
+    python scripts/readme_pictures.py
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,5 +33,6 @@ def regenerate() -> list[Path]:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     for path in regenerate():
         print(f"  copied {path}")

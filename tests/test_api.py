@@ -15,10 +15,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_example_runs_as_written(smollm2_dir, capsys, tmp_path, monkeypatch):
     block = re.search(r"<!-- api-example -->\n```python\n(.*?)```", README.read_text(), re.S)
     assert block, "the README's API example is missing"
-    monkeypatch.chdir(tmp_path)  # it saves suite.png
+    monkeypatch.chdir(tmp_path)  # it saves runs/suite.png, as from the repository's root
+    (tmp_path / "runs").mkdir()
     namespace = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)
-    assert (tmp_path / "suite.png").stat().st_size > 10_000
+    assert (tmp_path / "runs" / "suite.png").stat().st_size > 10_000
     assert set(namespace["figures"]) == {"grid", "trajectory"}
     out = capsys.readouterr().out
     assert "L_semantic" in out and "p_answer" in out
