@@ -98,7 +98,7 @@ def resolve_lens(lens: str | Lens | TunedLens) -> Lens:
     if lens in RULES:
         return Lens(lens)
     if str(lens).startswith(lens_file.PREFIX):
-        return Lens.tuned(lens_file.read(lens.removeprefix(lens_file.PREFIX)))
+        return Lens.tuned(lens_file.read(str(lens).removeprefix(lens_file.PREFIX)))
     raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(RULES)} or tuned:DIR")
 
 
@@ -108,7 +108,7 @@ def load(model: str | None = None, backend: str = "auto", lens: str | Lens | Tun
          device_map: dict | None = None) -> ModelLens:
     """Load `model` (a local folder, a .gguf file, a hub id; None: the packaged SmolLM2) on
     `backend` ("auto", "mlx", "torch"), to be decoded with `lens` ("final-norm", "next-norm",
-    "raw", "tuned:DIR" or a TunedLens). announce(backend, reason) is called once the backend is
+    "raw", "tuned:DIR", a TunedLens or a Lens). announce(backend, reason) is called once the backend is
     chosen, before the (slow) load. device_map (torch): module name -> device or "disk", for
     accelerate to place the model so (README "A model split across devices")."""
     spec = resolve_lens(lens)

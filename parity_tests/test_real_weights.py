@@ -31,7 +31,7 @@ def test_smollm2_backends_agree_on_a_tuned_lens_in_the_packages_layout(smollm2_p
     unembed_hash of SmolLM2's real 49,152 x 576 head) loads on both backends and decodes alike."""
     from mlx_lens.api import resolve_lens
     from parity_tests.test_tuned import random_lens
-    from tests.test_tuned_lens import _theirs
+    from tests.test_tuned import _theirs
 
     torch_backend, _ = smollm2_pair
     lens = random_lens(torch_backend.info.n_layers, torch_backend.info.d_model)

@@ -40,3 +40,9 @@ def test_bench_prints_the_readmes_table():
     assert lines[0] in readme  # the README's header, column for column
     assert lines[2] == ("| m | torch | 16 | 0.100 s | 0.200 s | 0.330 s | 1.10 | 2.6 | "
                         "10 MiB (25.0%) |")
+
+
+def test_the_cli_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "mlx_lens.cli", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: ")

@@ -188,8 +188,8 @@ class TorchBackend:
 
         return apply
 
-    def head_logits(self, x: torch.Tensor, start: int, stop: int, scale: float = 1.0) -> torch.Tensor:
-        return self._head_chunk(start, stop, scale)(x)
+    def head_logits(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self._head_chunk(start, stop)(x)
 
     @torch.no_grad()
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:

@@ -17,7 +17,7 @@ from mlx_lens.loading import hub
 from mlx_lens.loading.placement import read_device_map
 from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.core.lens import RULES, Lens
-from mlx_lens.core.errors import LensError
+from mlx_lens.core.errors import LensError, first_line, one_line
 from mlx_lens.experiment.single import ExperimentOptions
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.cli.processes import (ORIGINAL_MODELS, ModelOutcome, NothingProduced,
@@ -245,9 +245,7 @@ def _draw_plots(out_dir: Path, colour: str) -> list[Path]:
 
         return draw_run_dir(out_dir, colour)
     except Exception as exc:
-        reason = (str(exc).splitlines() or [""])[0]
-        if not isinstance(exc, LensError):
-            reason = f"{type(exc).__name__}: {reason}"
+        reason = first_line(exc) if isinstance(exc, LensError) else one_line(exc)
         print(f"mlx-lens: warning: no pictures drawn: {reason}", file=sys.stderr)
         return []
 
@@ -382,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line, not a traceback wall; MLX_LENS_DEBUG=1 shows it
         if os.environ.get("MLX_LENS_DEBUG"):
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"mlx-lens: error: {type(exc).__name__}: {msg}", file=sys.stderr)
+        print(f"mlx-lens: error: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() may run inside another program

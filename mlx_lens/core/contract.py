@@ -3,8 +3,9 @@
 A backend turns (model, token ids, options) into a `LayerStats` of plain numpy arrays. The
 contract is split by who needs it: `Backend` produces results (every backend), an
 `InspectableBackend` also shows the lens's intermediate values (one process), and training's
-part is in mlx_lens/core/training.py. Only the backends (mlx_lens/mlx/, torch_ref/) import mlx or
-torch for the lens itself (pyproject.toml's import-linter contracts).
+part is in mlx_lens/core/training.py. The core never imports a framework, nor do the experiment,
+checks, output and view (pyproject.toml's import-linter contracts): the backends do, and loading/
+(GGUF conversion) and tuned/ (the tuned-lens package's params.pt) where they must.
 """
 from __future__ import annotations
 

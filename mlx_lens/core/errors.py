@@ -7,6 +7,11 @@ class LensError(Exception):
     exit_code = 2  # what the CLI exits with (README "Running")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text, or its type's name when it has none."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one line for a user: its type and the first line of its text."""
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"

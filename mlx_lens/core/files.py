@@ -41,15 +41,19 @@ def sibling(final: Path, kind: str) -> Path:
     return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def atomic_folder(final: Path, build: Callable[[Path], None]) -> None:
+def atomic_folder(final: Path, build: Callable[[Path], None],
+                  keep: Callable[[Path], bool] = lambda existing: False) -> None:
     """build(tmp) fills a new folder beside `final`, which is then renamed to `final`: an
     interrupted build never looks finished. An existing `final` is moved aside first (a rename
-    cannot replace a folder that holds files) and removed once the new one is in place."""
+    cannot replace a folder that holds files) and removed once the new one is in place, unless
+    keep(final) says it is as good as the new one (a cache another process just finished)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling(final, "tmp")
     tmp.mkdir()  # mkdir, not mkdtemp: the folder gets the umask's mode, not 0700
     try:
         build(tmp)
+        if final.exists() and keep(final):
+            return
         old = sibling(final, "old")
         with contextlib.suppress(FileNotFoundError):
             os.replace(final, old)

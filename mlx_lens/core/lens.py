@@ -30,8 +30,10 @@ class Translators(Protocol):
     def name(self) -> str: ...
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class Lens:
+    """Equal lenses decode alike: the same rule and the same translators object."""
+
     rule: Rule = "final-norm"
     translators: Translators | None = None  # a tuned lens: decoded through the final norm
 

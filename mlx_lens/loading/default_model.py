@@ -115,10 +115,11 @@ def gguf_folder(gguf: Path, progress: Callable[[str], None] = print) -> Path:
         _build(gguf, tmp)
         (tmp / _MARKER).write_text(stamp)
 
+    # A damaged folder (an older build's, no marker) is replaced; one that a concurrent builder
+    # finished meanwhile is as good as ours and stays (a reader may be using it).
     try:
-        atomic_folder(final, build)  # a stale (older GGUF) or damaged folder is replaced
-    except OSError:
-        # A concurrent builder won the race; its folder is as good as ours.
+        atomic_folder(final, build, keep=lambda existing: _is_complete(existing, stamp))
+    except OSError:  # the concurrent builder renamed its folder in between: keep it
         if not _is_complete(final, stamp):
             raise
     return final

@@ -58,13 +58,6 @@ class TunedLens:
         return cls(np.zeros((n_layers, d_model, d_model), np.float32),
                    np.zeros((n_layers, d_model), np.float32), config or {})
 
-    def translate(self, h: np.ndarray, row: int) -> np.ndarray:
-        """h + A h + b in float64 (for checks made outside the backends); the last row as is."""
-        h = np.asarray(h, np.float64)
-        if row >= self.n_rows:
-            return h
-        return h + h @ self.weight[row].T.astype(np.float64) + self.bias[row]
-
 
 def unembedding_hash(rows: Callable[[int, int], np.ndarray], vocab: int) -> str:
     """sha256 of the fp32 unembedding's bytes (row-major, little-endian), read in slices."""

@@ -19,7 +19,7 @@ import pandas as pd
 
 from mlx_lens.core.files import atomic_write
 from mlx_lens.output.artifacts import read_csv
-from mlx_lens.core.errors import LensError
+from mlx_lens.core.errors import LensError, first_line
 from mlx_lens.output.suite_tables import read_suite_table
 
 MAX_FACT_ROWS = 500  # a page to read, not a data dump: a larger suite's rows stay in its CSV
@@ -121,7 +121,7 @@ def _reading(path: Path):
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         if isinstance(exc, KeyError):
             reason = f"missing {reason}"
         raise LensError(f"cannot read {path}: {reason}") from None

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from mlx_lens.core.errors import LensError
+from mlx_lens.core.errors import LensError, first_line
 from mlx_lens.output.artifacts import read_csv
 from mlx_lens.output.suite_tables import read_suite_table
 from mlx_lens.view.grid import grid
@@ -24,8 +24,7 @@ def _read(path: Path, reader: Callable, needs: tuple[str, ...] = ()):
     try:
         table = reader(path)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LensError(f"cannot read {path}: {reason}") from None
+        raise LensError(f"cannot read {path}: {first_line(exc)}") from None
     missing = [c for c in needs if c not in table.columns]
     if missing:
         raise LensError(f"cannot read {path}: no column {', '.join(missing)}")

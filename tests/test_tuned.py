@@ -260,19 +260,22 @@ def test_signals_wait_for_an_optimizer_step():
 def test_tune_eval_and_run_from_the_command_line(tiny_model_dirs, text, tmp_path, capsys):
     model = str(tiny_model_dirs["llama_untied"])
     code, out, err = run_main(["tune", model, "--backend", "torch", "--corpus", str(text),
-                               "--steps", "3", "--tokens-per-step", "64", "--seq-len", "32"], tmp_path, capsys)
+                               "--steps", "3", "--tokens-per-step", "64", "--seq-len", "32"],
+                              tmp_path, capsys)
     assert code == 0, err
     lens_dir = tmp_path / "lenses" / "llama_untied"
     assert (lens_dir / "translators.safetensors").is_file()
     code, out, err = run_main(["tune", model, "--backend", "torch", "--corpus", str(text),
                                "--steps", "3", "--seq-len", "32"], tmp_path, capsys)
     assert code == 2 and "already exists" in err and err.count("\n") == 1
-    code, out, err = run_main(["tune", model, "--backend", "torch", "--eval", str(lens_dir)], tmp_path, capsys)
+    code, out, err = run_main(["tune", model, "--backend", "torch", "--eval", str(lens_dir)],
+                              tmp_path, capsys)
     assert code == 0, err
     assert "kl_tuned_bits" in out and (lens_dir / "eval.csv").is_file()
     assert (lens_dir / "eval.png").stat().st_size > 10_000
     code, out, err = run_main(["run", model, "--backend", "torch", "--no-probes", "--facts",
-                               "default", "--lens", f"tuned:{lens_dir}", "--out_dir", "run"], tmp_path, capsys)
+                               "default", "--lens", f"tuned:{lens_dir}", "--out_dir", "run"],
+                              tmp_path, capsys)
     assert code == 0, err
     payload = json.loads((tmp_path / "run" / "output-llama_untied.json").read_text())
     assert payload["diagnostics"]["lens"] == f"tuned:{lens_dir}"

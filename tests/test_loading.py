@@ -157,3 +157,26 @@ def test_a_cached_hub_model_runs_without_the_hub(tiny_model_dirs, tmp_path, monk
     assert main(["run", "mlx-lens-test/llama", "--backend", "torch", "--no-probes", "--no-plots",
                  "--out_dir", str(out)]) == 0
     assert (out / "output-llama.json").is_file()
+
+
+def test_a_cache_folder_another_process_finished_meanwhile_stays(tmp_path, monkeypatch):
+    """Two runs converting one GGUF at once: the one that finishes second keeps the first's
+    folder (a reader may be using it) and throws its own away."""
+    from mlx_lens.loading import default_model
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    monkeypatch.setenv("MLX_LENS_CACHE", str(tmp_path / "cache"))
+    final = tmp_path / "cache" / f"m-{default_model.content_digest(gguf)[:12]}"
+    stamp = f"sha256 {default_model.content_digest(gguf)}\n"
+
+    def build(gguf_path, out):  # meanwhile, another process publishes a complete folder
+        (out / "ours").write_text("ours")
+        final.mkdir()
+        (final / "theirs").write_text("theirs")
+        (final / default_model._MARKER).write_text(stamp)
+
+    monkeypatch.setattr(default_model, "_build", build)
+    assert default_model.gguf_folder(gguf, progress=lambda line: None) == final
+    assert sorted(p.name for p in final.iterdir()) == [default_model._MARKER, "theirs"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["gguf-digests.json", final.name]

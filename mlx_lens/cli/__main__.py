@@ -1,0 +1,6 @@
+"""`python -m mlx_lens.cli`: the mlx-lens command."""
+import sys
+
+from mlx_lens.cli.main import main
+
+sys.exit(main())
