@@ -56,8 +56,10 @@ class ModelLens:
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
                                  keep_residuals=keep_residuals)
-        extra = self.backend.run_diagnostics()  # e.g. a pipeline's split
-        return run_experiment(self.backend, opts, {"backend_reason": self.backend_reason, **extra})
+        result = run_experiment(self.backend, opts, {"backend_reason": self.backend_reason})
+        # After the run: a pipeline's traffic is only known once the run has sent it.
+        result.payload["diagnostics"].update(self.backend.run_diagnostics())
+        return result
 
     def run_suite(self, facts: str | Path | Sequence[Fact],
                   collapse: CollapseSettings | None = None) -> SuiteResult:

@@ -279,3 +279,20 @@ def test_cpu_tile_calibration_times_a_tile(tmp_path, monkeypatch):
         tiles.cpu_tile.cache_clear()
     assert (elements, rows) in {(256 * 2048, 256), (512 * 1024, 512)}
     assert (tmp_path / "cpu-tiles.json").is_file()
+
+
+def test_an_untied_mlx_model_without_its_head_is_refused(tiny_model_dirs, monkeypatch):
+    """Tiedness comes from the model's arguments, not from a missing attribute: were mlx-lm to
+    rename lm_head, an untied model is refused by name instead of decoding through its
+    embeddings; a tied one needs no head and loads."""
+    from dataclasses import replace
+
+    from mlx_lens.core.errors import LensError
+    from mlx_lens.mlx import arch
+
+    renamed = replace(arch.ARCHITECTURES["llama"], head="renamed_head")
+    monkeypatch.setitem(arch.ARCHITECTURES, "llama", renamed)
+    with pytest.raises(LensError, match="llama is untied .* no head at 'renamed_head'"):
+        MlxBackend(resolve(str(tiny_model_dirs["llama_untied"])))
+    tied = MlxBackend(resolve(str(tiny_model_dirs["llama"])))
+    assert tied.head is tied.embed

@@ -214,3 +214,20 @@ def test_parity_refuses_an_over_long_prompt(tiny_model_dirs, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"mlx-lens: error: the prompt is {n_tokens} tokens, longer than the model's context of "
         "128 tokens"]
+
+
+def test_debug_shows_the_cause_of_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """A load failure is one line for users; with MLX_LENS_DEBUG=1 the whole chain surfaces,
+    down to the loader's own exception."""
+    from mlx_lens.core.errors import LensError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')  # no weights, no tokenizer
+    args = ["run", str(broken), "--backend", "torch", "--out_dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setenv("MLX_LENS_DEBUG", "1")
+    with pytest.raises(LensError, match="cannot load") as caught:
+        main(args)
+    assert caught.value.__cause__ is not None and not isinstance(caught.value.__cause__, LensError)

@@ -71,3 +71,27 @@ def test_healthy_run_reports_nothing(tiny_model_dirs, tmp_path, capsys):
     err, d, pure, _ = _run(tiny_model_dirs["llama"], tmp_path / "out", "torch", capsys)
     assert d["nonfinite_residual_layers"] == [] == d["nonfinite_lens_layers"]
     assert "warning" not in err and pure["entropy"].notna().all()
+
+
+def test_a_suite_warns_of_and_records_the_facts_it_blanked(tiny_model_dirs, tmp_path, capsys):
+    """As a single run does: one warning line for the suite, and the JSON names each fact (and
+    control) whose rows were blanked, with their layers; the aggregates count only the rest."""
+    from mlx_lens.output.suite_tables import read_suite_table
+    from tests.test_suite import FACTS, write_facts
+
+    def poison(w):
+        w["model.layers.1.mlp.down_proj.weight"][0, 0] = np.nan
+
+    model = _edit_weights(tiny_model_dirs["llama"], tmp_path / "nan_model", poison)
+    facts = write_facts(tmp_path / "facts.jsonl", FACTS[:2])
+    err, d, _, _ = _run(model, tmp_path / "out", "torch", capsys, "--facts", str(facts))
+    lines = err.strip().splitlines()
+    assert lines[1] == ("mlx-lens: warning: non-finite values (NaN/inf) in 2 facts of the suite: "
+                        "de (fact layers 2, 3, control layers 2, 3); fr (fact layers 2, 3); "
+                        "those rows are empty cells")
+    every = {"nonfinite_residual_layers": [2, 3], "nonfinite_lens_layers": [2, 3]}
+    assert d["suite_numeric_health"] == {"de": {"fact": every, "control": every},
+                                         "fr": {"fact": every}}
+    agg = read_suite_table(tmp_path / "out" / f"suite-{model.name}-aggregates.parquet")
+    n = agg[(agg["group"] == "all") & (agg["metric"] == "p_answer")].set_index("layer")["n"]
+    assert n.tolist() == [2, 2, 0, 0]

@@ -125,6 +125,9 @@ def test_the_default_model_over_two_ranks_writes_the_same_run(smollm2_dir, tmp_p
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one").iterdir())
     assert "rank 1/2: blocks 15-29" in done.stdout
+    # The JSON's traffic is rank 0's own count, read after the run (not 0, read before it).
+    sent = int(done.stdout.split("rank 0/2: blocks 0-14")[1].split(" sent ")[1].split()[0])
+    assert sent > 0 and b["diagnostics"]["pipeline"]["bytes_sent_by_rank_0"] == sent
 
 
 def test_a_tuned_lens_over_two_ranks(tiny_model_dirs, tmp_path):

@@ -305,3 +305,38 @@ def test_a_missing_corpus_is_refused_before_the_model_loads(tmp_path, capsys, mo
     code, out, err = run_main(["tune", "--corpus", str(tmp_path / "missing.txt")], tmp_path, capsys)
     assert code == 2 and err == f"mlx-lens: error: corpus not found: {tmp_path / 'missing.txt'}\n"
     assert "backend:" not in out
+
+
+@pytest.mark.parametrize("vocab, d", [(20, 8), (5000, 64)])  # printed whole / summarised
+def test_their_hash_ignores_the_callers_print_options(vocab, d):
+    """The package's formula, evaluated under numpy's defaults, on a small and a large head,
+    while the caller's global print options (a notebook's) say otherwise."""
+    w = np.random.default_rng(0).standard_normal((vocab, d)).astype(np.float32)
+    with np.printoptions(**lens_file._NUMPY_PRINT_DEFAULTS):
+        want = hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
+    with np.printoptions(threshold=10**9, edgeitems=5, linewidth=200, precision=3):
+        got = lens_file.their_hash(lambda a, b: w[a:b], vocab, d)
+    assert got == want
+
+
+def test_the_head_is_hashed_once_per_loaded_model(tiny_model_dirs):
+    """Every tuner() and evaluate() checks the lens against the head; the hash that reads the
+    whole fp32 head is computed once per loaded model, not per check."""
+    from torch_ref.backend import TorchBackend
+
+    backend = TorchBackend(resolve(str(tiny_model_dirs["llama"])))
+    reads = []
+    rows = backend.unembedding
+    backend.unembedding = lambda start, stop: reads.append((start, stop)) or rows(start, stop)
+    backend._head_hashes = lens_file.HeadHashes(backend.unembedding, backend.info.vocab,
+                                                backend.info.d_model)
+    info = backend.info
+    lens = TunedLens.identity(info.n_layers, info.d_model,
+                              {"unembed_sha256": lens_file.unembedding_hash(rows, info.vocab)})
+    backend.tuner(lens, Recipe())
+    first = len(reads)
+    assert first > 0
+    for _ in range(3):
+        backend.tuner(lens, Recipe())
+        backend.check_lens(Lens.tuned(TunedLens(lens.weight, lens.bias, lens.config)))
+    assert len(reads) == first

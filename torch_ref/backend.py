@@ -19,7 +19,7 @@ from mlx_lens.core.progress import progress
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
-from mlx_lens.tuned.lens_file import check_matches
+from mlx_lens.tuned.lens_file import HeadHashes, check_matches
 from torch_ref.arch import ARCHITECTURES
 from torch_ref.placement import execution_device, owned, place
 from torch_ref.reduce import LOG2E, sweep_next_token, sweep_states
@@ -62,7 +62,7 @@ class TorchBackend:
         except LensError:
             raise
         except Exception as exc:  # a broken or missing file: name the model and the cause
-            raise LensError(f"cannot load {source.location}: {one_line(exc)}") from None
+            raise LensError(f"cannot load {source.location}: {one_line(exc)}") from exc
         self.split = bool(placed.kwargs)
         if self.split:  # accelerate placed it: the lens decodes on the head's device
             head = model.get_output_embeddings()
@@ -90,6 +90,7 @@ class TorchBackend:
             softcap=self.softcap,
         )
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
+        self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
 
     def run_diagnostics(self) -> dict:
         """Recorded in the JSON: where accelerate placed each part of a split model."""
@@ -161,7 +162,7 @@ class TorchBackend:
     def _translators(self, lens: Translators) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
         if self._tuned is None or self._tuned[0] is not lens:
-            check_matches(lens, self.info, self.unembedding)
+            check_matches(lens, self.info, self._head_hashes)
             weight = torch.from_numpy(lens.weight).to(self.device)
             bias = torch.from_numpy(lens.bias).to(self.device)
             self._tuned = lens, list(zip(weight, bias))
@@ -264,7 +265,7 @@ class TorchBackend:
         return self.head.weight[start:stop].float().cpu().numpy()
 
     def tuner(self, lens: Translators, recipe: Recipe) -> TorchTuner:
-        check_matches(lens, self.info, self.unembedding)
+        check_matches(lens, self.info, self._head_hashes)
         self.model.requires_grad_(False)  # frozen: gradients reach the translators only
         self.final_norm.requires_grad_(False)
         return TorchTuner(self, lens, recipe, self.device)

@@ -186,13 +186,17 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
         began = time.perf_counter()
         suite = lens.run_suite(facts, collapse)
         seconds["suite"] = time.perf_counter() - began
+        result.payload["diagnostics"].update(lens.backend.run_diagnostics())  # its traffic too
+        if suite.numeric_health:  # which facts and layers were blanked, beside the run's own
+            result.payload["diagnostics"]["suite_numeric_health"] = suite.numeric_health
     rank_line = lens.backend.run_report()  # a rank of a pipeline: its own line
     if out_dir is None:
         print(rank_line, flush=True)
         return []
-    line = health.warning(result.payload["diagnostics"])
-    if line:
-        print(f"mlx-lens: warning: {line}", file=sys.stderr)
+    for line in (health.warning(result.payload["diagnostics"]),
+                 suite.health_warning() if facts else None):
+        if line:
+            print(f"mlx-lens: warning: {line}", file=sys.stderr)
     began = time.perf_counter()
     paths = write_model_artifacts(out_dir, lens.source.name, result)
     if facts:
@@ -267,7 +271,7 @@ def _make_out_dir(out_dir: Path) -> bool:
     except FileExistsError:
         raise LensError(f"--out_dir {out_dir} exists and is not a folder") from None
     except OSError as exc:
-        raise LensError(f"cannot create --out_dir {out_dir}: {exc.strerror}") from None
+        raise LensError(f"cannot create --out_dir {out_dir}: {exc.strerror}") from exc
     return not existed
 
 
@@ -368,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report,
                     "plot": cmd_plot, "tune": cmd_tune}
         return commands[args.command](args)
-    except LensError as exc:
+    except LensError as exc:  # one line for users; MLX_LENS_DEBUG=1 shows the whole chain
+        if os.environ.get("MLX_LENS_DEBUG"):
+            raise
         print(f"mlx-lens: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -139,7 +139,7 @@ class Backend(Protocol):
 
     def run_diagnostics(self) -> dict:
         """What the JSON records about how the model was placed (a split model's devices, a
-        pipeline's blocks per rank and traffic)."""
+        pipeline's blocks per rank and traffic); read after the run."""
 
     def run_report(self) -> str | None:
         """A line a run prints about this process's part (a pipeline rank's blocks, memory and

@@ -7,7 +7,7 @@ prompt needs, so that memory stays O(B) and never holds [facts, L+1, T, V].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,9 @@ class SuiteResult:
     long: pd.DataFrame  # one row per (fact, layer)
     per_fact: pd.DataFrame  # one row per fact
     aggregates: pd.DataFrame  # per group, layer and metric
+    # fact id -> {"fact" / "control": {"nonfinite_residual_layers": [...], ...}}, for the facts
+    # a row of which was non-finite (blanked: empty cells, left out of the aggregates' n)
+    numeric_health: dict = field(default_factory=dict)
 
     def plot(self) -> dict:
         """matplotlib Figures: per layer the mean and 95% band of p(answer) and p(control),
@@ -38,6 +41,18 @@ class SuiteResult:
         from mlx_lens.view.suite import suite_bands  # matplotlib is imported only to draw
 
         return {"suite": suite_bands(self.aggregates)}
+
+    def health_warning(self) -> str | None:
+        """One line for the console, or None when every row of every fact was finite."""
+        if not self.numeric_health:
+            return None
+        shown = "; ".join(
+            f"{fact_id} (" + ", ".join(f"{part} layers {_layers(report)}"
+                                       for part, report in parts.items()) + ")"
+            for fact_id, parts in list(self.numeric_health.items())[:3])
+        more = len(self.numeric_health) - 3
+        return (f"non-finite values (NaN/inf) in {len(self.numeric_health)} facts of the suite: "
+                f"{shown}{f'; {more} more' if more > 0 else ''}; those rows are empty cells")
 
     def summary_line(self) -> str:
         f = self.per_fact
@@ -77,16 +92,24 @@ def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], len
     return out
 
 
+def _layers(report: dict[str, list[int]]) -> str:
+    return ", ".join(map(str, sorted(set().union(*report.values()))))
+
+
 def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
-               names: TokenNames, collapse: CollapseSettings) -> tuple[dict, dict]:
-    """The fact's per-fact row and its columns of the long table (plain arrays: one DataFrame
-    is made for all facts at the end)."""
-    stats, _ = health.checked(stats)
+               names: TokenNames, collapse: CollapseSettings) -> tuple[dict, dict, dict]:
+    """The fact's per-fact row, its columns of the long table (plain arrays: one DataFrame is
+    made for all facts at the end) and the non-finite rows of the fact and its control."""
+    stats, report = health.checked(stats)
+    found = {"fact": report} if any(report.values()) else {}
     flags = next_token_flags(stats, fact.ids, fact.answer_id, collapse)
     top1 = stats.topk_ids[:, 0, 0]
     n = len(top1)
-    p_control = (health.checked(control)[0].p_scored.T if control is not None
-                 else np.full((2, n), np.nan))
+    p_control = np.full((2, n), np.nan)
+    if control is not None:
+        control, report = health.checked(control)
+        p_control = control.p_scored.T
+        found |= {"control": report} if any(report.values()) else {}
     layers = {
         "fact_id": [fact.fact.id] * n, "group": [fact.fact.group] * n, "layer": np.arange(n),
         "entropy": stats.entropy[:, 0], "top1": [names(i) if i >= 0 else "" for i in top1],
@@ -102,7 +125,7 @@ def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
                 "final_top1": names(final) if final >= 0 else "",
                 "final_p1": float(stats.topk_probs[-1, 0, 0]),
                 "correct": final == fact.answer_id}
-    return per_fact, layers
+    return per_fact, layers, found
 
 
 def run_suite(backend: Backend, facts: list[Fact], lens: Lens = FINAL_NORM,
@@ -119,12 +142,13 @@ def run_suite(backend: Backend, facts: list[Fact], lens: Lens = FINAL_NORM,
     names = TokenNames(backend.tokenizer.decode)
     rows = [_fact_rows(f, stats[i], stats[controls[i]] if i in controls else None, names,
                        collapse) for i, f in enumerate(encoded)]
-    long = pd.DataFrame({key: np.concatenate([layers[key] for _, layers in rows])
+    long = pd.DataFrame({key: np.concatenate([layers[key] for _, layers, _ in rows])
                          for key in rows[0][1]})
     long["answer_rank"] = rank_column(long["answer_rank"].to_numpy(), long.index)
-    per_fact = pd.DataFrame([fact for fact, _ in rows])
+    per_fact = pd.DataFrame([fact for fact, _, _ in rows])
     for column in per_fact.columns:
         if column.startswith(("L_", "first_", "delta_")):
             per_fact[column] = per_fact[column].astype("Int64")
     per_fact = aggregates.add_control_columns(per_fact, long)
-    return SuiteResult(long, per_fact, aggregates.layer_aggregates(long))
+    unhealthy = {f.fact.id: found for f, (_, _, found) in zip(encoded, rows) if found}
+    return SuiteResult(long, per_fact, aggregates.layer_aggregates(long), unhealthy)

@@ -45,8 +45,8 @@ def reachable_or_cached(source: ModelSource) -> ModelSource:
     try:
         folder = snapshot_download(source.hub_id, local_files_only=True,
                                    cache_dir=constants.HF_HUB_CACHE)
-    except Exception:  # not cached (the client's own error names no cause a user can act on)
+    except Exception as exc:  # not cached (the client's error names no cause a user can act on)
         raise LensError(f"cannot fetch {source.hub_id}: the model hub cannot be reached "
                         f"({reason}) and the model is not in the local cache "
-                        f"{constants.HF_HUB_CACHE}") from None
+                        f"{constants.HF_HUB_CACHE}") from exc
     return ModelSource(source.name, path=Path(folder))

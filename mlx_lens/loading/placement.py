@@ -66,7 +66,7 @@ def footprint(source: ModelSource) -> Footprint | None:
         files = sorted(source.path.glob("*.safetensors"))
         return _safetensors_footprint(files) if files else None
     except (OSError, ValueError, KeyError, struct.error) as exc:
-        raise LensError(f"unreadable weights in {source.path}: {exc}") from None
+        raise LensError(f"unreadable weights in {source.path}: {exc}") from exc
 
 
 def auto_dtype(device: str, n_params: int, half: str) -> str:
@@ -138,7 +138,7 @@ def read_device_map(path: str | Path) -> dict[str, str | int]:
     try:
         device_map = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise LensError(f"unreadable device map {path}: {exc}") from None
+        raise LensError(f"unreadable device map {path}: {exc}") from exc
     if not isinstance(device_map, dict) or not device_map:
         raise LensError(f"device map {path} is not a JSON object of module names and devices")
     return device_map

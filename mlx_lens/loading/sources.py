@@ -56,7 +56,7 @@ def local_model_type(source: ModelSource) -> str | None:
     try:
         return json.loads((source.path / "config.json").read_text())["model_type"]
     except (OSError, ValueError, KeyError) as exc:
-        raise LensError(f"unreadable config.json in {source.path}: {exc}") from None
+        raise LensError(f"unreadable config.json in {source.path}: {exc}") from exc
 
 
 def check_supported(model_type: str | None, supported, backend: str) -> None:

@@ -31,7 +31,7 @@ from mlx_lens.loading.sources import ModelSource, check_supported
 from mlx_lens.mlx.arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
 from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
 from mlx_lens.mlx.tune import MlxTuner, translate
-from mlx_lens.tuned.lens_file import check_matches
+from mlx_lens.tuned.lens_file import HeadHashes, check_matches
 
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 # Bytes of fp32 logits one vocabulary chunk may take ([R, T, C]).
@@ -84,7 +84,7 @@ def local_folder(source: ModelSource) -> Path:
     try:
         return Path(_download(source.hub_id))
     except Exception as exc:
-        raise LensError(f"cannot fetch {source.hub_id}: {one_line(exc)}") from None
+        raise LensError(f"cannot fetch {source.hub_id}: {one_line(exc)}") from exc
 
 
 class MlxLens:
@@ -102,7 +102,7 @@ class MlxLens:
         try:
             config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
-            raise LensError(f"unreadable config.json in {path}: {exc}") from None
+            raise LensError(f"unreadable config.json in {path}: {exc}") from exc
         model_type = config.get("model_type")
         check_supported(model_type, ARCHITECTURES, "mlx")
         self.arch = ARCHITECTURES[model_type]
@@ -131,7 +131,7 @@ class MlxLens:
         except LensError:
             raise
         except Exception as exc:
-            raise LensError(f"cannot load {path}: {one_line(exc)}") from None
+            raise LensError(f"cannot load {path}: {one_line(exc)}") from exc
         if dtype != "stored":
             model.set_dtype(_DTYPES[dtype])
         fix_modules(model_type, model.model, config)
@@ -139,8 +139,7 @@ class MlxLens:
         self.inner = model.model
         self.blocks = _attr(self.inner, self.arch.blocks)
         self.embed = _attr(self.inner, self.arch.embed)
-        head = self.arch.head and _attr_or_none(model, self.arch.head)
-        self.head = head if head is not None else self.embed  # tied
+        self.head = self._head(model, config)
         self.final_norm = _fp32(_attr(self.inner, self.arch.final_norm))
         self.input_norms = [_fp32(getattr(b, self.arch.input_norm)) for b in self.blocks]
         self.softcap = softcap_of(config) if self.arch.softcap else None
@@ -159,6 +158,23 @@ class MlxLens:
             softcap=self.softcap,
         )
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
+        self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
+
+    def _head(self, model: nn.Module, config: dict) -> nn.Module:
+        """The unembedding. Tied or not as the model mlx-lm built says (its arguments'
+        tie_word_embeddings, else the config's), never guessed from a missing attribute: an
+        untied model whose head is not where the table says is refused by name."""
+        if self.arch.head is None:  # an architecture that always ties (gemma2, gpt2)
+            return self.embed
+        tied = getattr(getattr(model, "args", None), "tie_word_embeddings",
+                       config.get("tie_word_embeddings", False))
+        if tied:
+            return self.embed
+        try:
+            return _attr(model, self.arch.head)
+        except AttributeError:
+            raise LensError(f"{config.get('model_type')} is untied (tie_word_embeddings false) "
+                            f"but mlx-lm's model has no head at {self.arch.head!r}") from None
 
     # -- capture -----------------------------------------------------------------------------
     def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[mx.array]:
@@ -229,7 +245,7 @@ class MlxLens:
     def _translators(self, lens: Translators) -> list[tuple[mx.array, mx.array]]:
         """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
         if self._tuned is None or self._tuned[0] is not lens:
-            check_matches(lens, self.info, self.unembedding)
+            check_matches(lens, self.info, self._head_hashes)
             self._tuned = lens, [(mx.array(a), mx.array(b)) for a, b in zip(lens.weight, lens.bias)]
         return self._tuned[1]
 
@@ -296,7 +312,7 @@ class MlxBackend(MlxLens):
     TrainableBackend)."""
 
     def tuner(self, lens: Translators, recipe: Recipe) -> MlxTuner:
-        check_matches(lens, self.info, self.unembedding)
+        check_matches(lens, self.info, self._head_hashes)
         return MlxTuner(self, lens, recipe)
 
     def own_logits(self, ids: Sequence[int]) -> mx.array:
@@ -344,13 +360,6 @@ class MlxBackend(MlxLens):
 
     def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         return np.array(self.head_logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))
-
-
-def _attr_or_none(obj, dotted: str):
-    try:
-        return _attr(obj, dotted)
-    except AttributeError:
-        return None
 
 
 def _name(dtype: mx.Dtype) -> str:

@@ -90,7 +90,7 @@ class PipelineBackend(MlxLens):
             mx.eval(x)
         except RuntimeError as exc:
             raise LensError(f"rank {self.rank} of {self.size}: {exc} (another process of the "
-                            "run failed or was stopped)") from None
+                            "run failed or was stopped)") from exc
         return x
 
     def _send(self, x: mx.array, dst: int) -> None:

@@ -41,7 +41,7 @@ def documents(spec: str | None) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise LensError(f"unreadable corpus {spec}: {exc}") from None
+        raise LensError(f"unreadable corpus {spec}: {exc}") from exc
     if path.suffix != ".jsonl":
         docs = [text]
     else:

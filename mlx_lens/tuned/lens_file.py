@@ -13,6 +13,7 @@ held as plain numpy, so both backends apply the same file. A and b zero: exactly
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,15 +68,28 @@ def unembedding_hash(rows: Callable[[int, int], np.ndarray], vocab: int) -> str:
     return digest.hexdigest()
 
 
+# numpy's default print options, under which the tuned-lens package's process (which sets none)
+# prints the head for its hash; a notebook's own np.set_printoptions must not change ours.
+_NUMPY_PRINT_DEFAULTS = dict(precision=8, threshold=1000, edgeitems=3, linewidth=75,
+                             suppress=False, nanstr="nan", infstr="inf", sign="-",
+                             floatmode="maxprec", legacy=False)
+
+
 def their_hash(rows: Callable[[int, int], np.ndarray], vocab: int, d: int) -> str:
-    """tuned-lens's unembed_hash: sha256 of np.array_str(W, precision=1), W the fp32 head.
-    numpy summarises a large array to its first and last three rows and columns, so only those
-    rows are read (np.zeros maps the rest lazily, without touching memory)."""
-    w = np.zeros((vocab, d), np.float32)
-    edge = min(3, vocab)
-    w[:edge] = rows(0, edge)
-    w[vocab - edge:] = rows(vocab - edge, vocab)
-    return hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
+    """tuned-lens's unembed_hash: sha256 of np.array_str(W, precision=1), W the fp32 head,
+    under numpy's default print options. numpy summarises an array of more than `threshold`
+    elements to its first and last `edgeitems` rows and columns, so only those rows are read
+    (np.zeros maps the rest lazily, without touching memory); a smaller head is read whole."""
+    opts = _NUMPY_PRINT_DEFAULTS
+    with np.printoptions(**opts):
+        if vocab * d <= opts["threshold"]:
+            w = np.ascontiguousarray(rows(0, vocab), np.float32)
+        else:
+            w = np.zeros((vocab, d), np.float32)
+            edge = min(opts["edgeitems"], vocab)
+            w[:edge] = rows(0, edge)
+            w[vocab - edge:] = rows(vocab - edge, vocab)
+        return hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
 
 
 def read(path: str | Path) -> TunedLens:
@@ -86,7 +100,7 @@ def read(path: str | Path) -> TunedLens:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise LensError(f"unreadable {path / 'config.json'}: {exc}") from None
+        raise LensError(f"unreadable {path / 'config.json'}: {exc}") from exc
     if (path / OURS).is_file():
         weight, bias = _read_ours(path / OURS)
     elif (path / THEIRS).is_file():
@@ -106,7 +120,7 @@ def _read_ours(file: Path) -> tuple[np.ndarray, np.ndarray]:
         tensors = load_file(str(file))
         return tensors["weight"].astype(np.float32), tensors["bias"].astype(np.float32)
     except Exception as exc:
-        raise LensError(f"unreadable tuned lens {file}: {type(exc).__name__}: {exc}") from None
+        raise LensError(f"unreadable tuned lens {file}: {type(exc).__name__}: {exc}") from exc
 
 
 def _read_theirs(file: Path, config: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +129,7 @@ def _read_theirs(file: Path, config: dict) -> tuple[np.ndarray, np.ndarray]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise LensError(f"unreadable tuned lens {file}: {one_line(exc)}") from None
+        raise LensError(f"unreadable tuned lens {file}: {one_line(exc)}") from exc
     n = config.get("num_hidden_layers")
     d = config.get("d_model")
     if not isinstance(n, int) or not isinstance(d, int):
@@ -125,7 +139,7 @@ def _read_theirs(file: Path, config: dict) -> tuple[np.ndarray, np.ndarray]:
         bias = np.stack([state[f"{i}.bias"].float().numpy() if f"{i}.bias" in state
                          else np.zeros(d, np.float32) for i in range(n)])
     except (KeyError, AttributeError) as exc:
-        raise LensError(f"tuned lens {file}: no translator {exc} in the state dict") from None
+        raise LensError(f"tuned lens {file}: no translator {exc} in the state dict") from exc
     return weight, bias
 
 
@@ -160,7 +174,23 @@ def read_extra(path: Path, name: str) -> dict[str, np.ndarray]:
     return load_file(str(Path(path) / name))
 
 
-def check_matches(lens: TunedLens, info: ModelInfo, rows: Callable[[int, int], np.ndarray]) -> None:
+class HeadHashes:
+    """A loaded model's unembedding hashes, ours and the tuned-lens package's, each computed at
+    most once: ours reads the whole fp32 head (gigabytes for a 7B model)."""
+
+    def __init__(self, rows: Callable[[int, int], np.ndarray], vocab: int, d_model: int):
+        self._rows, self._vocab, self._d = rows, vocab, d_model
+
+    @functools.cached_property
+    def ours(self) -> str:
+        return unembedding_hash(self._rows, self._vocab)
+
+    @functools.cached_property
+    def theirs(self) -> str:
+        return their_hash(self._rows, self._vocab, self._d)
+
+
+def check_matches(lens: TunedLens, info: ModelInfo, hashes: HeadHashes) -> None:
     """Refuse, in one line, a lens made for another model: other width, rows or unembedding."""
     where = lens.path or "the tuned lens"
     if lens.d_model != info.d_model or lens.n_rows != info.n_layers:
@@ -169,9 +199,9 @@ def check_matches(lens: TunedLens, info: ModelInfo, rows: Callable[[int, int], n
                         f"{info.n_layers} layers)")
     ours = lens.config.get("unembed_sha256")
     theirs = lens.config.get("unembed_hash")
-    if ours and ours != unembedding_hash(rows, info.vocab):
+    if ours and ours != hashes.ours:
         raise LensError(f"{where} was made for another unembedding than {info.name}'s "
                         "(unembed_sha256 differs)")
-    if not ours and theirs and theirs != their_hash(rows, info.vocab, info.d_model):
+    if not ours and theirs and theirs != hashes.theirs:
         raise LensError(f"{where} was made for another unembedding than {info.name}'s "
                         "(tuned-lens unembed_hash differs)")

@@ -124,7 +124,7 @@ def _reading(path: Path):
         reason = first_line(exc)
         if isinstance(exc, KeyError):
             reason = f"missing {reason}"
-        raise LensError(f"cannot read {path}: {reason}") from None
+        raise LensError(f"cannot read {path}: {reason}") from exc
 
 
 # -- per model ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def _read(path: Path, reader: Callable, needs: tuple[str, ...] = ()):
     try:
         table = reader(path)
     except Exception as exc:
-        raise LensError(f"cannot read {path}: {first_line(exc)}") from None
+        raise LensError(f"cannot read {path}: {first_line(exc)}") from exc
     missing = [c for c in needs if c not in table.columns]
     if missing:
         raise LensError(f"cannot read {path}: no column {', '.join(missing)}")
