@@ -71,3 +71,20 @@ def test_self_test_script(smollm2_dir, tmp_path):
                           text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "self-test: PASS" in proc.stdout and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_self_test_holds_the_logits_not_only_the_kl(tiny_model_dirs, backend):
+    """A lens whose normed rows give every logit the same offset has the right softmax, so the
+    KL check alone passes; the logits themselves are held to their bound and fail."""
+    b = backend_choice.load(backend, resolve(str(tiny_model_dirs["llama"])))
+    decode = b.decode_rows
+
+    def shifted(x, ref):
+        z = decode(x, ref)
+        return z + 1.0 if ref is not None else z  # the learned-norm path only
+
+    b.decode_rows = shifted
+    rows = run_self_test(b)
+    assert all(abs(r.kl_learned - r.kl_manual) <= r.bound for r in rows)  # KL cannot see it
+    assert not any(r.passed for r in rows) and min(r.logit_use for r in rows) > 1.0

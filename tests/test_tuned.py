@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 
@@ -340,3 +341,50 @@ def test_the_head_is_hashed_once_per_loaded_model(tiny_model_dirs):
         backend.tuner(lens, Recipe())
         backend.check_lens(Lens.tuned(TunedLens(lens.weight, lens.bias, lens.config)))
     assert len(reads) == first
+
+
+def _broken_folders(root, llama):
+    """name -> (a tuned lens folder broken so, the message naming it)."""
+    n, d = llama.info.n_layers, llama.info.d_model
+    out = {}
+    lens = TunedLens.identity(n, d)
+    nan = lens_file.save(TunedLens(lens.weight.copy(), lens.bias.copy()), root / "nan")
+    weight = nan.weight.copy()
+    weight[1, 0, 0] = np.nan
+    lens_file.save(TunedLens(weight, nan.bias), root / "nan", replace=True)
+    out["nan"] = (root / "nan", "the translators of rows 1 hold NaN or inf")
+    bias = lens.bias.copy()
+    bias[0, 3] = np.inf
+    _theirs(root / "inf", TunedLens(lens.weight, bias), llama)
+    out["inf"] = (root / "inf", "the translators of rows 0 hold NaN or inf")
+    for name, layout in (("cut_ours", lens_file.OURS), ("cut_theirs", lens_file.THEIRS)):
+        if layout == lens_file.OURS:
+            lens_file.save(lens, root / name)
+        else:
+            _theirs(root / name, lens, llama)
+        file = root / name / layout
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+        out[name] = (root / name, f"unreadable tuned lens {file}")
+    for name, config, message in (("list", [], "not a JSON object"),
+                                  ("types", {"num_hidden_layers": "3", "d_model": d},
+                                   "num_hidden_layers is str '3', not int"),
+                                  ("hash", {"unembed_sha256": 7}, "unembed_sha256 is int 7")):
+        lens_file.save(lens, root / name)
+        (root / name / "config.json").write_text(json.dumps(config))
+        out[name] = (root / name, message)
+    return out
+
+
+def test_broken_lens_folders_are_one_line_and_write_nothing(llama, tiny_model_dirs, tmp_path,
+                                                           capsys):
+    """NaN or inf translators (a training run on another corpus that diverged), a truncated
+    translators file in either layout, a config.json of wrong types: one line naming the file
+    and the problem, exit 2, no run folder."""
+    for name, (folder, message) in _broken_folders(tmp_path / "lenses", llama).items():
+        with pytest.raises(LensError, match=re.escape(message)):
+            lens_file.read(folder)
+        code, out, err = run_main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch",
+                                   "--lens", f"tuned:{folder}", "--out_dir", str(tmp_path / "run")],
+                                  tmp_path, capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (name, err)
+        assert not (tmp_path / "run").exists(), name

@@ -101,6 +101,7 @@ def read(path: str | Path) -> TunedLens:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise LensError(f"unreadable {path / 'config.json'}: {exc}") from exc
+    _check_config(path / "config.json", config)
     if (path / OURS).is_file():
         weight, bias = _read_ours(path / OURS)
     elif (path / THEIRS).is_file():
@@ -110,7 +111,27 @@ def read(path: str | Path) -> TunedLens:
     if weight.ndim != 3 or weight.shape[1:] != (weight.shape[2],) * 2 or bias.shape != weight.shape[:2]:
         raise LensError(f"tuned lens {path}: translators of shapes {weight.shape} and {bias.shape} "
                         "are not [L, d, d] and [L, d]")
+    bad = sorted({*np.flatnonzero(~np.isfinite(weight).all((1, 2))),
+                  *np.flatnonzero(~np.isfinite(bias).all(1))})
+    if bad:  # a training run that diverged: every row it touches would decode to garbage
+        raise LensError(f"tuned lens {path}: the translators of rows {', '.join(map(str, bad))} "
+                        "hold NaN or inf")
     return TunedLens(weight, bias, config, path)
+
+
+# config.json fields this tool reads, and the JSON types they must have
+_CONFIG_TYPES = {"unembed_sha256": str, "unembed_hash": str, "training": dict,
+                 "num_hidden_layers": int, "d_model": int}
+
+
+def _check_config(file: Path, config) -> None:
+    if not isinstance(config, dict):
+        raise LensError(f"{file}: not a JSON object")
+    for key, kind in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise LensError(f"{file}: {key} is {type(value).__name__} {value!r}, not "
+                            f"{kind.__name__}")
 
 
 def _read_ours(file: Path) -> tuple[np.ndarray, np.ndarray]:
