@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,3 +389,76 @@ def test_broken_lens_folders_are_one_line_and_write_nothing(llama, tiny_model_di
                                   tmp_path, capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, (name, err)
         assert not (tmp_path / "run").exists(), name
+
+
+def test_a_second_tune_into_the_same_folder_is_refused_while_the_first_lives(
+        llama, tiny_model_dirs, text, tmp_path, capsys):
+    """One trains, the other refuses in one line and writes nothing; a lock left by a process
+    that died is taken over."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "lens"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "lens.lock").write_text(str(other.pid))  # as that process's tune holds it
+        code, _, err = run_main(["tune", str(tiny_model_dirs["llama_untied"]), "--backend", "torch",
+                                 "--corpus", str(text), "--steps", "1", "--out", str(out)],
+                                tmp_path, capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"the lens folder {out} is in use by another process (pid {other.pid})" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lens.lock"]
+    finally:
+        other.kill()
+        other.wait()
+    data = corpus.load_corpus(str(text), llama.tokenizer, OPTS.seq_len)
+    training.train(llama, data, OPTS, out)  # its holder is dead: the lock is taken over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lens"]
+
+
+KILLED_MID_CHECKPOINT = """
+import os, sys
+from pathlib import Path
+import safetensors.numpy
+from mlx_lens.loading.sources import resolve
+from mlx_lens.tuned import corpus, training
+from torch_ref.backend import TorchBackend
+from tests.test_tuned import OPTS
+
+backend = TorchBackend(resolve(sys.argv[1]))
+data = corpus.load_corpus(sys.argv[2], backend.tokenizer, OPTS.seq_len)
+real, writes = safetensors.numpy.save_file, []
+
+def dies(tensors, path, *args, **kwargs):  # the second checkpoint (step 4): one file, then death
+    writes.append(path)
+    real(tensors, path, *args, **kwargs)
+    if len(writes) == 3:
+        os._exit(9)  # as SIGKILL: no cleanup of any kind runs
+
+safetensors.numpy.save_file = dies
+training.train(backend, data, OPTS, Path(sys.argv[3]))
+"""
+
+
+def test_a_tune_killed_while_writing_a_checkpoint_resumes_from_the_one_before(
+        llama, tiny_model_dirs, text, tmp_path):
+    """Killed in the middle of a checkpoint write: the lens folder does not exist, the previous
+    checkpoint is intact, the next run resumes from it to the uninterrupted result and sweeps
+    the dead process's half-written folder away."""
+    import subprocess
+    import sys
+
+    data = corpus.load_corpus(str(text), llama.tokenizer, OPTS.seq_len)
+    whole = training.train(llama, data, OPTS, tmp_path / "whole")
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_CHECKPOINT,
+                           str(tiny_model_dirs["llama_untied"]), str(text), str(out)],
+                          cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    ckpt = training.checkpoint_path(out)
+    assert not out.exists() and lens_file.read(ckpt).config["training"]["step"] == 2
+    assert any(p.name.startswith(f".{ckpt.name}.tmp-") for p in tmp_path.iterdir())
+    resumed = training.train(llama, data, OPTS, out)
+    assert np.array_equal(resumed.weight, whole.weight) and np.array_equal(resumed.bias, whole.bias)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "whole"]

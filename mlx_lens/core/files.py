@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from mlx_lens.core.errors import LensError
+
 
 def umask() -> int:
     mask = os.umask(0)
@@ -61,6 +63,54 @@ def atomic_folder(final: Path, build: Callable[[Path], None],
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` (of this host) alive?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive: another user's process
+        pass
+    return True
+
+
+def sweep_dead_siblings(final: Path) -> None:
+    """Remove what a process killed mid-write left beside `final` (its sibling() folders)."""
+    for left in final.parent.glob(f".{final.name}.*-*-*"):
+        pid = left.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str):
+    """Hold the lock file `lock` (it names our pid) for the block: while its holder lives,
+    another process is refused in one line; a dead holder's lock is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                holder = 0  # being written this instant, or garbage: looked at again below
+            if holder and pid_alive(holder):
+                raise LensError(f"{what} is in use by another process (pid {holder}); wait "
+                                "for it to finish, or choose another folder") from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise LensError(f"{what}: cannot take its lock {lock}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def json_safe(obj):

@@ -8,6 +8,7 @@ run removes it.
 """
 from __future__ import annotations
 
+
 import os
 import secrets
 import shutil
@@ -15,6 +16,8 @@ import socket
 import time
 from datetime import datetime
 from pathlib import Path
+
+from mlx_lens.core.files import pid_alive
 
 LATEST = "run-latest"
 STAMP_PREFIX = "timestamp-"
@@ -24,20 +27,10 @@ STAGING_PREFIX = ".staging-"
 FOREIGN_STALE_AFTER_S = 7 * 24 * 3600
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive: another user's process
-        pass
-    return True
-
-
 def _is_stale(staging: Path) -> bool:
     owner = staging.name.removeprefix(STAGING_PREFIX).rsplit("-", 2)  # host, pid, random
     if len(owner) == 3 and owner[0] == socket.gethostname() and owner[1].isdigit():
-        return not _alive(int(owner[1]))
+        return not pid_alive(int(owner[1]))
     try:
         return time.time() - staging.stat().st_mtime > FOREIGN_STALE_AFTER_S
     except FileNotFoundError:  # another run removed it meanwhile

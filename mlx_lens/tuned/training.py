@@ -23,6 +23,7 @@ import pandas as pd
 from mlx_lens.core.training import Recipe, TrainableBackend
 from mlx_lens.tuned.corpus import Corpus
 from mlx_lens.core.errors import LensError
+from mlx_lens.core.files import exclusive, sweep_dead_siblings
 from mlx_lens.core.progress import progress
 from mlx_lens.tuned.lens_file import TunedLens, read, read_extra, save, unembedding_hash
 
@@ -110,7 +111,17 @@ def checkpoint_path(out: Path) -> Path:
 def train(backend: TrainableBackend, corpus: Corpus, opts: TuneOptions, out: Path) -> TunedLens:
     """Train a tuned lens and write it to `out` (a new folder). Every checkpoint_every steps,
     and when interrupted, the state goes to `<out>.checkpoint`, from which the same command
-    resumes; it is removed once the lens is written."""
+    resumes; it is removed once the lens is written. One process at a time trains into `out`
+    (`<out>.lock`); a checkpoint is written whole or not at all, so one killed mid-write (even
+    by SIGKILL) leaves the one before it to resume from."""
+    out = Path(out)
+    with exclusive(out.with_name(out.name + ".lock"), f"the lens folder {out}"):
+        for folder in (out, checkpoint_path(out)):
+            sweep_dead_siblings(folder)  # half-written folders of a process that was killed
+        return _train(backend, corpus, opts, out)
+
+
+def _train(backend: TrainableBackend, corpus: Corpus, opts: TuneOptions, out: Path) -> TunedLens:
     if out.exists():
         raise LensError(f"{out} already exists; a lens is never overwritten (choose another --out)")
     ckpt = checkpoint_path(out)
