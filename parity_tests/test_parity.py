@@ -49,8 +49,9 @@ def test_backends_agree(pair, name, lens):
     report = compare(torch_backend, mlx_backend, PROMPTS, lens, answer=None)
     assert not report.failures(), report.table()
     cells = sum(len(torch_backend.tokenizer.encode(p)) for p in PROMPTS) * report.max_kl.size
-    assert report.decisive.sum() > 0.8 * cells  # the top-1 check covers most positions
-    assert all(p.summaries[0]["L_semantic"] is not None for p in report.prompts)
+    # A sensitivity floor, not a tolerance: the top-1 comparison must reach most positions (a
+    # random model whose top-1 leads by less than the bound everywhere would test nothing).
+    assert report.decisive.sum() > 0.8 * cells
 
 
 # Reduced precision: the lens's last row against the model's own output in that dtype. The model

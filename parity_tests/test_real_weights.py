@@ -23,7 +23,7 @@ def smollm2_pair(smollm2_dir):
 def test_smollm2_backends_agree(smollm2_pair, lens):
     report = compare(*smollm2_pair, ["The capital of Germany is called simply"], lens, "Berlin")
     assert not report.failures(), report.table()
-    assert report.prompts[0].summaries[0]["L_semantic"] == 30  # Berlin at the last layer
+    assert report.prompts[0].summaries[0]["L_semantic"] == 30  # pin: Berlin, last layer
 
 
 def test_smollm2_backends_agree_on_a_tuned_lens_in_the_packages_layout(smollm2_pair, tmp_path):

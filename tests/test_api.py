@@ -24,6 +24,7 @@ def test_readme_example_runs_as_written(smollm2_dir, capsys, tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "L_semantic" in out and "p_answer" in out
     result, suite = namespace["result"], namespace["suite"]
+    # regression pins: the default model's known answer and layer (docs/stack.md)
     assert result.summary["answer"] == " Berlin" and result.summary["L_semantic"] == 30
     assert len(result.pure) == 31 and len(suite.per_fact) == 20
 

@@ -169,19 +169,57 @@ def test_torch_rows_use_their_lens_norm(loaded, name):
             assert np.all(np.abs(got[row] - want.numpy()) <= bound[row]), (lens.name, row)
 
 
+class _Recorder:
+    """Stands in for one of mlx-lm's blocks in its own model's block list and keeps what went
+    in and what came out."""
+
+    def __init__(self, block, seen: list):
+        self.block, self.seen = block, seen
+
+    def __call__(self, h, *args, **kwargs):
+        out = self.block(h, *args, **kwargs)
+        self.seen.append((h, out))
+        return out
+
+    def __getattr__(self, name):  # what the model's loop asks of a block (e.g. use_sliding)
+        return getattr(self.block, name)
+
+
+def mlx_lm_rows(backend, ids: list[int]) -> list:
+    """The residual rows of mlx-lm's own forward pass (its embedding, masks and block loop, not
+    the lens's capture): block 0's input, then each block's output, [T, d] float32 each. Gemma-3
+    with sqrt(d) in the compute dtype, as in mlx_lm_logits."""
+    from mlx_lm.models import gemma3_text
+
+    *parents, name = backend.arch.blocks.split(".")
+    owner = backend.inner
+    for parent in parents:
+        owner = getattr(owner, parent)
+    blocks, seen = getattr(owner, name), []
+    setattr(owner, name, [_Recorder(b, seen) for b in blocks])
+    try:
+        with mock.patch.object(gemma3_text, "mx", _ComputeDtypeMx(backend.embed.weight.dtype)):
+            mx.eval(backend.model(mx.array([ids])))
+    finally:
+        setattr(owner, name, blocks)
+    return [seen[0][0][0].astype(mx.float32)] + [out[0].astype(mx.float32) for _, out in seen]
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "gemma3_text"])
 def test_mlx_rows_use_their_lens_norm(loaded, name):
-    """Rows decoded by layer_logits equal head(norm(row)) with the model's own norm modules."""
+    """Rows decoded by layer_logits equal head(norm(row)) with the model's own norm modules, the
+    rows taken from mlx-lm's own forward pass (independent of the lens's capture loop), as the
+    torch test takes transformers' hidden states."""
     backend = loaded("mlx", name)
     ids = backend.tokenizer.encode(PROMPT)
-    rows = backend._rows(ids)
-    inner = backend.inner
-    final = getattr(inner, backend.arch.final_norm)
+    rows = mlx_lm_rows(backend, ids)
+    assert len(rows) == backend.info.n_layers + 1
+    final = getattr(backend.inner, backend.arch.final_norm)
     for lens in LENSES:
         got = backend.layer_logits(ids, lens)
         bound = gemm_bound(backend, ids, lens, got, NORM_AND_HEAD)
         for row, ref in enumerate(lens.norm_plan(len(backend.blocks))):
-            h = rows[row].astype(mx.float32)
+            h = rows[row]
             if ref == "final":
                 h = final(h)
             elif ref is not None:

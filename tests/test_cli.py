@@ -150,7 +150,7 @@ def test_default_model_answers_berlin_at_the_last_layer(smollm2_dir, tmp_path, c
                                                  probes=not extra)
         top = payload["final_prediction"]["topk"][0]
         assert top[0] == " Berlin" and top[1] > 0.5
-        assert payload["diagnostics"]["L_semantic"] == 30
+        assert payload["diagnostics"]["L_semantic"] == 30  # a regression pin (Berlin at the last layer)
         assert pure["is_answer"].tolist() == [False] * 30 + [True]
         frames[backend], depths[backend] = records, payload["diagnostics"]["summation_depth"]
         ids = payload["diagnostics"]["prompt_token_ids"]

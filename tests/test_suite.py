@@ -119,6 +119,7 @@ def test_default_suite_on_the_default_model(smollm2_dir, tmp_path, capsys):
     assert len(per_fact) == len(load_facts("default")) >= 300
     assert set(per_fact["group"]) == {"original", "capital_city_named", "country_has_capital"}
     germany = per_fact.set_index("fact_id").loc["original/Germany"]
+    # regression pins: the default model's known answer and layer
     assert germany["correct"] and germany["final_top1"] == " Berlin" and germany["L_semantic"] == 30
 
 
