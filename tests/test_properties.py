@@ -1,0 +1,135 @@
+"""Property-based tests (hypothesis): the facts loader on arbitrary bytes and rows, both
+backends' reductions against float64 on generated logits, the collapse flags on generated
+top-1 sequences."""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mlx_lens.core.contract import LayerStats
+from mlx_lens.core.errors import LensError
+from mlx_lens.experiment.facts import Fact, load_facts
+from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
+from tests.lens_checks import assert_reductions_match_float64
+from tests.test_backends import _mlx_reductions, _torch_reductions
+
+# Bounded: each example is a small fp32 problem or a small file; CI stays fast and repeatable.
+FEW = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+               suppress_health_check=[HealthCheck.too_slow])
+
+
+def _load(data: bytes, suffix: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"facts{suffix}"
+        path.write_bytes(data)
+        try:
+            return load_facts(str(path)), None
+        except LensError as exc:
+            return None, (str(exc), str(path))
+
+
+def _one_located_line(message: str, path: str) -> None:
+    """A LensError of the loader: one line, naming the file (and its line, where it has one)."""
+    assert "\n" not in message
+    assert message.startswith(path), message
+    assert re.match(re.escape(path) + r"(:\d+)?: ", message), message
+
+
+@FEW
+@given(data=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".csv"]))
+def test_facts_loader_on_arbitrary_bytes(data, suffix):
+    facts, error = _load(data, suffix)
+    if error:
+        _one_located_line(*error)
+    else:
+        assert facts and all(isinstance(f, Fact) for f in facts)
+
+
+_VALUES = st.one_of(st.text(max_size=30), st.integers(), st.floats(allow_nan=True), st.none(),
+                    st.booleans(), st.lists(st.integers(), max_size=2))
+_ROW = st.dictionaries(st.sampled_from(["prompt", "answer", "id", "group", "control_prompt",
+                                         "control_answer", "other"]), _VALUES, max_size=7)
+
+
+@FEW
+@given(rows=st.lists(_ROW, max_size=5))
+def test_facts_loader_on_arbitrary_rows(rows):
+    """JSONL rows of any keys and value types: facts, or one FILE:LINE line."""
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    facts, error = _load(data, ".jsonl")
+    if error:
+        _one_located_line(*error)
+    else:
+        assert len(facts) == len(rows)
+        for fact, row in zip(facts, rows):
+            assert fact.prompt == row["prompt"] and fact.answer == row["answer"]
+
+
+# Logit rows with ties (values drawn from a small set), very large logits (|z| up to 1e4, where
+# most probabilities underflow to 0) and very small spreads (1e-6 apart, nearly uniform).
+_BASE = st.sampled_from([-3.0, 0.0, 0.5, 0.5, 2.0, 7.25])
+_SCALE = st.sampled_from([1e-6, 1.0, 30.0, 1e4])
+
+
+@st.composite
+def _logits(draw):
+    """[2 rows, 2 positions, V] with V above the widest top-k (20), as every real vocabulary;
+    no row all zero (its cosine to the final row is undefined)."""
+    vocab = draw(st.integers(32, 160))
+    values = draw(hnp.arrays(np.float32, (2, 2, vocab),
+                             elements=st.one_of(_BASE, st.floats(-4, 4, width=32))))
+    values[..., 0] = np.where((values == 0).all(-1), 1.0, values[..., 0])
+    return (values * np.float32(draw(_SCALE))).astype(np.float32)
+
+
+@FEW
+@given(logits=_logits())
+def test_reductions_match_float64_on_generated_logits(logits):
+    """Both backends' running reductions on fixed logits, within their derived bound
+    (docs/numerics.md §2); -inf logits are not generated: a lens row is a finite GEMM."""
+    for reductions, base2 in ((_mlx_reductions, False), (_torch_reductions, True)):
+        assert_reductions_match_float64(reductions, logits, base2=base2)
+
+
+@st.composite
+def _next_token(draw):
+    """LayerStats at one position: per row a top-1 id, p1 >= p2 and an entropy in bits."""
+    rows = draw(st.integers(1, 12))
+    top = draw(st.lists(st.integers(0, 20), min_size=rows, max_size=rows))
+    p1 = np.array(draw(st.lists(st.floats(0, 1), min_size=rows, max_size=rows)))
+    p2 = p1 * np.array(draw(st.lists(st.floats(0, 1), min_size=rows, max_size=rows)))
+    entropy = np.array(draw(st.lists(st.floats(0, 16), min_size=rows, max_size=rows)))
+    ids = np.stack([np.array(top), np.full(rows, 99)], -1)[:, None, :]
+    stats = LayerStats(entropy=entropy[:, None], topk_ids=ids,
+                       topk_probs=np.stack([p1, p2], -1)[:, None, :],
+                       kl_to_final=np.zeros(rows), cos_to_final=np.zeros(rows))
+    prompt = draw(st.lists(st.integers(0, 20), min_size=1, max_size=6))
+    return stats, prompt, draw(st.integers(0, 20))
+
+
+@FEW
+@given(case=_next_token())
+def test_collapse_flags_follow_their_definitions(case):
+    """The original's rules restated row by row (docs/design.md), and the L_* summaries are
+    the first rows that hold them."""
+    stats, prompt, answer = case
+    s = CollapseSettings()
+    flags = next_token_flags(stats, prompt, answer, s)
+    for r in range(len(stats.entropy)):
+        top1, (p1, p2), h = stats.topk_ids[r, 0, 0], stats.topk_probs[r, 0], stats.entropy[r, 0]
+        copy = (top1 in prompt and p1 > s.copy_threshold and p1 - p2 > s.copy_margin) or h < 1.0
+        assert flags["copy_collapse"][r] == copy
+        assert flags["entropy_collapse"][r] == (h <= 1.0)
+        assert flags["is_answer"][r] == (top1 == answer)
+    summary = layer_summary(stats, flags)
+    for key, flag in (("L_copy", "copy_collapse"), ("L_copy_H", "entropy_collapse"),
+                      ("L_semantic", "is_answer")):
+        hits = [r for r, v in enumerate(flags[flag]) if v]
+        assert summary[key] == (hits[0] if hits else None)
