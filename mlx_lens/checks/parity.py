@@ -21,6 +21,7 @@ from mlx_lens.experiment.single import answer_token_id, encode_prompt
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 
 SUMMARY_KEYS = ("L_copy", "L_copy_H", "L_semantic")
+FLAG_OF = {"L_copy": "copy_collapse", "L_copy_H": "entropy_collapse", "L_semantic": "is_answer"}
 BOUND_DESCRIPTION = ("each backend within r + 1 worst-case length-d fp32 dot products of exact "
                      "arithmetic at layer r (docs/numerics.md §4)")
 
@@ -62,6 +63,41 @@ class PromptParity:
     top1_mismatch: np.ndarray  # [R] decisive positions whose top-1 differs
     decisive: np.ndarray  # [R] positions where a's top-1 leads by more than the bound can move
     summaries: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
+    # per summary: each backend's flags per row at the next-token position, and the rows where
+    # the bound cannot decide the flag (a threshold within it, a top-1 that may swap)
+    flags: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
+    undecidable: dict = field(default_factory=dict)
+
+    def summary_rows(self, key: str) -> tuple[list[int], list[int]]:
+        """The rows where the backends' flags for `key` differ: those the bound explains
+        (undecidable) and those it does not."""
+        differ = self.flags[0][FLAG_OF[key]] != self.flags[1][FLAG_OF[key]]
+        undecided = differ & self.undecidable[key]
+        return np.flatnonzero(undecided).tolist(), np.flatnonzero(differ & ~undecided).tolist()
+
+
+def _undecidable(z: np.ndarray, b: np.ndarray, logp: np.ndarray, shift: dict, answer_id: int,
+                 c: CollapseSettings) -> dict[str, np.ndarray]:
+    """Per row [R] at the next-token position (z, b, logp [R, V]; shift: logit_shift_bounds
+    there): where each summary's rule may go either way within the bound. A top-1 that may swap
+    with another token changes the prompt-token and answer tests; p1, p1 - p2 and the entropy
+    within their bounds of a threshold change the copy and entropy tests (whether the top-1
+    is a prompt token changes only with the top-1 itself)."""
+    top1 = z.argmax(-1)
+    close = bounds.may_swap(z, b, top1)  # tokens that may overtake the top-1, or it them
+    swap = close.any(-1)
+    p = np.exp(logp)
+    top2 = np.argsort(-z, axis=-1, kind="stable")[:, :2]
+    p1, p2 = np.take_along_axis(p, top2, -1).T
+    e1, e2 = (bounds.probability_bound(q, shift["logp"]) for q in (p1, p2))
+    h = -(p * logp).sum(-1) / np.log(2)
+    near_h = np.abs(h - c.entropy_bits) <= bounds.nats_to_bits(shift["entropy"])
+    near_copy = ((np.abs(p1 - c.copy_threshold) <= e1)
+                 | (np.abs((p1 - p2) - c.copy_margin) <= e1 + e2))
+    rows = np.arange(len(z))
+    answer_involved = (top1 == answer_id) | close[rows, answer_id]
+    return {"L_copy": swap | near_copy | near_h, "L_copy_H": near_h,
+            "L_semantic": swap & answer_involved}
 
 
 def compare_prompt(a: InspectableBackend, b: InspectableBackend, ids: list[int], lens: Lens,
@@ -79,16 +115,20 @@ def compare_prompt(a: InspectableBackend, b: InspectableBackend, ids: list[int],
     z2, b2 = np.take_along_axis(za, top2, -1), np.take_along_axis(bound, top2, -1)
     decisive = (z2[..., 0] - z2[..., 1]) > b2.sum(-1)
     mismatch = decisive & (zb.argmax(-1) != top2[..., 0])
-    summaries = tuple(
-        {k: v for k, v in layer_summary(
-            s, next_token_flags(s, ids, answer_id, collapse or CollapseSettings())).items()
-         if k in SUMMARY_KEYS}
-        for s in (_stats(la, answer_id), _stats(lb, answer_id)))
+    collapse = collapse or CollapseSettings()
+    stats = (_stats(la, answer_id), _stats(lb, answer_id))
+    flags = tuple(next_token_flags(s, ids, answer_id, collapse) for s in stats)
+    summaries = tuple({k: v for k, v in layer_summary(s, f).items() if k in SUMMARY_KEYS}
+                      for s, f in zip(stats, flags))
+    last = {k: v[:, -1] for k, v in shift.items()}
+    undecidable = _undecidable(za[:, -1].astype(np.float64), bound[:, -1], la[:, -1], last,
+                               answer_id, collapse)
     return PromptParity(
         logit_use=(np.abs(zb.astype(np.float64) - za) / bound).max((-1, -2)),
         max_kl=kl.max(-1), kl_use=(kl / shift["kl"]).max(-1),
         entropy_gap=bounds.nats_to_bits(gap.max(-1)), entropy_use=(gap / shift["entropy"]).max(-1),
-        top1_mismatch=mismatch.sum(-1), decisive=decisive.sum(-1), summaries=summaries)
+        top1_mismatch=mismatch.sum(-1), decisive=decisive.sum(-1), summaries=summaries,
+        flags=flags, undecidable=undecidable)
 
 
 @dataclass
@@ -121,8 +161,24 @@ class ParityReport:
         if self._sum("top1_mismatch").sum():
             out.append(f"{int(self._sum('top1_mismatch').sum())} decisive top-1 mismatches")
         for i, p in enumerate(self.prompts):
-            if p.summaries[0] != p.summaries[1]:
-                out.append(f"prompt {i}: {p.summaries[0]} vs {p.summaries[1]}")
+            for key in SUMMARY_KEYS:
+                unexplained = p.summary_rows(key)[1]
+                if unexplained:  # a difference the derived bound cannot explain
+                    out.append(f"prompt {i}: {key} {p.summaries[0][key]} vs "
+                               f"{p.summaries[1][key]}, decided differently at layers "
+                               f"{', '.join(map(str, unexplained))}")
+        return out
+
+    def undecided(self) -> list[str]:
+        """The summaries that differ only at layers the bound cannot decide, and those layers."""
+        out = []
+        for i, p in enumerate(self.prompts):
+            for key in SUMMARY_KEYS:
+                rows, unexplained = p.summary_rows(key)
+                if rows and not unexplained:
+                    out.append(f"prompt {i}: {key} {p.summaries[0][key]} vs "
+                               f"{p.summaries[1][key]}, undecidable within the bound at "
+                               f"layers {', '.join(map(str, rows))}")
         return out
 
     def table(self) -> str:

@@ -153,6 +153,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
         for line in report.failures():
             print(f"FAIL: {line}")
             failed = True
+        for line in report.undecided():
+            print(f"undecided: {line}")
         for i, p in enumerate(report.prompts):
             print(f"prompt {i}: torch {p.summaries[0]}, mlx {p.summaries[1]}")
     print("parity: FAILED" if failed else "parity: OK")
