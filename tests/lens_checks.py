@@ -78,6 +78,16 @@ def assert_stats_match_logits(stats, logits: np.ndarray, b: np.ndarray, answer_i
     kl = (p * (logp - logp[-1:])).sum(-1)[:, -1] / ln2
     assert np.all(np.abs(stats.kl_to_final - kl) <= tol["kl"])
     assert stats.kl_to_final[-1] == 0
+    # The reducers' own KL bound (from their sums) is the float64 one of these logits, up to
+    # its own fp32 evaluation: sums of non-negative terms, each within gamma_D of itself, and
+    # G_x = m G - sum e |gap| z, off by gamma_D |m| G, i.e. 2 u |m| of the bound's gamma_D G
+    # term (docs/numerics.md §2); the base-2 logits' rounding adds u to each logit.
+    depth = stats.summation_depth
+    want = bounds.nats_to_bits(bounds.kl_reduction_bound(z[:, -1], z[-1, -1], depth))
+    m = np.abs(z[:, -1]).max()
+    rtol = 4 * bounds.gamma(depth) + 4 * bounds.U32 * (1 + m) * np.log2(np.e)
+    assert np.all(np.abs(stats.kl_bound - want) <= rtol * want)
+    assert np.all(stats.kl_to_final >= -stats.kl_bound)  # never a health finding on exact input
     zl = z[:, -1]
     cos = (zl * zl[-1:]).sum(-1) / np.linalg.norm(zl, axis=-1) / np.linalg.norm(zl[-1:], axis=-1)
     assert np.all(np.abs(stats.cos_to_final - cos) <= tol["cos"])

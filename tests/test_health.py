@@ -70,6 +70,7 @@ def test_overflowing_lens_row_with_a_finite_residual(tiny_model_dirs, tmp_path, 
 def test_healthy_run_reports_nothing(tiny_model_dirs, tmp_path, capsys):
     err, d, pure, _ = _run(tiny_model_dirs["llama"], tmp_path / "out", "torch", capsys)
     assert d["nonfinite_residual_layers"] == [] == d["nonfinite_lens_layers"]
+    assert d["kl_below_bound_layers"] == []
     assert "warning" not in err and pure["entropy"].notna().all()
 
 
@@ -86,12 +87,71 @@ def test_a_suite_warns_of_and_records_the_facts_it_blanked(tiny_model_dirs, tmp_
     facts = write_facts(tmp_path / "facts.jsonl", FACTS[:2])
     err, d, _, _ = _run(model, tmp_path / "out", "torch", capsys, "--facts", str(facts))
     lines = err.strip().splitlines()
-    assert lines[1] == ("mlx-lens: warning: non-finite values (NaN/inf) in 2 facts of the suite: "
-                        "de (fact layers 2, 3, control layers 2, 3); fr (fact layers 2, 3); "
-                        "those rows are empty cells")
-    every = {"nonfinite_residual_layers": [2, 3], "nonfinite_lens_layers": [2, 3]}
+    assert lines[1] == ("mlx-lens: warning: numeric-health findings in 2 facts of the suite: "
+                        "de (fact non-finite at layers 2, 3, control non-finite at layers 2, 3); "
+                        "fr (fact non-finite at layers 2, 3); non-finite rows are empty cells")
+    every = {"nonfinite_residual_layers": [2, 3], "nonfinite_lens_layers": [2, 3],
+             "kl_below_bound_layers": []}
     assert d["suite_numeric_health"] == {"de": {"fact": every, "control": every},
                                          "fr": {"fact": every}}
     agg = read_suite_table(tmp_path / "out" / f"suite-{model.name}-aggregates.parquet")
     n = agg[(agg["group"] == "all") & (agg["metric"] == "p_answer")].set_index("layer")["n"]
     assert n.tolist() == [2, 2, 0, 0]
+
+
+def test_a_kl_below_its_bound_is_a_finding_and_kept():
+    """A negative KL within its bound is rounding (kept, no finding); one below minus its
+    bound is a cancellation the bound does not cover: reported by layer, the value kept."""
+    from mlx_lens.core.contract import LayerStats
+    from mlx_lens.experiment import health
+
+    n = 4
+    stats = LayerStats(entropy=np.ones((n, 1)), topk_ids=np.zeros((n, 1, 2), np.int64),
+                       topk_probs=np.full((n, 1, 2), 0.5), cos_to_final=np.ones(n),
+                       kl_to_final=np.array([0.5, -1e-6, -1e-3, 0.0]), kl_bound=np.full(n, 1e-5))
+    kept, report = health.checked(stats)
+    assert report["kl_below_bound_layers"] == [2]
+    assert np.array_equal(kept.kl_to_final, stats.kl_to_final)  # no clamp, no blank
+    assert health.warning(report) == ("KL to the final row below minus its error bound at "
+                                      "layers 2 (docs/numerics.md §2)")
+    assert health.brief(report) == "KL below its bound at layers 2"
+
+
+@pytest.mark.parametrize("kind", ["mlx", "torch"])
+def test_a_nonfinite_logit_makes_its_row_nonfinite(kind):
+    """-inf, +inf or NaN among a row's logits: that row's statistics are non-finite in both
+    reducers (so the health check blanks it, never a finite wrong number), the other rows'
+    are untouched."""
+    from mlx_lens.core.contract import SweepOptions
+    from tests.test_backends import _mlx_reductions, _torch_reductions
+    from mlx_lens.experiment import health
+
+    reduce = {"mlx": _mlx_reductions, "torch": _torch_reductions}[kind]
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 2, 64)).astype(np.float32)
+    clean = reduce(logits, SweepOptions(answer_id=3))
+    for bad in (-np.inf, np.inf, np.nan):
+        z = logits.copy()
+        z[1, 0, 7] = bad  # row 1, position 0 (not the next-token position)
+        stats = reduce(z, SweepOptions(answer_id=3))
+        assert health.nonfinite_layers(stats)["nonfinite_lens_layers"] == [1], bad
+        others = [0, 2, 3]
+        assert np.array_equal(stats.entropy[others], clean.entropy[others])
+        assert np.array_equal(stats.kl_to_final, clean.kl_to_final)
+
+
+@pytest.mark.parametrize("kind", ["mlx", "torch"])
+def test_kl_is_reported_as_computed(kind):
+    """Rows that are the final row shifted by a constant have KL 0 exactly; their computed KL
+    is fp32 rounding of either sign, reported as it is (no clamp at 0) and within its bound.
+    32 shifts that are not powers of two: a clamp (or a bias) would make every value >= 0."""
+    from mlx_lens.core.contract import SweepOptions
+    from tests.test_backends import _mlx_reductions, _torch_reductions
+
+    reduce = {"mlx": _mlx_reductions, "torch": _torch_reductions}[kind]
+    final = (np.random.default_rng(1).standard_normal(500) * 4).astype(np.float32)
+    shifts = (0.37 * np.arange(1, 33)).astype(np.float32)
+    logits = np.concatenate([final[None] + shifts[:, None], final[None]])[:, None, :]
+    stats = reduce(np.ascontiguousarray(logits, np.float32), SweepOptions())
+    assert np.all(np.abs(stats.kl_to_final) <= stats.kl_bound)
+    assert (stats.kl_to_final < 0).any()

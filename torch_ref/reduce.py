@@ -11,8 +11,10 @@ exp2, several times faster than exp on CPUs, gives the softmax, and everything c
 Per row, over vocabulary chunks (online logsumexp): m the running max, S = sum 2^(z-m),
 A = sum 2^(z-m) (z-m); log2-sum-exp2 = m + log2 S, entropy = log2 S - A/S; a running top-k.
 At the next-token position only, where they are reported: D = sum 2^(z-m) (z_f - z) with z_f
-the last row, for KL(P || P_f) = -D/S - lse + lse_f; dot products for the cosine to z_f; the
-count of tokens above the answer, for its rank.
+the last row, for KL(P || P_f) = -D/S - lse + lse_f; G = sum 2^(z-m) |z_f - z| and
+G_x = sum 2^(z-m) |z_f - z| (m - z), for KL's error bound (a computed KL below minus it is a
+numeric-health finding, never clamped to 0); dot products for the cosine to z_f; the count of
+tokens above the answer, for its rank.
 
 Every sum over the vocabulary is blocked (`blocked_sum`, as in the MLX reductions), so that its
 rounding error has a known bound: docs/numerics.md.
@@ -26,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mlx_lens.core.bounds import SUM_BLOCK, summation_depth
+from mlx_lens.core.bounds import SUM_BLOCK, kl_bound_from_sums, summation_depth
 from mlx_lens.core.contract import LayerStats, SweepOptions
 from mlx_lens.core.stats import batch_stats, prompt_stats
 from torch_ref import tiles
@@ -46,7 +48,7 @@ def tile_shape(device: torch.device) -> tuple[int, int]:
     return max(2**20, min(GPU_TILE_ELEMENTS, free // (4 * 32))), GPU_ROWS_PER_TILE
 
 
-LOG2E = 1 / math.log(2)
+LOG2E, LN2 = 1 / math.log(2), math.log(2)
 
 
 def blocked_sum(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +81,7 @@ class TiledStats:
         self.top_v = torch.full((n_rows, k), -math.inf, device=device)
         self.top_i = torch.full((n_rows, k), -1, dtype=torch.long, device=device)
         n = n_scored * group_rows
-        self.last = {key: torch.zeros(n, device=device) for key in ("d", "dot", "nz")}
+        self.last = {key: torch.zeros(n, device=device) for key in ("d", "g", "gx", "dot", "nz")}
         self.last["nf"] = torch.zeros(n_scored, device=device)
         if scored_ids is not None:
             self.last["above"] = torch.zeros(n, scored_ids.shape[1], dtype=torch.long, device=device)
@@ -111,21 +113,30 @@ class TiledStats:
         a = blocked_sum(shifted.mul_(e))
         if scored:
             first = rows.start + lo - self.first_scored
-            self._update_scored(z[lo:], e[lo:], c[lo:], start,
-                                slice(first, first + len(z) - lo), work[0][lo:])
+            self._update_scored(z[lo:], e[lo:], c[lo:], m[lo:], torch.nan_to_num(m - m_old)[lo:],
+                                start, slice(first, first + len(z) - lo), work[0][lo:])
         self.a[rows] = c * (self.a[rows] + s_old * torch.nan_to_num(m_old - m)) + a
         self.s[rows] = c * s_old + s
         self.m[rows] = m
 
-    def _update_scored(self, z: torch.Tensor, e: torch.Tensor, c: torch.Tensor, start: int,
-                       scored: slice, tmp: torch.Tensor) -> None:
+    def _update_scored(self, z: torch.Tensor, e: torch.Tensor, c: torch.Tensor, m: torch.Tensor,
+                       rise: torch.Tensor, start: int, scored: slice, tmp: torch.Tensor) -> None:
         """z, e [n, C]: whole scored groups (rows `scored` of the scored region), their logits
-        and 2^(z - m); tmp: a buffer of their shape (every product is formed in it)."""
+        and 2^(z - m); c and rise: the rescale factor and the rise of the running max m (0 for
+        the first chunk); tmp: a buffer of their shape (every product is formed in it)."""
         g = self.group_rows
         z3, e3, t3 = (t.view(-1, g, z.shape[-1]) for t in (z, e, tmp))
         zf = z3[:, -1:]  # each group's last row: the model's output at that position
         st, groups = self.last, slice(scored.start // g, scored.stop // g)
-        d = blocked_sum(torch.sub(zf, z3, out=t3).mul_(e3)).view(-1)
+        terms = torch.sub(zf, z3, out=t3).mul_(e3)
+        d = blocked_sum(terms).view(-1)
+        gap = blocked_sum(terms.abs_()).view(-1)
+        # sum e |z_f - z| (m - z) as m G - sum e |z_f - z| z: the cancellation costs u |m| G,
+        # second order in the bound it enters (times u); abs keeps the rounding from a sign
+        gap_x = (m * gap - blocked_sum(terms.mul_(z3)).view(-1)).abs()
+        # earlier chunks' sums at the new max m: m - z = (m_old - z) + rise
+        st["gx"][scored] = c * (st["gx"][scored] + rise * st["g"][scored]) + gap_x
+        st["g"][scored] = c * st["g"][scored] + gap
         st["d"][scored] = c * st["d"][scored] + d
         st["dot"][scored] += blocked_sum(torch.mul(z3, zf, out=t3)).view(-1)
         st["nz"][scored] += blocked_sum(torch.mul(z, z, out=tmp))
@@ -149,13 +160,20 @@ class TiledStats:
         g = self.group_rows
         lse = self.m + torch.log2(self.s)
         last, lse_s = self.last, lse[self.first_scored:].view(-1, g)
-        kl = -last["d"].view(-1, g) / self.s[self.first_scored:].view(-1, g) - lse_s + lse_s[:, -1:]
+        s_s = self.s[self.first_scored:].view(-1, g)
+        kl = -last["d"].view(-1, g) / s_s - lse_s + lse_s[:, -1:]
         kl[:, -1] = 0.0  # the last row against itself; the sums above leave fp32 rounding
+        # In nats from base-2 units: logits and m - z scale by ln 2 (docs/numerics.md §2).
+        depth = summation_depth(self.vocab, self.widest)
+        mu1 = -self.a[self.first_scored:].view(-1, g) / s_s * LN2
+        kl_bound = kl_bound_from_sums(depth, mu1, mu1[:, -1:], last["g"].view(-1, g) / s_s * LN2,
+                                      last["gx"].view(-1, g) / s_s * LN2**2, lse_s * LN2,
+                                      lse_s[:, -1:] * LN2) / LN2
         out = {
             "entropy": torch.log2(self.s) - self.a / self.s,
             "topk_ids": self.top_i,
             "topk_probs": torch.exp2(self.top_v - lse[:, None]),
-            "kl_to_final": kl.clamp_min(0),
+            "kl_to_final": kl, "kl_bound": kl_bound,
             "cos_to_final": (last["dot"] / torch.sqrt(last["nz"] * last["nf"].repeat_interleave(g)))
             .view(-1, g),
         }
@@ -163,7 +181,7 @@ class TiledStats:
             out["p_scored"] = torch.exp2(last["answer"].view(-1, g, last["answer"].shape[-1])
                                          - lse_s[..., None])
             out["rank_scored"] = last["above"].view(out["p_scored"].shape) + 1
-        out["summation_depth"] = summation_depth(self.vocab, self.widest)
+        out["summation_depth"] = depth
         return out
 
 

@@ -70,14 +70,24 @@ def kl_reduction_bound(z: np.ndarray, z_final: np.ndarray, depth: int,
                        u: float = U32) -> np.ndarray:
     """Error of KL(P || P_final) in nats from the reductions (§2): rows z [R, V] against the
     final row z_final [V], with D = sum e^(z-m) (z_f - z) summed like S."""
-    r = reduction_bounds(z, depth, u)
-    rf = reduction_bounds(z_final[None], depth, u)
     _, x, _, _, p = _softmax_parts(z)
+    _, x_f, _, _, p_f = _softmax_parts(np.asarray(z_final)[None])
+    lse = reduction_bounds(z, depth, u)["lse"]
+    lse_f = reduction_bounds(np.asarray(z_final)[None], depth, u)["lse"]
     gap = np.abs(np.asarray(z_final, np.float64)[None] - z)
-    d_err = (p * gap * (gamma(depth, u) + u * (EXP_ULPS + 1 + EXP_SLOPE * -x))).sum(-1)
-    d_over_s = (p * gap).sum(-1)
-    return (r["log_s"] + rf["log_s"] + d_err
-            + 2 * u * (d_over_s + np.abs(r["lse"]) + np.abs(rf["lse"])))
+    return kl_bound_from_sums(depth, (p * -x).sum(-1), (p_f * -x_f).sum(-1), (p * gap).sum(-1),
+                              (p * gap * -x).sum(-1), lse, lse_f, u)
+
+
+def kl_bound_from_sums(depth: int, mu1, mu1_f, gap, gap_x, lse, lse_f, u: float = U32):
+    """`kl_reduction_bound` from the expectations a running reduction accumulates (§2), in
+    nats: mu1 = E_p[m - z] (-A/S) of the row and of the final row, gap = E_p|z_f - z|,
+    gap_x = E_p[|z_f - z| (m - z)], and the two logsumexps. Plain arithmetic only, so that a
+    reducer evaluates it on its own arrays (numpy, torch, mlx)."""
+    g = gamma(depth, u)
+    log_s, log_s_f = (g + u * (EXP_ULPS + EXP_SLOPE * mu) for mu in (mu1, mu1_f))
+    d_err = g * gap + u * ((EXP_ULPS + 1) * gap + EXP_SLOPE * gap_x)
+    return log_s + log_s_f + d_err + 2 * u * (gap + abs(lse) + abs(lse_f))
 
 
 def dot_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, products: float,

@@ -52,12 +52,16 @@ class LayerStats:
     # (mlx_lens.core.bounds.reduction_bounds); None when not computed by a running reduction.
     summation_depth: int | None = None
     finite_residual: np.ndarray | None = None  # [R] bool: the captured residual row is finite
+    # [R] bits: the reductions' error bound of kl_to_final (docs/numerics.md §2); a value below
+    # minus it is a numeric-health finding (mlx_lens/experiment/health.py), not a zero
+    kl_bound: np.ndarray | None = None
 
     @classmethod
     def from_arrays(cls, out: dict) -> "LayerStats":
         """From a backend's reductions (any array-likes numpy can read), in float64 / int64."""
         f64 = {k: np.asarray(out[k], np.float64) for k in
-               ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer", "p_scored")
+               ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer", "p_scored",
+                "kl_bound")
                if k in out}
         i64 = {k: np.asarray(out[k], np.int64) for k in ("topk_ids", "answer_rank") if k in out}
         depth = out.get("summation_depth")

@@ -16,7 +16,7 @@ def prompt_stats(out: dict) -> LayerStats:
     out = dict(out)
     for key in ("entropy", "topk_ids", "topk_probs"):  # to [R, T, ...]
         out[key] = out[key].swapaxes(0, 1)
-    for key in ("kl_to_final", "cos_to_final"):
+    for key in ("kl_to_final", "kl_bound", "cos_to_final"):
         out[key] = out[key][0]
     if "p_scored" in out:
         out["p_answer"], out["answer_rank"] = out["p_scored"][0, :, 0], out["rank_scored"][0, :, 0]
@@ -31,6 +31,7 @@ def batch_stats(out: dict) -> list[LayerStats]:
     return [LayerStats.from_arrays({
         "entropy": out["entropy"][b][:, None], "topk_ids": out["topk_ids"][b][:, None],
         "topk_probs": out["topk_probs"][b][:, None], "kl_to_final": out["kl_to_final"][b],
-        "cos_to_final": out["cos_to_final"][b], "p_answer": out["p_scored"][b, :, 0],
+        "cos_to_final": out["cos_to_final"][b], "kl_bound": out["kl_bound"][b],
+        "p_answer": out["p_scored"][b, :, 0],
         "answer_rank": out["rank_scored"][b, :, 0], "p_scored": out["p_scored"][b],
         "summation_depth": out["summation_depth"]}) for b in range(len(out["entropy"]))]

@@ -17,7 +17,7 @@ NEXT_TOKEN = "⟨NEXT⟩"  # the original's label for the pure next-token row
 TOPK_COLUMNS = [c for i in range(1, TOP_K_VERBOSE + 1) for c in (f"top{i}", f"prob{i}")]
 RECORD_COLUMNS = ["layer", "pos", "token", "entropy", *TOPK_COLUMNS, "rest_mass"]
 PURE_COLUMNS = [*RECORD_COLUMNS, "copy_collapse", "entropy_collapse", "is_answer",
-                "p_answer", "answer_rank", "kl_to_final_bits", "cos_to_final"]
+                "p_answer", "answer_rank", "kl_to_final_bits", "cos_to_final", "kl_bound_bits"]
 
 
 class TokenNames:
@@ -83,6 +83,7 @@ def pure_next_token_frame(stats: LayerStats, flags: dict[str, np.ndarray],
     frame["answer_rank"] = rank_column(stats.answer_rank, frame.index)
     frame["kl_to_final_bits"] = stats.kl_to_final
     frame["cos_to_final"] = stats.cos_to_final
+    frame["kl_bound_bits"] = stats.kl_bound if stats.kl_bound is not None else np.nan
     return frame[PURE_COLUMNS]
 
 

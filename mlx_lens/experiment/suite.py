@@ -32,7 +32,8 @@ class SuiteResult:
     per_fact: pd.DataFrame  # one row per fact
     aggregates: pd.DataFrame  # per group, layer and metric
     # fact id -> {"fact" / "control": {"nonfinite_residual_layers": [...], ...}}, for the facts
-    # a row of which was non-finite (blanked: empty cells, left out of the aggregates' n)
+    # with a numeric-health finding: a non-finite row (blanked: empty cells, left out of the
+    # aggregates' n) or a KL below minus its bound (kept)
     numeric_health: dict = field(default_factory=dict)
 
     def plot(self) -> dict:
@@ -43,16 +44,16 @@ class SuiteResult:
         return {"suite": suite_bands(self.aggregates)}
 
     def health_warning(self) -> str | None:
-        """One line for the console, or None when every row of every fact was finite."""
+        """One line for the console, or None when no fact had a numeric-health finding."""
         if not self.numeric_health:
             return None
         shown = "; ".join(
-            f"{fact_id} (" + ", ".join(f"{part} layers {_layers(report)}"
+            f"{fact_id} (" + ", ".join(f"{part} {health.brief(report)}"
                                        for part, report in parts.items()) + ")"
             for fact_id, parts in list(self.numeric_health.items())[:3])
         more = len(self.numeric_health) - 3
-        return (f"non-finite values (NaN/inf) in {len(self.numeric_health)} facts of the suite: "
-                f"{shown}{f'; {more} more' if more > 0 else ''}; those rows are empty cells")
+        return (f"numeric-health findings in {len(self.numeric_health)} facts of the suite: "
+                f"{shown}{f'; {more} more' if more > 0 else ''}; non-finite rows are empty cells")
 
     def summary_line(self) -> str:
         f = self.per_fact
@@ -90,10 +91,6 @@ def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], len
         for i, s in zip(chunk, stats):
             out[i] = s
     return out
-
-
-def _layers(report: dict[str, list[int]]) -> str:
-    return ", ".join(map(str, sorted(set().union(*report.values()))))
 
 
 def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,

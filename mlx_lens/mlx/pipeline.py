@@ -27,8 +27,8 @@ from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
 from mlx_lens.loading.sources import ModelSource
 from mlx_lens.core.progress import progress
 
-_FIELDS = ("entropy", "topk_ids", "topk_probs", "kl_to_final", "cos_to_final", "p_answer",
-           "answer_rank", "p_scored", "finite_residual")
+_FIELDS = ("entropy", "topk_ids", "topk_probs", "kl_to_final", "kl_bound", "cos_to_final",
+           "p_answer", "answer_rank", "p_scored", "finite_residual")
 
 
 def launched() -> bool:

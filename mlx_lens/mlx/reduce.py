@@ -5,7 +5,9 @@ chunk so that only O(chunk) logits are ever alive. With m the running max,
 S = sum e^(z-m), A = sum e^(z-m) (z-m): logsumexp = m + log S, entropy = log S - A/S, and a
 running top-k, at every row and position. At the next-token (last) position only, where they
 are reported: D = sum e^(z-m) (z_f - z) (z_f: the last row) for KL(P || P_f) = -D/S - lse +
-lse_f, the dot products of the cosine to z_f, and the count of tokens above the answer.
+lse_f; G = sum e^(z-m) |z_f - z| and G_x = sum e^(z-m) |z_f - z| (m - z) for KL's error bound
+(a computed KL below minus it is a numeric-health finding, never clamped to 0); the dot
+products of the cosine to z_f, and the count of tokens above the answer.
 All in fp32 (Metal has no float64).
 
 Every sum over the vocabulary is blocked (`blocked_sum`): a single fp32 reduction over a whole
@@ -20,7 +22,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from mlx_lens.core.bounds import SUM_BLOCK, summation_depth
+from mlx_lens.core.bounds import SUM_BLOCK, kl_bound_from_sums, summation_depth
 from mlx_lens.core.contract import LayerStats, SweepOptions
 from mlx_lens.core.stats import batch_stats, prompt_stats
 
@@ -75,7 +77,8 @@ class RunningStats:
             st["a"] = c * (st["a"] + st["s"] * (st["m"] - m)) + a
             st["s"] = c * st["s"] + s
         g = -self.n_scored
-        self._update_scored(z[g:], e[g:], None if first else mx.exp(st["m"][g:] - m[g:]), start)
+        rescale = None if first else (mx.exp(st["m"][g:] - m[g:]), m[g:] - st["m"][g:])
+        self._update_scored(z[g:], e[g:], shifted[g:], rescale, start)
         st["m"] = m
 
         k = min(self.k, z.shape[-1])
@@ -87,10 +90,14 @@ class RunningStats:
         st["top_v"], st["top_i"] = v, i
         mx.eval(st, self.last)  # bound the lazy graph: this chunk's logits can be freed now
 
-    def _update_scored(self, z: mx.array, e: mx.array, c: mx.array | None, start: int) -> None:
-        """z, e: [G, R, C], the scored groups; c rescales D to the new max (None: first chunk)."""
+    def _update_scored(self, z: mx.array, e: mx.array, shifted: mx.array,
+                       rescale: tuple[mx.array, mx.array] | None, start: int) -> None:
+        """z, e, shifted (z - m): [G, R, C], the scored groups; rescale: the factor that takes
+        earlier sums to the new max m, and the rise of m (None: first chunk)."""
         zf = z[:, -1:]  # each group's last row: the model's output at that position
-        chunk = {"d": blocked_sum(e * (zf - z)), "dot": blocked_sum(z * zf),
+        terms = e * (zf - z)
+        chunk = {"d": blocked_sum(terms), "g": blocked_sum(mx.abs(terms)),
+                 "gx": blocked_sum(mx.abs(terms) * -shifted), "dot": blocked_sum(z * zf),
                  "nz": blocked_sum(z * z), "nf": blocked_sum(zf * zf)}
         if self.scored_ids is not None:
             logit = self.scored_logits  # [G, R, A]
@@ -105,8 +112,13 @@ class RunningStats:
                 above = above - (inside & (own > logit)).astype(mx.int32)
                 self.last["answer"] = mx.where(inside, own, self.last.get("answer", own))
             chunk["above"] = above
-        if c is not None:
-            chunk["d"] = chunk["d"] + c * self.last["d"]
+        if rescale is not None:
+            c, rise = rescale
+            last = self.last
+            # earlier chunks' sums at the new max m: m - z = (m_old - z) + rise
+            chunk["gx"] = chunk["gx"] + c * (last["gx"] + rise * last["g"])
+            for key in ("d", "g"):
+                chunk[key] = chunk[key] + c * last[key]
             for key in ("dot", "nz", "nf", "above"):
                 if key in chunk:
                     chunk[key] = chunk[key] + self.last[key]
@@ -120,13 +132,18 @@ class RunningStats:
         lse_s = lse[-self.n_scored:]
         order = mx.argsort(-st["top_v"], axis=-1)
         top_v = mx.take_along_axis(st["top_v"], order, -1)
-        kl = -last["d"] / st["s"][-self.n_scored:] - lse_s + lse_s[:, -1:]
+        s_s = st["s"][-self.n_scored:]
+        kl = -last["d"] / s_s - lse_s + lse_s[:, -1:]
         kl = mx.concatenate([kl[:, :-1], mx.zeros((kl.shape[0], 1))], -1)  # last row vs itself
+        depth = summation_depth(self.vocab, self.widest)
+        mu1 = -st["a"][-self.n_scored:] / s_s
+        kl_bound = kl_bound_from_sums(depth, mu1, mu1[:, -1:], last["g"] / s_s, last["gx"] / s_s,
+                                      lse_s, lse_s[:, -1:])
         out = {
             "entropy": (mx.log(st["s"]) - st["a"] / st["s"]) / math.log(2),
             "topk_ids": mx.take_along_axis(st["top_i"], order, -1),
             "topk_probs": mx.exp(top_v - lse[..., None]),
-            "kl_to_final": mx.maximum(kl, 0) / math.log(2),
+            "kl_to_final": kl / math.log(2), "kl_bound": kl_bound / math.log(2),
             "cos_to_final": last["dot"] / mx.sqrt(last["nz"] * last["nf"]),
         }
         if self.scored_ids is not None:
@@ -134,7 +151,7 @@ class RunningStats:
             out["rank_scored"] = last["above"] + 1
         mx.eval(out)
         out = {k: np.array(v) for k, v in out.items()}
-        out["summation_depth"] = summation_depth(self.vocab, self.widest)
+        out["summation_depth"] = depth
         return out
 
 
