@@ -34,6 +34,7 @@ from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.single import ExperimentOptions, ModelResult, run_experiment
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.experiment.metrics import CollapseSettings
+from mlx_lens.experiment.milestones import MilestoneSettings
 from mlx_lens.loading.sources import ModelSource, resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.experiment.suite import SuiteResult, run_suite
@@ -51,23 +52,27 @@ class ModelLens:
     backend_reason: str = ""  # why this backend (recorded in the JSON)
 
     def run(self, prompt: str = PROMPT, answer: str = ANSWER, probes: bool = True,
-            collapse: CollapseSettings | None = None, keep_residuals: bool = False) -> ModelResult:
-        """The logit-lens experiment on one prompt: every layer at every position."""
+            collapse: CollapseSettings | None = None, keep_residuals: bool = False,
+            milestones: MilestoneSettings | None = None) -> ModelResult:
+        """The logit-lens experiment on one prompt: every layer at every position, and the
+        whole answer teacher-forced after it."""
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
-                                 keep_residuals=keep_residuals)
+                                 keep_residuals=keep_residuals,
+                                 milestones=milestones or MilestoneSettings())
         result = run_experiment(self.backend, opts, {"backend_reason": self.backend_reason})
         # After the run: a pipeline's traffic is only known once the run has sent it.
         result.payload["diagnostics"].update(self.backend.run_diagnostics())
         return result
 
     def run_suite(self, facts: str | Path | Sequence[Fact],
-                  collapse: CollapseSettings | None = None) -> SuiteResult:
+                  collapse: CollapseSettings | None = None,
+                  milestones: MilestoneSettings | None = None) -> SuiteResult:
         """A fact suite (a JSONL/CSV file, "default", or Fact objects) at the next-token
-        position, batched."""
+        position and each answer's teacher-forced positions, batched."""
         if isinstance(facts, (str, Path)):
             facts = load_facts(str(facts))
-        return run_suite(self.backend, list(facts), self.lens, collapse)
+        return run_suite(self.backend, list(facts), self.lens, collapse, milestones=milestones)
 
     def tune(self, out: str | Path, corpus: str | None = None,
              options: TuneOptions | None = None) -> TunedLens:

@@ -31,10 +31,10 @@ PROMPTS = [
 def _check(backend, batch_ids, lens=FINAL_NORM):
     norms = backend.head_row_norms()
     # The prompt's own last token and another: two scored ids per prompt, as a control has.
-    scored = [(ids[-1], ids[0]) for ids in batch_ids]
+    scored = [((ids[-1], ids[0]),) for ids in batch_ids]
     batched = backend.sweep_next_token(batch_ids, scored, lens)
     assert len(batched) == len(batch_ids)
-    for ids, (answer, other), stats in zip(batch_ids, scored, batched):
+    for ids, ((answer, other),), stats in zip(batch_ids, scored, batched):
         logits = backend.layer_logits(ids, lens)[:, -1:]
         b = logit_bound(backend, ids, lens, backend.layer_logits(ids, lens), norms)[:, -1:]
         assert stats.entropy.shape == (backend.info.n_layers + 1, 1)

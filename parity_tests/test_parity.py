@@ -54,10 +54,8 @@ def test_backends_agree(pair, name, lens):
     assert report.decisive.sum() > 0.8 * cells
 
 
-# Reduced precision: the lens's last row against the model's own output in that dtype. The model
-# rounds its final norm's output to the half dtype (the norm's weight multiply too: 2 u_h of the
-# normalised state, a length-1 "dot product" each) and its logits (u_h |z|, soft-cap in the half
-# dtype: elementwise_bound at u_h); both GEMMs accumulate in fp32 (one length-d dot product each).
+# Reduced precision: the lens's last row against the model's own output in that dtype, within
+# bounds.framework_logit_bound (docs/numerics.md §4).
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("backend_class", [TorchBackend, MlxBackend], ids=["torch", "mlx"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -69,12 +67,9 @@ def test_reduced_precision_decodes_the_models_own_state_in_fp32(tiny_model_dirs,
     ids = low.tokenizer.encode(PROMPTS[0])
     lens = low.layer_logits(ids, FINAL_NORM)[-1]
     own = own_logits(low, ids)
-    u_h = bounds.UNIT_ROUNDOFF[half]
     x_norm = np.linalg.norm(low.lens_inputs(ids, FINAL_NORM)[-1].astype(np.float64), axis=-1)
-    w_norm = low.head_row_norms()
-    bound = (bounds.dot_bound(x_norm, w_norm, 1, 2, u_h)
-             + bounds.dot_bound(x_norm, w_norm, low.info.d_model, 2)
-             + bounds.elementwise_bound(own, low.info.softcap, u_h))
+    bound = bounds.framework_logit_bound(x_norm, low.head_row_norms(), low.info.d_model, own,
+                                         low.info.softcap, half)
     assert np.all(np.abs(lens - own) <= bound)
     # Decoded in fp32: the lens's logits are not all values of the half dtype.
     as_half = torch.from_numpy(lens).to(getattr(torch, half)).float().numpy()

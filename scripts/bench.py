@@ -130,7 +130,7 @@ def bench_case(backend, T: int, reps: int, rng) -> dict:
     names = TokenNames(backend.tokenizer.decode)
     tokens = [names(i) for i in ids]
     wide = tuple(bool(v) for v in verbose_positions(tokens))
-    opts = SweepOptions(answer_id=ids[0], wide=wide, narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE)
+    opts = SweepOptions(answer_ids=(ids[0],), wide=wide, narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE)
     torch_side = backend.info.backend == "torch"
 
     def sweep_and_tables():

@@ -54,7 +54,7 @@ def assert_sweep_matches_logits(backend, ids: list[int], lens: Lens, answer_id: 
     the derived bounds: the sweep's GEMM and layer_logits' GEMM each within one length-d dot
     product of exact logits (2 GEMMs), plus the reductions' own error at their summation depth."""
     logits = backend.layer_logits(ids, lens)
-    stats = backend.sweep(ids, SweepOptions(lens=lens, answer_id=answer_id))
+    stats = backend.sweep(ids, SweepOptions(lens=lens, answer_ids=(answer_id,)))
     assert_stats_match_logits(stats, logits, gemm_bound(backend, ids, lens, logits, 2), answer_id)
 
 
@@ -117,7 +117,7 @@ def assert_reductions_match_float64(sweep_logits, logits: np.ndarray, base2: boo
     rounding is left, at its derived bound. `sweep_logits(logits, opts)` runs the backend's
     reduction code; base2: it converts the logits to base 2 first (one rounding each)."""
     answer = int(np.argsort(-logits[-1, -1])[3])  # a token of the final top-5
-    stats = sweep_logits(logits, SweepOptions(answer_id=answer))
+    stats = sweep_logits(logits, SweepOptions(answer_ids=(answer,)))
     b = (2 * bounds.U32 * np.abs(logits.astype(np.float64)) if base2
          else np.zeros(logits.shape))
     assert_stats_match_logits(stats, logits, b, answer)

@@ -25,9 +25,9 @@ def main(model: str, out: str, die: bool = False) -> None:
         os._exit(1)  # before sending its residual on: rank 0 waits for the statistics
     ids = backend.tokenizer.encode(PROMPT)
     answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
-    stats = backend.sweep(ids, SweepOptions(answer_id=answer))
+    stats = backend.sweep(ids, SweepOptions(answer_ids=(answer,)))
     batch = backend.sweep_next_token([backend.tokenizer.encode(p) for p in PROMPTS],
-                                     [(answer, 5)] * len(PROMPTS), Lens("raw"))
+                                     [((answer, 5),)] * len(PROMPTS), Lens("raw"))
     final = backend.final_logits([ids])
     if backend.rank == 0:
         arrays = {f"sweep_{k}": v for k, v in vars(stats).items() if isinstance(v, (np.ndarray, int))}

@@ -12,6 +12,7 @@ import torch
 from mlx_lens.core import bounds
 from mlx_lens.core.contract import SweepOptions
 from mlx_lens.core.lens import FINAL_NORM, Lens
+from mlx_lens.core.stats import prompt_stats
 from mlx_lens.loading.sources import resolve
 from mlx_lens.mlx import backend as mlx_backend
 from mlx_lens.mlx import reduce as mlx_reduce
@@ -75,8 +76,9 @@ def small_chunks(kind: str, backend, monkeypatch) -> None:
 def _mlx_reductions(logits, opts):
     """The MLX reductions on fixed logits, in one chunk as a short prompt gets them."""
     vocab = logits.shape[-1]
-    return mlx_reduce.sweep_states(mx.array(logits), opts, lambda x, start, stop: x[..., start:stop],
-                                   vocab, vocab)
+    return prompt_stats(mlx_reduce.sweep_states(mx.array(logits), opts,
+                                                lambda x, start, stop: x[..., start:stop],
+                                                vocab, vocab), max(1, len(opts.answer_ids)))
 
 
 def _torch_reductions(logits, opts):
@@ -85,7 +87,8 @@ def _torch_reductions(logits, opts):
         return lambda x, out=None: torch.mul(x[:, start:stop], torch_reduce.LOG2E, out=out)
 
     x = torch.from_numpy(np.ascontiguousarray(logits))
-    return torch_reduce.sweep_states(x, opts, head_chunk, logits.shape[-1])
+    return prompt_stats(torch_reduce.sweep_states(x, opts, head_chunk, logits.shape[-1]),
+                        max(1, len(opts.answer_ids)))
 
 
 # -- the same checks on both backends ---------------------------------------------------------

@@ -49,11 +49,12 @@ def test_an_offloaded_model_gives_the_whole_models_lens(tiny_model_dirs, name):
     answer = whole.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
     for lens in LENSES:
         assert np.array_equal(split.layer_logits(ids, lens), whole.layer_logits(ids, lens)), lens.name
-        a, b = (be.sweep(ids, SweepOptions(lens=lens, answer_id=answer)) for be in (split, whole))
+        a, b = (be.sweep(ids, SweepOptions(lens=lens, answer_ids=(answer,))) for be in (split, whole))
         for key in ("entropy", "topk_ids", "topk_probs", "kl_to_final", "p_answer", "finite_residual"):
             assert np.array_equal(getattr(a, key), getattr(b, key)), (lens.name, key)
     prompts = [ids, whole.tokenizer.encode("Berlin is the capital of")]
-    a, b = (be.sweep_next_token(prompts, [(answer,), (answer,)], Lens("raw")) for be in (split, whole))
+    a, b = (be.sweep_next_token(prompts, [((answer,),), ((answer,),)], Lens("raw"))
+            for be in (split, whole))
     assert all(np.array_equal(x.entropy, y.entropy) and np.array_equal(x.p_answer, y.p_answer)
                for x, y in zip(a, b))
     assert np.array_equal(split.final_logits(prompts), whole.final_logits(prompts))

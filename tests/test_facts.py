@@ -204,12 +204,13 @@ def test_encode_facts_as_the_experiment_does(llama, tmp_path, monkeypatch):
     bare_ids = single.encode_prompt(tok, BARE["prompt"], n_ctx)
     assert encoded == [
         EncodedFact(facts[0], full_ids,
-                    single.answer_token_id(tok, full_ids, FULL["prompt"], "Berlin"),
+                    tuple(single.answer_token_ids(tok, full_ids, FULL["prompt"], "Berlin")),
                     control_ids,
-                    single.answer_token_id(tok, control_ids, FULL["control_prompt"], "Paris"),
+                    tuple(single.answer_token_ids(tok, control_ids, FULL["control_prompt"],
+                                                  "Paris")),
                     single.answer_token_id(tok, control_ids, FULL["control_prompt"], "Berlin")),
         EncodedFact(facts[1], bare_ids,
-                    single.answer_token_id(tok, bare_ids, BARE["prompt"], "Madrid")),
+                    tuple(single.answer_token_ids(tok, bare_ids, BARE["prompt"], "Madrid"))),
     ]
     # The tiny tokenizer merges " Berlin" and " Paris" into single tokens.
     assert tok.decode([encoded[0].answer_id]) == " Berlin"

@@ -129,11 +129,11 @@ def test_a_nonfinite_logit_makes_its_row_nonfinite(kind):
     reduce = {"mlx": _mlx_reductions, "torch": _torch_reductions}[kind]
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((4, 2, 64)).astype(np.float32)
-    clean = reduce(logits, SweepOptions(answer_id=3))
+    clean = reduce(logits, SweepOptions(answer_ids=(3,)))
     for bad in (-np.inf, np.inf, np.nan):
         z = logits.copy()
         z[1, 0, 7] = bad  # row 1, position 0 (not the next-token position)
-        stats = reduce(z, SweepOptions(answer_id=3))
+        stats = reduce(z, SweepOptions(answer_ids=(3,)))
         assert health.nonfinite_layers(stats)["nonfinite_lens_layers"] == [1], bad
         others = [0, 2, 3]
         assert np.array_equal(stats.entropy[others], clean.entropy[others])

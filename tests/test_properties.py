@@ -133,3 +133,84 @@ def test_collapse_flags_follow_their_definitions(case):
                       ("L_semantic", "is_answer")):
         hits = [r for r, v in enumerate(flags[flag]) if v]
         assert summary[key] == (hits[0] if hits else None)
+
+
+@st.composite
+def _rows_with_doubt(draw):
+    """Per row: does the rule hold, and may exact arithmetic say otherwise (a lead within its
+    bound of the threshold)? At most 6 uncertain rows, so that every resolution can be tried."""
+    n = draw(st.integers(1, 10))
+    holds = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    uncertain = np.zeros(n, bool)
+    uncertain[draw(st.lists(st.integers(0, n - 1), max_size=6, unique=True))] = True
+    return holds, uncertain, draw(st.integers(1, 3))
+
+
+@FEW
+@given(case=_rows_with_doubt())
+def test_a_milestone_is_a_layer_only_where_no_resolution_moves_it(case):
+    """first_decided against its definition: resolve every uncertain row every way; the
+    milestone is a row (or never) exactly when all resolutions agree, else undecided."""
+    from itertools import product
+
+    from mlx_lens.experiment.milestones import UNDECIDED, first_decided
+
+    holds, uncertain, run = case
+
+    def onset(h):
+        hits = [r for r in range(len(h) - run + 1) if h[r:r + run].all()]
+        return hits[0] if hits else None
+
+    doubtful = np.flatnonzero(uncertain)
+    outcomes = set()
+    for values in product([False, True], repeat=len(doubtful)):
+        h = holds.copy()
+        h[doubtful] = values
+        outcomes.add(onset(h))
+    got = first_decided(holds, uncertain, run)
+    assert got == (outcomes.pop() if len(outcomes) == 1 else UNDECIDED)
+
+
+@st.composite
+def _copy_case(draw):
+    """A next-token LayerStats (top-1 ids from a small vocabulary with a whitespace and a
+    punctuation token), and a prompt over the same vocabulary."""
+    rows = draw(st.integers(1, 8))
+    top = draw(st.lists(st.integers(0, 6), min_size=rows, max_size=rows))
+    p1 = np.array(draw(st.lists(st.floats(0, 1), min_size=rows, max_size=rows)))
+    p2 = p1 * np.array(draw(st.lists(st.floats(0, 1), min_size=rows, max_size=rows)))
+    stats = LayerStats(entropy=np.zeros((rows, 1)),
+                       topk_ids=np.stack([np.array(top), np.full(rows, 9)], -1)[:, None, :],
+                       topk_probs=np.stack([p1, p2], -1)[:, None, :],
+                       kl_to_final=np.zeros(rows), cos_to_final=np.zeros(rows))
+    prompt = draw(st.lists(st.integers(0, 6), min_size=1, max_size=8))
+    return stats, prompt
+
+
+NAMES = {0: " ", 1: ",", 2: " Berlin", 3: " is", 4: "ber", 5: " capital", 6: "lin", 9: "x"}
+
+
+@FEW
+@given(case=_copy_case())
+def test_copy_flags_follow_their_definitions(case):
+    """The k-row window of top-1 ids (rows >= 1) found contiguously in the prompt, none of them
+    whitespace or punctuation, with the strict or soft probability rule at the row itself."""
+    from mlx_lens.experiment.milestones import (COPY_WINDOWS, MilestoneSettings, copy_flags,
+                                                copy_milestones)
+
+    stats, prompt = case
+    s = MilestoneSettings()
+    flags = copy_flags(stats, prompt, NAMES.get, s)
+    top1 = stats.topk_ids[:, 0, 0].tolist()
+    p1, p2 = stats.topk_probs[:, 0, 0], stats.topk_probs[:, 0, 1]
+    for k in COPY_WINDOWS:
+        for r in range(len(top1)):
+            window = top1[r - k + 1:r + 1] if r - k + 1 >= 1 else None
+            found = (window is not None and not any(t in (0, 1) for t in window)
+                     and any(prompt[i:i + k] == window for i in range(len(prompt))))
+            assert flags[f"copy_strict_k{k}"][r] == (found and p1[r] > 0.95
+                                                     and p1[r] - p2[r] > 0.10)
+            assert flags[f"copy_soft_k{k}"][r] == (found and p1[r] > 0.33)
+    assert not any(v[0] for v in flags.values())  # row 0 is the embedding: never a copy
+    echo = copy_milestones(stats, prompt, flags)["embedding_echo"]
+    assert echo == (top1[0] == prompt[-1])

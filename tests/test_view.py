@@ -68,7 +68,9 @@ def aggregates_frame(groups=("a", "b")) -> pd.DataFrame:
             rows.append({"fact_id": f"f{i}", "group": group, "layer": layer, "p_answer": p,
                          "answer_rank": 5 - layer, "entropy": rng.uniform(0, 6),
                          "kl_to_final_bits": 4 - layer, "control_p": p / 2,
-                         "control_p_answer": p / 10, "control_margin": p / 2 - p / 10})
+                         "control_p_answer": p / 10, "control_margin": p / 2 - p / 10,
+                         "answer_log2p": np.log2(max(p, 1e-3)) * 2,
+                         "control_log2p": np.log2(max(p / 2, 1e-3))})
     return layer_aggregates(pd.DataFrame(rows), n_boot=200)
 
 

@@ -16,6 +16,7 @@ from mlx_lens.core.contract import TOP_K, LayerStats, ModelInfo, NormSpec, Sweep
 from mlx_lens.core.errors import LensError, one_line
 from mlx_lens.core.lens import Lens, NormRef, Translators
 from mlx_lens.core.progress import progress
+from mlx_lens.core.stats import batch_stats, last_positions, prompt_stats
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
@@ -103,9 +104,10 @@ class TorchBackend:
 
     # -- capture -----------------------------------------------------------------------------
     @torch.no_grad()
-    def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[torch.Tensor]:
-        """Residual rows h_0..h_L of a batch of prompts (compute dtype): [B, T, d] each, or
-        [B, d] at each prompt's last token when last_only. From the base model's forward pass:
+    def capture(self, batch: Sequence[Sequence[int]], last: int = 0) -> list[torch.Tensor]:
+        """Residual rows h_0..h_L of a batch of prompts (compute dtype): [B, T, d] each, or with
+        last = n, [B * n, d] at each prompt's last n tokens (prompt-major). From the base model's
+        forward pass:
         its head is not needed, the lens decodes the last row itself. Prompts are right-padded,
         which needs no attention mask: a causal model's tokens never see the pads after them, so
         each prompt's rows are its unbatched rows (docs/design.md)."""
@@ -113,11 +115,11 @@ class TorchBackend:
         x = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=self.input_device)
         for b, ids in enumerate(batch):
             x[b, :len(ids)] = torch.tensor(list(ids))
-        last = torch.arange(len(batch)), (lengths - 1).cpu()
+        at = tuple(torch.tensor(a) for a in last_positions(lengths.tolist(), last or 1))
         rows: list[torch.Tensor] = []
 
         def keep(h: torch.Tensor) -> None:  # h is on its block's device in a split model
-            rows.append(h[tuple(i.to(h.device) for i in last)] if last_only else h)
+            rows.append(h[tuple(i.to(h.device) for i in at)] if last else h)
 
         def grab_input(_module, args, kwargs):
             keep(args[0] if args else kwargs["hidden_states"])
@@ -194,22 +196,27 @@ class TorchBackend:
 
     @torch.no_grad()
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows = self._rows(ids)
-        stats = sweep_states(self._normed(rows, opts.lens), opts,
-                             lambda start, stop: self._head_chunk(start, stop, LOG2E),
-                             self.info.vocab, progress)
+        rows = self._rows(opts.forward_ids(ids))
+        stats = prompt_stats(sweep_states(self._normed(rows, opts.lens), opts,
+                                          lambda start, stop: self._head_chunk(start, stop, LOG2E),
+                                          self.info.vocab, progress),
+                             max(1, len(opts.answer_ids)))
         stats.finite_residual = np.array([bool(h.isfinite().all()) for h in rows])
         return stats
 
     @torch.no_grad()
-    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
-        rows = self.capture(prompts, last_only=True)  # R x [B, d]
-        stats = sweep_next_token(self._normed(rows, lens).transpose(0, 1), list(scored), top_k,
-                                 lambda start, stop: self._head_chunk(start, stop, LOG2E),
-                                 self.info.vocab, progress)
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]],
+                         scored: Sequence[Sequence[tuple[int, ...]]], lens: Lens,
+                         top_k: int = TOP_K) -> list[LayerStats]:
+        n = len(scored[0])
+        rows = self.capture(prompts, last=n)  # R x [B * n, d]
+        out = sweep_next_token(self._normed(rows, lens).transpose(0, 1),
+                               [ids for per in scored for ids in per], top_k,
+                               lambda start, stop: self._head_chunk(start, stop, LOG2E),
+                               self.info.vocab, progress)
+        stats = batch_stats(out, n)
         finite = np.stack([h.isfinite().all(-1).cpu().numpy() for h in rows], -1)
-        for s, f in zip(stats, finite):
+        for s, f in zip(stats, finite.reshape(len(prompts), n, -1).all(1)):
             s.finite_residual = f
         return stats
 
@@ -217,7 +224,7 @@ class TorchBackend:
     def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # The lens's own last row, decoded in fp32 like every lens row (the model's own head
         # runs in the compute dtype).
-        last = self.capture(prompts, last_only=True)[-1].to(self.device).float()
+        last = self.capture(prompts, last=1)[-1].to(self.device).float()
         return self.head_logits(self.final_norm(last), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
@@ -234,6 +241,11 @@ class TorchBackend:
         w, step = self.head.weight, 4096  # in slices: an fp32 copy of a whole head can be GBs
         return torch.cat([torch.linalg.vector_norm(w[i:i + step].float(), dim=1)
                           for i in range(0, len(w), step)]).double().cpu().numpy()
+
+    @torch.no_grad()
+    def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
+        x = torch.tensor([list(ids)], device=self.input_device)
+        return self.model(input_ids=x, use_cache=False).logits[0, -1].float().cpu().numpy()
 
     @torch.no_grad()
     def residuals(self, ids: Sequence[int]) -> np.ndarray:

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from mlx_lens.core.bounds import SUM_BLOCK, kl_bound_from_sums, summation_depth
-from mlx_lens.core.contract import LayerStats, SweepOptions
-from mlx_lens.core.stats import batch_stats, prompt_stats
+from mlx_lens.core.contract import SweepOptions
 from torch_ref import tiles
 
 # On a CPU the tile is calibrated per machine (torch_ref/tiles.py). On a GPU, tiles are sized
@@ -155,8 +154,8 @@ class TiledStats:
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Per row: entropy (bits), top-k ids and probabilities; per scored row ([n_scored,
-        group_rows, ...]): KL and cosine to its group's last row, the scored tokens' probabilities
-        and ranks."""
+        group_rows, ...]): KL and cosine to its group's last row, the scored tokens' probabilities,
+        log-probabilities and ranks, and their leads over the best other token (bits)."""
         g = self.group_rows
         lse = self.m + torch.log2(self.s)
         last, lse_s = self.last, lse[self.first_scored:].view(-1, g)
@@ -178,11 +177,23 @@ class TiledStats:
             .view(-1, g),
         }
         if self.scored_ids is not None:
-            out["p_scored"] = torch.exp2(last["answer"].view(-1, g, last["answer"].shape[-1])
-                                         - lse_s[..., None])
+            own = last["answer"].view(-1, g, last["answer"].shape[-1])
+            out["logp_scored"] = own - lse_s[..., None]  # bits
+            out["p_scored"] = torch.exp2(out["logp_scored"])
             out["rank_scored"] = last["above"].view(out["p_scored"].shape) + 1
+            out["lead_scored"] = lead(own, self.top_v[self.first_scored:].view(-1, g, self.k),
+                                      self.top_i[self.first_scored:].view(-1, g, self.k),
+                                      self.scored_ids)
         out["summation_depth"] = depth
         return out
+
+
+def lead(own: torch.Tensor, top_v: torch.Tensor, top_i: torch.Tensor,
+         ids: torch.Tensor) -> torch.Tensor:
+    """[G, R, A]: each scored token's logit minus the best other token's (the runner-up where
+    the token is the top-1, else the top-1), from the sorted top-k [G, R, k]; ids [G, A]."""
+    first = top_i[..., :1] == ids[:, None, :]
+    return own - torch.where(first, top_v[..., 1:2], top_v[..., :1])
 
 
 def tile_seconds(rows: int, tokens: int) -> float:
@@ -253,20 +264,24 @@ def _scored_logits(x: torch.Tensor, ids: torch.Tensor, head_chunk: Callable) -> 
 
 
 def sweep_states(x: torch.Tensor, opts: SweepOptions, head_chunk: Callable, vocab: int,
-                 progress: Callable = lambda it, desc: it) -> LayerStats:
+                 progress: Callable = lambda it, desc: it) -> dict:
     """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
-    head_chunk (as in tiled_sweep) over a vocabulary of `vocab` tokens."""
+    head_chunk (as in tiled_sweep) over a vocabulary of `vocab` tokens. The last
+    n = max(1, len(opts.answer_ids)) positions are scored, position j for answer piece j (the
+    prompt's next token first, then the teacher-forced pieces): mlx_lens/core/stats.py."""
     n_rows, n_pos = x.shape[:2]
+    n = max(1, len(opts.answer_ids))
+    first = n_pos - n
     # Position-major groups: positions needing narrow_k candidates first, then the wide ones,
-    # the next-token position last (the one scored group).
-    wide = list(opts.wide or [True] * n_pos)
-    narrow = [t for t in range(n_pos - 1) if not wide[t]]
-    order = narrow + [t for t in range(n_pos - 1) if wide[t]] + [n_pos - 1]
+    # the scored positions last.
+    wide = list(opts.wide or [True] * first) + [True] * n
+    narrow = [t for t in range(first) if not wide[t]]
+    order = narrow + [t for t in range(first) if wide[t]] + list(range(first, n_pos))
     grouped = x[:, order].transpose(0, 1)  # [T, R, d]
-    ids = (torch.tensor([[opts.answer_id]], device=x.device) if opts.answer_id is not None
+    ids = (torch.tensor([[a] for a in opts.answer_ids], device=x.device) if opts.answer_ids
            else None)
-    logits = _scored_logits(grouped[-1:], ids, head_chunk) if ids is not None else None
-    stats = TiledStats(n_rows * n_pos, n_rows, 1, opts.top_k, ids, logits, x.device, vocab)
+    logits = _scored_logits(grouped[-n:], ids, head_chunk) if ids is not None else None
+    stats = TiledStats(n_rows * n_pos, n_rows, n, opts.top_k, ids, logits, x.device, vocab)
     partitions = [(len(narrow) * n_rows, opts.narrow_k),
                   ((n_pos - len(narrow)) * n_rows, opts.top_k)]
     tiled_sweep(grouped.reshape(n_pos * n_rows, -1), [p for p in partitions if p[0]], head_chunk,
@@ -275,22 +290,29 @@ def sweep_states(x: torch.Tensor, opts: SweepOptions, head_chunk: Callable, voca
     back = np.argsort(order)
     for key in ("entropy", "topk_ids", "topk_probs"):  # [T, R, ...] in position order
         out[key] = out[key].reshape(n_pos, n_rows, *out[key].shape[1:])[back]
-    return prompt_stats(out)
+    out["x_norm"] = _norms(grouped[-n:])
+    return out
+
+
+def _norms(x: torch.Tensor) -> np.ndarray:
+    """|x| of each decoded row [..., d], in float64: for the bounds of the decode."""
+    return torch.linalg.vector_norm(x.double(), dim=-1).cpu().numpy()
 
 
 def sweep_next_token(x: torch.Tensor, scored: list[tuple[int, ...]], top_k: int,
                      head_chunk: Callable, vocab: int,
-                     progress: Callable = lambda it, desc: it) -> list[LayerStats]:
-    """The next-token statistics of a batch: x [B, R, d] holds each prompt's normalised rows at
-    its last position; scored[b] the token ids whose probability and rank prompt b reports (the
-    same number for every prompt, its answer first). One LayerStats per prompt, T = 1."""
-    n_prompts, n_rows = x.shape[:2]
+                     progress: Callable = lambda it, desc: it) -> dict:
+    """The next-token statistics of groups: x [G, R, d] holds the normalised rows of one
+    position of one prompt per group; scored[g] the token ids whose probability and rank group
+    g reports (as many for every group). mlx_lens/core/stats.py makes LayerStats of them."""
+    n_groups, n_rows = x.shape[:2]
     ids = torch.tensor(scored, device=x.device)
-    stats = TiledStats(n_prompts * n_rows, n_rows, n_prompts, top_k, ids,
+    stats = TiledStats(n_groups * n_rows, n_rows, n_groups, top_k, ids,
                        _scored_logits(x, ids, head_chunk), x.device, vocab)
-    tiled_sweep(x.reshape(n_prompts * n_rows, -1), [(n_prompts * n_rows, top_k)], head_chunk,
+    tiled_sweep(x.reshape(n_groups * n_rows, -1), [(n_groups * n_rows, top_k)], head_chunk,
                 vocab, stats, progress)
     out = _numpy(stats.finish())
-    for key in ("entropy", "topk_ids", "topk_probs"):  # [B, R, ...]
-        out[key] = out[key].reshape(n_prompts, n_rows, *out[key].shape[1:])
-    return batch_stats(out)
+    for key in ("entropy", "topk_ids", "topk_probs"):  # [G, R, ...]
+        out[key] = out[key].reshape(n_groups, n_rows, *out[key].shape[1:])
+    out["x_norm"] = _norms(x)
+    return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlx_lens import backend_choice
 from mlx_lens.experiment import health
+from mlx_lens.experiment.milestones import MilestoneSettings, describe
 from mlx_lens.output import run_dir
 from mlx_lens.api import ModelLens, load, resolve_lens
 from mlx_lens.output.artifacts import write_model_artifacts
@@ -18,7 +19,7 @@ from mlx_lens.loading.placement import read_device_map
 from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.core.lens import RULES, Lens
 from mlx_lens.core.errors import LensError, first_line, one_line
-from mlx_lens.experiment.single import ExperimentOptions
+from mlx_lens.experiment.single import ExperimentOptions, framework_warning
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.cli.processes import (ORIGINAL_MODELS, ModelOutcome, NothingProduced,
                                     run_one_process, summary_of, table)
@@ -36,7 +37,8 @@ MODEL_HELP = "local folder, .gguf file or hub id (default: the packaged SmolLM2-
 # run options a child process for one model gets from a multi-model run (dest, flag)
 _CHILD_OPTIONS = (("backend", "--backend"), ("device", "--device"), ("dtype", "--dtype"),
                   ("lens", "--lens"), ("copy_threshold", "--copy-threshold"),
-                  ("copy_margin", "--copy-margin"), ("prompt", "--prompt"), ("answer", "--answer"))
+                  ("copy_margin", "--copy-margin"), ("margin_bits", "--margin-bits"),
+                  ("prompt", "--prompt"), ("answer", "--answer"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
     run.add_argument("--copy-margin", type=float, default=CollapseSettings.copy_margin)
     run.add_argument("--prompt", default=PROMPT)
-    run.add_argument("--answer", default=ANSWER, help="gold answer (its first token is scored)")
+    run.add_argument("--answer", default=ANSWER,
+                     help="gold answer (scored whole, teacher-forced, and by its first token)")
+    run.add_argument("--margin-bits", type=float, default=MilestoneSettings.margin_bits,
+                     help="the lead over the runner-up a confirmed onset needs at two layers in "
+                          "a row (default: 0.5 nats)")
     run.add_argument("--out_dir", type=Path, default=None,
                      help="write here instead of rotating runs/run-latest")
     run.add_argument("--no-probes", dest="probes", action="store_false",
@@ -182,11 +188,13 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
     ExperimentOptions(prompt=args.prompt, answer=args.answer)  # bad input fails before loading
     lens = _load(args, model, args.lens)
     seconds = {"load": time.perf_counter() - started}
-    result = lens.run(args.prompt, args.answer, args.probes, collapse, args.keep_residuals)
+    milestones = MilestoneSettings(margin_bits=args.margin_bits)
+    result = lens.run(args.prompt, args.answer, args.probes, collapse, args.keep_residuals,
+                      milestones)
     seconds.update(result.seconds)
     if facts:
         began = time.perf_counter()
-        suite = lens.run_suite(facts, collapse)
+        suite = lens.run_suite(facts, collapse, milestones)
         seconds["suite"] = time.perf_counter() - began
         result.payload["diagnostics"].update(lens.backend.run_diagnostics())  # its traffic too
         if suite.numeric_health:  # which facts and layers were blanked, beside the run's own
@@ -196,6 +204,7 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
         print(rank_line, flush=True)
         return []
     for line in (health.warning(result.payload["diagnostics"]),
+                 framework_warning(result.payload["diagnostics"]["framework_check"]),
                  suite.health_warning() if facts else None):
         if line:
             print(f"mlx-lens: warning: {line}", file=sys.stderr)
@@ -209,6 +218,7 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens.lens.name}]: "
           f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
           f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
+    print(f"  {describe(result.payload['diagnostics'])}")
     if facts:
         print(suite.summary_line())
     print(f"time: {time.perf_counter() - started:.1f} s ("

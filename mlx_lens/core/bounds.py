@@ -90,6 +90,35 @@ def kl_bound_from_sums(depth: int, mu1, mu1_f, gap, gap_x, lse, lse_f, u: float 
     return log_s + log_s_f + d_err + 2 * u * (gap + abs(lse) + abs(lse_f))
 
 
+# Length-d products' worth of rounding between a captured row and its fp32 logits (§1): the
+# lens norm's mean square (gamma_d) and its few scalings (4u <= gamma_d for d >= 4), the GEMM.
+DECODE_PRODUCTS = 3
+
+
+def lead_bound(x_norm: np.ndarray, w_max: float, d: int, softcap: float | None,
+               u: float = U32) -> np.ndarray:
+    """|error| in bits of a lead z_a - z_b (two logits of one decoded row of norm x_norm) from
+    the lens's own fp32 decode (§5): each logit within DECODE_PRODUCTS gamma_d |x| |w| of exact
+    arithmetic, |w| <= w_max (the head's largest row norm), plus its element-wise roundings
+    with |z| <= |x| w_max; the logsumexp cancels in a lead."""
+    z = np.asarray(x_norm, np.float64) * w_max
+    per_logit = DECODE_PRODUCTS * gamma(d, u) * z + elementwise_bound(z, softcap, u)
+    return nats_to_bits(2 * per_logit)
+
+
+def framework_logit_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, logits: np.ndarray,
+                          softcap: float | None, compute: str) -> np.ndarray:
+    """[..., V] |error| in nats of the framework's own output logits (its norm and head in the
+    compute dtype) against the lens's fp32 decode of the same final residual (§4, reduced
+    precision): the framework rounds its final norm's output to the dtype (the weight multiply
+    too: 2 u_c of the normalised state, a length-1 "dot product" each) and its logits (u_c |z|,
+    the soft-cap in the dtype: elementwise_bound at u_c); both GEMMs accumulate in fp32 (one
+    length-d product each). In fp32, u_c = u."""
+    uc = UNIT_ROUNDOFF.get(compute, U32)
+    return (dot_bound(x_norm, w_norm, 1, 2, uc) + dot_bound(x_norm, w_norm, d, 2)
+            + elementwise_bound(logits, softcap, uc))
+
+
 def dot_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, products: float,
               u: float = U32) -> np.ndarray:
     """|error| of logits x . w_i for `products` length-d fp32 dot products' worth of rounding:

@@ -24,12 +24,24 @@ TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final pred
 @dataclass(frozen=True)
 class SweepOptions:
     lens: Lens = FINAL_NORM
-    answer_id: int | None = None  # gold answer's first token id; enables p_answer / rank
+    # The gold answer's token ids (its pieces after the prompt). The backend runs the prompt
+    # followed by answer_ids[:-1] (teacher forcing) and scores piece j at the position before
+    # it; causal attention leaves the prompt's own rows as without them. Empty: no answer.
+    answer_ids: tuple[int, ...] = ()
     top_k: int = TOP_K
     # Positions that need only narrow_k candidates (False) may get just those: the remaining
     # top-k columns then hold id -1 and probability 0. None: every position gets top_k.
     wide: tuple[bool, ...] | None = None
     narrow_k: int = 5
+
+    @property
+    def answer_id(self) -> int | None:
+        """The answer's first piece: what p_answer and answer_rank score."""
+        return self.answer_ids[0] if self.answer_ids else None
+
+    def forward_ids(self, prompt: Sequence[int]) -> list[int]:
+        """The tokens the forward pass runs: the prompt, then the teacher-forced pieces."""
+        return [*prompt, *self.answer_ids[:-1]]
 
 
 @dataclass
@@ -55,15 +67,24 @@ class LayerStats:
     # [R] bits: the reductions' error bound of kl_to_final (docs/numerics.md §2); a value below
     # minus it is a numeric-health finding (mlx_lens/experiment/health.py), not a zero
     kl_bound: np.ndarray | None = None
+    # The whole answer, piece j scored at its own position (the prompt's next token for j = 0,
+    # then teacher-forced): [R, k] each. log2 p of the piece, its rank, its lead over the best
+    # other token in bits (z_piece - z_other: > 0 exactly when it is the top-1), and the norm of
+    # the decoded row there (for the decode's error bound, mlx_lens/core/bounds.py).
+    piece_log2p: np.ndarray | None = None
+    piece_rank: np.ndarray | None = None
+    piece_lead: np.ndarray | None = None
+    piece_x_norm: np.ndarray | None = None
 
     @classmethod
     def from_arrays(cls, out: dict) -> "LayerStats":
         """From a backend's reductions (any array-likes numpy can read), in float64 / int64."""
         f64 = {k: np.asarray(out[k], np.float64) for k in
                ("entropy", "topk_probs", "kl_to_final", "cos_to_final", "p_answer", "p_scored",
-                "kl_bound")
+                "kl_bound", "piece_log2p", "piece_lead", "piece_x_norm")
                if k in out}
-        i64 = {k: np.asarray(out[k], np.int64) for k in ("topk_ids", "answer_rank") if k in out}
+        i64 = {k: np.asarray(out[k], np.int64) for k in ("topk_ids", "answer_rank", "piece_rank")
+               if k in out}
         depth = out.get("summation_depth")
         return cls(**f64, **i64, summation_depth=None if depth is None else int(depth))
 
@@ -127,11 +148,15 @@ class Backend(Protocol):
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
         """Decode every row at every position; reductions happen on the device."""
 
-    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
-        """A batch of prompts in one forward pass and one decode, at each prompt's next-token
-        position only: one LayerStats per prompt with T = 1, p_answer / answer_rank for
-        scored[b][0] and p_scored for every id of scored[b] (the same count for every prompt)."""
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]],
+                         scored: Sequence[Sequence[tuple[int, ...]]], lens: Lens,
+                         top_k: int = TOP_K) -> list[LayerStats]:
+        """A batch of prompts in one forward pass and one decode, at each prompt's last n
+        positions only (n = len(scored[b]), the same for every prompt): position j scores the
+        ids scored[b][j] (as many at every position). One LayerStats per prompt with T = 1 (the
+        first of its n positions: the next token of a prompt followed by n - 1 teacher-forced
+        answer pieces): p_answer / answer_rank for scored[b][0][0], p_scored for every id of
+        scored[b][0], and piece_* [R, n] for the first id of each position."""
 
     def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """The model's output logits at each prompt's last position, [B, V] float32 (the lens's
@@ -149,6 +174,9 @@ class Backend(Protocol):
         """A line a run prints about this process's part (a pipeline rank's blocks, memory and
         traffic), or None."""
 
+    def head_row_norms(self) -> np.ndarray:
+        """|w_i| of every row of the fp32 unembedding, [V] float64 (for error bounds)."""
+
 
 @runtime_checkable
 class InspectableBackend(Backend, Protocol):
@@ -161,8 +189,9 @@ class InspectableBackend(Backend, Protocol):
     def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         """What the head multiplies: every row after its lens norm, [R, T, d] float32."""
 
-    def head_row_norms(self) -> np.ndarray:
-        """|w_i| of every row of the fp32 unembedding, [V] float64 (for error bounds)."""
+    def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The framework's own forward pass (mlx-lm's model, transformers' model with its head),
+        not the lens code: its output logits at the last position, [V] float32."""
 
     def residuals(self, ids: Sequence[int]) -> np.ndarray:
         """The captured residual stream h_0..h_L, [R, T, d] float32."""

@@ -1,37 +1,64 @@
 """A backend's running reductions -> LayerStats: the one layout both reducers
 (mlx_lens/mlx/reduce.py, torch_ref/reduce.py) hand over, in numpy.
 
-The reducers work on groups of rows (one group per position of a prompt, or per prompt of a
-batch); a scored group's rows are compared with its last row (the model's output) and report
-the scored tokens."""
+The reducers work on groups of rows (one group per position of a prompt, or per scored position
+of a batch's prompts); a scored group's rows are compared with its last row (the model's output
+at that position) and report the scored tokens. A prompt's scored positions are its last n: the
+next-token position (the original's statistics) and, where a whole answer is scored, one per
+teacher-forced piece."""
 from __future__ import annotations
 
 from mlx_lens.core.contract import LayerStats
 
-
-def prompt_stats(out: dict) -> LayerStats:
-    """One prompt from groups = positions: entropy, topk_ids, topk_probs [T, R, ...]; the
-    next-token group scored: kl_to_final, cos_to_final [1, R], and where an answer is scored
-    p_scored, rank_scored [1, R, 1]."""
-    out = dict(out)
-    for key in ("entropy", "topk_ids", "topk_probs"):  # to [R, T, ...]
-        out[key] = out[key].swapaxes(0, 1)
-    for key in ("kl_to_final", "kl_bound", "cos_to_final"):
-        out[key] = out[key][0]
-    if "p_scored" in out:
-        out["p_answer"], out["answer_rank"] = out["p_scored"][0, :, 0], out["rank_scored"][0, :, 0]
-        del out["p_scored"]
-    return LayerStats.from_arrays(out)
+# The scored groups' arrays, [G, R, ...]
+_SCORED = ("kl_to_final", "kl_bound", "cos_to_final", "x_norm", "p_scored", "rank_scored",
+           "logp_scored", "lead_scored")
 
 
-def batch_stats(out: dict) -> list[LayerStats]:
-    """One LayerStats (T = 1) per prompt from groups = prompts, every group scored: entropy
-    [B, R], topk_ids, topk_probs [B, R, K], kl_to_final, cos_to_final [B, R], p_scored,
-    rank_scored [B, R, A] (the answer first)."""
-    return [LayerStats.from_arrays({
-        "entropy": out["entropy"][b][:, None], "topk_ids": out["topk_ids"][b][:, None],
-        "topk_probs": out["topk_probs"][b][:, None], "kl_to_final": out["kl_to_final"][b],
-        "cos_to_final": out["cos_to_final"][b], "kl_bound": out["kl_bound"][b],
-        "p_answer": out["p_scored"][b, :, 0],
-        "answer_rank": out["rank_scored"][b, :, 0], "p_scored": out["p_scored"][b],
-        "summation_depth": out["summation_depth"]}) for b in range(len(out["entropy"]))]
+def last_positions(lengths: list[int], n: int) -> tuple[list[int], list[int]]:
+    """(prompt, position) indices of each prompt's last n tokens, prompt-major: the rows a
+    batch's capture keeps for its scored positions."""
+    pairs = [(b, length - n + j) for b, length in enumerate(lengths) for j in range(n)]
+    return [b for b, _ in pairs], [t for _, t in pairs]
+
+
+def _pieces(scored: dict) -> dict:
+    """The original's next-token fields from the first scored position, the pieces' from all:
+    scored [n, R, ...] of one prompt."""
+    out = {key: scored[key][0] for key in ("kl_to_final", "kl_bound", "cos_to_final")}
+    if "p_scored" in scored:
+        out |= {"p_answer": scored["p_scored"][0, :, 0],
+                "answer_rank": scored["rank_scored"][0, :, 0],
+                "p_scored": scored["p_scored"][0],
+                "piece_log2p": scored["logp_scored"][..., 0].T,
+                "piece_rank": scored["rank_scored"][..., 0].T,
+                "piece_lead": scored["lead_scored"][..., 0].T,
+                "piece_x_norm": scored["x_norm"].T}
+    return out
+
+
+def prompt_stats(out: dict, n_scored: int = 1) -> LayerStats:
+    """One prompt from groups = positions: entropy, topk_ids, topk_probs [T', R, ...] over the
+    prompt and its teacher-forced pieces, the last n_scored scored ([n_scored, R, ...]). The
+    per-position statistics keep the prompt's positions only."""
+    prompt = len(out["entropy"]) - n_scored + 1
+    stats = {key: out[key][:prompt].swapaxes(0, 1) for key in ("entropy", "topk_ids",
+                                                              "topk_probs")}
+    stats |= _pieces({k: out[k] for k in _SCORED if k in out})
+    if "p_scored" in out and out["p_scored"].shape[-1] == 1:
+        del stats["p_scored"]  # only the answer: p_answer holds it
+    return LayerStats.from_arrays({**stats, "summation_depth": out["summation_depth"]})
+
+
+def batch_stats(out: dict, n_scored: int = 1) -> list[LayerStats]:
+    """One LayerStats (T = 1) per prompt from groups = (prompt, scored position), every group
+    scored, each prompt's n_scored positions consecutive: entropy [G, R], topk_ids, topk_probs
+    [G, R, K], the scored arrays [G, R, ...] (the answer's piece first among the ids)."""
+    result = []
+    for first in range(0, len(out["entropy"]), n_scored):
+        groups = slice(first, first + n_scored)
+        stats = {key: out[key][first][:, None] for key in ("entropy", "topk_ids", "topk_probs")}
+        stats |= _pieces({k: out[k][groups] for k in _SCORED if k in out})
+        result.append(LayerStats.from_arrays({**stats,
+                                              "summation_depth": out["summation_depth"]}))
+    return result

@@ -51,10 +51,18 @@ class Fact:
 class EncodedFact:
     fact: Fact
     ids: list[int]
-    answer_id: int  # the answer's first token after the prompt
+    answer_ids: tuple[int, ...]  # the answer's tokens after the prompt
     control_ids: list[int] | None = None
-    control_answer_id: int | None = None  # the control answer's first token after control_ids
+    control_answer_ids: tuple[int, ...] | None = None  # the control answer's, after control_ids
     answer_in_control_id: int | None = None  # the fact's own answer's first token there
+
+    @property
+    def answer_id(self) -> int:
+        return self.answer_ids[0]
+
+    @property
+    def control_answer_id(self) -> int | None:
+        return self.control_answer_ids[0] if self.control_answer_ids else None
 
 
 def load_facts(spec: str) -> list[Fact]:
@@ -102,18 +110,26 @@ def encode_facts(facts: list[Fact], tokenizer, n_ctx: int | None) -> list[Encode
 
 def _encode(fact: Fact, tokenizer, n_ctx: int | None) -> EncodedFact:
     try:
-        ids = single.encode_prompt(tokenizer, fact.prompt, n_ctx)
-        answer_id = single.answer_token_id(tokenizer, ids, fact.prompt, fact.answer)
+        ids, answer = _prompt_and_answer(tokenizer, fact.prompt, fact.answer, n_ctx)
         if fact.control_prompt is None:
-            return EncodedFact(fact, ids, answer_id)
-        control_ids = single.encode_prompt(tokenizer, fact.control_prompt, n_ctx)
-        return EncodedFact(
-            fact, ids, answer_id, control_ids,
-            single.answer_token_id(tokenizer, control_ids, fact.control_prompt,
-                                       fact.control_answer),
-            single.answer_token_id(tokenizer, control_ids, fact.control_prompt, fact.answer))
+            return EncodedFact(fact, ids, answer)
+        control_ids, control = _prompt_and_answer(tokenizer, fact.control_prompt,
+                                                  fact.control_answer, n_ctx)
+        return EncodedFact(fact, ids, answer, control_ids, control,
+                           single.answer_token_id(tokenizer, control_ids, fact.control_prompt,
+                                                  fact.answer))
     except LensError as e:
         raise LensError(f"{fact.source or fact.id}: {e}") from e
+
+
+def _prompt_and_answer(tokenizer, prompt: str, answer: str,
+                       n_ctx: int | None) -> tuple[list[int], tuple[int, ...]]:
+    """The prompt's ids and the answer's, as the single-prompt experiment computes them; the
+    prompt with the teacher-forced answer must fit the context."""
+    ids = single.encode_prompt(tokenizer, prompt, n_ctx)
+    pieces = single.answer_token_ids(tokenizer, ids, prompt, answer)
+    single.check_context(len(ids) + len(pieces) - 1, n_ctx)
+    return ids, tuple(pieces)
 
 
 def _read_text(spec: str) -> str:

@@ -11,13 +11,15 @@ import numpy as np
 import pandas as pd
 
 from mlx_lens.core.contract import LayerStats
+from mlx_lens.experiment.milestones import ANSWER_COLUMNS, COPY_COLUMNS
 from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE, VERBOSE_WORDS
 
 NEXT_TOKEN = "⟨NEXT⟩"  # the original's label for the pure next-token row
 TOPK_COLUMNS = [c for i in range(1, TOP_K_VERBOSE + 1) for c in (f"top{i}", f"prob{i}")]
 RECORD_COLUMNS = ["layer", "pos", "token", "entropy", *TOPK_COLUMNS, "rest_mass"]
 PURE_COLUMNS = [*RECORD_COLUMNS, "copy_collapse", "entropy_collapse", "is_answer",
-                "p_answer", "answer_rank", "kl_to_final_bits", "cos_to_final", "kl_bound_bits"]
+                "p_answer", "answer_rank", "kl_to_final_bits", "cos_to_final", "kl_bound_bits",
+                *ANSWER_COLUMNS, *COPY_COLUMNS]
 
 
 class TokenNames:
@@ -69,8 +71,10 @@ def records_frame(stats: LayerStats, prompt_tokens: Sequence[str], names: TokenN
     return pd.concat([head, _topk_frame(stats, rows, pos, k, names)], axis=1)[RECORD_COLUMNS]
 
 
-def pure_next_token_frame(stats: LayerStats, flags: dict[str, np.ndarray],
-                          names: TokenNames) -> pd.DataFrame:
+def pure_next_token_frame(stats: LayerStats, flags: dict[str, np.ndarray], names: TokenNames,
+                          answer: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """The last position per layer; `answer`: the full-answer and copy columns (None: not
+    computed, empty cells)."""
     n_rows, n_pos = stats.entropy.shape
     rows, pos = np.arange(n_rows), np.full(n_rows, n_pos - 1)
     head = pd.DataFrame({"layer": rows, "pos": pos, "token": NEXT_TOKEN,
@@ -84,6 +88,8 @@ def pure_next_token_frame(stats: LayerStats, flags: dict[str, np.ndarray],
     frame["kl_to_final_bits"] = stats.kl_to_final
     frame["cos_to_final"] = stats.cos_to_final
     frame["kl_bound_bits"] = stats.kl_bound if stats.kl_bound is not None else np.nan
+    for name in (*ANSWER_COLUMNS, *COPY_COLUMNS):
+        frame[name] = answer[name] if answer is not None else np.nan
     return frame[PURE_COLUMNS]
 
 

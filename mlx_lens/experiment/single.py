@@ -18,7 +18,10 @@ from mlx_lens.core.contract import Backend, InspectableBackend, SweepOptions, re
 from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.errors import LensError
+from mlx_lens.core import bounds
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
+from mlx_lens.experiment.milestones import (AnswerRows, MilestoneSettings, answer_milestones,
+                                            copy_flags, copy_milestones)
 from mlx_lens.experiment.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS, TOP_K_RECORDS,
                              TOP_K_VERBOSE)
 
@@ -29,6 +32,7 @@ class ExperimentOptions:
     answer: str = ANSWER
     lens: Lens = FINAL_NORM
     collapse: CollapseSettings = field(default_factory=CollapseSettings)
+    milestones: MilestoneSettings = field(default_factory=MilestoneSettings)
     probes: bool = True  # extra test prompts and temperature exploration
     keep_residuals: bool = False
 
@@ -87,17 +91,34 @@ def encode_prompt(tokenizer, prompt: str, n_ctx: int | None = None) -> list[int]
     return ids
 
 
-def answer_token_id(tokenizer, prompt_ids: list[int], prompt: str, answer: str) -> int:
-    """The first token the model would have to emit to answer: tokenise prompt + ' answer' and
-    take the token after the prompt (robust to SentencePiece's and BPE's space conventions)."""
+def check_context(n_tokens: int, n_ctx: int | None) -> None:
+    """The prompt with its teacher-forced answer (all but the last piece) must fit."""
+    if n_ctx is not None and n_tokens > n_ctx:
+        raise LensError(f"the prompt and its teacher-forced answer are {n_tokens} tokens, longer "
+                        f"than the model's context of {n_ctx} tokens")
+
+
+def answer_token_ids(tokenizer, prompt_ids: list[int], prompt: str, answer: str) -> list[int]:
+    """The tokens the model would have to emit to answer: tokenise prompt + ' answer' and take
+    the tokens after the prompt (robust to SentencePiece's and BPE's space conventions); where
+    the prompt's tokens do not survive the join, ' answer' on its own. Special tokens a
+    tokenizer appends (an end-of-sequence) are not part of the answer."""
     full = list(tokenizer.encode(f"{prompt} {answer}"))
     if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        token_id = full[len(prompt_ids)]
+        pieces = full[len(prompt_ids):]
     else:
-        token_id = (list(tokenizer.encode(f" {answer}", add_special_tokens=False)) or [None])[0]
-    if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
+        pieces = list(tokenizer.encode(f" {answer}", add_special_tokens=False))
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    pieces = [int(i) for i in pieces if i not in special or i == unk]
+    if not pieces or unk in pieces:
         raise LensError(f"the tokenizer cannot encode the answer {answer!r}")
-    return int(token_id)
+    return pieces
+
+
+def answer_token_id(tokenizer, prompt_ids: list[int], prompt: str, answer: str) -> int:
+    """The answer's first token: the original's answer_token_id."""
+    return answer_token_ids(tokenizer, prompt_ids, prompt, answer)[0]
 
 
 def distribution(logits: np.ndarray, k: int, names: TokenNames, temperature: float = 1.0) -> dict:
@@ -108,21 +129,66 @@ def distribution(logits: np.ndarray, k: int, names: TokenNames, temperature: flo
     return {"entropy": float(-(p * logp).sum() / np.log(2)), "topk": names.topk(top, p[top], k)}
 
 
+def framework_check(backend: Backend, ids: list[int], lens_last: np.ndarray,
+                    x_norm: float, w_norms: np.ndarray) -> dict:
+    """The lens's last row against the framework's own output logits (mlx-lm's or
+    transformers' forward, not the lens code): KL in bits and the largest |delta log p|, with
+    their derived bounds (docs/numerics.md §4, reduced precision; Hoeffding for KL, §3)."""
+    if not isinstance(backend, InspectableBackend):
+        return {"available": False, "why": "the framework's forward needs the whole model in "
+                                           "one process"}
+    if not np.isfinite(x_norm):
+        return {"available": False, "why": "the model's output row is not finite"}
+    info = backend.info
+    own = backend.framework_logits(ids)
+    b = float(bounds.framework_logit_bound(x_norm, w_norms, info.d_model, own, info.softcap,
+                                           info.compute_dtype).max())
+    lens_logp, own_logp = log_softmax64(lens_last), log_softmax64(own)
+    kl = float((np.exp(lens_logp) * (lens_logp - own_logp)).sum() / np.log(2))
+    delta = float(np.abs(lens_logp - own_logp).max())
+    kl_bound, delta_bound = bounds.nats_to_bits(b * b / 2), 2 * b
+    return {"available": True, "framework": "mlx-lm" if info.backend == "mlx" else "transformers",
+            "kl_bits": kl, "kl_bound_bits": kl_bound, "max_abs_delta_logp": delta,
+            "delta_logp_bound": delta_bound,
+            "within_bound": bool(kl <= kl_bound and delta <= delta_bound)}
+
+
+def framework_warning(check: dict) -> str | None:
+    """One line for the console where the lens's last row and the framework's output differ
+    beyond their derived bound."""
+    if not check.get("available") or check["within_bound"]:
+        return None
+    return (f"the lens's last row and {check['framework']}'s own output differ beyond their "
+            f"derived bound: KL {check['kl_bits']:.3g} bits (bound {check['kl_bound_bits']:.3g}), "
+            f"max |delta log p| {check['max_abs_delta_logp']:.3g} "
+            f"(bound {check['delta_logp_bound']:.3g}); see docs/numerics.md §4")
+
+
+def pieces_of(names: TokenNames, ids: list[int]) -> list[str]:
+    return [names(i) for i in ids]
+
+
 def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: dict) -> ModelResult:
     tok, info = backend.tokenizer, backend.info
     ids = encode_prompt(tok, opts.prompt, info.n_ctx)
     # the probes too, so that one too long for the model fails before the sweep
     probes = {p: encode_prompt(tok, p, info.n_ctx) for p in TEST_PROMPTS} if opts.probes else {}
-    answer_id = answer_token_id(tok, ids, opts.prompt, opts.answer)
+    pieces = answer_token_ids(tok, ids, opts.prompt, opts.answer)
+    check_context(len(ids) + len(pieces) - 1, info.n_ctx)
+    answer_id = pieces[0]
     names = TokenNames(tok.decode)
     prompt_tokens = [names(i) for i in ids]
     wide = tuple(bool(w) for w in verbose_positions(prompt_tokens))
     started = time.perf_counter()
-    stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_id=answer_id, wide=wide,
+    stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_ids=tuple(pieces), wide=wide,
                                             narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE))
     seconds = {"sweep": time.perf_counter() - started}
     stats, numeric_health = health.checked(stats)
     flags = next_token_flags(stats, ids, answer_id, opts.collapse)
+    w_norms = backend.head_row_norms()
+    answer = AnswerRows.of(stats, info, float(w_norms.max()))
+    summary = layer_summary(stats, flags)
+    copies = copy_flags(stats, ids, names, opts.milestones)
 
     final = {"entropy": float(stats.entropy[-1, -1]),
              "topk": names.topk(stats.topk_ids[-1, -1], stats.topk_probs[-1, -1], 20)}
@@ -135,8 +201,12 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
         **asdict(opts.collapse),
         "context_prompt": opts.prompt, "answer": opts.answer,
         "answer_token_id": answer_id, "answer_token": names(answer_id),
+        "answer_token_ids": pieces, "answer_pieces": pieces_of(names, pieces),
         "prompt_token_ids": ids,
-        **layer_summary(stats, flags),
+        **summary,
+        **answer_milestones(answer, summary["L_semantic"], opts.milestones),
+        "margin_bits": opts.milestones.margin_bits,
+        **copy_milestones(stats, ids, copies),
         # fixes the error bound of every reported statistic (docs/numerics.md §2)
         "summation_depth": stats.summation_depth,
         **numeric_health,
@@ -160,7 +230,16 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
         payload["temperature_exploration"] = [
             {"temperature": t, **distribution(main_logits, 15, names, t)} for t in TEMPERATURES]
         seconds["probes"] = time.perf_counter() - started
+    else:
+        main_logits = None
+    started = time.perf_counter()
+    if isinstance(backend, InspectableBackend) and main_logits is None:
+        main_logits = backend.final_logits([ids])[0]
+    diagnostics["framework_check"] = framework_check(backend, ids, main_logits,
+                                                     stats.piece_x_norm[-1, 0], w_norms)
+    seconds["framework_check"] = time.perf_counter() - started
     residuals = (require(backend, InspectableBackend, "--keep-residuals").residuals(ids)
                  if opts.keep_residuals else None)
-    return ModelResult(payload, records_frame(stats, prompt_tokens, names),
-                       pure_next_token_frame(stats, flags, names), residuals, ids, seconds)
+    pure = pure_next_token_frame(stats, flags, names, {**answer.columns(), **copies})
+    return ModelResult(payload, records_frame(stats, prompt_tokens, names), pure, residuals, ids,
+                       seconds)

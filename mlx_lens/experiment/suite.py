@@ -19,6 +19,8 @@ from mlx_lens.core.contract import Backend, LayerStats
 from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.loading.placement import available_ram
 from mlx_lens.experiment.facts import EncodedFact, Fact, encode_facts
+from mlx_lens.experiment.milestones import (UNDECIDED, AnswerRows, MilestoneSettings,
+                                            answer_milestones, copy_flags, copy_milestones)
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 from mlx_lens.core.progress import progress
 
@@ -59,9 +61,13 @@ class SuiteResult:
         f = self.per_fact
         semantic = f["L_semantic"].dropna()
         controls = f["first_control_margin_positive"].notna().sum()
+        confirmed = f["L_answer_confirmed"].dropna()
         return (f"suite: {len(f)} facts, final top-1 correct for {int(f['correct'].sum())}; "
                 f"L_semantic median {semantic.median() if len(semantic) else 'n/a'} "
-                f"({len(semantic)} facts reach it); control margin turns positive for {controls}")
+                f"({len(semantic)} facts reach it); whole answer confirmed for {len(confirmed)} "
+                f"(median layer {confirmed.median() if len(confirmed) else 'n/a'}), undecided for "
+                f"{int(f['L_answer_confirmed_undecided'].sum())}; control margin turns positive "
+                f"for {controls}")
 
 
 def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) -> int:
@@ -74,17 +80,22 @@ def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) ->
     return int(max(1, min(MAX_BATCH, free // 16 // per_prompt)))
 
 
-def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], lens: Lens,
-           batch: int | None) -> list[LayerStats]:
-    """LayerStats (T = 1) of every (ids, scored) item, in the items' order. A batch holds items
-    with as many scored ids each (facts score one, controls two), in order of length."""
-    order = sorted(range(len(items)), key=lambda i: (len(items[i][1]), len(items[i][0])))
+def _sweep(backend: Backend, items: list[tuple[list[int], tuple[tuple[int, ...], ...]]],
+           lens: Lens, batch: int | None) -> list[LayerStats]:
+    """LayerStats (T = 1) of every (ids, scored) item, in the items' order: scored holds, for
+    each of the item's last positions, the ids scored there. A batch holds items of one shape
+    (as many positions, as many ids at each: a fact's answer pieces, a control's two ids), in
+    order of length."""
+    def shape(i: int) -> tuple[int, int]:
+        return len(items[i][1]), len(items[i][1][0])
+
+    order = sorted(range(len(items)), key=lambda i: (shape(i), len(items[i][0])))
     out: list[LayerStats | None] = [None] * len(items)
     b = batch or batch_size(backend, max(len(ids) for ids, _ in items))
     batches = [order[first:first + b] for first in range(0, len(order), b)]
-    # a batch may not mix scored-id counts: split where they change
-    batches = [[i for i in chunk if len(items[i][1]) == n] for chunk in batches
-               for n in sorted({len(items[i][1]) for i in chunk})]
+    # a batch may not mix shapes: split where they change
+    batches = [[i for i in chunk if shape(i) == n] for chunk in batches
+               for n in sorted({shape(i) for i in chunk})]
     for chunk in progress(batches, "fact batches"):
         stats = backend.sweep_next_token([items[i][0] for i in chunk],
                                          [items[i][1] for i in chunk], lens, NEXT_TOKEN_K)
@@ -93,19 +104,38 @@ def _sweep(backend: Backend, items: list[tuple[list[int], tuple[int, ...]]], len
     return out
 
 
+def _milestone_columns(milestones: dict) -> dict:
+    """A per-fact row's milestones: a layer (Int64, NA when never reached or undecided) and,
+    for the decided-or-not ones, a `<name>_undecided` flag."""
+    out = {}
+    for key, value in milestones.items():
+        out[key] = None if value == UNDECIDED else value
+        if key in UNDECIDABLE:
+            out[f"{key}_undecided"] = value == UNDECIDED
+    return out
+
+
+UNDECIDABLE = ("L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed")
+
+
 def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
-               names: TokenNames, collapse: CollapseSettings) -> tuple[dict, dict, dict]:
+               names: TokenNames, collapse: CollapseSettings, settings: MilestoneSettings,
+               info, w_max: float) -> tuple[dict, dict, dict]:
     """The fact's per-fact row, its columns of the long table (plain arrays: one DataFrame is
-    made for all facts at the end) and the non-finite rows of the fact and its control."""
+    made for all facts at the end) and the numeric-health findings of the fact and its
+    control."""
     stats, report = health.checked(stats)
     found = {"fact": report} if any(report.values()) else {}
     flags = next_token_flags(stats, fact.ids, fact.answer_id, collapse)
+    answer = AnswerRows.of(stats, info, w_max)
+    copies = copy_flags(stats, fact.ids, names, settings)
     top1 = stats.topk_ids[:, 0, 0]
     n = len(top1)
-    p_control = np.full((2, n), np.nan)
+    p_control, control_log2p = np.full((2, n), np.nan), np.full(n, np.nan)
     if control is not None:
         control, report = health.checked(control)
         p_control = control.p_scored.T
+        control_log2p = control.piece_log2p.sum(-1)  # its own answer, whole
         found |= {"control": report} if any(report.values()) else {}
     layers = {
         "fact_id": [fact.fact.id] * n, "group": [fact.fact.group] * n, "layer": np.arange(n),
@@ -114,37 +144,61 @@ def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
         "answer_rank": stats.answer_rank, "kl_to_final_bits": stats.kl_to_final,
         "cos_to_final": stats.cos_to_final, **flags,
         "control_p": p_control[0], "control_p_answer": p_control[1],
-        "control_margin": p_control[0] - p_control[1]}
+        "control_margin": p_control[0] - p_control[1],
+        **answer.columns(), "control_log2p": control_log2p, **copies}
     final = int(top1[-1])
+    summary = layer_summary(stats, flags)
     per_fact = {"fact_id": fact.fact.id, "group": fact.fact.group, "prompt": fact.fact.prompt,
                 "answer": fact.fact.answer, "answer_token": names(fact.answer_id),
-                **layer_summary(stats, flags),
+                "answer_pieces": len(fact.answer_ids), **summary,
+                **_milestone_columns(answer_milestones(answer, summary["L_semantic"], settings)),
+                **copy_milestones(stats, fact.ids, copies),
                 "final_top1": names(final) if final >= 0 else "",
                 "final_p1": float(stats.topk_probs[-1, 0, 0]),
-                "correct": final == fact.answer_id}
+                "correct": final == fact.answer_id,
+                # where they do, the first-piece margin cannot tell the two answers apart
+                "control_shares_first_piece": (fact.control_answer_id == fact.answer_id
+                                               if fact.control_answer_ids else None)}
     return per_fact, layers, found
 
 
+def _items(encoded: list[EncodedFact]) -> tuple[list, dict[int, int]]:
+    """The sweep's items: each fact's prompt with its answer teacher-forced, one position per
+    piece; each control's likewise with its own answer, its first position also scoring the
+    fact's answer (its other positions repeat their own piece: one shape per batch); and the
+    item of each fact's control."""
+    items = [([*f.ids, *f.answer_ids[:-1]], tuple((a,) for a in f.answer_ids)) for f in encoded]
+    controls = {}
+    for i, f in enumerate(encoded):
+        if f.control_ids is None:
+            continue
+        controls[i] = len(items)
+        own = f.control_answer_ids
+        scored = ((own[0], f.answer_in_control_id),) + tuple((c, c) for c in own[1:])
+        items.append(([*f.control_ids, *own[:-1]], scored))
+    return items, controls
+
+
 def run_suite(backend: Backend, facts: list[Fact], lens: Lens = FINAL_NORM,
-              collapse: CollapseSettings | None = None, batch: int | None = None) -> SuiteResult:
-    """Every fact (and its control) through the lens at the next-token position."""
-    collapse = collapse or CollapseSettings()
+              collapse: CollapseSettings | None = None, batch: int | None = None,
+              milestones: MilestoneSettings | None = None) -> SuiteResult:
+    """Every fact (and its control) through the lens at the next-token position and at its
+    answer's teacher-forced positions."""
+    collapse, milestones = collapse or CollapseSettings(), milestones or MilestoneSettings()
     encoded = encode_facts(facts, backend.tokenizer, backend.info.n_ctx)
-    items = [(f.ids, (f.answer_id,)) for f in encoded]
-    controls = {i: len(items) + k for k, i in enumerate(
-        i for i, f in enumerate(encoded) if f.control_ids is not None)}
-    items += [(encoded[i].control_ids, (encoded[i].control_answer_id,
-                                        encoded[i].answer_in_control_id)) for i in controls]
+    items, controls = _items(encoded)
     stats = _sweep(backend, items, lens, batch)
     names = TokenNames(backend.tokenizer.decode)
+    w_max = float(backend.head_row_norms().max())
     rows = [_fact_rows(f, stats[i], stats[controls[i]] if i in controls else None, names,
-                       collapse) for i, f in enumerate(encoded)]
+                       collapse, milestones, backend.info, w_max) for i, f in enumerate(encoded)]
     long = pd.DataFrame({key: np.concatenate([layers[key] for _, layers, _ in rows])
                          for key in rows[0][1]})
     long["answer_rank"] = rank_column(long["answer_rank"].to_numpy(), long.index)
     per_fact = pd.DataFrame([fact for fact, _, _ in rows])
     for column in per_fact.columns:
-        if column.startswith(("L_", "first_", "delta_")):
+        if column.startswith(("L_", "first_", "delta_")) and not column.endswith(
+                ("_bits", "_undecided")):
             per_fact[column] = per_fact[column].astype("Int64")
     per_fact = aggregates.add_control_columns(per_fact, long)
     unhealthy = {f.fact.id: found for f, (_, _, found) in zip(encoded, rows) if found}

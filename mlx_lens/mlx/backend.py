@@ -24,6 +24,7 @@ from mlx_lens.core.contract import TOP_K, LayerStats, ModelInfo, NormSpec, Sweep
 from mlx_lens.core.errors import LensError, one_line
 from mlx_lens.core.lens import Lens, NormRef, Translators
 from mlx_lens.core.progress import progress
+from mlx_lens.core.stats import batch_stats, last_positions, prompt_stats
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.placement import available_ram, pick_device, footprint
 from mlx_lens.loading.quiet import quiet_library_bars
@@ -177,23 +178,26 @@ class MlxLens:
                             f"but mlx-lm's model has no head at {self.arch.head!r}") from None
 
     # -- capture -----------------------------------------------------------------------------
-    def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[mx.array]:
+    def capture(self, batch: Sequence[Sequence[int]], last: int = 0) -> list[mx.array]:
         """Residual rows h_0..h_L of a batch of prompts (compute dtype, lazy): [B, T, d] each,
-        or [B, d] at each prompt's last token when last_only. Prompts are right-padded, which
-        needs no padding mask: a causal model's tokens never see the pads after them."""
-        x, last = self._tokens(batch)
+        or with last = n, [B * n, d] at each prompt's last n tokens (prompt-major). Prompts are
+        right-padded, which needs no padding mask: a causal model's tokens never see the pads
+        after them."""
+        x, at = self._tokens(batch, last)
         h = self._embed(x)
-        rows = [h[last] if last_only else h]
+        rows = [h[at] if last else h]
         for h in self._blocks(h, range(len(self.blocks))):
-            rows.append(h[last] if last_only else h)
+            rows.append(h[at] if last else h)
         return rows
 
-    def _tokens(self, batch: Sequence[Sequence[int]]) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """The right-padded ids [B, T] and the index of each prompt's last token."""
+    def _tokens(self, batch: Sequence[Sequence[int]],
+                last: int = 1) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """The right-padded ids [B, T] and the (prompt, position) index of each prompt's last
+        `last` tokens."""
         lengths = [len(ids) for ids in batch]
         n = max(lengths)
         x = mx.array([list(ids) + [0] * (n - len(ids)) for ids in batch])
-        return x, (mx.arange(len(batch)), mx.array(lengths) - 1)
+        return x, tuple(mx.array(a) for a in last_positions(lengths, last))
 
     def _embed(self, x: mx.array) -> mx.array:
         """Row 0: the embeddings (with learned positions, and Gemma's sqrt(d) scale)."""
@@ -271,10 +275,11 @@ class MlxLens:
         return z
 
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows = self._rows(ids)
+        rows = self._rows(opts.forward_ids(ids))
         x = self._normed(rows, opts.lens)
-        stats = sweep_states(x, opts, self.head_logits, self.info.vocab,
-                             self._step(x.shape[0] * x.shape[1]), progress)
+        stats = prompt_stats(sweep_states(x, opts, self.head_logits, self.info.vocab,
+                                          self._step(x.shape[0] * x.shape[1]), progress),
+                             max(1, len(opts.answer_ids)))
         stats.finite_residual = np.array(mx.stack([mx.isfinite(h).all() for h in rows]))
         return stats
 
@@ -283,22 +288,31 @@ class MlxLens:
         whole summation blocks wide."""
         return max(SUM_BLOCK, self.chunk_bytes // (4 * n_states) // SUM_BLOCK * SUM_BLOCK)
 
-    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
-        rows = self.capture(prompts, last_only=True)  # R x [B, d]
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]],
+                         scored: Sequence[Sequence[tuple[int, ...]]], lens: Lens,
+                         top_k: int = TOP_K) -> list[LayerStats]:
+        n = len(scored[0])
+        rows = self.capture(prompts, last=n)  # R x [B * n, d]
         x = self._normed(rows, lens).transpose(1, 0, 2)
-        stats = sweep_next_token(x, list(scored), top_k, self.head_logits, self.info.vocab,
-                                 self._step(x.shape[0] * x.shape[1]), progress)
-        finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows], -1))
-        for s, f in zip(stats, finite):
+        out = sweep_next_token(x, [ids for per in scored for ids in per], top_k,
+                               self.head_logits, self.info.vocab,
+                               self._step(x.shape[0] * x.shape[1]), progress)
+        stats = batch_stats(out, n)
+        finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows], -1))  # [B * n, R]
+        for s, f in zip(stats, finite.reshape(len(prompts), n, -1).all(1)):
             s.finite_residual = f
         return stats
 
     def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # The lens's own last row: the model's semantics (not mlx-lm's forward, see own_logits),
         # decoded in fp32 like every lens row.
-        last = self.capture(prompts, last_only=True)[-1].astype(mx.float32)
+        last = self.capture(prompts, last=1)[-1].astype(mx.float32)
         return np.array(self.head_logits(self.final_norm(last), 0, self.info.vocab))
+
+    def head_row_norms(self) -> np.ndarray:
+        step = 4096  # in slices: an fp32 copy of a whole (quantised) head can be GBs
+        return np.concatenate([np.array(mx.sqrt((self._weight_rows(i, i + step) ** 2).sum(-1)))
+                               for i in range(0, self.info.vocab, step)]).astype(np.float64)
 
     def run_diagnostics(self) -> dict:
         return {}
@@ -320,13 +334,12 @@ class MlxBackend(MlxLens):
         sqrt(d) through bf16, docs/stack.md)."""
         return self.model(mx.array([list(ids)]))[0]
 
+    def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
+        return np.array(self.own_logits(ids)[-1].astype(mx.float32))
+
     def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
         return np.array(self._normed(self._rows(ids), lens))
 
-    def head_row_norms(self) -> np.ndarray:
-        step = 4096  # in slices: an fp32 copy of a whole (quantised) head can be GBs
-        return np.concatenate([np.array(mx.sqrt((self._weight_rows(i, i + step) ** 2).sum(-1)))
-                               for i in range(0, self.info.vocab, step)]).astype(np.float64)
 
     def residuals(self, ids: Sequence[int]) -> np.ndarray:
         return np.array(mx.stack(self._rows(ids)).astype(mx.float32))

@@ -23,12 +23,14 @@ from mlx_lens.core.lens import Lens
 from mlx_lens.loading.placement import peak_memory_mib
 from mlx_lens.core.errors import LensError
 from mlx_lens.mlx.backend import MlxLens
+from mlx_lens.core.stats import batch_stats, prompt_stats
 from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
 from mlx_lens.loading.sources import ModelSource
 from mlx_lens.core.progress import progress
 
 _FIELDS = ("entropy", "topk_ids", "topk_probs", "kl_to_final", "kl_bound", "cos_to_final",
-           "p_answer", "answer_rank", "p_scored", "finite_residual")
+           "p_answer", "answer_rank", "p_scored", "piece_log2p", "piece_rank", "piece_lead",
+           "piece_x_norm", "finite_residual")
 
 
 def launched() -> bool:
@@ -108,10 +110,11 @@ class PipelineBackend(MlxLens):
         return self._eval(mx.distributed.all_sum(mine, group=self.group))
 
     # -- the pipeline ------------------------------------------------------------------------
-    def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list:
-        """This rank's rows (None for the others' rows), [B, T, d] each or [B, d] when last_only,
-        and the model's output row h_L on every rank, fp32 at each prompt's last token [B, d]."""
-        x, last = self._tokens(batch)
+    def capture(self, batch: Sequence[Sequence[int]], last: int = 0, outputs: int = 1) -> list:
+        """This rank's rows (None for the others' rows), [B, T, d] each or [B * n, d] at each
+        prompt's last n = `last` tokens, and the model's output row h_L on every rank, fp32 at
+        each prompt's last max(last, outputs) tokens [B * n, d] (prompt-major)."""
+        x, at = self._tokens(batch, max(last, outputs))
         if self.rank == 0:
             h = self._embed(x)
         else:
@@ -123,10 +126,10 @@ class PipelineBackend(MlxLens):
             rows[i + 1] = h
         if self.rank < self.size - 1:
             self._send(h, self.rank + 1)
-        final = h[last].astype(mx.float32) if self.rank == self.size - 1 else None
+        final = h[at].astype(mx.float32) if self.rank == self.size - 1 else None
         self.output_row = self._from_last(final if final is not None
-                                          else mx.zeros((len(batch), self.hidden), mx.float32))
-        return [r if r is None or not last_only else r[last] for r in rows]
+                                          else mx.zeros((len(at[0]), self.hidden), mx.float32))
+        return [r if r is None or not last else r[at] for r in rows]
 
     def _with_output(self, x: mx.array) -> tuple[mx.array, int]:
         """x [G, R, d] with the model's output row appended where this rank does not hold it,
@@ -134,28 +137,37 @@ class PipelineBackend(MlxLens):
         own = x.shape[1]
         if self.rank == self.size - 1:
             return x, own
-        out = self.final_norm(self.output_row)  # [B, d]; the last row has no translator
-        if x.shape[0] != out.shape[0]:  # one prompt's positions: its next-token state for all
-            out = mx.broadcast_to(out, (x.shape[0], out.shape[-1]))
+        out = self.final_norm(self.output_row)  # [G', d]; the last row has no translator
+        if x.shape[0] != out.shape[0]:  # one prompt's positions: only the last G' are scored
+            fill = mx.broadcast_to(out[:1], (x.shape[0] - out.shape[0], out.shape[-1]))
+            out = mx.concatenate([fill, out])
         return mx.concatenate([x, out[:, None]], 1), own
 
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows = [None if h is None else h[0] for h in self.capture([ids])]
+        n = max(1, len(opts.answer_ids))
+        rows = [None if h is None else h[0]
+                for h in self.capture([opts.forward_ids(ids)], outputs=n)]
         x, own = self._with_output(self._normed(rows, opts.lens).transpose(1, 0, 2))
-        stats = sweep_states(x.transpose(1, 0, 2), opts, self.head_logits, self.info.vocab,
-                             self._step(x.shape[0] * x.shape[1]), progress)
+        stats = prompt_stats(sweep_states(x.transpose(1, 0, 2), opts, self.head_logits,
+                                          self.info.vocab, self._step(x.shape[0] * x.shape[1]),
+                                          progress), n)
         arrays = {k: v[:own] for k, v in vars(stats).items() if k in _FIELDS and v is not None}
         arrays["finite_residual"] = np.array([bool(mx.isfinite(h).all()) for h in rows
                                               if h is not None])
         return self._gathered(arrays, stats.summation_depth)
 
-    def sweep_next_token(self, prompts: Sequence[Sequence[int]], scored: Sequence[tuple[int, ...]],
-                         lens: Lens, top_k: int = TOP_K) -> list[LayerStats]:
-        rows = self.capture(prompts, last_only=True)
+    def sweep_next_token(self, prompts: Sequence[Sequence[int]],
+                         scored: Sequence[Sequence[tuple[int, ...]]], lens: Lens,
+                         top_k: int = TOP_K) -> list[LayerStats]:
+        n = len(scored[0])
+        rows = self.capture(prompts, last=n)
         x, own = self._with_output(self._normed(rows, lens).transpose(1, 0, 2))
-        per_prompt = sweep_next_token(x, list(scored), top_k, self.head_logits, self.info.vocab,
-                                      self._step(x.shape[0] * x.shape[1]), progress)
+        per_prompt = batch_stats(sweep_next_token(x, [ids for per in scored for ids in per],
+                                                  top_k, self.head_logits, self.info.vocab,
+                                                  self._step(x.shape[0] * x.shape[1]), progress),
+                                 n)
         finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows if h is not None], -1))
+        finite = finite.reshape(len(prompts), n, -1).all(1)
         # [B, rows, ...] -> rows first, for the gather
         arrays = {k: np.stack([getattr(s, k)[:own] for s in per_prompt], 1) for k in _FIELDS
                   if k != "finite_residual" and getattr(per_prompt[0], k) is not None}
@@ -189,5 +201,5 @@ class PipelineBackend(MlxLens):
     def final_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         # Every rank decodes the broadcast output row with its own copy of the head: [B, d]
         # travels, not [B, V].
-        self.capture(prompts, last_only=True)
+        self.capture(prompts, last=1)
         return np.array(self.head_logits(self.final_norm(self.output_row), 0, self.info.vocab))

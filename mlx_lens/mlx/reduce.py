@@ -23,8 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_lens.core.bounds import SUM_BLOCK, kl_bound_from_sums, summation_depth
-from mlx_lens.core.contract import LayerStats, SweepOptions
-from mlx_lens.core.stats import batch_stats, prompt_stats
+from mlx_lens.core.contract import SweepOptions
 
 
 def blocked_sum(x: mx.array) -> mx.array:
@@ -126,7 +125,9 @@ class RunningStats:
 
     def finish(self) -> dict[str, mx.array]:
         """Per group and row: entropy (bits), top-k; per scored group and row: KL and cosine to
-        the group's last row, the scored tokens' probabilities and ranks."""
+        the group's last row, the scored tokens' probabilities, log-probabilities (bits) and
+        ranks, and their leads over the best other token (bits: the runner-up where the token is
+        the top-1, else the top-1)."""
         st, last = self.state, self.last
         lse = st["m"] + mx.log(st["s"])
         lse_s = lse[-self.n_scored:]
@@ -147,8 +148,13 @@ class RunningStats:
             "cos_to_final": last["dot"] / mx.sqrt(last["nz"] * last["nf"]),
         }
         if self.scored_ids is not None:
+            out["logp_scored"] = (last["answer"] - lse_s[..., None]) / math.log(2)  # bits
             out["p_scored"] = mx.exp(last["answer"] - lse_s[..., None])
             out["rank_scored"] = last["above"] + 1
+            g = -self.n_scored
+            first = out["topk_ids"][g:, :, :1] == self.scored_ids[:, None, :]
+            best_other = mx.where(first, top_v[g:, :, 1:2], top_v[g:, :, :1])
+            out["lead_scored"] = (last["answer"] - best_other) / math.log(2)
         mx.eval(out)
         out = {k: np.array(v) for k, v in out.items()}
         out["summation_depth"] = depth
@@ -169,22 +175,27 @@ def _groups(x: mx.array, n_scored: int, scored: list[tuple[int, ...]] | None, to
     stats = RunningStats(top_k, n_scored, ids, scored_logits)
     for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
         stats.update(logits(x, start, min(start + step, vocab)), start)
-    return stats.finish()
+    out = stats.finish()
+    # |x| of each scored row, in float64: for the bounds of the decode
+    out["x_norm"] = np.linalg.norm(np.array(x[-n_scored:]).astype(np.float64), axis=-1)
+    return out
 
 
 def sweep_states(x: mx.array, opts: SweepOptions, logits: Callable, vocab: int, step: int,
-                 progress: Callable = lambda it, desc: it) -> LayerStats:
+                 progress: Callable = lambda it, desc: it) -> dict:
     """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
-    logits(x, start, stop) -> fp32 logits of that vocabulary slice, `step` tokens at a time."""
-    scored = [(opts.answer_id,)] if opts.answer_id is not None else None
-    return prompt_stats(_groups(x.transpose(1, 0, 2), 1, scored, opts.top_k, logits, vocab, step,
-                                progress))
+    logits(x, start, stop) -> fp32 logits of that vocabulary slice, `step` tokens at a time.
+    The last n = max(1, len(opts.answer_ids)) positions are scored, position j for answer
+    piece j (the prompt's next token first, then the teacher-forced pieces):
+    mlx_lens/core/stats.py makes LayerStats of the result."""
+    scored = [(a,) for a in opts.answer_ids] or None
+    return _groups(x.transpose(1, 0, 2), max(1, len(opts.answer_ids)), scored, opts.top_k,
+                   logits, vocab, step, progress)
 
 
 def sweep_next_token(x: mx.array, scored: list[tuple[int, ...]], top_k: int, logits: Callable,
-                     vocab: int, step: int,
-                     progress: Callable = lambda it, desc: it) -> list[LayerStats]:
-    """The next-token statistics of a batch: x [B, R, d] holds each prompt's normalised rows at
-    its last position; scored[b] the token ids whose probability and rank prompt b reports (the
-    same number for every prompt, its answer first). One LayerStats per prompt, T = 1."""
-    return batch_stats(_groups(x, x.shape[0], scored, top_k, logits, vocab, step, progress))
+                     vocab: int, step: int, progress: Callable = lambda it, desc: it) -> dict:
+    """The next-token statistics of groups: x [G, R, d] holds the normalised rows of one
+    position of one prompt per group; scored[g] the token ids whose probability and rank group
+    g reports (as many for every group). mlx_lens/core/stats.py makes LayerStats of them."""
+    return _groups(x, x.shape[0], scored, top_k, logits, vocab, step, progress)

@@ -10,6 +10,8 @@ from mlx_lens.core.files import atomic_write
 
 ALL = "all"  # the aggregates' group of rows computed over every fact
 _TEXT = pd.Series([""]).dtype  # what pandas gives text by default (str from pandas 3, else object)
+_COPY_FLAGS = [f"copy_{kind}_k{k}" for kind in ("strict", "soft") for k in (1, 2, 3)]
+_COPY_MILESTONES = [f"L_{flag}" for flag in _COPY_FLAGS]
 _SCHEMA = {  # every column the three tables may hold; others are written and read as they come
     **dict.fromkeys(["fact_id", "group", "top1", "prompt", "answer", "answer_token", "final_top1",
                      "metric"], _TEXT),
@@ -22,6 +24,17 @@ _SCHEMA = {  # every column the three tables may hold; others are written and re
                      "control_p_answer", "control_margin", "final_p1", "mean", "median", "ci_low",
                      "ci_high"], "float64"),
     **dict.fromkeys(["copy_collapse", "entropy_collapse", "is_answer", "correct"], "bool"),
+    # the whole answer, the confirmed milestones and copying from row 1
+    # (mlx_lens/experiment/milestones.py)
+    **dict.fromkeys(["answer_pieces", "L_answer_top1", "L_answer_confirmed",
+                     "L_semantic_confirmed", *_COPY_MILESTONES], "Int64"),
+    **dict.fromkeys(["answer_log2p", "answer_min_lead_bits", "first_piece_lead_bits",
+                     "control_log2p", "L_answer_top1_lead_bits", "L_answer_confirmed_lead_bits",
+                     "L_semantic_confirmed_lead_bits", "L_semantic_lead_bits",
+                     "embedding_echo_p"], "float64"),
+    **dict.fromkeys(["answer_top1", "L_answer_top1_undecided", "L_answer_confirmed_undecided",
+                     "L_semantic_confirmed_undecided", "embedding_echo", *_COPY_FLAGS], "bool"),
+    "control_shares_first_piece": "boolean",  # missing for a fact without a control
 }
 _TEXT_COLUMNS = {c for c, dtype in _SCHEMA.items() if dtype is _TEXT}
 

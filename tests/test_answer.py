@@ -1,0 +1,227 @@
+"""The whole answer, teacher-forced: per-piece log-probabilities, ranks and leads against
+computations that do not share the lens's capture (transformers' hidden states and head), the
+prompt's rows with and without the appended answer, batched suites against single prompts, MLX
+against torch, and the framework's own output against the lens's last row."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlx_lens.checks.parity import logit_bound
+from mlx_lens.core import bounds
+from mlx_lens.core.contract import SweepOptions
+from mlx_lens.core.lens import FINAL_NORM, Lens
+from mlx_lens.core.numerics import log_softmax64
+from mlx_lens.experiment import single
+from mlx_lens.experiment.facts import Fact
+from mlx_lens.experiment.suite import run_suite
+from mlx_lens.mlx.backend import MlxBackend
+from tests.lens_checks import LENSES, PROMPT, assert_stats_match_logits, backend_cache, gemm_bound
+from tests.tiny_models import CONFIGS
+from torch_ref.backend import TorchBackend
+
+# Several pieces on the tiny tokenizer (and on SmolLM2's): a whole answer, not its first token.
+ANSWER = "Berlin, Brandenburger Tor"
+BACKENDS = {"torch": TorchBackend, "mlx": MlxBackend}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dirs):
+    caches = {kind: backend_cache(cls, tiny_model_dirs) for kind, cls in BACKENDS.items()}
+    return lambda kind, name: caches[kind](name)
+
+
+def _pieces(backend, prompt=PROMPT, answer=ANSWER):
+    ids = backend.tokenizer.encode(prompt)
+    pieces = single.answer_token_ids(backend.tokenizer, ids, prompt, answer)
+    assert len(pieces) >= 3, "the test needs a multi-token answer"
+    return ids, pieces
+
+
+def _hf_logits(backend, forward: list[int], lens: Lens) -> np.ndarray:
+    """[R, T', V] float64 from transformers' own hidden states (not the lens's hooks), each row
+    through the norm its lens names and the model's own head; the last row is the model's own
+    output logits."""
+    out = backend.model(input_ids=torch.tensor([forward]), output_hidden_states=True)
+    hidden = out.hidden_states[:-1]  # the last one is already post-norm
+    weight = backend.model.get_output_embeddings().weight
+    rows = []
+    for row, ref in enumerate(lens.norm_plan(len(hidden))[:-1]):
+        h = hidden[row][0]
+        x = (backend.final_norm(h) if ref == "final" else h if ref is None
+             else backend.input_norms[ref](h))
+        z = x @ weight.T
+        if backend.softcap:
+            z = torch.tanh(z / backend.softcap) * backend.softcap
+        rows.append(z.detach().double().numpy())
+    rows.append(out.logits[0].detach().double().numpy())
+    return np.stack(rows)
+
+
+def _expected(logits: np.ndarray, prompt_len: int, pieces: list[int]):
+    """Per row and piece j at position prompt_len - 1 + j: log2 p, rank, lead (bits)."""
+    pos = prompt_len - 1 + np.arange(len(pieces))
+    z = logits[:, pos]  # [R, k, V]
+    logp = log_softmax64(z) / np.log(2)
+    a = np.asarray(pieces)[None, :, None]
+    za = np.take_along_axis(z, a, -1)
+    rank = (z > za).sum(-1) + 1
+    others = z.copy()
+    np.put_along_axis(others, np.broadcast_to(a, (*z.shape[:2], 1)), -np.inf, -1)
+    lead = (za[..., 0] - others.max(-1)) / np.log(2)
+    return np.take_along_axis(logp, a, -1)[..., 0], rank, lead, z
+
+
+def _check_pieces(stats, logits, b, prompt_len, pieces):
+    """The sweep's pieces against float64 statistics of `logits`, whose own logits may differ
+    from the sweep's by at most b [R, T', V]: log p within the reductions' bound plus the shift
+    (§2, §3), the rank exact but for tokens within the bounds of the piece (may_swap), the lead
+    within the two logits' bounds (base-2 rounding inside elementwise_bound)."""
+    want_logp, want_rank, want_lead, z = _expected(logits, prompt_len, pieces)
+    pos = prompt_len - 1 + np.arange(len(pieces))
+    bk = b[:, pos]
+    red = bounds.reduction_bounds(z, stats.summation_depth)["logp"]
+    a = np.asarray(pieces)[None, :, None]
+    tol = np.take_along_axis(red + bk, a, -1)[..., 0] + bk.max(-1)
+    assert np.all(np.abs(stats.piece_log2p - want_logp) <= bounds.nats_to_bits(tol))
+    ties = bounds.may_swap(z, bk, np.broadcast_to(np.asarray(pieces), z.shape[:2])).sum(-1)
+    assert np.all(np.abs(stats.piece_rank - want_rank) <= ties)
+    assert np.all(np.abs(stats.piece_lead - want_lead) <= bounds.nats_to_bits(2 * bk.max(-1)))
+    np.testing.assert_array_equal(stats.piece_rank[:, 0], stats.answer_rank)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_torch_pieces_against_transformers_own_hidden_states(loaded, name):
+    backend = loaded("torch", name)
+    ids, pieces = _pieces(backend)
+    forward = [*ids, *pieces[:-1]]
+    for lens in LENSES:
+        stats = backend.sweep(ids, SweepOptions(lens=lens, answer_ids=tuple(pieces)))
+        assert stats.piece_log2p.shape == (backend.info.n_layers + 1, len(pieces))
+        assert stats.entropy.shape[1] == len(ids)  # the prompt's positions only
+        logits = _hf_logits(backend, forward, lens)
+        # the sweep's GEMM and transformers' each within a product of exact (§1), and the norm
+        b = gemm_bound(backend, forward, lens, logits, 3)
+        _check_pieces(stats, logits, b, len(ids), pieces)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_mlx_pieces_against_its_full_logits_and_torch(loaded, name):
+    """MLX's pieces against float64 of its own full lens logits (layer_logits, itself held to
+    mlx-lm's own rows in test_backends), and against torch's within the parity bound (§4)."""
+    mlx, ref = loaded("mlx", name), loaded("torch", name)
+    ids, pieces = _pieces(mlx)
+    forward = [*ids, *pieces[:-1]]
+    stats = mlx.sweep(ids, SweepOptions(answer_ids=tuple(pieces)))
+    logits = mlx.layer_logits(forward, FINAL_NORM)
+    _check_pieces(stats, logits, gemm_bound(mlx, forward, FINAL_NORM, logits, 2), len(ids),
+                  pieces)
+    torch_logits = ref.layer_logits(forward, FINAL_NORM)
+    b = logit_bound(ref, forward, FINAL_NORM, torch_logits, ref.head_row_norms())
+    _check_pieces(stats, torch_logits, b + gemm_bound(ref, forward, FINAL_NORM, torch_logits, 2),
+                  len(ids), pieces)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_the_prompts_rows_do_not_move_with_the_appended_answer(loaded, kind, name):
+    """Causal attention: the prompt's rows with the answer appended are its rows without, in
+    exact arithmetic; the two forward passes are two fp32 computations of the same model, within
+    the bound of §4 of each other, and so are the statistics (§2, §3). Where the kernels give
+    the same bits, the artifacts' statistics are byte-identical: recorded, not required."""
+    backend = loaded(kind, name)
+    ids, pieces = _pieces(backend)
+    alone = backend.layer_logits(ids, FINAL_NORM)
+    forced = backend.layer_logits([*ids, *pieces[:-1]], FINAL_NORM)[:, :len(ids)]
+    b = logit_bound(backend, ids, FINAL_NORM, alone, backend.head_row_norms())
+    assert np.all(np.abs(forced.astype(np.float64) - alone) <= b)
+    with_answer = backend.sweep(ids, SweepOptions(answer_ids=tuple(pieces)))
+    first_only = backend.sweep(ids, SweepOptions(answer_ids=(pieces[0],)))
+    gemms = gemm_bound(backend, ids, FINAL_NORM, alone, 2)
+    assert_stats_match_logits(with_answer, alone, b + gemms, pieces[0])
+    assert_stats_match_logits(first_only, alone, gemms, pieces[0])
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_single_piece_answer_is_the_first_piece(loaded, kind):
+    """An answer of one token scores as p_answer always has: its log2 p is log2 p_answer."""
+    backend = loaded(kind, "llama")
+    ids = backend.tokenizer.encode(PROMPT)
+    (piece,) = single.answer_token_ids(backend.tokenizer, ids, PROMPT, "Berlin")
+    stats = backend.sweep(ids, SweepOptions(answer_ids=(piece,)))
+    assert stats.piece_log2p.shape[1] == 1
+    # one rounding each way between exp and log (p_answer is fp32 on the device)
+    np.testing.assert_allclose(np.exp2(stats.piece_log2p[:, 0]), stats.p_answer, rtol=4e-7)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_batched_suite_is_its_single_prompts(loaded, kind):
+    """Every fact's whole-answer log2 p per layer from the batched suite against the
+    single-prompt run of the same prompt and answer: two fp32 computations of the same model
+    (the batch pads and shapes differently), within the log p bound of §3 at the parity bound."""
+    backend = loaded(kind, "llama")
+    facts = [Fact("de", PROMPT, ANSWER),
+             Fact("fr", "The capital of France is", "Paris, on the Seine",
+                  control_prompt="The capital of Italy is", control_answer="Rome, by the Tiber"),
+             Fact("short", "Berlin is", "the capital")]
+    result = run_suite(backend, facts, batch=3)
+    norms = backend.head_row_norms()
+    for fact in facts:
+        ids = backend.tokenizer.encode(fact.prompt)
+        pieces = single.answer_token_ids(backend.tokenizer, ids, fact.prompt, fact.answer)
+        alone = backend.sweep(ids, SweepOptions(answer_ids=tuple(pieces)))
+        forward = [*ids, *pieces[:-1]]
+        logits = backend.layer_logits(forward, FINAL_NORM)
+        b = logit_bound(backend, forward, FINAL_NORM, logits, norms)
+        pos = len(ids) - 1 + np.arange(len(pieces))
+        # |d log p| <= b_piece + max b per piece (§3), both computations: twice, summed
+        per_piece = 2 * (np.take_along_axis(b[:, pos], np.asarray(pieces)[None, :, None], -1)[..., 0]
+                         + b[:, pos].max(-1))
+        got = result.long.loc[result.long["fact_id"] == fact.id, "answer_log2p"].to_numpy()
+        assert np.all(np.abs(got - alone.piece_log2p.sum(-1))
+                      <= bounds.nats_to_bits(per_piece.sum(-1))), fact.id
+    fr = result.per_fact.set_index("fact_id").loc["fr"]
+    assert fr["answer_pieces"] >= 2 and not fr["control_shares_first_piece"]
+    control = result.long.loc[result.long["fact_id"] == "fr", "control_log2p"]
+    assert control.notna().all() and (control <= 0).all()
+    assert result.long.loc[result.long["fact_id"] == "de", "control_log2p"].isna().all()
+
+
+def test_the_framework_check_passes_and_bites(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    """The run's JSON records the lens's last row against transformers' own output, within the
+    bound; a framework output moved by more than the bound warns in one line."""
+    from mlx_lens.cli.main import main
+
+    model = tiny_model_dirs["llama"]
+    args = ["run", str(model), "--backend", "torch", "--no-probes", "--no-plots"]
+    assert main([*args, "--out_dir", str(tmp_path / "a")]) == 0
+    check = json.loads((tmp_path / "a" / f"output-{model.name}.json").read_text())[
+        "diagnostics"]["framework_check"]
+    assert check["available"] and check["within_bound"] and check["framework"] == "transformers"
+    assert check["kl_bits"] <= check["kl_bound_bits"]
+    capsys.readouterr()
+    own = TorchBackend.framework_logits
+    monkeypatch.setattr(TorchBackend, "framework_logits",
+                        lambda self, ids: own(self, ids) + np.linspace(0, 1, self.info.vocab,
+                                                                       dtype=np.float32))
+    assert main([*args, "--out_dir", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "differ beyond their derived bound" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_headline_names_the_rules(tiny_model_dirs, tmp_path, capsys):
+    from mlx_lens.cli.main import main
+
+    model = tiny_model_dirs["llama"]
+    assert main(["run", str(model), "--backend", "torch", "--no-probes", "--no-plots",
+                 "--answer", ANSWER, "--out_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "whole answer 'Berlin, Brandenburger Tor'" in out.replace('" ', "'") or \
+        "whole answer ' Berlin" in out
+    assert "confirmed (every piece leads by >= 0.72 bits at 2 layers in a row)" in out
+    d = json.loads((tmp_path / f"output-{model.name}.json").read_text())["diagnostics"]
+    assert len(d["answer_token_ids"]) == len(d["answer_pieces"]) >= 3
+    assert d["margin_bits"] == pytest.approx(0.5 / np.log(2))
