@@ -149,7 +149,7 @@ def test_text_is_escaped_and_tokens_show_their_space(run_folder, tmp_path, capsy
     page = Page(text)
     summary = dict(row for row in page.table("llama", "Summary"))
     assert summary["prompt"] == f"Hi {SCRIPT} & co"
-    assert summary["answer (scored token)"] == "Berlin (\u2423Berlin)"  # ' Berlin', space shown
+    assert summary["answer (its first piece)"] == "Berlin (\u2423Berlin)"  # ' Berlin', space shown
     cells = [c for t in page.tables for row in t["rows"] for c in row]
     assert "–" in cells  # L_semantic of a tiny random model: never
     assert not {"nan", "NaN", "<NA>", "None", "null"} & set(cells)
@@ -163,7 +163,8 @@ def test_tables_have_a_row_per_layer_and_per_fact(run_folder, tmp_path, capsys):
     for model, payload in payloads.items():
         pure = page.table(model, "Next token")
         assert [int(row[0]) for row in pure] == list(range(payload["model_stats"]["num_layers"] + 1))
-        assert all(len(row) == 14 for row in pure)  # layer, entropy, top1-5, 7 flags and scores
+        # layer, entropy, top1-5, 10 flags and scores (3 of the whole answer)
+        assert all(len(row) == 17 for row in pure)
     facts = page.table("llama", "Fact suite: 3 facts")
     assert [row[0] for row in facts] == ["fr", "odd", "de"]
     aggregates = page.table("llama", "Fact suite: per-layer aggregates")

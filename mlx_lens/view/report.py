@@ -134,14 +134,25 @@ _SUMMARY_NOTE = (
     "whose top-1 is a prompt token above the copy threshold and margin (or whose entropy is below "
     "entropy_bits, the original's fallback); L_copy_H: first layer with entropy at most "
     "entropy_bits; L_semantic: first layer whose top-1 is the answer; delta_layers = L_semantic - "
-    "L_copy. KL is to the final layer's distribution, in bits. – means it never happened.")
+    "L_copy. KL is to the final layer's distribution, in bits. – means it never happened. "
+    "The whole answer is scored teacher-forced (each piece at its own position): "
+    "L_answer_top1 is the first layer where every piece is the top-1; L_answer_confirmed (and "
+    "L_semantic_confirmed, for the first piece) the first layer where every piece leads the "
+    "runner-up by at least margin_bits at two layers in a row; a lead is z(piece) - z(best "
+    "other) in bits. 'undecided': a lead within the decode's numeric bound of the rule's "
+    "threshold could change the layer. Row 0 is the embedding: through a tied head it echoes "
+    "its input token (embedding_echo), so copy detection proper (L_copy_strict_k, "
+    "L_copy_soft_k) starts at row 1.")
 _SETTINGS_NOTE = (
     "How this run was computed. summation_depth fixes the error bound of every statistic "
     "(docs/numerics.md); non-finite layers were blanked (their cells read –).")
 _PURE_NOTE = (
     "One row per layer, at the position of the next token (the prompt's last). Entropy and KL to "
     "the final layer are in bits; topN is the Nth most likely token with its probability (␣ "
-    "marks a space); p_answer and answer_rank are the answer token's; ✓ marks a set flag.")
+    "marks a space); p_answer and answer_rank are the answer's first token's; answer_log2p is "
+    "the whole answer's log2 probability (teacher-forced), answer_min_lead_bits its weakest "
+    "piece's lead over the runner-up, answer_top1 whether every piece is the top-1; ✓ marks a "
+    "set flag.")
 _PROBES_NOTE = (
     "The model's own output (last layer only) for other prompts: entropy in bits and the top "
     "candidates with their probabilities.")
@@ -155,14 +166,31 @@ def _summary(payload: dict) -> str:
     top = (payload["final_prediction"]["topk"] or [[None, None]])[0]
     n_layers = payload.get("model_stats", {}).get("num_layers")
     rows = [["prompt", payload["prompt"]["context_prompt"]],
-            ["answer (scored token)", Html(f"{_esc(d.get('answer', ''))} "
+            ["answer (its first piece)", Html(f"{_esc(d.get('answer', ''))} "
                                            f"({_token(d.get('answer_token'))})")],
             ["final top-1 (p)", Html(f"{_token(top[0])} ({_esc(_fmt(top[1]))})")],
             ["layers", n_layers]]
-    rows += [[key, d.get(key)] for key in (
+    rows += [[key, _with_lead(d, key)] for key in (
         "L_copy", "L_copy_H", "L_semantic", "delta_layers", "first_kl_below_0.5",
         "first_kl_below_1.0", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10")]
+    if "answer_pieces" in d:  # runs from before full-answer scoring have none of these
+        rows += [["answer pieces", Html(" ".join(_token(t) for t in d["answer_pieces"]))]]
+        rows += [[key, _with_lead(d, key)] for key in (
+            "L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed")]
+        rows += [[key, d.get(key)] for key in ("margin_bits", "embedding_echo",
+                                               "L_copy_strict_k1", "L_copy_strict_k2",
+                                               "L_copy_strict_k3", "L_copy_soft_k1",
+                                               "L_copy_soft_k2", "L_copy_soft_k3")]
     return "<h3>Summary</h3>" + _note(_SUMMARY_NOTE) + _fields(rows)
+
+
+def _with_lead(d: dict, key: str) -> str | None:
+    """A milestone with its lead where it has one: 'layer (lead x bits)', 'undecided', or
+    None (never)."""
+    value, lead = d.get(key), d.get(f"{key}_lead_bits")
+    if isinstance(value, int) and lead is not None:
+        return f"{value} (lead {_fmt(lead)} bits)"
+    return value
 
 
 def _settings(payload: dict) -> str:
@@ -186,17 +214,33 @@ def _settings(payload: dict) -> str:
             ["entropy_bits", d.get("entropy_bits")],
             ["summation_depth", d.get("summation_depth")],
             ["non-finite residual layers", layers("nonfinite_residual_layers")],
-            ["non-finite lens layers", layers("nonfinite_lens_layers")]]
+            ["non-finite lens layers", layers("nonfinite_lens_layers")],
+            ["KL below its bound at layers", layers("kl_below_bound_layers")],
+            ["last row vs the framework's own output", _framework(d.get("framework_check"))]]
     rows += [[key, value] for key, value in stats.items() if key != "architecture"]
     return "<h3>Settings</h3>" + _note(_SETTINGS_NOTE) + _fields(rows)
 
 
+def _framework(check: dict | None) -> str | None:
+    if not check:
+        return None
+    if not check.get("available"):
+        return f"not checked: {check.get('why')}"
+    verdict = "within" if check["within_bound"] else "BEYOND"
+    return (f"{check['framework']}: KL {_fmt(check['kl_bits'])} bits (bound "
+            f"{_fmt(check['kl_bound_bits'])}), max |Δ log p| {_fmt(check['max_abs_delta_logp'])} "
+            f"(bound {_fmt(check['delta_logp_bound'])}): {verdict} the derived bound")
+
+
 def _pure(path: Path) -> str:
     ks = range(1, TOP_K_SHOWN + 1)
-    scores = ["p_answer", "answer_rank", "kl_to_final_bits", "cos_to_final", "copy_collapse",
-              "entropy_collapse", "is_answer"]
+    scores = ["p_answer", "answer_rank", "answer_log2p", "answer_min_lead_bits", "answer_top1",
+              "kl_to_final_bits", "cos_to_final", "copy_collapse", "entropy_collapse",
+              "is_answer"]
     with _reading(path):
-        records = read_csv(path).astype(object).to_dict("records")
+        frame = read_csv(path)
+        scores = [c for c in scores if c in frame.columns]  # older runs lack the answer's
+        records = frame.astype(object).to_dict("records")
         rows = [[r["layer"], r["entropy"],
                  *(Html(f"{_token(r[f'top{k}'])} {_esc(_fmt(r[f'prob{k}']))}") for k in ks),
                  *(r[c] for c in scores)] for r in records]

@@ -16,6 +16,25 @@ def _suite_groups(aggregates: pd.DataFrame) -> list[str]:
     return [ALL, *named] if ALL in set(aggregates["group"]) else named
 
 
+def _log2p_row(aggregates: pd.DataFrame, groups: list[str], axes) -> None:
+    """Mean log2 p of the whole answer (teacher-forced) and of the control's whole answer,
+    with their 95% bootstrap bands."""
+    for ax, group in zip(axes, groups):
+        rows = aggregates[aggregates["group"] == group]
+        for metric, colour, style, label in (
+                ("answer_log2p", "C0", "-", "log2 p(whole answer | prompt)"),
+                ("control_log2p", "C1", "--", "log2 p(whole control answer | control prompt)")):
+            m = rows[rows["metric"] == metric].sort_values("layer")
+            if m.empty or m["mean"].isna().all():
+                continue
+            ax.fill_between(m["layer"], m["ci_low"], m["ci_high"], color=colour, alpha=0.25,
+                            linewidth=0)
+            ax.plot(m["layer"], m["mean"], color=colour, linestyle=style, label=label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("log2 p: mean, 95% CI")
+    axes[0].legend(loc="lower right", fontsize=8)
+
+
 @styled
 def suite_bands(aggregates: pd.DataFrame, title: str = "") -> Figure:
     """A fact suite per layer (Wendler et al. 2024's layout): the mean p(answer), the controls'
@@ -23,9 +42,15 @@ def suite_bands(aggregates: pd.DataFrame, title: str = "") -> Figure:
     bootstrap bands, and a strip of the mean entropy below; one column per group ("all"
     first)."""
     groups = _suite_groups(aggregates)
-    fig = Figure(figsize=(1.6 + 3.4 * len(groups), 5.4), dpi=DPI, layout="constrained")
-    axes = fig.subplots(2, len(groups), sharex=True, sharey="row", squeeze=False,
-                        height_ratios=[4, 1])
+    # the whole answers' log2 p, where the table has it (suites from before it do not)
+    whole = aggregates.loc[aggregates["metric"] == "answer_log2p", "mean"].notna().any()
+    fig = Figure(figsize=(1.6 + 3.4 * len(groups), 8.0 if whole else 5.4), dpi=DPI,
+                 layout="constrained")
+    axes = fig.subplots(3 if whole else 2, len(groups), sharex=True, sharey="row", squeeze=False,
+                        height_ratios=[4, 3, 1] if whole else [4, 1])
+    if whole:
+        _log2p_row(aggregates, groups, axes[1])
+        axes = axes[[0, 2]]
     norm = colors.Normalize(0.0, colour_top(aggregates.loc[aggregates["metric"] == "entropy",
                                                             "mean"]))
     # The control is thin, dashed and on top: with an isomorphic control prompt (the default

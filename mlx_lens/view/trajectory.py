@@ -10,38 +10,56 @@ from matplotlib.ticker import MaxNLocator
 from mlx_lens.view.style import DPI, MARK, model_name, styled, token_label
 
 
+_LINES = (("L_copy", "--", "0.35"), ("L_semantic", ":", MARK),
+          ("L_answer_confirmed", "-", "C2"))
+
+
 def _collapse_lines(axes, d: dict) -> None:
-    """L_copy and L_semantic, where the run found them, as labelled vertical lines."""
-    for name, style in (("L_copy", "--"), ("L_semantic", ":")):
-        if d.get(name) is not None:
+    """L_copy, L_semantic and the whole answer's confirmed onset, where the run found them, as
+    labelled vertical lines (an undecided onset is named in the legend, without a line)."""
+    for name, style, colour in _LINES:
+        value = d.get(name)
+        if isinstance(value, int):
+            lead = d.get(f"{name}_lead_bits")
+            label = f"{name} = {value}" + (f" (lead {lead:.2f} bits)" if lead is not None else "")
             for ax in axes:
-                ax.axvline(d[name], color=MARK if name == "L_semantic" else "0.35",
-                           linestyle=style, linewidth=1.2, label=f"{name} = {d[name]}")
+                ax.axvline(value, color=colour, linestyle=style, linewidth=1.2, label=label)
+        elif value is not None:
+            axes[0].plot([], [], color=colour, linestyle=style, label=f"{name}: {value}")
 
 
 @styled
 def trajectory(pure: pd.DataFrame, payload: dict) -> Figure:
-    """The next-token position per layer: entropy, p(answer), the answer's rank and KL to the
-    final distribution, with L_copy and L_semantic marked."""
+    """The next-token position per layer: entropy, p(answer), the answer's rank, the whole
+    answer's log2 p against its first piece's (where the run scored it) and KL to the final
+    distribution, with L_copy, L_semantic and the confirmed onset marked."""
     d = payload["diagnostics"]
-    fig = Figure(figsize=(8.0, 9.0), dpi=DPI, layout="constrained")
-    axes = fig.subplots(4, 1, sharex=True)
+    whole = "answer_log2p" in pure.columns  # runs from before full-answer scoring lack it
+    fig = Figure(figsize=(8.0, 11.0 if whole else 9.0), dpi=DPI, layout="constrained")
+    axes = fig.subplots(5 if whole else 4, 1, sharex=True)
     layer = pure["layer"].to_numpy()
-    panels = (("entropy", "entropy (bits)"), ("p_answer", "p(answer)"),
-              ("answer_rank", "answer rank (1 = top-1)"), ("kl_to_final_bits", "KL to final (bits)"))
+    panels = [("entropy", "entropy (bits)"), ("p_answer", "p(answer)"),
+              ("answer_rank", "answer rank (1 = top-1)"), ("kl_to_final_bits", "KL to final (bits)")]
+    if whole:
+        panels.insert(3, ("answer_log2p", "log2 p: whole answer"))
     for ax, (column, label) in zip(axes, panels):
         ax.plot(layer, pure[column].to_numpy(dtype=float, na_value=np.nan), marker=".",
-                color="C0")
+                color="C0", label="log2 p: whole answer" if column == "answer_log2p" else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if whole:  # the first piece beside the whole answer: what first-token scoring sees
+        first = np.log2(pure["p_answer"].to_numpy(dtype=float, na_value=np.nan))
+        axes[3].plot(layer, first, color="C1", linestyle="--", label="log2 p: first piece")
+        axes[3].set_ylabel("log2 p(answer)")
+        axes[3].legend(loc="best", fontsize=8)
     axes[1].set_ylim(-0.02, 1.02)
     axes[2].set_yscale("log")
     _collapse_lines(axes, d)
-    if d.get("L_copy") is not None or d.get("L_semantic") is not None:
+    if any(d.get(name) is not None for name, _, _ in _LINES):
         axes[0].legend(loc="best", fontsize=8)
     axes[-1].set_xlabel("layer (0 = embeddings)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    answer = d.get("answer_token")
+    answer = "".join(d["answer_pieces"]) if "answer_pieces" in d else d.get("answer_token")
     fig.suptitle(f"{model_name(payload)}: next-token trajectory ({d.get('lens', '?')})"
                  + (f", answer {token_label(answer)!r}" if answer is not None else ""),
                  parse_math=False)
