@@ -214,3 +214,38 @@ def test_copy_flags_follow_their_definitions(case):
     assert not any(v[0] for v in flags.values())  # row 0 is the embedding: never a copy
     echo = copy_milestones(stats, prompt, flags)["embedding_echo"]
     assert echo == (top1[0] == prompt[-1])
+
+
+@st.composite
+def _leads(draw):
+    """Per row and piece: a lead (bits), its bound, and a threshold."""
+    rows, pieces = draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    lead = np.array(draw(st.lists(st.sampled_from([-3.0, -0.05, 0.0, 0.05, 0.7, 0.75, 2.0]),
+                                  min_size=rows * pieces, max_size=rows * pieces)))
+    bound = np.array(draw(st.lists(st.sampled_from([0.0, 0.01, 0.1]), min_size=rows * pieces,
+                                   max_size=rows * pieces)))
+    return (lead.reshape(rows, pieces), bound.reshape(rows, pieces),
+            draw(st.sampled_from([0.0, 0.72])), draw(st.integers(1, 2)))
+
+
+@FEW
+@given(case=_leads())
+def test_an_onset_is_undecided_only_where_some_lead_within_its_bound_could_move_it(case):
+    """AnswerRows.onset against its definition: every lead moved anywhere within its bound
+    (its extremes suffice: the rule is monotone in each lead), the onset of the moved leads;
+    a layer exactly when all agree."""
+    from itertools import product
+
+    from mlx_lens.experiment.milestones import UNDECIDED, AnswerRows
+
+    lead, bound, threshold, run = case
+    rows = AnswerRows(lead.sum(-1), lead[:, 0], lead.min(-1), lead, bound)
+
+    def onset(moved):
+        holds = (moved > threshold).all(-1)
+        hits = [r for r in range(len(holds) - run + 1) if holds[r:r + run].all()]
+        return hits[0] if hits else None
+
+    outcomes = {onset(lead + bound * np.array(signs).reshape(lead.shape))
+                for signs in product([-1.0, 1.0], repeat=lead.size)}
+    assert rows.onset(threshold, run) == (outcomes.pop() if len(outcomes) == 1 else UNDECIDED)

@@ -48,7 +48,8 @@ class MilestoneSettings:
 
 COPY_WINDOWS = (1, 2, 3)  # rows of top-1 ids a copy must find contiguously in the prompt
 COPY_COLUMNS = [f"copy_{kind}_k{k}" for kind in ("strict", "soft") for k in COPY_WINDOWS]
-ANSWER_COLUMNS = ["answer_log2p", "answer_top1", "answer_min_lead_bits", "first_piece_lead_bits"]
+ANSWER_COLUMNS = ["answer_log2p", "answer_top1", "answer_min_lead_bits", "first_piece_log2p",
+                  "first_piece_lead_bits"]
 
 
 def first_decided(holds: np.ndarray, uncertain: np.ndarray, run: int = 1) -> Milestone:
@@ -73,6 +74,7 @@ class AnswerRows:
     over its pieces and that lead's bound (bits), and whether every piece is the top-1."""
 
     log2p: np.ndarray  # [R]
+    first_log2p: np.ndarray  # [R]: the first piece's (no underflow, unlike p_answer's log)
     min_lead: np.ndarray  # [R]
     lead: np.ndarray  # [R, k]
     bound: np.ndarray  # [R, k]
@@ -80,21 +82,25 @@ class AnswerRows:
     @classmethod
     def of(cls, stats: LayerStats, info: ModelInfo, w_max: float) -> "AnswerRows":
         bound = bounds.lead_bound(stats.piece_x_norm, w_max, info.d_model, info.softcap)
-        return cls(stats.piece_log2p.sum(-1), stats.piece_lead.min(-1), stats.piece_lead, bound)
+        return cls(stats.piece_log2p.sum(-1), stats.piece_log2p[:, 0], stats.piece_lead.min(-1),
+                   stats.piece_lead, bound)
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per-row columns of the next-token tables."""
         return {"answer_log2p": self.log2p, "answer_top1": self.min_lead > 0,
-                "answer_min_lead_bits": self.min_lead, "first_piece_lead_bits": self.lead[:, 0]}
+                "answer_min_lead_bits": self.min_lead, "first_piece_log2p": self.first_log2p,
+                "first_piece_lead_bits": self.lead[:, 0]}
 
     def onset(self, threshold: float, run: int, pieces: slice = slice(None)) -> Milestone:
         """The first row where the pieces all lead by more than `threshold` bits (> 0: the
-        top-1) at `run` consecutive rows, or UNDECIDED."""
+        top-1) at `run` consecutive rows, or UNDECIDED. A row certainly holds where every piece
+        leads by more than the threshold plus its bound, certainly fails where some piece
+        cannot lead by more than the threshold within its bound (a blanked row, NaN, is
+        neither)."""
         lead, bound = self.lead[:, pieces], self.bound[:, pieces]
-        holds = (lead > threshold).all(-1)
-        # a blanked (non-finite) row could be anything
-        uncertain = ((np.abs(lead - threshold) <= bound) | np.isnan(lead)).any(-1)
-        return first_decided(holds, uncertain, run)
+        holds = (lead - bound > threshold).all(-1)
+        fails = (lead + bound <= threshold).any(-1)
+        return first_decided(holds, ~holds & ~fails, run)
 
 
 def answer_milestones(rows: AnswerRows, l_semantic: int | None, s: MilestoneSettings) -> dict:

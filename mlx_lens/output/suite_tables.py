@@ -28,7 +28,8 @@ _SCHEMA = {  # every column the three tables may hold; others are written and re
     # (mlx_lens/experiment/milestones.py)
     **dict.fromkeys(["answer_pieces", "L_answer_top1", "L_answer_confirmed",
                      "L_semantic_confirmed", *_COPY_MILESTONES], "Int64"),
-    **dict.fromkeys(["answer_log2p", "answer_min_lead_bits", "first_piece_lead_bits",
+    **dict.fromkeys(["answer_log2p", "answer_min_lead_bits", "first_piece_log2p",
+                     "first_piece_lead_bits",
                      "control_log2p", "L_answer_top1_lead_bits", "L_answer_confirmed_lead_bits",
                      "L_semantic_confirmed_lead_bits", "L_semantic_lead_bits",
                      "embedding_echo_p"], "float64"),
