@@ -4,8 +4,9 @@
 On the default model (torch, CPU by default), N facts of the default suite's original template,
 without controls (the per-prompt path has none), timed as:
   suite       run_suite: batched forward passes, one decode per batch, the three tables
-  floor       the same batched forward passes (rows kept at the last token) plus ONE fp32 GEMM
-              of all facts' rows against the unembedding: what any batched lens must spend
+  floor       the same batched forward passes (each prompt with its answer teacher-forced, rows
+              kept at the answer's positions: one per piece) plus ONE fp32 GEMM of all those
+              rows against the unembedding: what any batched lens of whole answers must spend
   per-prompt  run_experiment per fact (today's single-prompt path, probes off), model loaded once
 Targets: suite >= 5x faster than per-prompt, suite <= 1.3x floor.
 
@@ -56,13 +57,20 @@ def main() -> int:
     backend = backend_choice.load("torch", resolve(None), device=args.device)
     facts = [dataclasses.replace(f, control_prompt=None, control_answer=None)
              for f in load_facts("default") if f.group == "original"][:args.facts]
-    prompts = [f.ids for f in encode_facts(facts, backend.tokenizer, backend.info.n_ctx)]
-    order = sorted(prompts, key=len)
-    batch = suite.batch_size(backend, len(order[-1]))
+    encoded = encode_facts(facts, backend.tokenizer, backend.info.n_ctx)
+    # each prompt with its answer teacher-forced, and how many positions are scored
+    order = sorted(([*f.ids, *f.answer_ids[:-1]], len(f.answer_ids)) for f in encoded)
+    batch = suite.batch_size(backend, len(order[-1][0]))
 
     def forward_rows():
-        return [backend._normed(backend.capture(order[i:i + batch], last_only=True), FINAL_NORM)
-                for i in range(0, len(order), batch)]
+        out = []
+        for i in range(0, len(order), batch):
+            part = order[i:i + batch]
+            rows = backend.capture([ids for ids, _ in part])  # R x [B, T, d]
+            kept = [torch.stack([h[b, len(ids) - n:len(ids)] for h in rows])
+                    for b, (ids, n) in enumerate(part)]  # R x n x d per prompt
+            out += [backend._normed(list(k), FINAL_NORM) for k in kept]
+        return out
 
     with torch.no_grad():
         x = torch.cat([rows.transpose(0, 1).reshape(-1, backend.info.d_model)

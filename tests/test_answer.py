@@ -18,6 +18,7 @@ from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.experiment import single
 from mlx_lens.experiment.facts import Fact
 from mlx_lens.experiment.suite import run_suite
+from mlx_lens.loading.sources import resolve
 from mlx_lens.mlx.backend import MlxBackend
 from tests.lens_checks import LENSES, PROMPT, assert_stats_match_logits, backend_cache, gemm_bound
 from tests.tiny_models import CONFIGS
@@ -41,23 +42,23 @@ def _pieces(backend, prompt=PROMPT, answer=ANSWER):
     return ids, pieces
 
 
-def _hf_logits(backend, forward: list[int], lens: Lens) -> np.ndarray:
+def _hf_logits(backend, forward: list[int], lens: Lens, at: slice = slice(None)) -> np.ndarray:
     """[R, T', V] float64 from transformers' own hidden states (not the lens's hooks), each row
     through the norm its lens names and the model's own head; the last row is the model's own
-    output logits."""
+    output logits. `at`: the positions kept (all by default)."""
     out = backend.model(input_ids=torch.tensor([forward]), output_hidden_states=True)
     hidden = out.hidden_states[:-1]  # the last one is already post-norm
     weight = backend.model.get_output_embeddings().weight
     rows = []
     for row, ref in enumerate(lens.norm_plan(len(hidden))[:-1]):
-        h = hidden[row][0]
+        h = hidden[row][0][at]
         x = (backend.final_norm(h) if ref == "final" else h if ref is None
              else backend.input_norms[ref](h))
         z = x @ weight.T
         if backend.softcap:
             z = torch.tanh(z / backend.softcap) * backend.softcap
         rows.append(z.detach().double().numpy())
-    rows.append(out.logits[0].detach().double().numpy())
+    rows.append(out.logits[0][at].detach().double().numpy())
     return np.stack(rows)
 
 
@@ -106,6 +107,22 @@ def test_torch_pieces_against_transformers_own_hidden_states(loaded, name):
         # the sweep's GEMM and transformers' each within a product of exact (§1), and the norm
         b = gemm_bound(backend, forward, lens, logits, 3)
         _check_pieces(stats, logits, b, len(ids), pieces)
+
+
+def test_smollm2_pieces_against_transformers_own_hidden_states(smollm2_dir):
+    """Real weights, a multi-token answer: the same check at the answer's positions only (the
+    logits of every position would be 31 x T x 49,152 float64s)."""
+    backend = TorchBackend(resolve(str(smollm2_dir)))
+    ids, pieces = _pieces(backend)
+    forward = [*ids, *pieces[:-1]]
+    at = slice(len(ids) - 1, len(forward))
+    stats = backend.sweep(ids, SweepOptions(answer_ids=tuple(pieces)))
+    logits = _hf_logits(backend, forward, FINAL_NORM, at)
+    x_norm = np.linalg.norm(backend.lens_inputs(forward, FINAL_NORM)[:, at].astype(np.float64),
+                            axis=-1)
+    b = 3 * (bounds.dot_bound(x_norm, backend.head_row_norms(), backend.info.d_model, 1)
+             + bounds.elementwise_bound(logits, backend.softcap))
+    _check_pieces(stats, logits, b, 1, pieces)  # position 0 of the kept ones is the prompt's last
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -26,6 +26,8 @@ def test_readme_example_runs_as_written(smollm2_dir, capsys, tmp_path, monkeypat
     result, suite = namespace["result"], namespace["suite"]
     # regression pins: the default model's known answer and layer (docs/stack.md)
     assert result.summary["answer"] == " Berlin" and result.summary["L_semantic"] == 30
+    # the whole answer ' Berlin' is one piece, the top-1 only at the last layer: never confirmed
+    assert result.summary["L_answer_top1"] == 30 and result.summary["L_answer_confirmed"] is None
     assert len(result.pure) == 31 and len(suite.per_fact) == 20
 
 

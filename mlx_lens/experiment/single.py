@@ -55,11 +55,13 @@ class ModelResult:
     @property
     def summary(self) -> dict:
         """The headline numbers: final answer and its probability, L_copy, L_copy_H,
-        L_semantic, delta_layers, the first layers by KL and answer rank."""
+        L_semantic, delta_layers, the first layers by KL and answer rank, and the whole
+        answer's milestones (a layer, "undecided" or None)."""
         d = self.payload["diagnostics"]
         top = final_answer(self.payload)
         keys = ("L_copy", "L_copy_H", "L_semantic", "delta_layers", "first_kl_below_0.5",
-                "first_kl_below_1.0", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10")
+                "first_kl_below_1.0", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
+                "L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed")
         return {"model": d["model"], "answer": top[0], "p": top[1],
                 **{k: d[k] for k in keys if k in d}}
 
