@@ -7,7 +7,8 @@ without controls (the per-prompt path has none), timed as:
   floor       the same batched forward passes (each prompt with its answer teacher-forced, rows
               kept at the answer's positions: one per piece) plus ONE fp32 GEMM of all those
               rows against the unembedding: what any batched lens of whole answers must spend
-  per-prompt  run_experiment per fact (today's single-prompt path, probes off), model loaded once
+  per-prompt  run_experiment per fact (today's single-prompt path, probes off, its framework
+              check included), model loaded once
 Targets: suite >= 5x faster than per-prompt, suite <= 1.3x floor.
 
     python scripts/bench_suite.py                 # 100 facts
@@ -59,8 +60,9 @@ def main() -> int:
              for f in load_facts("default") if f.group == "original"][:args.facts]
     encoded = encode_facts(facts, backend.tokenizer, backend.info.n_ctx)
     # each prompt with its answer teacher-forced, and how many positions are scored
-    order = sorted(([*f.ids, *f.answer_ids[:-1]], len(f.answer_ids)) for f in encoded)
-    batch = suite.batch_size(backend, len(order[-1][0]))
+    order = sorted((([*f.ids, *f.answer_ids[:-1]], len(f.answer_ids)) for f in encoded),
+                   key=lambda item: (item[1], len(item[0])))
+    batch = suite.batch_size(backend, max(len(ids) for ids, _ in order))
 
     def forward_rows():
         out = []

@@ -109,22 +109,6 @@ def test_torch_pieces_against_transformers_own_hidden_states(loaded, name):
         _check_pieces(stats, logits, b, len(ids), pieces)
 
 
-def test_smollm2_pieces_against_transformers_own_hidden_states(smollm2_dir):
-    """Real weights, a multi-token answer: the same check at the answer's positions only (the
-    logits of every position would be 31 x T x 49,152 float64s)."""
-    backend = TorchBackend(resolve(str(smollm2_dir)))
-    ids, pieces = _pieces(backend)
-    forward = [*ids, *pieces[:-1]]
-    at = slice(len(ids) - 1, len(forward))
-    stats = backend.sweep(ids, SweepOptions(answer_ids=tuple(pieces)))
-    logits = _hf_logits(backend, forward, FINAL_NORM, at)
-    x_norm = np.linalg.norm(backend.lens_inputs(forward, FINAL_NORM)[:, at].astype(np.float64),
-                            axis=-1)
-    b = 3 * (bounds.dot_bound(x_norm, backend.head_row_norms(), backend.info.d_model, 1)
-             + bounds.elementwise_bound(logits, backend.softcap))
-    _check_pieces(stats, logits, b, 1, pieces)  # position 0 of the kept ones is the prompt's last
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_mlx_pieces_against_its_full_logits_and_torch(loaded, name):
     """MLX's pieces against float64 of its own full lens logits (layer_logits, itself held to
@@ -238,7 +222,51 @@ def test_the_headline_names_the_rules(tiny_model_dirs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "whole answer 'Berlin, Brandenburger Tor'" in out.replace('" ', "'") or \
         "whole answer ' Berlin" in out
-    assert "confirmed (every piece leads by >= 0.72 bits at 2 layers in a row)" in out
+    assert "confirmed (every piece leads by > 0.72 bits at 2 layers in a row)" in out
     d = json.loads((tmp_path / f"output-{model.name}.json").read_text())["diagnostics"]
     assert len(d["answer_token_ids"]) == len(d["answer_pieces"]) >= 3
     assert d["margin_bits"] == pytest.approx(0.5 / np.log(2))
+
+
+def test_an_answer_past_the_context_is_one_line(loaded, tiny_model_dirs):
+    """The prompt fits, the prompt with its teacher-forced answer does not: one line naming
+    both lengths, before any sweep; in a suite, it names the fact's source line."""
+    import dataclasses
+
+    from mlx_lens.core.errors import LensError
+    from mlx_lens.experiment.facts import encode_facts
+
+    backend = loaded("torch", "llama")
+    ids, pieces = _pieces(backend)
+    info = backend.info
+    backend.info = dataclasses.replace(info, n_ctx=len(ids))
+    try:
+        with pytest.raises(LensError) as caught:
+            single.run_experiment(backend, single.ExperimentOptions(prompt=PROMPT, answer=ANSWER,
+                                                                    probes=False), {})
+    finally:
+        backend.info = info
+    message = str(caught.value)
+    assert "\n" not in message and f"{len(ids) + len(pieces) - 1} tokens" in message
+    assert f"context of {len(ids)} tokens" in message
+    with pytest.raises(LensError, match=r"^facts.jsonl:3: the prompt and its teacher-forced"):
+        encode_facts([Fact("de", PROMPT, ANSWER, source="facts.jsonl:3")], backend.tokenizer,
+                     len(ids))
+
+
+@pytest.mark.parametrize("folder", ["smollm2_dir", "large_vocab_dir"])
+def test_real_vocabularies_pieces_against_transformers(request, folder):
+    """Real sizes: SmolLM2's weights (49,152 tokens) and the tiny model with a Qwen2-sized head
+    (151,936): the same check at the answer's positions only (the logits of every position
+    would be R x T x V float64s)."""
+    backend = TorchBackend(resolve(str(request.getfixturevalue(folder))))
+    ids, pieces = _pieces(backend)
+    forward = [*ids, *pieces[:-1]]
+    at = slice(len(ids) - 1, len(forward))
+    stats = backend.sweep(ids, SweepOptions(answer_ids=tuple(pieces)))
+    logits = _hf_logits(backend, forward, FINAL_NORM, at)
+    x_norm = np.linalg.norm(backend.lens_inputs(forward, FINAL_NORM)[:, at].astype(np.float64),
+                            axis=-1)
+    b = 3 * (bounds.dot_bound(x_norm, backend.head_row_norms(), backend.info.d_model, 1)
+             + bounds.elementwise_bound(logits, backend.softcap))
+    _check_pieces(stats, logits, b, 1, pieces)  # position 0 of the kept ones is the prompt's last

@@ -78,7 +78,7 @@ def _mlx_reductions(logits, opts):
     vocab = logits.shape[-1]
     return prompt_stats(mlx_reduce.sweep_states(mx.array(logits), opts,
                                                 lambda x, start, stop: x[..., start:stop],
-                                                vocab, vocab), max(1, len(opts.answer_ids)))
+                                                vocab, vocab), opts.n_scored)
 
 
 def _torch_reductions(logits, opts):
@@ -88,7 +88,7 @@ def _torch_reductions(logits, opts):
 
     x = torch.from_numpy(np.ascontiguousarray(logits))
     return prompt_stats(torch_reduce.sweep_states(x, opts, head_chunk, logits.shape[-1]),
-                        max(1, len(opts.answer_ids)))
+                        opts.n_scored)
 
 
 # -- the same checks on both backends ---------------------------------------------------------

@@ -92,6 +92,7 @@ class TorchBackend:
         )
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
+        self._head_norms: np.ndarray | None = None  # computed once per loaded model
 
     def run_diagnostics(self) -> dict:
         """Recorded in the JSON: where accelerate placed each part of a split model."""
@@ -200,7 +201,7 @@ class TorchBackend:
         stats = prompt_stats(sweep_states(self._normed(rows, opts.lens), opts,
                                           lambda start, stop: self._head_chunk(start, stop, LOG2E),
                                           self.info.vocab, progress),
-                             max(1, len(opts.answer_ids)))
+                             opts.n_scored)
         stats.finite_residual = np.array([bool(h.isfinite().all()) for h in rows])
         return stats
 
@@ -238,9 +239,11 @@ class TorchBackend:
 
     @torch.no_grad()
     def head_row_norms(self) -> np.ndarray:
-        w, step = self.head.weight, 4096  # in slices: an fp32 copy of a whole head can be GBs
-        return torch.cat([torch.linalg.vector_norm(w[i:i + step].float(), dim=1)
-                          for i in range(0, len(w), step)]).double().cpu().numpy()
+        if self._head_norms is None:
+            w, step = self.head.weight, 4096  # in slices: an fp32 copy of a whole head: GBs
+            self._head_norms = torch.cat([torch.linalg.vector_norm(w[i:i + step].float(), dim=1)
+                                          for i in range(0, len(w), step)]).double().cpu().numpy()
+        return self._head_norms
 
     @torch.no_grad()
     def framework_logits(self, ids: Sequence[int]) -> np.ndarray:

@@ -267,14 +267,14 @@ def sweep_states(x: torch.Tensor, opts: SweepOptions, head_chunk: Callable, voca
                  progress: Callable = lambda it, desc: it) -> dict:
     """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
     head_chunk (as in tiled_sweep) over a vocabulary of `vocab` tokens. The last
-    n = max(1, len(opts.answer_ids)) positions are scored, position j for answer piece j (the
+    n = opts.n_scored positions are scored, position j for answer piece j (the
     prompt's next token first, then the teacher-forced pieces): mlx_lens/core/stats.py."""
     n_rows, n_pos = x.shape[:2]
-    n = max(1, len(opts.answer_ids))
+    n = opts.n_scored
     first = n_pos - n
     # Position-major groups: positions needing narrow_k candidates first, then the wide ones,
     # the scored positions last.
-    wide = list(opts.wide or [True] * first) + [True] * n
+    wide = opts.wide or [True] * first
     narrow = [t for t in range(first) if not wide[t]]
     order = narrow + [t for t in range(first) if wide[t]] + list(range(first, n_pos))
     grouped = x[:, order].transpose(0, 1)  # [T, R, d]
@@ -295,8 +295,10 @@ def sweep_states(x: torch.Tensor, opts: SweepOptions, head_chunk: Callable, voca
 
 
 def _norms(x: torch.Tensor) -> np.ndarray:
-    """|x| of each decoded row [..., d], in float64: for the bounds of the decode."""
-    return torch.linalg.vector_norm(x.double(), dim=-1).cpu().numpy()
+    """|x| of each decoded row [..., d], for the bounds of the decode: in fp32 on the device (no
+    float64 on MPS; fp32's own error, ~d u relative, moves those first-order bounds at second
+    order)."""
+    return torch.linalg.vector_norm(x, dim=-1).double().cpu().numpy()
 
 
 def sweep_next_token(x: torch.Tensor, scored: list[tuple[int, ...]], top_k: int,

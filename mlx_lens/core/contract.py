@@ -35,9 +35,9 @@ class SweepOptions:
     narrow_k: int = 5
 
     @property
-    def answer_id(self) -> int | None:
-        """The answer's first piece: what p_answer and answer_rank score."""
-        return self.answer_ids[0] if self.answer_ids else None
+    def n_scored(self) -> int:
+        """The scored positions: one per piece, or the next token's alone without an answer."""
+        return max(1, len(self.answer_ids))
 
     def forward_ids(self, prompt: Sequence[int]) -> list[int]:
         """The tokens the forward pass runs: the prompt, then the teacher-forced pieces."""

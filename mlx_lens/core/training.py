@@ -56,7 +56,7 @@ class RowDecoder(Protocol):
 
     info: ModelInfo
 
-    def capture(self, batch: Sequence[Sequence[int]], last_only: bool = False) -> list[Any]:
+    def capture(self, batch: Sequence[Sequence[int]], last: int = 0) -> list[Any]:
         """Residual rows h_0..h_L of a batch of equal-length prompts, [B, T, d] each."""
 
     def final_norm(self, h: Any) -> Any:

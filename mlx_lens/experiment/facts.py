@@ -110,26 +110,17 @@ def encode_facts(facts: list[Fact], tokenizer, n_ctx: int | None) -> list[Encode
 
 def _encode(fact: Fact, tokenizer, n_ctx: int | None) -> EncodedFact:
     try:
-        ids, answer = _prompt_and_answer(tokenizer, fact.prompt, fact.answer, n_ctx)
+        ids, answer = single.encode_prompt_and_answer(tokenizer, fact.prompt, fact.answer,
+                                                      n_ctx)
         if fact.control_prompt is None:
-            return EncodedFact(fact, ids, answer)
-        control_ids, control = _prompt_and_answer(tokenizer, fact.control_prompt,
-                                                  fact.control_answer, n_ctx)
-        return EncodedFact(fact, ids, answer, control_ids, control,
+            return EncodedFact(fact, ids, tuple(answer))
+        control_ids, control = single.encode_prompt_and_answer(
+            tokenizer, fact.control_prompt, fact.control_answer, n_ctx)
+        return EncodedFact(fact, ids, tuple(answer), control_ids, tuple(control),
                            single.answer_token_id(tokenizer, control_ids, fact.control_prompt,
                                                   fact.answer))
     except LensError as e:
         raise LensError(f"{fact.source or fact.id}: {e}") from e
-
-
-def _prompt_and_answer(tokenizer, prompt: str, answer: str,
-                       n_ctx: int | None) -> tuple[list[int], tuple[int, ...]]:
-    """The prompt's ids and the answer's, as the single-prompt experiment computes them; the
-    prompt with the teacher-forced answer must fit the context."""
-    ids = single.encode_prompt(tokenizer, prompt, n_ctx)
-    pieces = single.answer_token_ids(tokenizer, ids, prompt, answer)
-    single.check_context(len(ids) + len(pieces) - 1, n_ctx)
-    return ids, tuple(pieces)
 
 
 def _read_text(spec: str) -> str:

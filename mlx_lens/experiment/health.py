@@ -25,6 +25,8 @@ def nonfinite_layers(stats: LayerStats) -> dict[str, list[int]]:
     residual = ([] if stats.finite_residual is None
                 else np.flatnonzero(~stats.finite_residual).tolist())
     lens = ~np.isfinite(stats.entropy).all(-1) | ~np.isfinite(stats.topk_probs).all((-1, -2))
+    if stats.piece_log2p is not None:  # the answer's teacher-forced positions too
+        lens |= ~np.isfinite(stats.piece_log2p).all(-1)
     return {"nonfinite_residual_layers": residual,
             "nonfinite_lens_layers": np.flatnonzero(lens).tolist()}
 

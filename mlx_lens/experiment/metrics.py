@@ -32,7 +32,8 @@ def next_token_flags(stats: LayerStats, prompt_ids: Iterable[int], answer_id: in
     }
 
 
-def _first(mask: np.ndarray) -> int | None:
+def first_row(mask: np.ndarray) -> int | None:
+    """The first row where mask holds, or None."""
     hits = np.flatnonzero(mask)
     return int(hits[0]) if hits.size else None
 
@@ -40,16 +41,16 @@ def _first(mask: np.ndarray) -> int | None:
 def layer_summary(stats: LayerStats, flags: dict[str, np.ndarray]) -> dict[str, int | None]:
     """L_copy, L_copy_H, L_semantic, delta_layers, and first layers by KL and answer rank."""
     out = {
-        "L_copy": _first(flags["copy_collapse"]),
-        "L_copy_H": _first(flags["entropy_collapse"]),
-        "L_semantic": _first(flags["is_answer"]),
+        "L_copy": first_row(flags["copy_collapse"]),
+        "L_copy_H": first_row(flags["entropy_collapse"]),
+        "L_semantic": first_row(flags["is_answer"]),
     }
     both = out["L_copy"] is not None and out["L_semantic"] is not None
     out["delta_layers"] = out["L_semantic"] - out["L_copy"] if both else None
     kl = stats.kl_to_final
-    out["first_kl_below_0.5"] = _first(kl < 0.5)
-    out["first_kl_below_1.0"] = _first(kl < 1.0)
+    out["first_kl_below_0.5"] = first_row(kl < 0.5)
+    out["first_kl_below_1.0"] = first_row(kl < 1.0)
     if stats.answer_rank is not None:
         for k in (1, 5, 10):
-            out[f"first_rank_le_{k}"] = _first(stats.answer_rank <= k)
+            out[f"first_rank_le_{k}"] = first_row(stats.answer_rank <= k)
     return out

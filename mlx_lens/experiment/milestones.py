@@ -9,10 +9,12 @@ they were), per row r at the next-token position and the answer's teacher-forced
   the piece is the top-1);
 - `L_answer_top1`: the first row where every piece is the top-1 (the whole answer is the lens's
   greedy continuation); `L_answer_confirmed` (and `L_semantic_confirmed` for the first piece
-  alone): the first row r where every piece leads by at least the margin at r and r + 1.
+  alone): the first row r where every piece leads by more than the margin at `consecutive`
+  rows from r on.
   A row whose lead is within the decode's derived bound of the rule's threshold (0 for top-1,
   the margin for the confirmed onsets; mlx_lens/core/bounds.py, lead_bound) could go either
-  way: where such a row decides the milestone, it is "undecided", not a number;
+  way, and so may a blanked (non-finite) row: where such a row decides the milestone, it is
+  "undecided", not a number;
 - copying: row 0 is the embedding, which through a tied head decodes to its own input token;
   that echo is a flag of row 0 (`embedding_echo`), and copy detection proper starts at row 1:
   the top-1 ids of the last k rows (k = 1..3, rows >= 1) found contiguously in the prompt, none
@@ -30,6 +32,7 @@ import numpy as np
 
 from mlx_lens.core import bounds
 from mlx_lens.core.contract import LayerStats, ModelInfo
+from mlx_lens.experiment.metrics import first_row
 
 UNDECIDED = "undecided"
 Milestone = int | str | None  # a row, "undecided", or None (never reached)
@@ -70,25 +73,34 @@ def first_decided(holds: np.ndarray, uncertain: np.ndarray, run: int = 1) -> Mil
 
 @dataclass
 class AnswerRows:
-    """Per row, from a LayerStats with pieces: the whole answer's log2 p, the smallest lead
-    over its pieces and that lead's bound (bits), and whether every piece is the top-1."""
+    """Per row and piece, from a LayerStats with pieces: log2 p, the lead over the best other
+    token and that lead's bound (bits)."""
 
-    log2p: np.ndarray  # [R]
-    first_log2p: np.ndarray  # [R]: the first piece's (no underflow, unlike p_answer's log)
-    min_lead: np.ndarray  # [R]
+    log2p_pieces: np.ndarray  # [R, k]
     lead: np.ndarray  # [R, k]
     bound: np.ndarray  # [R, k]
 
     @classmethod
     def of(cls, stats: LayerStats, info: ModelInfo, w_max: float) -> "AnswerRows":
         bound = bounds.lead_bound(stats.piece_x_norm, w_max, info.d_model, info.softcap)
-        return cls(stats.piece_log2p.sum(-1), stats.piece_log2p[:, 0], stats.piece_lead.min(-1),
-                   stats.piece_lead, bound)
+        return cls(stats.piece_log2p, stats.piece_lead, bound)
+
+    @property
+    def log2p(self) -> np.ndarray:
+        """[R] the whole answer's log2 p."""
+        return self.log2p_pieces.sum(-1)
+
+    @property
+    def min_lead(self) -> np.ndarray:
+        """[R] the weakest piece's lead."""
+        return self.lead.min(-1)
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per-row columns of the next-token tables."""
         return {"answer_log2p": self.log2p, "answer_top1": self.min_lead > 0,
-                "answer_min_lead_bits": self.min_lead, "first_piece_log2p": self.first_log2p,
+                "answer_min_lead_bits": self.min_lead,
+                # the first piece's log2 p: no underflow, unlike log2 of p_answer
+                "first_piece_log2p": self.log2p_pieces[:, 0],
                 "first_piece_lead_bits": self.lead[:, 0]}
 
     def onset(self, threshold: float, run: int, pieces: slice = slice(None)) -> Milestone:
@@ -101,6 +113,10 @@ class AnswerRows:
         holds = (lead - bound > threshold).all(-1)
         fails = (lead + bound <= threshold).any(-1)
         return first_decided(holds, ~holds & ~fails, run)
+
+
+# the milestones that may be undecided
+DECIDED_BY_BOUND = ("L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed")
 
 
 def answer_milestones(rows: AnswerRows, l_semantic: int | None, s: MilestoneSettings) -> dict:
@@ -151,8 +167,7 @@ def copy_flags(stats: LayerStats, prompt_ids: Sequence[int], name: Callable[[int
 
 def copy_milestones(stats: LayerStats, prompt_ids: Sequence[int], flags: dict) -> dict:
     """Row 0's echo and the first row of each copy flag."""
-    hits = {f"L_{key}": (int(np.flatnonzero(v)[0]) if v.any() else None) for key, v in
-            flags.items()}
+    hits = {f"L_{key}": first_row(v) for key, v in flags.items()}
     return {"embedding_echo": bool(stats.topk_ids[0, -1, 0] == list(prompt_ids)[-1]),
             "embedding_echo_p": float(stats.topk_probs[0, -1, 0]), **hits}
 
@@ -161,7 +176,7 @@ def _row(value: Milestone, lead: float | None) -> str:
     if value is None:
         return "never"
     if value == UNDECIDED:
-        return "undecided (a lead within its numeric bound)"
+        return "undecided (a lead within its numeric bound, or a blanked row)"
     return f"layer {value} (lead {lead:.2f} bits)"
 
 
@@ -169,13 +184,14 @@ def describe(d: dict) -> str:
     """The full-answer, confirmed and copy milestones of a run's diagnostics, in one line that
     names the rules."""
     pieces = d["answer_pieces"]
-    copies = [f"{key.removeprefix('L_copy_')} at {d[key]}" for key in
-              (f"L_copy_{c.removeprefix('copy_')}" for c in COPY_COLUMNS) if d.get(key) is not None]
+    copies = [f"{c.removeprefix('copy_')} at {d[f'L_{c}']}" for c in COPY_COLUMNS
+              if d.get(f"L_{c}") is not None]
     echo = ("row 0 echoes its input token (the embedding, not a copy); " if d["embedding_echo"]
             else "")
     return (f"whole answer {''.join(pieces)!r} ({len(pieces)} piece{'s' * (len(pieces) != 1)}): "
             f"top-1 {_row(d['L_answer_top1'], d['L_answer_top1_lead_bits'])}; confirmed "
-            f"(every piece leads by >= {d['margin_bits']:.2f} bits at 2 layers in a row) "
+            f"(every piece leads by > {d['margin_bits']:.2f} bits at {d['consecutive']} layers "
+            "in a row) "
             f"{_row(d['L_answer_confirmed'], d['L_answer_confirmed_lead_bits'])}; first piece "
             f"confirmed {_row(d['L_semantic_confirmed'], d['L_semantic_confirmed_lead_bits'])}; "
             f"{echo}copies from row 1: {', '.join(copies) or 'none'}")

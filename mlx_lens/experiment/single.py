@@ -93,11 +93,17 @@ def encode_prompt(tokenizer, prompt: str, n_ctx: int | None = None) -> list[int]
     return ids
 
 
-def check_context(n_tokens: int, n_ctx: int | None) -> None:
-    """The prompt with its teacher-forced answer (all but the last piece) must fit."""
+def encode_prompt_and_answer(tokenizer, prompt: str, answer: str,
+                             n_ctx: int | None) -> tuple[list[int], list[int]]:
+    """The prompt's ids and the answer's; the prompt with its teacher-forced answer (all but
+    the last piece) must fit the context."""
+    ids = encode_prompt(tokenizer, prompt, n_ctx)
+    pieces = answer_token_ids(tokenizer, ids, prompt, answer)
+    n_tokens = len(ids) + len(pieces) - 1
     if n_ctx is not None and n_tokens > n_ctx:
         raise LensError(f"the prompt and its teacher-forced answer are {n_tokens} tokens, longer "
                         f"than the model's context of {n_ctx} tokens")
+    return ids, pieces
 
 
 def answer_token_ids(tokenizer, prompt_ids: list[int], prompt: str, answer: str) -> list[int]:
@@ -166,17 +172,11 @@ def framework_warning(check: dict) -> str | None:
             f"(bound {check['delta_logp_bound']:.3g}); see docs/numerics.md §4")
 
 
-def pieces_of(names: TokenNames, ids: list[int]) -> list[str]:
-    return [names(i) for i in ids]
-
-
 def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: dict) -> ModelResult:
     tok, info = backend.tokenizer, backend.info
-    ids = encode_prompt(tok, opts.prompt, info.n_ctx)
+    ids, pieces = encode_prompt_and_answer(tok, opts.prompt, opts.answer, info.n_ctx)
     # the probes too, so that one too long for the model fails before the sweep
     probes = {p: encode_prompt(tok, p, info.n_ctx) for p in TEST_PROMPTS} if opts.probes else {}
-    pieces = answer_token_ids(tok, ids, opts.prompt, opts.answer)
-    check_context(len(ids) + len(pieces) - 1, info.n_ctx)
     answer_id = pieces[0]
     names = TokenNames(tok.decode)
     prompt_tokens = [names(i) for i in ids]
@@ -203,11 +203,11 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
         **asdict(opts.collapse),
         "context_prompt": opts.prompt, "answer": opts.answer,
         "answer_token_id": answer_id, "answer_token": names(answer_id),
-        "answer_token_ids": pieces, "answer_pieces": pieces_of(names, pieces),
+        "answer_token_ids": pieces, "answer_pieces": [names(i) for i in pieces],
         "prompt_token_ids": ids,
         **summary,
         **answer_milestones(answer, summary["L_semantic"], opts.milestones),
-        "margin_bits": opts.milestones.margin_bits,
+        **asdict(opts.milestones),
         **copy_milestones(stats, ids, copies),
         # fixes the error bound of every reported statistic (docs/numerics.md §2)
         "summation_depth": stats.summation_depth,

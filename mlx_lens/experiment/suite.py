@@ -19,7 +19,8 @@ from mlx_lens.core.contract import Backend, LayerStats
 from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.loading.placement import available_ram
 from mlx_lens.experiment.facts import EncodedFact, Fact, encode_facts
-from mlx_lens.experiment.milestones import (UNDECIDED, AnswerRows, MilestoneSettings,
+from mlx_lens.experiment.milestones import (DECIDED_BY_BOUND, UNDECIDED, AnswerRows,
+                                            MilestoneSettings,
                                             answer_milestones, copy_flags, copy_milestones)
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 from mlx_lens.core.progress import progress
@@ -54,8 +55,11 @@ class SuiteResult:
                                        for part, report in parts.items()) + ")"
             for fact_id, parts in list(self.numeric_health.items())[:3])
         more = len(self.numeric_health) - 3
+        blanked = any(report["nonfinite_residual_layers"] or report["nonfinite_lens_layers"]
+                      for parts in self.numeric_health.values() for report in parts.values())
         return (f"numeric-health findings in {len(self.numeric_health)} facts of the suite: "
-                f"{shown}{f'; {more} more' if more > 0 else ''}; non-finite rows are empty cells")
+                f"{shown}{f'; {more} more' if more > 0 else ''}"
+                + ("; non-finite rows are empty cells" if blanked else ""))
 
     def summary_line(self) -> str:
         f = self.per_fact
@@ -89,13 +93,13 @@ def _sweep(backend: Backend, items: list[tuple[list[int], tuple[tuple[int, ...],
     def shape(i: int) -> tuple[int, int]:
         return len(items[i][1]), len(items[i][1][0])
 
-    order = sorted(range(len(items)), key=lambda i: (shape(i), len(items[i][0])))
-    out: list[LayerStats | None] = [None] * len(items)
     b = batch or batch_size(backend, max(len(ids) for ids, _ in items))
-    batches = [order[first:first + b] for first in range(0, len(order), b)]
-    # a batch may not mix shapes: split where they change
-    batches = [[i for i in chunk if shape(i) == n] for chunk in batches
-               for n in sorted({shape(i) for i in chunk})]
+    by_shape: dict[tuple[int, int], list[int]] = {}  # a batch may not mix shapes
+    for i in sorted(range(len(items)), key=lambda i: (shape(i), len(items[i][0]))):
+        by_shape.setdefault(shape(i), []).append(i)
+    batches = [same[first:first + b] for same in by_shape.values()
+               for first in range(0, len(same), b)]
+    out: list[LayerStats | None] = [None] * len(items)
     for chunk in progress(batches, "fact batches"):
         stats = backend.sweep_next_token([items[i][0] for i in chunk],
                                          [items[i][1] for i in chunk], lens, NEXT_TOKEN_K)
@@ -110,12 +114,9 @@ def _milestone_columns(milestones: dict) -> dict:
     out = {}
     for key, value in milestones.items():
         out[key] = None if value == UNDECIDED else value
-        if key in UNDECIDABLE:
+        if key in DECIDED_BY_BOUND:
             out[f"{key}_undecided"] = value == UNDECIDED
     return out
-
-
-UNDECIDABLE = ("L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed")
 
 
 def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
@@ -156,8 +157,9 @@ def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
                 "final_top1": names(final) if final >= 0 else "",
                 "final_p1": float(stats.topk_probs[-1, 0, 0]),
                 "correct": final == fact.answer_id,
-                # where they do, the first-piece margin cannot tell the two answers apart
-                "control_shares_first_piece": (fact.control_answer_id == fact.answer_id
+                # where they do, the first-piece margin (both on the control prompt) cannot
+                # tell the two answers apart
+                "control_shares_first_piece": (fact.control_answer_id == fact.answer_in_control_id
                                                if fact.control_answer_ids else None)}
     return per_fact, layers, found
 

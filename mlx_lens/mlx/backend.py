@@ -160,6 +160,7 @@ class MlxLens:
         )
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
+        self._head_norms: np.ndarray | None = None  # computed once per loaded model
 
     def _head(self, model: nn.Module, config: dict) -> nn.Module:
         """The unembedding. Tied or not as the model mlx-lm built says (its arguments'
@@ -279,7 +280,7 @@ class MlxLens:
         x = self._normed(rows, opts.lens)
         stats = prompt_stats(sweep_states(x, opts, self.head_logits, self.info.vocab,
                                           self._step(x.shape[0] * x.shape[1]), progress),
-                             max(1, len(opts.answer_ids)))
+                             opts.n_scored)
         stats.finite_residual = np.array(mx.stack([mx.isfinite(h).all() for h in rows]))
         return stats
 
@@ -310,9 +311,12 @@ class MlxLens:
         return np.array(self.head_logits(self.final_norm(last), 0, self.info.vocab))
 
     def head_row_norms(self) -> np.ndarray:
-        step = 4096  # in slices: an fp32 copy of a whole (quantised) head can be GBs
-        return np.concatenate([np.array(mx.sqrt((self._weight_rows(i, i + step) ** 2).sum(-1)))
-                               for i in range(0, self.info.vocab, step)]).astype(np.float64)
+        if self._head_norms is None:
+            step = 4096  # in slices: an fp32 copy of a whole (quantised) head can be GBs
+            self._head_norms = np.concatenate([
+                np.array(mx.sqrt((self._weight_rows(i, i + step) ** 2).sum(-1)))
+                for i in range(0, self.info.vocab, step)]).astype(np.float64)
+        return self._head_norms
 
     def run_diagnostics(self) -> dict:
         return {}

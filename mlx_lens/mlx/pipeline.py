@@ -144,7 +144,7 @@ class PipelineBackend(MlxLens):
         return mx.concatenate([x, out[:, None]], 1), own
 
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        n = max(1, len(opts.answer_ids))
+        n = opts.n_scored
         rows = [None if h is None else h[0]
                 for h in self.capture([opts.forward_ids(ids)], outputs=n)]
         x, own = self._with_output(self._normed(rows, opts.lens).transpose(1, 0, 2))

@@ -176,8 +176,9 @@ def _groups(x: mx.array, n_scored: int, scored: list[tuple[int, ...]] | None, to
     for start in progress(range(0, vocab, step), "decoding vocabulary chunks"):
         stats.update(logits(x, start, min(start + step, vocab)), start)
     out = stats.finish()
-    # |x| of each scored row, in float64: for the bounds of the decode
-    out["x_norm"] = np.linalg.norm(np.array(x[-n_scored:]).astype(np.float64), axis=-1)
+    # |x| of each scored row, for the bounds of the decode (fp32's own error in it, ~d u
+    # relative, moves those first-order bounds at second order)
+    out["x_norm"] = np.array(mx.linalg.norm(x[-n_scored:], axis=-1)).astype(np.float64)
     return out
 
 
@@ -185,11 +186,11 @@ def sweep_states(x: mx.array, opts: SweepOptions, logits: Callable, vocab: int, 
                  progress: Callable = lambda it, desc: it) -> dict:
     """The lens statistics of decoded states x [R, T, d] (rows already normalised), through
     logits(x, start, stop) -> fp32 logits of that vocabulary slice, `step` tokens at a time.
-    The last n = max(1, len(opts.answer_ids)) positions are scored, position j for answer
+    The last n = opts.n_scored positions are scored, position j for answer
     piece j (the prompt's next token first, then the teacher-forced pieces):
     mlx_lens/core/stats.py makes LayerStats of the result."""
     scored = [(a,) for a in opts.answer_ids] or None
-    return _groups(x.transpose(1, 0, 2), max(1, len(opts.answer_ids)), scored, opts.top_k,
+    return _groups(x.transpose(1, 0, 2), opts.n_scored, scored, opts.top_k,
                    logits, vocab, step, progress)
 
 

@@ -48,7 +48,9 @@ def trajectory(pure: pd.DataFrame, payload: dict) -> Figure:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if whole:  # the first piece beside the whole answer: what first-token scoring sees
-        first = np.log2(pure["p_answer"].to_numpy(dtype=float, na_value=np.nan))
+        first = (pure["first_piece_log2p"].to_numpy(dtype=float, na_value=np.nan)
+                 if "first_piece_log2p" in pure.columns  # runs before it: p underflows
+                 else np.log2(pure["p_answer"].to_numpy(dtype=float, na_value=np.nan)))
         axes[3].plot(layer, first, color="C1", linestyle="--", label="log2 p: first piece")
         axes[3].set_ylabel("log2 p(answer)")
         axes[3].legend(loc="best", fontsize=8)
