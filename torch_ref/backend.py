@@ -240,9 +240,10 @@ class TorchBackend:
     @torch.no_grad()
     def head_row_norms(self) -> np.ndarray:
         if self._head_norms is None:
-            w, step = self.head.weight, 4096  # in slices: an fp32 copy of a whole head: GBs
+            # in slices (an fp32 copy of a whole head: GBs); float64 on the host (MPS has none)
+            w, step = self.head.weight, 4096
             self._head_norms = torch.cat([torch.linalg.vector_norm(w[i:i + step].float(), dim=1)
-                                          for i in range(0, len(w), step)]).double().cpu().numpy()
+                                          for i in range(0, len(w), step)]).cpu().double().numpy()
         return self._head_norms
 
     @torch.no_grad()
