@@ -12,18 +12,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mlx_lens.core.contract import TOP_K, LayerStats, ModelInfo, NormSpec, SweepOptions
+from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, LensSweep,
+                                    ModelInfo, NormSpec, SweepOptions)
 from mlx_lens.core.errors import LensError, one_line
-from mlx_lens.core.lens import Lens, NormRef, Translators
+from mlx_lens.core.lens import Lens, NormRef, Site, Translators
 from mlx_lens.core.progress import progress
-from mlx_lens.core.stats import batch_stats, last_positions, prompt_stats
+from mlx_lens.core.stats import batch_stats, last_positions, lens_sweeps, prompt_stats
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
 from mlx_lens.tuned.lens_file import HeadHashes, check_matches
 from torch_ref.arch import ARCHITECTURES
 from torch_ref.placement import execution_device, owned, place
-from torch_ref.reduce import LOG2E, sweep_next_token, sweep_states
+from torch_ref.reduce import LOG2E, lens_pairs, sweep_next_token, sweep_states
 from torch_ref.tune import TorchTuner, translate
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +80,9 @@ class TorchBackend:
         self.final_norm = owned(_attr(model, self.spec.final_norm), self.device)
         self.input_norms = [owned(getattr(b, self.spec.input_norm), self.device)
                             for b in self.blocks]
+        self.mlp_norms = [owned(getattr(b, self.spec.mlp_norm), self.device) for b in self.blocks]
+        # a parallel-residual block (gpt_neox) reads its attention and MLP from its input
+        self.parallel = [bool(getattr(b, "use_parallel_residual", False)) for b in self.blocks]
         self.softcap = getattr(config, self.spec.softcap, None) if self.spec.softcap else None
         self.info = ModelInfo(
             name=source.name, architecture=config.model_type, n_layers=len(self.blocks),
@@ -105,13 +109,17 @@ class TorchBackend:
 
     # -- capture -----------------------------------------------------------------------------
     @torch.no_grad()
-    def capture(self, batch: Sequence[Sequence[int]], last: int = 0) -> list[torch.Tensor]:
+    def capture(self, batch: Sequence[Sequence[int]], last: int = 0,
+                mids: list | None = None) -> list[torch.Tensor]:
         """Residual rows h_0..h_L of a batch of prompts (compute dtype): [B, T, d] each, or with
         last = n, [B * n, d] at each prompt's last n tokens (prompt-major). From the base model's
         forward pass:
         its head is not needed, the lens decodes the last row itself. Prompts are right-padded,
         which needs no attention mask: a causal model's tokens never see the pads after them, so
-        each prompt's rows are its unbatched rows (docs/design.md)."""
+        each prompt's rows are its unbatched rows (docs/design.md). Given a list `mids`, the
+        middle of each block is appended to it, alike: the input of the norm in front of the
+        block's MLP (the residual after its attention sub-block, Gemma's post-attention norm
+        included); for a parallel-residual block, its input plus its attention's output."""
         lengths = torch.tensor([len(ids) for ids in batch], device=self.input_device)
         x = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=self.input_device)
         for b, ids in enumerate(batch):
@@ -130,27 +138,57 @@ class TorchBackend:
 
         handles = [self.blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
         handles += [b.register_forward_hook(grab_output) for b in self.blocks]
+        sinks: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        if mids is not None:
+            for block, sink, parallel in zip(self.blocks, sinks, self.parallel):
+                def take_input(_module, args, kwargs, sink=sink):
+                    sink.append(args[0] if args else kwargs["hidden_states"])
+
+                def take_output(_module, _args, out, sink=sink):
+                    sink.append(out[0] if isinstance(out, tuple) else out)
+
+                if parallel:
+                    handles.append(block.register_forward_pre_hook(take_input, with_kwargs=True))
+                    handles.append(getattr(block, self.spec.attention)
+                                   .register_forward_hook(take_output))
+                else:
+                    handles.append(getattr(block, self.spec.mlp_norm)
+                                   .register_forward_pre_hook(take_input, with_kwargs=True))
         try:
             self.model.base_model(input_ids=x, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
+        if mids is not None:
+            for sink, parallel in zip(sinks, self.parallel):
+                mid = sink[0] + sink[1] if parallel else sink[0]
+                mids.append(mid[tuple(i.to(mid.device) for i in at)] if last else mid)
         return rows
 
-    def _rows(self, ids: Sequence[int]) -> list[torch.Tensor]:
-        """Residual rows h_0..h_L of one prompt, [T, d] each."""
-        return [h[0] for h in self.capture([ids])]
+    def mid_kind(self) -> str:
+        """How this model's blocks form their middle rows (recorded in the artifacts)."""
+        return "parallel" if all(self.parallel) else "sequential" if not any(self.parallel) \
+            else "mixed"
+
+    def _rows(self, ids: Sequence[int], site: Site = "resid") -> list[torch.Tensor]:
+        """Rows of one prompt at a site, [T, d] each: h_0..h_L, or the middle of each block
+        followed by h_L."""
+        mids: list | None = [] if site == "mid" else None
+        rows = self.capture([ids], mids=mids)
+        return [h[0] for h in (rows if mids is None else [*mids, rows[-1]])]
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> torch.nn.Module | None:
+        if isinstance(ref, tuple):
+            return self.mlp_norms[ref[1]]
         return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
 
-    def _normed(self, rows: list[torch.Tensor], lens: Lens) -> torch.Tensor:
+    def _normed(self, rows: list[torch.Tensor], lens: Lens, site: Site = "resid") -> torch.Tensor:
         """[R, T, d] fp32: every row through the norm the lens assigns it (after its
         translator, for a tuned lens)."""
         out = []
         translators = [] if lens.translators is None else self._translators(lens.translators)
-        for r, (h, ref) in enumerate(zip(rows, lens.norm_plan(len(self.blocks)))):
+        for r, (h, ref) in enumerate(zip(rows, lens.norm_plan(len(self.blocks), site))):
             h = h.to(self.device).float()
             if r < len(translators):
                 h = translate(h, *translators[r])
@@ -197,8 +235,11 @@ class TorchBackend:
 
     @torch.no_grad()
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows = self._rows(opts.forward_ids(ids))
-        stats = prompt_stats(sweep_states(self._normed(rows, opts.lens), opts,
+        return self._sweep_rows(self._rows(opts.forward_ids(ids)), opts, opts.lens)
+
+    def _sweep_rows(self, rows: list[torch.Tensor], opts: SweepOptions, lens: Lens,
+                    site: Site = "resid") -> LayerStats:
+        stats = prompt_stats(sweep_states(self._normed(rows, lens, site), opts,
                                           lambda start, stop: self._head_chunk(start, stop, LOG2E),
                                           self.info.vocab, progress),
                              opts.n_scored)
@@ -209,15 +250,59 @@ class TorchBackend:
     def sweep_next_token(self, prompts: Sequence[Sequence[int]],
                          scored: Sequence[Sequence[tuple[int, ...]]], lens: Lens,
                          top_k: int = TOP_K) -> list[LayerStats]:
+        rows = self.capture(prompts, last=len(scored[0]))  # R x [B * n, d]
+        return self._next_token_rows(rows, scored, lens, top_k)
+
+    @torch.no_grad()
+    def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],
+                     mid: bool) -> LensSweep:
+        mids: list | None = [] if mid else None
+        rows = [h[0] for h in self.capture([opts.forward_ids(ids)], mids=mids)]
+        mids = None if mids is None else [m[0] for m in mids]
+        at = [len(ids) - 1]  # the next-token position
+        return lens_sweeps(self._sites(rows, mids), lenses, 1, self.mid_kind() if mid else None,
+                           lambda r, lens, site: [self._sweep_rows(r, opts, lens, site)],
+                           lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
+                           self._pairs)[0]
+
+    @torch.no_grad()
+    def sweep_next_token_lenses(self, prompts: Sequence[Sequence[int]],
+                                scored: Sequence[Sequence[tuple[int, ...]]],
+                                lenses: Sequence[Lens], mid: bool, top_k: int = TOP_K,
+                                pairs: bool = True) -> list[LensSweep]:
         n = len(scored[0])
-        rows = self.capture(prompts, last=n)  # R x [B * n, d]
-        out = sweep_next_token(self._normed(rows, lens).transpose(0, 1),
+        mids: list | None = [] if mid else None
+        rows = self.capture(prompts, last=n, mids=mids)  # R x [B * n, d]
+        at = list(range(0, len(prompts) * n, n))  # each prompt's next-token row
+        return lens_sweeps(
+            self._sites(rows, mids), lenses, len(prompts), self.mid_kind() if mid else None,
+            lambda r, lens, site: self._next_token_rows(r, scored, lens, top_k, site),
+            lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
+            self._pairs if pairs else None)
+
+    @staticmethod
+    def _sites(rows: list, mids: list | None) -> dict[Site, list]:
+        """The rows of each site: the middle rows end with the model's output row."""
+        return {"resid": rows} | ({"mid": [*mids, rows[-1]]} if mids is not None else {})
+
+    def _pairs(self, decoded: list[torch.Tensor]) -> LensPairs:
+        """Every pair of lenses at the same rows: one [R, B, d] per lens."""
+        x = torch.stack(decoded)
+        return LensPairs(**lens_pairs(x.reshape(x.shape[0], -1, x.shape[-1]),
+                                      lambda start, stop: self._head_chunk(start, stop, LOG2E),
+                                      self.info.vocab, PAIR_TOP_K))
+
+    def _next_token_rows(self, rows: list[torch.Tensor],
+                         scored: Sequence[Sequence[tuple[int, ...]]], lens: Lens, top_k: int,
+                         site: Site = "resid") -> list[LayerStats]:
+        n, n_prompts = len(scored[0]), len(scored)
+        out = sweep_next_token(self._normed(rows, lens, site).transpose(0, 1),
                                [ids for per in scored for ids in per], top_k,
                                lambda start, stop: self._head_chunk(start, stop, LOG2E),
                                self.info.vocab, progress)
         stats = batch_stats(out, n)
         finite = np.stack([h.isfinite().all(-1).cpu().numpy() for h in rows], -1)
-        for s, f in zip(stats, finite.reshape(len(prompts), n, -1).all(1)):
+        for s, f in zip(stats, finite.reshape(n_prompts, n, -1).all(1)):
             s.finite_residual = f
         return stats
 
@@ -229,13 +314,13 @@ class TorchBackend:
         return self.head_logits(self.final_norm(last), 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
-    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        rows = self._rows(ids)
-        return self.head_logits(self._normed(rows, lens), 0, self.info.vocab).cpu().numpy()
+    def layer_logits(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
+        x = self._normed(self._rows(ids, site), lens, site)
+        return self.head_logits(x, 0, self.info.vocab).cpu().numpy()
 
     @torch.no_grad()
-    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        return self._normed(self._rows(ids), lens).cpu().numpy()
+    def lens_inputs(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
+        return self._normed(self._rows(ids, site), lens, site).cpu().numpy()
 
     @torch.no_grad()
     def head_row_norms(self) -> np.ndarray:
@@ -252,8 +337,8 @@ class TorchBackend:
         return self.model(input_ids=x, use_cache=False).logits[0, -1].float().cpu().numpy()
 
     @torch.no_grad()
-    def residuals(self, ids: Sequence[int]) -> np.ndarray:
-        return torch.stack([h.float().cpu() for h in self._rows(ids)]).numpy()
+    def residuals(self, ids: Sequence[int], site: Site = "resid") -> np.ndarray:
+        return torch.stack([h.float().cpu() for h in self._rows(ids, site)]).numpy()
 
     @torch.no_grad()
     def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
@@ -266,6 +351,8 @@ class TorchBackend:
         # the model shows up in the self-test.
         if ref == "final":
             norm = _attr(self.model, self.spec.final_norm)
+        elif isinstance(ref, tuple):
+            norm = getattr(self.blocks[ref[1]], self.spec.mlp_norm)
         else:
             norm = getattr(self.blocks[ref], self.spec.input_norm)
         if norm.weight.device.type == "meta":  # offloaded by accelerate: its stored weights

@@ -318,3 +318,49 @@ def sweep_next_token(x: torch.Tensor, scored: list[tuple[int, ...]], top_k: int,
         out[key] = out[key].reshape(n_groups, n_rows, *out[key].shape[1:])
     out["x_norm"] = _norms(x)
     return out
+
+
+def lens_pairs(x: torch.Tensor, head_chunk: Callable, vocab: int, k: int) -> dict:
+    """Every lens against every other, at the same rows: x [P, N, d] holds N decoded rows
+    under each of P lenses, head_chunk as in tiled_sweep (base-2 logits). Two passes over the
+    vocabulary: the first gives each row's log2-sum-exp2 and top-k, the second, with log p
+    known, KL(P_a || P_b) = sum p_a (log p_a - log p_b) and the Jensen-Shannon divergence
+    1/2 sum p_a (log p_a - log M) + 1/2 sum p_b (log p_b - log M), M = (P_a + P_b) / 2.
+    Returns kl, js [P, P, N] (bits), top_ids [P, N, k] (most probable first) and the sums'
+    summation depth (mlx_lens/core/bounds.py, pair_reduction_bounds)."""
+    n_lens, n_rows = x.shape[:2]
+    k = min(k, vocab)
+    flat = x.reshape(n_lens * n_rows, -1)
+    elements, _ = tile_shape(x.device)
+    step = 1 << max(6, (elements // flat.shape[0]).bit_length() - 1)
+    chunks = [(start, min(start + step, vocab)) for start in range(0, vocab, step)]
+    m = torch.full((flat.shape[0],), -math.inf, device=x.device)
+    s = torch.zeros_like(m)
+    top_v = torch.full((flat.shape[0], k), -math.inf, device=x.device)
+    top_i = torch.full((flat.shape[0], k), -1, dtype=torch.long, device=x.device)
+    for start, stop in chunks:
+        z = head_chunk(start, stop)(flat)
+        new_m = torch.maximum(m, z.amax(-1))
+        s = s * torch.exp2(m - new_m) + blocked_sum(torch.exp2(z - new_m[:, None]))
+        m = new_m
+        v, i = z.topk(min(k, stop - start), dim=-1)
+        top_v, j = torch.cat([top_v, v], -1).topk(k, dim=-1)
+        top_i = torch.cat([top_i, i + start], -1).gather(-1, j)
+    lse = (m + torch.log2(s)).view(n_lens, n_rows, 1)
+    kl = torch.zeros(n_lens, n_lens, n_rows, device=x.device)
+    js = torch.zeros_like(kl)
+    pairs = [(a, b) for a in range(n_lens) for b in range(a + 1, n_lens)]
+    for start, stop in chunks:
+        lp = head_chunk(start, stop)(flat).view(n_lens, n_rows, -1).sub_(lse)
+        p = torch.exp2(lp)
+        for a, b in pairs:  # each unordered pair once: KL both ways from one log-ratio
+            d = lp[a] - lp[b]
+            kl[a, b] += blocked_sum(p[a] * d)
+            kl[b, a] -= blocked_sum(d.mul_(p[b]))
+            mix = torch.logaddexp2(lp[a], lp[b]).sub_(1.0)
+            js[a, b] += blocked_sum(torch.sub(lp[a], mix).mul_(p[a]).mul_(0.5)
+                                    .add_(torch.sub(lp[b], mix).mul_(p[b]).mul_(0.5)))
+    js = js + js.transpose(0, 1)
+    return {"kl": kl.cpu().numpy(), "js": js.cpu().numpy(),
+            "top_ids": top_i.view(n_lens, n_rows, k).cpu().numpy(),
+            "summation_depth": summation_depth(vocab, max(b - a for a, b in chunks))}

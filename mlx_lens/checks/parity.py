@@ -15,7 +15,7 @@ import numpy as np
 from mlx_lens.core import bounds
 from mlx_lens.core.contract import InspectableBackend, LayerStats, require
 from mlx_lens.core.errors import LensError
-from mlx_lens.core.lens import Lens
+from mlx_lens.core.lens import Lens, Site
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.experiment.single import answer_token_id, encode_prompt
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
@@ -27,10 +27,15 @@ BOUND_DESCRIPTION = ("each backend within r + 1 worst-case length-d fp32 dot pro
 
 
 def logit_bound(backend: InspectableBackend, ids: list[int], lens: Lens, logits: np.ndarray,
-                head_norms: np.ndarray) -> np.ndarray:
-    """[R, T, V]: how far another fp32 backend's lens logits may be from `backend`'s (§4)."""
-    x_norm = np.linalg.norm(backend.lens_inputs(ids, lens).astype(np.float64), axis=-1)
-    products = 2 * (np.arange(len(x_norm)) + 1)[:, None, None]  # two backends, r + 1 each
+                head_norms: np.ndarray, site: Site = "resid") -> np.ndarray:
+    """[R, T, V]: how far another fp32 backend's lens logits may be from `backend`'s (§4), at
+    a site's rows: the middle of block i lies within i + 2 products (i blocks, an attention
+    sub-block, at most one block's worth, and the decode), the output row within L + 1."""
+    x_norm = np.linalg.norm(backend.lens_inputs(ids, lens, site).astype(np.float64), axis=-1)
+    rows = np.arange(len(x_norm)) + 1
+    if site == "mid":
+        rows = np.minimum(rows + 1, len(x_norm))
+    products = 2 * rows[:, None, None]  # two backends, r + 1 each
     if lens.translators is not None:  # a tuned lens: its translators amplify and round too
         products = 2 * bounds.translated_products(backend.residuals(ids), lens.translators.weight,
                                                   lens.translators.bias)[..., None]

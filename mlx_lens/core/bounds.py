@@ -89,6 +89,46 @@ def kl_bound_from_sums(depth: int, mu1, mu1_f, gap, gap_x, lse, lse_f, u: float 
     return log_s + log_s_f + d_err + 2 * u * (gap + abs(lse) + abs(lse_f))
 
 
+def pair_reduction_bounds(za: np.ndarray, zb: np.ndarray, depth: int,
+                          u: float = U32) -> dict[str, np.ndarray]:
+    """Error in nats of the lens-pair reductions (§6) on rows of fp32 logits za, zb [N, V] (two
+    lenses' decodes of the same rows): `kl_ab` = KL(P_a || P_b), `kl_ba`, `js`. Each log p is
+    formed as z - lse from the first pass's logsumexp, each sum blocked at depth `depth`."""
+    g = gamma(depth, u)
+    parts = []
+    for z in (za, zb):
+        m, x, s, logp, p = _softmax_parts(z)
+        lse = (m + np.log(s))[..., 0]
+        log_s = g + u * (EXP_ULPS + EXP_SLOPE * (p * -x).sum(-1))  # of S, as in §2
+        parts.append((logp, p, log_s + u * (2 * np.abs(np.log(s[..., 0])) + np.abs(lse))))
+    (la, pa, ea), (lb, pb, eb) = parts
+    vocab = za.shape[-1]
+
+    def kl(lp, p, e, lq, f):
+        d = np.abs(lp - lq)
+        return ((g + (2 + EXP_ULPS) * u + e) * (p * d).sum(-1)
+                + EXP_SLOPE * u * (p * np.abs(lp) * d).sum(-1) + e + f
+                + u * (p * (np.abs(lp) + np.abs(lq))).sum(-1) + vocab * FP32_TINY * d.max(-1))
+
+    mix = np.logaddexp(la, lb) - math.log(2)
+    d_mix = ((ea + eb)[..., None] + u * (np.abs(la) + np.abs(lb))
+             + u * (EXP_ULPS + EXP_SLOPE + 4 + 2 * np.abs(mix)))
+    js = 0.0
+    for lp, p, e in ((la, pa, ea), (lb, pb, eb)):
+        t = np.abs(lp - mix)
+        d_t = e[..., None] + u * np.abs(lp) + d_mix + u * t
+        js = js + 0.5 * ((g + (3 + EXP_ULPS) * u + e) * (p * t).sum(-1)
+                         + EXP_SLOPE * u * (p * np.abs(lp) * t).sum(-1) + (p * d_t).sum(-1)
+                         + vocab * FP32_TINY * t.max(-1))
+    return {"kl_ab": kl(la, pa, ea, lb, eb), "kl_ba": kl(lb, pb, eb, la, ea), "js": js}
+
+
+def js_shift_bound(b_a: np.ndarray, b_b: np.ndarray) -> np.ndarray:
+    """Change of the Jensen-Shannon divergence in nats when P_a's logits move by at most b_a
+    and P_b's by at most b_b [..., V] (§6): (1 + ln 2) (max b_a + max b_b), uniformly."""
+    return (1 + math.log(2)) * (np.max(b_a, -1) + np.max(b_b, -1))
+
+
 # Length-d products' worth of rounding between a captured row and its fp32 logits (§1): the
 # lens norm's mean square (gamma_d) and its few scalings (4u <= gamma_d for d >= 4), the GEMM.
 DECODE_PRODUCTS = 3

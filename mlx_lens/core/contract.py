@@ -15,10 +15,11 @@ from typing import Literal, Protocol, Sequence, TypeVar, runtime_checkable
 import numpy as np
 
 from mlx_lens.core.errors import LensError
-from mlx_lens.core.lens import FINAL_NORM, Lens, NormRef
+from mlx_lens.core.lens import FINAL_NORM, Lens, NormRef, Site
 
 B = TypeVar("B")
 TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final prediction)
+PAIR_TOP_K = 50  # the widest top-k overlap between two lenses that artifacts report
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,41 @@ class LayerStats:
                if k in out}
         depth = out.get("summation_depth")
         return cls(**f64, **i64, summation_depth=None if depth is None else int(depth))
+
+
+@dataclass
+class LensPairs:
+    """Every lens against every other at the same rows of one site, at the next-token position
+    (one prompt): KL and Jensen-Shannon divergence from running reductions over the vocabulary,
+    and each lens's own top-k there (for overlaps, mlx_lens/experiment/lenses.py)."""
+
+    kl: np.ndarray  # [P, P, R] bits: KL(P_a || P_b) at row r, lenses in LensSweep.lenses order
+    js: np.ndarray  # [P, P, R] bits, symmetric
+    top_ids: np.ndarray  # [P, R, PAIR_TOP_K] int64, most probable first
+    summation_depth: int  # of the vocabulary sums (mlx_lens/core/bounds.py, pair_reduction_bounds)
+
+    def of_prompt(self, b: int, n_prompts: int) -> "LensPairs":
+        """Prompt b's rows, where the rows were (row, prompt)-major over n_prompts prompts."""
+        def pick(a: np.ndarray, axis: int) -> np.ndarray:
+            shape = (*a.shape[:axis], -1, n_prompts, *a.shape[axis + 1:])
+            return np.take(a.reshape(shape), b, axis + 1)
+
+        return LensPairs(pick(self.kl, 2), pick(self.js, 2), pick(self.top_ids, 1),
+                         self.summation_depth)
+
+
+@dataclass
+class LensSweep:
+    """One prompt under several lenses from one forward pass: each lens's statistics at each
+    site it reads, and every pair of lenses compared."""
+
+    lenses: tuple[str, ...]  # lens names, the primary first
+    stats: dict[tuple[str, Site], LayerStats]  # (lens, site); "mid" rows: the middle of each block,
+    # then the model's output row (for the comparisons with it)
+    pairs: dict[Site, LensPairs]  # where two or more lenses read the site
+    # how the middle of each block is formed: "sequential" (the MLP's input, after attention),
+    # "parallel" (a parallel-residual block: its input plus the attention's output), None: not read
+    mid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,18 +219,20 @@ class InspectableBackend(Backend, Protocol):
     """What parity, the self-test, --keep-residuals, chat and the tests need: the lens's
     intermediate values on small inputs. A model in one process only."""
 
-    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        """Full lens logits [R, T, V] float32; for tests and parity on small inputs only."""
+    def layer_logits(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
+        """Full lens logits [R, T, V] float32 of a site's rows; for tests and parity on small
+        inputs only."""
 
-    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
+    def lens_inputs(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
         """What the head multiplies: every row after its lens norm, [R, T, d] float32."""
 
     def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
         """The framework's own forward pass (mlx-lm's model, transformers' model with its head),
         not the lens code: its output logits at the last position, [V] float32."""
 
-    def residuals(self, ids: Sequence[int]) -> np.ndarray:
-        """The captured residual stream h_0..h_L, [R, T, d] float32."""
+    def residuals(self, ids: Sequence[int], site: Site = "resid") -> np.ndarray:
+        """The captured residual stream h_0..h_L, [R, T, d] float32; site "mid": the middle of
+        each block, then h_L."""
 
     def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
         """fp32 logits [N, V] of states x [N, d] through the lens's norm `ref` and the head."""
@@ -207,6 +245,26 @@ class InspectableBackend(Backend, Protocol):
 
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation token ids (no prompt, no EOS), for `mlx-lens chat`."""
+
+
+@runtime_checkable
+class ComparingBackend(Backend, Protocol):
+    """Several lenses and the middle of each block from one forward pass (a model in one
+    process). Each lens's statistics are those its own sweep gives (the same computation on the
+    same captured rows); the comparisons come from a second set of reductions at the next-token
+    position."""
+
+    def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],
+                     mid: bool) -> LensSweep:
+        """`sweep` under every lens (opts.lens is ignored), rows between blocks and, with mid,
+        the middle of each block for the lenses that read it."""
+
+    def sweep_next_token_lenses(self, prompts: Sequence[Sequence[int]],
+                                scored: Sequence[Sequence[tuple[int, ...]]],
+                                lenses: Sequence[Lens], mid: bool, top_k: int = TOP_K,
+                                pairs: bool = True) -> list[LensSweep]:
+        """`sweep_next_token` under every lens, one forward pass for the batch; the lens pairs
+        only with `pairs` (a suite's tables do not use them: they cost two more decodes)."""
 
 
 def require(backend: Backend, kind: type[B], what: str) -> B:

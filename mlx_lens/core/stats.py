@@ -8,7 +8,10 @@ next-token position (the original's statistics) and, where a whole answer is sco
 teacher-forced piece."""
 from __future__ import annotations
 
-from mlx_lens.core.contract import LayerStats
+from typing import Callable, Sequence
+
+from mlx_lens.core.contract import LayerStats, LensPairs, LensSweep
+from mlx_lens.core.lens import Lens, Site
 
 # The scored groups' arrays, [G, R, ...]
 _SCORED = ("kl_to_final", "kl_bound", "cos_to_final", "x_norm", "p_scored", "rank_scored",
@@ -62,3 +65,28 @@ def batch_stats(out: dict, n_scored: int = 1) -> list[LayerStats]:
         result.append(LayerStats.from_arrays({**stats,
                                               "summation_depth": out["summation_depth"]}))
     return result
+
+
+def lens_sweeps(sites: dict[Site, list], lenses: Sequence[Lens], n_prompts: int,
+                mid_kind: str | None, decode: Callable, next_rows: Callable,
+                pairs: Callable | None) -> list[LensSweep]:
+    """Several lenses over one capture, per prompt: at each site (its captured rows), every lens
+    that reads it decodes the rows (decode(rows, lens, site) -> a LayerStats per prompt: the
+    backend's own single-lens sweep), and where two or more do, their decoded next-token rows
+    (next_rows(rows, lens, site): [R, B, d] on the device) are compared
+    (pairs([per lens]) -> LensPairs over rows (row, prompt)-major; None: not compared)."""
+    per = [LensSweep(tuple(lens.name for lens in lenses), {}, {}, mid_kind)
+           for _ in range(n_prompts)]
+    for site, rows in sites.items():
+        readers = [lens for lens in lenses if site == "resid" or lens.reads_mid]
+        decoded = []
+        for lens in readers:
+            for sweep, stats in zip(per, decode(rows, lens, site)):
+                sweep.stats[lens.name, site] = stats
+            if pairs is not None:
+                decoded.append(next_rows(rows, lens, site))
+        if pairs is not None and len(readers) > 1:
+            compared: LensPairs = pairs(decoded)
+            for b, sweep in enumerate(per):
+                sweep.pairs[site] = compared.of_prompt(b, n_prompts)
+    return per

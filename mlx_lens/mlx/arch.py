@@ -36,6 +36,11 @@ class MlxArch:
     blocks: str = "layers"
     final_norm: str = "norm"
     input_norm: str = "input_layernorm"
+    # of a block: the norm in front of its MLP (whose input is the middle of the block, after
+    # the attention sub-block) and its attention module (a parallel block's middle row is its
+    # input plus the attention's output)
+    mlp_norm: str = "post_attention_layernorm"
+    attention: str = "self_attn"
     head: str | None = "lm_head"  # on the outer Model; missing there means tied to `embed`
     positions: str | None = None  # learned absolute position embedding, added to row 0
     embed_scale: Callable[[int], mx.array] | None = None  # of hidden_size
@@ -55,17 +60,20 @@ ARCHITECTURES: dict[str, MlxArch] = {
     "qwen2": _PLAIN,
     "qwen3": _PLAIN,
     "phi3": _PLAIN,
-    "gemma2": MlxArch(head=None, embed_scale=lambda d: mx.array(d ** 0.5), array_mask=True,
-                      softcap=True, norm_offset=1.0),
+    "gemma2": MlxArch(head=None, mlp_norm="pre_feedforward_layernorm",
+                      embed_scale=lambda d: mx.array(d ** 0.5), array_mask=True, softcap=True,
+                      norm_offset=1.0),
     # sqrt(d) in the compute dtype, as transformers and Google's reference compute it. mlx-lm's
     # own forward rounds it through bf16 whatever the dtype (25.25 for 25.2982 at d = 640):
     # docs/stack.md. The lens's capture loop does not use mlx-lm's embedding step.
-    "gemma3_text": MlxArch(embed_scale=lambda d: mx.array(d ** 0.5),
-                           windows=_gemma3_windows, softcap=True, norm_offset=1.0),
-    "gpt2": MlxArch(embed="wte", blocks="h", final_norm="ln_f", input_norm="ln_1", head=None,
+    "gemma3_text": MlxArch(mlp_norm="pre_feedforward_layernorm",
+                           embed_scale=lambda d: mx.array(d ** 0.5), windows=_gemma3_windows,
+                           softcap=True, norm_offset=1.0),
+    "gpt2": MlxArch(embed="wte", blocks="h", final_norm="ln_f", input_norm="ln_1", mlp_norm="ln_2",
+                    attention="attn", head=None,
                     positions="wpe", layer_norm=True),
     "gpt_neox": MlxArch(embed="embed_in", blocks="h", final_norm="final_layer_norm",
-                        head="model.embed_out", layer_norm=True),
+                        attention="attention", head="model.embed_out", layer_norm=True),
 }
 
 _ROPE_TYPES = {"default", "linear", "dynamic", "llama3", "yarn", "longrope"}

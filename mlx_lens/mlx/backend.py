@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -20,17 +21,18 @@ from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_lens.core.bounds import SUM_BLOCK
-from mlx_lens.core.contract import TOP_K, LayerStats, ModelInfo, NormSpec, SweepOptions
+from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, LensSweep,
+                                    ModelInfo, NormSpec, SweepOptions)
 from mlx_lens.core.errors import LensError, one_line
-from mlx_lens.core.lens import Lens, NormRef, Translators
+from mlx_lens.core.lens import Lens, NormRef, Site, Translators
 from mlx_lens.core.progress import progress
-from mlx_lens.core.stats import batch_stats, last_positions, prompt_stats
+from mlx_lens.core.stats import batch_stats, last_positions, lens_sweeps, prompt_stats
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.placement import available_ram, pick_device, footprint
 from mlx_lens.loading.quiet import quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported
 from mlx_lens.mlx.arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
-from mlx_lens.mlx.reduce import sweep_next_token, sweep_states
+from mlx_lens.mlx.reduce import lens_pairs, sweep_next_token, sweep_states
 from mlx_lens.mlx.tune import MlxTuner, translate
 from mlx_lens.tuned.lens_file import HeadHashes, check_matches
 
@@ -51,6 +53,25 @@ def _fp32(module: nn.Module) -> nn.Module:
     clone = copy.copy(module)
     clone.update(tree_map(lambda a: a.astype(mx.float32), module.parameters()))
     return clone
+
+
+@contextmanager
+def _recording(module: nn.Module, sink: list, output: bool = False):
+    """Within the block, every call of `module` appends its first argument (or, with output,
+    its result) to sink: the module's class swapped for a recording subclass, then restored."""
+    base = type(module)
+
+    class Recording(base):
+        def __call__(self, *args, **kwargs):
+            result = base.__call__(self, *args, **kwargs)
+            sink.append(result if output else args[0])
+            return result
+
+    module.__class__ = Recording
+    try:
+        yield
+    finally:
+        module.__class__ = base
 
 
 def candidates(device: str) -> list[tuple[str, int]]:
@@ -143,6 +164,9 @@ class MlxLens:
         self.head = self._head(model, config)
         self.final_norm = _fp32(_attr(self.inner, self.arch.final_norm))
         self.input_norms = [_fp32(getattr(b, self.arch.input_norm)) for b in self.blocks]
+        self.mlp_norms = [_fp32(getattr(b, self.arch.mlp_norm)) for b in self.blocks]
+        # a parallel-residual block (gpt_neox) reads its attention and MLP from its input
+        self.parallel = [bool(getattr(b, "use_parallel_residual", False)) for b in self.blocks]
         self.softcap = softcap_of(config) if self.arch.softcap else None
         self.hidden = config.get("hidden_size", config.get("n_embd"))
         compute = (self.embed.scales if isinstance(self.embed, _QUANTIZED) else self.embed.weight).dtype
@@ -179,17 +203,45 @@ class MlxLens:
                             f"but mlx-lm's model has no head at {self.arch.head!r}") from None
 
     # -- capture -----------------------------------------------------------------------------
-    def capture(self, batch: Sequence[Sequence[int]], last: int = 0) -> list[mx.array]:
+    def capture(self, batch: Sequence[Sequence[int]], last: int = 0,
+                mids: list | None = None) -> list[mx.array]:
         """Residual rows h_0..h_L of a batch of prompts (compute dtype, lazy): [B, T, d] each,
         or with last = n, [B * n, d] at each prompt's last n tokens (prompt-major). Prompts are
         right-padded, which needs no padding mask: a causal model's tokens never see the pads
-        after them."""
+        after them. Given a list `mids`, the middle of each block is appended to it, alike."""
         x, at = self._tokens(batch, last)
+        keep = (lambda a: a[at]) if last else (lambda a: a)
         h = self._embed(x)
-        rows = [h[at] if last else h]
-        for h in self._blocks(h, range(len(self.blocks))):
-            rows.append(h[at] if last else h)
+        rows = [keep(h)]
+        with self._middles(mids, keep):
+            for h in self._blocks(h, range(len(self.blocks))):
+                rows.append(keep(h))
         return rows
+
+    @contextmanager
+    def _middles(self, mids: list | None, keep):
+        """Record the middle of each block as mlx-lm's block forms it: the input of the norm in
+        front of its MLP (the residual after the attention sub-block, Gemma's post-attention norm
+        included); for a parallel-residual block, its input plus its attention's output."""
+        if mids is None:
+            yield
+            return
+        sinks = [[] for _ in self.blocks]
+        with ExitStack() as stack:
+            for block, sink, parallel in zip(self.blocks, sinks, self.parallel):
+                if parallel:
+                    stack.enter_context(_recording(block, sink))
+                    stack.enter_context(_recording(_attr(block, self.arch.attention), sink, True))
+                else:
+                    stack.enter_context(_recording(getattr(block, self.arch.mlp_norm), sink))
+            yield
+        mids.extend(keep(s[0] + s[1] if parallel else s[0])
+                    for s, parallel in zip(sinks, self.parallel))
+
+    def mid_kind(self) -> str:
+        """How this model's blocks form their middle rows (recorded in the artifacts)."""
+        return "parallel" if all(self.parallel) else "sequential" if not any(self.parallel) \
+            else "mixed"
 
     def _tokens(self, batch: Sequence[Sequence[int]],
                 last: int = 1) -> tuple[mx.array, tuple[mx.array, mx.array]]:
@@ -218,20 +270,25 @@ class MlxLens:
             h = self.blocks[i](h, mask, None)
             yield h
 
-    def _rows(self, ids: Sequence[int]) -> list[mx.array]:
-        """Residual rows h_0..h_L of one prompt, [T, d] each (lazy)."""
-        return [h[0] for h in self.capture([ids])]
+    def _rows(self, ids: Sequence[int], site: Site = "resid") -> list[mx.array]:
+        """Rows of one prompt at a site, [T, d] each (lazy): h_0..h_L, or the middle of each
+        block followed by h_L."""
+        mids: list | None = [] if site == "mid" else None
+        rows = self.capture([ids], mids=mids)
+        return [h[0] for h in (rows if mids is None else [*mids, rows[-1]])]
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> nn.Module | None:
+        if isinstance(ref, tuple):
+            return self.mlp_norms[ref[1]]
         return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
 
-    def _normed(self, rows: list[mx.array], lens: Lens) -> mx.array:
+    def _normed(self, rows: list[mx.array], lens: Lens, site: Site = "resid") -> mx.array:
         """[R, T, d] fp32: every row through the norm the lens assigns it (after its
         translator, for a tuned lens)."""
         out = []
         translators = [] if lens.translators is None else self._translators(lens.translators)
-        for r, (h, ref) in enumerate(zip(rows, lens.norm_plan(len(self.blocks)))):
+        for r, (h, ref) in enumerate(zip(rows, lens.norm_plan(len(self.blocks), site))):
             if h is None:  # a row another process holds (mlx_lens/mlx/pipeline.py)
                 continue
             h = h.astype(mx.float32)
@@ -276,8 +333,11 @@ class MlxLens:
         return z
 
     def sweep(self, ids: Sequence[int], opts: SweepOptions) -> LayerStats:
-        rows = self._rows(opts.forward_ids(ids))
-        x = self._normed(rows, opts.lens)
+        return self._sweep_rows(self._rows(opts.forward_ids(ids)), opts, opts.lens)
+
+    def _sweep_rows(self, rows: list[mx.array], opts: SweepOptions, lens: Lens,
+                    site: Site = "resid") -> LayerStats:
+        x = self._normed(rows, lens, site)
         stats = prompt_stats(sweep_states(x, opts, self.head_logits, self.info.vocab,
                                           self._step(x.shape[0] * x.shape[1]), progress),
                              opts.n_scored)
@@ -292,15 +352,19 @@ class MlxLens:
     def sweep_next_token(self, prompts: Sequence[Sequence[int]],
                          scored: Sequence[Sequence[tuple[int, ...]]], lens: Lens,
                          top_k: int = TOP_K) -> list[LayerStats]:
-        n = len(scored[0])
-        rows = self.capture(prompts, last=n)  # R x [B * n, d]
-        x = self._normed(rows, lens).transpose(1, 0, 2)
+        rows = self.capture(prompts, last=len(scored[0]))  # R x [B * n, d]
+        return self._next_token_rows(rows, scored, lens, top_k)
+
+    def _next_token_rows(self, rows: list[mx.array], scored: Sequence[Sequence[tuple[int, ...]]],
+                         lens: Lens, top_k: int, site: Site = "resid") -> list[LayerStats]:
+        n, n_prompts = len(scored[0]), len(scored)
+        x = self._normed(rows, lens, site).transpose(1, 0, 2)
         out = sweep_next_token(x, [ids for per in scored for ids in per], top_k,
                                self.head_logits, self.info.vocab,
                                self._step(x.shape[0] * x.shape[1]), progress)
         stats = batch_stats(out, n)
         finite = np.array(mx.stack([mx.isfinite(h).all(-1) for h in rows], -1))  # [B * n, R]
-        for s, f in zip(stats, finite.reshape(len(prompts), n, -1).all(1)):
+        for s, f in zip(stats, finite.reshape(n_prompts, n, -1).all(1)):
             s.finite_residual = f
         return stats
 
@@ -333,6 +397,43 @@ class MlxBackend(MlxLens):
         check_matches(lens, self.info, self._head_hashes)
         return MlxTuner(self, lens, recipe)
 
+    def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],
+                     mid: bool) -> LensSweep:
+        mids: list | None = [] if mid else None
+        rows = [h[0] for h in self.capture([opts.forward_ids(ids)], mids=mids)]
+        mids = None if mids is None else [m[0] for m in mids]
+        at = mx.array([len(ids) - 1])  # the next-token position
+        return lens_sweeps(self._sites(rows, mids), lenses, 1, self.mid_kind() if mid else None,
+                           lambda r, lens, site: [self._sweep_rows(r, opts, lens, site)],
+                           lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
+                           self._pairs)[0]
+
+    def sweep_next_token_lenses(self, prompts: Sequence[Sequence[int]],
+                                scored: Sequence[Sequence[tuple[int, ...]]],
+                                lenses: Sequence[Lens], mid: bool, top_k: int = TOP_K,
+                                pairs: bool = True) -> list[LensSweep]:
+        n = len(scored[0])
+        mids: list | None = [] if mid else None
+        rows = self.capture(prompts, last=n, mids=mids)  # R x [B * n, d]
+        at = mx.arange(0, len(prompts) * n, n)  # each prompt's next-token row
+        return lens_sweeps(
+            self._sites(rows, mids), lenses, len(prompts), self.mid_kind() if mid else None,
+            lambda r, lens, site: self._next_token_rows(r, scored, lens, top_k, site),
+            lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
+            self._pairs if pairs else None)
+
+    @staticmethod
+    def _sites(rows: list, mids: list | None) -> dict[Site, list]:
+        """The rows of each site: the middle rows end with the model's output row."""
+        return {"resid": rows} | ({"mid": [*mids, rows[-1]]} if mids is not None else {})
+
+    def _pairs(self, decoded: list[mx.array]) -> LensPairs:
+        """Every pair of lenses at the same rows: one [R, B, d] per lens."""
+        x = mx.stack(decoded)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        return LensPairs(**lens_pairs(x, self.head_logits, self.info.vocab,
+                                      self._step(x.shape[0] * x.shape[1]), PAIR_TOP_K))
+
     def own_logits(self, ids: Sequence[int]) -> mx.array:
         """The mlx-lm model's own forward pass, [T, V] (for tests: on Gemma-3 mlx-lm rounds
         sqrt(d) through bf16, docs/stack.md)."""
@@ -341,12 +442,11 @@ class MlxBackend(MlxLens):
     def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
         return np.array(self.own_logits(ids)[-1].astype(mx.float32))
 
-    def lens_inputs(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        return np.array(self._normed(self._rows(ids), lens))
+    def lens_inputs(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
+        return np.array(self._normed(self._rows(ids, site), lens, site))
 
-
-    def residuals(self, ids: Sequence[int]) -> np.ndarray:
-        return np.array(mx.stack(self._rows(ids)).astype(mx.float32))
+    def residuals(self, ids: Sequence[int], site: Site = "resid") -> np.ndarray:
+        return np.array(mx.stack(self._rows(ids, site)).astype(mx.float32))
 
     def decode_rows(self, x: np.ndarray, ref: NormRef) -> np.ndarray:
         h = mx.array(np.asarray(x, np.float32))
@@ -358,6 +458,8 @@ class MlxBackend(MlxLens):
         # the model shows up in the self-test.
         if ref == "final":
             norm = _attr(self.inner, self.arch.final_norm)
+        elif isinstance(ref, tuple):
+            norm = getattr(self.blocks[ref[1]], self.arch.mlp_norm)
         else:
             norm = getattr(self.blocks[ref], self.arch.input_norm)
         bias = np.array(norm.bias, np.float64) if "bias" in norm else None
@@ -375,8 +477,9 @@ class MlxBackend(MlxLens):
             out.append(int(token))
         return out
 
-    def layer_logits(self, ids: Sequence[int], lens: Lens) -> np.ndarray:
-        return np.array(self.head_logits(self._normed(self._rows(ids), lens), 0, self.info.vocab))
+    def layer_logits(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
+        x = self._normed(self._rows(ids, site), lens, site)
+        return np.array(self.head_logits(x, 0, self.info.vocab))
 
 
 def _name(dtype: mx.Dtype) -> str:

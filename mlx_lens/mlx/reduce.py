@@ -200,3 +200,54 @@ def sweep_next_token(x: mx.array, scored: list[tuple[int, ...]], top_k: int, log
     position of one prompt per group; scored[g] the token ids whose probability and rank group
     g reports (as many for every group). mlx_lens/core/stats.py makes LayerStats of them."""
     return _groups(x, x.shape[0], scored, top_k, logits, vocab, step, progress)
+
+
+def lens_pairs(x: mx.array, logits: Callable, vocab: int, step: int, k: int) -> dict:
+    """Every lens against every other, at the same rows: x [P, N, d] holds N decoded rows
+    under each of P lenses. Two passes over the vocabulary, `step` tokens at a time: the first
+    gives each row's logsumexp and top-k, the second, with log p known, KL(P_a || P_b) =
+    sum p_a (log p_a - log p_b) and the Jensen-Shannon divergence
+    1/2 sum p_a (log p_a - log M) + 1/2 sum p_b (log p_b - log M), M = (P_a + P_b) / 2.
+    Returns kl, js [P, P, N] (bits), top_ids [P, N, k] (most probable first) and the sums'
+    summation depth (mlx_lens/core/bounds.py, pair_reduction_bounds)."""
+    n_lens, n_rows = x.shape[:2]
+    k = min(k, vocab)
+    flat = x.reshape(n_lens * n_rows, -1)
+    chunks = [(start, min(start + step, vocab)) for start in range(0, vocab, step)]
+    m = s = top_v = top_i = None
+    for start, stop in chunks:
+        z = logits(flat, start, stop)
+        new_m = z.max(-1) if m is None else mx.maximum(m, z.max(-1))
+        e = blocked_sum(mx.exp(z - new_m[:, None]))
+        s = e if s is None else s * mx.exp(m - new_m) + e
+        m = new_m
+        v, i = _top(z, mx.broadcast_to(mx.arange(start, stop), z.shape), min(k, stop - start))
+        if top_v is not None:
+            v, i = _top(mx.concatenate([top_v, v], -1), mx.concatenate([top_i, i], -1), k)
+        top_v, top_i = v, i
+        mx.eval(m, s, top_v, top_i)
+    lse = (m + mx.log(s)).reshape(n_lens, n_rows, 1)
+    pairs = [(a, b) for a in range(n_lens) for b in range(a + 1, n_lens)]
+    kl = {pair: 0.0 for pair in pairs + [(b, a) for a, b in pairs]}
+    js = {pair: 0.0 for pair in pairs}
+    for start, stop in chunks:
+        lp = logits(flat, start, stop).reshape(n_lens, n_rows, -1) - lse
+        p = mx.exp(lp)
+        for a, b in pairs:  # each unordered pair once: KL both ways from one log-ratio
+            d = lp[a] - lp[b]
+            kl[a, b] = kl[a, b] + blocked_sum(p[a] * d)
+            kl[b, a] = kl[b, a] - blocked_sum(p[b] * d)
+            mix = mx.logaddexp(lp[a], lp[b]) - math.log(2)
+            js[a, b] = js[a, b] + blocked_sum(0.5 * (p[a] * (lp[a] - mix))
+                                              + 0.5 * (p[b] * (lp[b] - mix)))
+        mx.eval(kl, js)
+    kl_out, js_out = np.zeros((2, n_lens, n_lens, n_rows), np.float32)
+    for (a, b), value in kl.items():
+        kl_out[a, b] = np.array(value)
+    for (a, b), value in js.items():
+        js_out[a, b] = js_out[b, a] = np.array(value)
+    order = mx.argsort(-top_v, axis=-1)
+    ids = mx.take_along_axis(top_i, order, -1).reshape(n_lens, n_rows, -1)
+    return {"kl": kl_out / math.log(2), "js": js_out / math.log(2),
+            "top_ids": np.array(ids).astype(np.int64),
+            "summation_depth": summation_depth(vocab, max(b - a for a, b in chunks))}
