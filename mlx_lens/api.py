@@ -7,6 +7,8 @@
                       "simply", "Paris")
     result.pure                            # per layer at the next-token position (pandas)
     result.summary["L_semantic"]
+    both = lens.run(lenses="all")          # every lens and the middle of each block, one pass
+    both.lenses, both.lens_pairs           # per (lens, site, layer); per pair of lenses
     suite = lens.run_suite("default")      # or a facts file, or a list of Fact
     suite.aggregates
     tuned = lens.tune("lenses/mine")       # a tuned lens (docs/tuned-lens.md)
@@ -53,13 +55,17 @@ class ModelLens:
 
     def run(self, prompt: str = PROMPT, answer: str = ANSWER, probes: bool = True,
             collapse: CollapseSettings | None = None, keep_residuals: bool = False,
-            milestones: MilestoneSettings | None = None) -> ModelResult:
+            milestones: MilestoneSettings | None = None,
+            lenses: str | Sequence[str | Lens] = (), mid: bool = True) -> ModelResult:
         """The logit-lens experiment on one prompt: every layer at every position, and the
-        whole answer teacher-forced after it."""
+        whole answer teacher-forced after it. With `lenses` ("all", "raw,next-norm", or a
+        list), those lenses too, from the same forward pass, and with `mid` the middle of each
+        block (mlx_lens/experiment/lenses.py)."""
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
                                  keep_residuals=keep_residuals,
-                                 milestones=milestones or MilestoneSettings())
+                                 milestones=milestones or MilestoneSettings(),
+                                 lenses=resolve_lenses(lenses, self.lens), mid=mid)
         result = run_experiment(self.backend, opts, {"backend_reason": self.backend_reason})
         # After the run: a pipeline's traffic is only known once the run has sent it.
         result.payload["diagnostics"].update(self.backend.run_diagnostics())
@@ -67,12 +73,16 @@ class ModelLens:
 
     def run_suite(self, facts: str | Path | Sequence[Fact],
                   collapse: CollapseSettings | None = None,
-                  milestones: MilestoneSettings | None = None) -> SuiteResult:
+                  milestones: MilestoneSettings | None = None,
+                  lenses: str | Sequence[str | Lens] = (), mid: bool = True) -> SuiteResult:
         """A fact suite (a JSONL/CSV file, "default", or Fact objects) at the next-token
-        position and each answer's teacher-forced positions, batched."""
+        position and each answer's teacher-forced positions, batched; `lenses` and `mid` as in
+        `run`."""
         if isinstance(facts, (str, Path)):
             facts = load_facts(str(facts))
-        return run_suite(self.backend, list(facts), self.lens, collapse, milestones=milestones)
+        compared = ExperimentOptions(lens=self.lens, lenses=resolve_lenses(lenses, self.lens)).compared
+        return run_suite(self.backend, list(facts), self.lens, collapse, milestones=milestones,
+                         compared=compared, mid=mid)
 
     def tune(self, out: str | Path, corpus: str | None = None,
              options: TuneOptions | None = None) -> TunedLens:
@@ -107,6 +117,20 @@ def resolve_lens(lens: str | Lens | TunedLens) -> Lens:
     if str(lens).startswith(lens_file.PREFIX):
         return Lens.tuned(lens_file.read(str(lens).removeprefix(lens_file.PREFIX)))
     raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(RULES)} or tuned:DIR")
+
+
+def resolve_lenses(spec: str | Sequence[str | Lens], primary: Lens) -> tuple[Lens, ...]:
+    """A --lenses value: "all" (the three norm rules, and the primary lens where it is tuned),
+    comma-separated lens names, or a list of them."""
+    if isinstance(spec, str):
+        if spec.strip() == "all":
+            return tuple(Lens(r) for r in RULES) + ((primary,) if primary.translators else ())
+        spec = [part.strip() for part in spec.split(",") if part.strip()]
+    lenses = tuple(resolve_lens(item) for item in spec)
+    names = [lens.name for lens in lenses]
+    if len(set(names)) < len(names):
+        raise LensError(f"a lens is named twice in --lenses: {', '.join(names)}")
+    return lenses
 
 
 def load(model: str | None = None, backend: str = "auto", lens: str | Lens | TunedLens = "final-norm",

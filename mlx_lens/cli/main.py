@@ -11,8 +11,9 @@ from pathlib import Path
 from mlx_lens import backend_choice
 from mlx_lens.experiment import health
 from mlx_lens.experiment.milestones import MilestoneSettings, describe
+from mlx_lens.experiment.lenses import summary_line as lens_summary_line
 from mlx_lens.output import run_dir
-from mlx_lens.api import ModelLens, load, resolve_lens
+from mlx_lens.api import ModelLens, load, resolve_lens, resolve_lenses
 from mlx_lens.output.artifacts import write_model_artifacts
 from mlx_lens.loading import hub
 from mlx_lens.loading.placement import read_device_map
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lens", default="final-norm",
                      help=f"how each layer is decoded: {', '.join(RULES)} (the norm; next-norm: "
                           "the original's rule) or tuned:DIR (a tuned lens folder, mlx-lens tune)")
+    run.add_argument("--lenses", default=None, metavar="LENSES",
+                     help="also decode with these lenses from the same forward pass, compared "
+                          f"layer by layer: comma-separated ({', '.join(RULES)}, tuned:DIR) or "
+                          "all; adds the lens tables (README 'Several lenses')")
+    run.add_argument("--no-mid-block", dest="mid", action="store_false",
+                     help="with --lenses, leave out the middle of each block (after attention, "
+                          "before the MLP)")
     run.add_argument("--fp32-unembed", action="store_true",
                      help="decode in fp32 (the lens always does; kept for the original's command lines)")
     run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
@@ -189,12 +197,13 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
     lens = _load(args, model, args.lens)
     seconds = {"load": time.perf_counter() - started}
     milestones = MilestoneSettings(margin_bits=args.margin_bits)
+    compared = args.lenses or ()
     result = lens.run(args.prompt, args.answer, args.probes, collapse, args.keep_residuals,
-                      milestones)
+                      milestones, compared, args.mid)
     seconds.update(result.seconds)
     if facts:
         began = time.perf_counter()
-        suite = lens.run_suite(facts, collapse, milestones)
+        suite = lens.run_suite(facts, collapse, milestones, compared, args.mid)
         seconds["suite"] = time.perf_counter() - began
         result.payload["diagnostics"].update(lens.backend.run_diagnostics())  # its traffic too
         if suite.numeric_health:  # which facts and layers were blanked, beside the run's own
@@ -213,12 +222,17 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
     if facts:
         paths += write_suite_tables(out_dir, lens.source.name, suite.long, suite.per_fact,
                                     suite.aggregates)
+        if suite.lens_long is not None:
+            paths += write_suite_tables(out_dir, lens.source.name, suite.lens_long,
+                                        suite.lens_per_fact, suite.lens_aggregates, "lens-")
     seconds["write"] = time.perf_counter() - began
     s = summary_of(result.payload)
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens.lens.name}]: "
           f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
           f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
     print(f"  {describe(result.payload['diagnostics'])}")
+    if "lenses" in result.payload:
+        print(f"  {lens_summary_line(result.payload['lenses'])}")
     if facts:
         print(suite.summary_line())
     print(f"time: {time.perf_counter() - started:.1f} s ("
@@ -232,6 +246,8 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     child = [a for dest, flag in _CHILD_OPTIONS for a in (flag, str(getattr(args, dest)))]
     child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
     child += ["--facts", args.facts] if args.facts else []
+    child += ["--lenses", args.lenses] if args.lenses else []
+    child += [] if args.mid else ["--no-mid-block"]
     child += ["--device-map", args.device_map] if args.device_map else []
     child += ["--no-plots"]  # the pictures of the whole folder are drawn once, at the end
     # One probe of the hub for the whole run: without one, every child starts in offline mode.
@@ -291,6 +307,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.self_test:
         return cmd_self_test(args)
     facts = load_facts(args.facts) if args.facts else None  # a bad file fails before anything
+    if args.lenses:  # as does an unknown lens
+        resolve_lenses(args.lenses, resolve_lens(args.lens))
     models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
     if "MLX_RANK" in os.environ:  # one of the processes of mlx.launch: a pipeline (README)
         if len(models) > 1 or args.keep_residuals:

@@ -109,10 +109,16 @@ class AnswerRows:
         leads by more than the threshold plus its bound, certainly fails where some piece
         cannot lead by more than the threshold within its bound (a blanked row, NaN, is
         neither)."""
-        lead, bound = self.lead[:, pieces], self.bound[:, pieces]
-        holds = (lead - bound > threshold).all(-1)
-        fails = (lead + bound <= threshold).any(-1)
+        holds, fails = self.states(threshold, pieces)
         return first_decided(holds, ~holds & ~fails, run)
+
+    def states(self, threshold: float = 0.0,
+               pieces: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """[R] each: the rows where the pieces certainly all lead by more than `threshold` bits
+        (> 0: the whole answer is the top-1), and where some piece certainly does not; a row
+        in neither is undecided."""
+        lead, bound = self.lead[:, pieces], self.bound[:, pieces]
+        return (lead - bound > threshold).all(-1), (lead + bound <= threshold).any(-1)
 
 
 # the milestones that may be undecided

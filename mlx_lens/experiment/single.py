@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from mlx_lens.experiment import health
+from mlx_lens.experiment import health, lenses
 from mlx_lens.experiment.frames import (TokenNames, pure_next_token_frame, records_frame,
                                        verbose_positions)
-from mlx_lens.core.contract import Backend, InspectableBackend, SweepOptions, require
+from mlx_lens.core.contract import (Backend, ComparingBackend, InspectableBackend, SweepOptions,
+                                    require)
 from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.errors import LensError
@@ -35,6 +36,17 @@ class ExperimentOptions:
     milestones: MilestoneSettings = field(default_factory=MilestoneSettings)
     probes: bool = True  # extra test prompts and temperature exploration
     keep_residuals: bool = False
+    # more lenses decoded from the same forward pass (the primary `lens` first, added if
+    # missing), and with `mid` the middle of each block: mlx_lens/experiment/lenses.py
+    lenses: tuple[Lens, ...] = ()
+    mid: bool = True
+
+    @property
+    def compared(self) -> tuple[Lens, ...]:
+        """The lenses side by side, the primary first; () for a run of one lens."""
+        if not self.lenses:
+            return ()
+        return (self.lens, *[lens for lens in self.lenses if lens.name != self.lens.name])
 
     def __post_init__(self):  # fail before any model is loaded
         if not self.prompt.strip():
@@ -51,6 +63,11 @@ class ModelResult:
     residuals: np.ndarray | None = None  # [R, T, d] with --keep-residuals
     prompt_ids: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
+    # with several lenses (mlx_lens/experiment/lenses.py): per (lens, site, layer), per pair of
+    # lenses, and the report grid's top tokens per cell
+    lenses: pd.DataFrame | None = None
+    lens_pairs: pd.DataFrame | None = None
+    lens_cells: pd.DataFrame | None = None
 
     @property
     def summary(self) -> dict:
@@ -182,8 +199,16 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     prompt_tokens = [names(i) for i in ids]
     wide = tuple(bool(w) for w in verbose_positions(prompt_tokens))
     started = time.perf_counter()
-    stats = backend.sweep(ids, SweepOptions(lens=opts.lens, answer_ids=tuple(pieces), wide=wide,
-                                            narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE))
+    sweep_opts = SweepOptions(lens=opts.lens, answer_ids=tuple(pieces), wide=wide,
+                              narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE)
+    compared = None
+    if opts.compared:
+        comparing = require(backend, ComparingBackend, "--lenses")
+        compared = comparing.sweep_lenses(ids, sweep_opts, opts.compared, opts.mid)
+        compared.stats = {key: health.checked(s)[0] for key, s in compared.stats.items()}
+        stats = compared.stats[opts.lens.name, "resid"]
+    else:
+        stats = backend.sweep(ids, sweep_opts)
     seconds = {"sweep": time.perf_counter() - started}
     stats, numeric_health = health.checked(stats)
     flags = next_token_flags(stats, ids, answer_id, opts.collapse)
@@ -243,5 +268,12 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     residuals = (require(backend, InspectableBackend, "--keep-residuals").residuals(ids)
                  if opts.keep_residuals else None)
     pure = pure_next_token_frame(stats, flags, names, {**answer.columns(), **copies})
-    return ModelResult(payload, records_frame(stats, prompt_tokens, names), pure, residuals, ids,
-                       seconds)
+    result = ModelResult(payload, records_frame(stats, prompt_tokens, names), pure, residuals,
+                         ids, seconds)
+    if compared is not None:
+        payload["lenses"] = lenses.findings(compared, info, float(w_norms.max()), opts.milestones,
+                                            opts.lens.name)
+        result.lenses = lenses.lens_frame(compared, info, names, float(w_norms.max()))
+        result.lens_pairs = lenses.pair_frame(compared)
+        result.lens_cells = lenses.cells_frame(compared, names, prompt_tokens)
+    return result

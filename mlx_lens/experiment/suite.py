@@ -14,8 +14,9 @@ import pandas as pd
 
 from mlx_lens.experiment import aggregates
 from mlx_lens.experiment import health
+from mlx_lens.experiment import lenses as side_by_side
 from mlx_lens.experiment.frames import TokenNames, rank_column
-from mlx_lens.core.contract import Backend, LayerStats
+from mlx_lens.core.contract import Backend, ComparingBackend, LayerStats, LensSweep, require
 from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.loading.placement import available_ram
 from mlx_lens.experiment.facts import EncodedFact, Fact, encode_facts
@@ -38,6 +39,11 @@ class SuiteResult:
     # with a numeric-health finding: a non-finite row (blanked: empty cells, left out of the
     # aggregates' n) or a KL below minus its bound (kept)
     numeric_health: dict = field(default_factory=dict)
+    # with several lenses: the three tables per (lens, site) (the middle of each block:
+    # site "mid", layer i the middle of block i), each with lens and site columns
+    lens_long: pd.DataFrame | None = None
+    lens_per_fact: pd.DataFrame | None = None
+    lens_aggregates: pd.DataFrame | None = None
 
     def plot(self) -> dict:
         """matplotlib Figures: per layer the mean and 95% band of p(answer) and p(control),
@@ -85,11 +91,22 @@ def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) ->
 
 
 def _sweep(backend: Backend, items: list[tuple[list[int], tuple[tuple[int, ...], ...]]],
-           lens: Lens, batch: int | None) -> list[LayerStats]:
+           lens: Lens, batch: int | None, compared: tuple[Lens, ...] = (),
+           mid: bool = True) -> list[LayerStats] | list[LensSweep]:
     """LayerStats (T = 1) of every (ids, scored) item, in the items' order: scored holds, for
-    each of the item's last positions, the ids scored there. A batch holds items of one shape
-    (as many positions, as many ids at each: a fact's answer pieces, a control's two ids), in
-    order of length."""
+    each of the item's last positions, the ids scored there; with `compared` lenses, a
+    LensSweep of each. A batch holds items of one shape (as many positions, as many ids at
+    each: a fact's answer pieces, a control's two ids), in order of length."""
+    if compared:
+        comparing = require(backend, ComparingBackend, "--lenses")
+
+        def call(prompts, scored):
+            return comparing.sweep_next_token_lenses(prompts, scored, compared, mid, NEXT_TOKEN_K,
+                                                     pairs=False)  # the tables use no pairs
+    else:
+        def call(prompts, scored):
+            return backend.sweep_next_token(prompts, scored, lens, NEXT_TOKEN_K)
+
     def shape(i: int) -> tuple[int, int]:
         return len(items[i][1]), len(items[i][1][0])
 
@@ -99,10 +116,9 @@ def _sweep(backend: Backend, items: list[tuple[list[int], tuple[tuple[int, ...],
         by_shape.setdefault(shape(i), []).append(i)
     batches = [same[first:first + b] for same in by_shape.values()
                for first in range(0, len(same), b)]
-    out: list[LayerStats | None] = [None] * len(items)
+    out: list = [None] * len(items)
     for chunk in progress(batches, "fact batches"):
-        stats = backend.sweep_next_token([items[i][0] for i in chunk],
-                                         [items[i][1] for i in chunk], lens, NEXT_TOKEN_K)
+        stats = call([items[i][0] for i in chunk], [items[i][1] for i in chunk])
         for i, s in zip(chunk, stats):
             out[i] = s
     return out
@@ -181,19 +197,8 @@ def _items(encoded: list[EncodedFact]) -> tuple[list, dict[int, int]]:
     return items, controls
 
 
-def run_suite(backend: Backend, facts: list[Fact], lens: Lens = FINAL_NORM,
-              collapse: CollapseSettings | None = None, batch: int | None = None,
-              milestones: MilestoneSettings | None = None) -> SuiteResult:
-    """Every fact (and its control) through the lens at the next-token position and at its
-    answer's teacher-forced positions."""
-    collapse, milestones = collapse or CollapseSettings(), milestones or MilestoneSettings()
-    encoded = encode_facts(facts, backend.tokenizer, backend.info.n_ctx)
-    items, controls = _items(encoded)
-    stats = _sweep(backend, items, lens, batch)
-    names = TokenNames(backend.tokenizer.decode)
-    w_max = float(backend.head_row_norms().max())
-    rows = [_fact_rows(f, stats[i], stats[controls[i]] if i in controls else None, names,
-                       collapse, milestones, backend.info, w_max) for i, f in enumerate(encoded)]
+def _tables(rows: list[tuple[dict, dict, dict]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The long and per-fact tables of _fact_rows' results."""
     long = pd.DataFrame({key: np.concatenate([layers[key] for _, layers, _ in rows])
                          for key in rows[0][1]})
     long["answer_rank"] = rank_column(long["answer_rank"].to_numpy(), long.index)
@@ -202,6 +207,66 @@ def run_suite(backend: Backend, facts: list[Fact], lens: Lens = FINAL_NORM,
         if column.startswith(("L_", "first_", "delta_")) and not column.endswith(
                 ("_bits", "_undecided")):
             per_fact[column] = per_fact[column].astype("Int64")
-    per_fact = aggregates.add_control_columns(per_fact, long)
+    return long, aggregates.add_control_columns(per_fact, long)
+
+
+def run_suite(backend: Backend, facts: list[Fact], lens: Lens = FINAL_NORM,
+              collapse: CollapseSettings | None = None, batch: int | None = None,
+              milestones: MilestoneSettings | None = None, compared: tuple[Lens, ...] = (),
+              mid: bool = True) -> SuiteResult:
+    """Every fact (and its control) through the lens at the next-token position and at its
+    answer's teacher-forced positions; with `compared` lenses (the primary first), each of
+    them too, and with mid the middle of each block, from the same forward passes."""
+    collapse, milestones = collapse or CollapseSettings(), milestones or MilestoneSettings()
+    encoded = encode_facts(facts, backend.tokenizer, backend.info.n_ctx)
+    items, controls = _items(encoded)
+    swept = _sweep(backend, items, lens, batch, compared, mid)
+    stats = [s.stats[lens.name, "resid"] for s in swept] if compared else swept
+    names = TokenNames(backend.tokenizer.decode)
+    w_max = float(backend.head_row_norms().max())
+
+    def fact_rows(of: list[LayerStats]) -> list[tuple[dict, dict, dict]]:
+        return [_fact_rows(f, of[i], of[controls[i]] if i in controls else None, names,
+                           collapse, milestones, backend.info, w_max)
+                for i, f in enumerate(encoded)]
+
+    rows = fact_rows(stats)
+    long, per_fact = _tables(rows)
     unhealthy = {f.fact.id: found for f, (_, _, found) in zip(encoded, rows) if found}
-    return SuiteResult(long, per_fact, aggregates.layer_aggregates(long), unhealthy)
+    result = SuiteResult(long, per_fact, aggregates.layer_aggregates(long), unhealthy)
+    if compared:
+        _add_lens_tables(result, swept, encoded, fact_rows, backend, w_max, milestones,
+                         lens.name)
+    return result
+
+
+def _add_lens_tables(result: SuiteResult, swept: list[LensSweep], encoded: list[EncodedFact],
+                     fact_rows, backend: Backend, w_max: float, settings: MilestoneSettings,
+                     primary: str) -> None:
+    """The suite's tables per (lens, site) and, per fact, the cross-lens findings."""
+    longs, facts, aggs = [], [], []
+    for key in swept[0].stats:
+        lens, site = key
+        long, per_fact = _tables(fact_rows([s.stats[key] for s in swept]))
+        if site == "mid":  # the middle rows end with the model's output row
+            long = long[long["layer"] < long["layer"].max()].reset_index(drop=True)
+        tag = {"lens": lens, "site": site}
+        longs.append(long.assign(**tag, depth=long["layer"] + 0.5 * (site == "mid")))
+        facts.append(per_fact.assign(**tag))
+        aggs.append(aggregates.layer_aggregates(long).assign(**tag))
+    found = [side_by_side.findings(swept[i], backend.info, w_max, settings, primary)
+             for i in range(len(encoded))]
+    lens_facts = pd.concat(facts, ignore_index=True)
+    primary_rows = (lens_facts["lens"] == primary) & (lens_facts["site"] == "resid")
+    onset = [f["cross_checked_onset"] for f in found]
+    lens_facts.loc[primary_rows, "cross_checked_onset"] = pd.array(
+        [o if isinstance(o, int) else None for o in onset], "Int64")
+    lens_facts.loc[primary_rows, "cross_checked_onset_undecided"] = [o == UNDECIDED for o in onset]
+    if "norm_only_layers" in found[0]:
+        for lens in found[0]["norm_only_layers"]:
+            rows = (lens_facts["lens"] == lens) & (lens_facts["site"] == "resid")
+            lens_facts.loc[rows, "norm_only_layers"] = [
+                " ".join(map(str, f["norm_only_layers"][lens])) for f in found]
+    result.lens_long = pd.concat(longs, ignore_index=True)
+    result.lens_per_fact = lens_facts
+    result.lens_aggregates = pd.concat(aggs, ignore_index=True)

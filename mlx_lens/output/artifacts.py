@@ -16,18 +16,22 @@ import pandas as pd
 from mlx_lens.core.files import atomic_write, json_safe
 
 
+# columns of text in the CSVs, beside top1..topK ('', 'nan', 'null' are tokens too)
+_TEXT = {"token", "input_token", "lens", "site", "lens_a", "lens_b"}
+
+
 def read_csv(path: str | Path) -> pd.DataFrame:
-    """Read either CSV back: token columns (token, top1..topK) stay text ('', 'nan', 'null' are
-    tokens too)."""
+    """Read any of the CSVs back: token and lens columns stay text."""
     header = pd.read_csv(path, nrows=0).columns
-    text = [c for c in header if c == "token" or re.fullmatch(r"top\d+", c)]
+    text = [c for c in header if c in _TEXT or re.fullmatch(r"top\d+", c)]
     numeric = [c for c in header if c not in text]
     return pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
                        na_values={c: [""] for c in numeric})
 
 
 def write_model_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
-    """The three artifacts of an experiment's ModelResult (and its residuals, when kept)."""
+    """The three artifacts of an experiment's ModelResult (and its residuals, when kept; the
+    lens tables, with several lenses)."""
     paths = [out_dir / f"output-{model_name}.json", out_dir / f"output-{model_name}-records.csv",
              out_dir / f"output-{model_name}-pure-next-token.csv"]
     text = json.dumps(json_safe(result.payload), indent=2, ensure_ascii=False, allow_nan=False)
@@ -36,6 +40,12 @@ def write_model_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
         # CRLF (RFC 4180) so that csv quotes tokens holding a lone "\r" too; with "\n" it would not.
         atomic_write(path, lambda p, f=frame: f.to_csv(p, index=False, encoding="utf-8",
                                                         lineterminator="\r\n"))
+    for kind, frame in (("lenses", result.lenses), ("lens-pairs", result.lens_pairs),
+                        ("lens-cells", result.lens_cells)):
+        if frame is not None:  # several lenses (mlx_lens/experiment/lenses.py)
+            paths.append(out_dir / f"output-{model_name}-{kind}.csv")
+            atomic_write(paths[-1], lambda p, f=frame: f.to_csv(p, index=False, encoding="utf-8",
+                                                                lineterminator="\r\n"))
     if result.residuals is not None:
         paths.append(out_dir / f"output-{model_name}-residuals.safetensors")
         atomic_write(paths[-1], lambda p: save_residuals(p, result.residuals, result.prompt_ids))

@@ -14,7 +14,10 @@ _COPY_FLAGS = [f"copy_{kind}_k{k}" for kind in ("strict", "soft") for k in (1, 2
 _COPY_MILESTONES = [f"L_{flag}" for flag in _COPY_FLAGS]
 _SCHEMA = {  # every column the three tables may hold; others are written and read as they come
     **dict.fromkeys(["fact_id", "group", "top1", "prompt", "answer", "answer_token", "final_top1",
-                     "metric"], _TEXT),
+                     "metric", "lens", "site", "norm_only_layers"], _TEXT),
+    "depth": "float64",  # a site's layer: i + 0.5 for the middle of block i
+    "cross_checked_onset": "Int64",
+    "cross_checked_onset_undecided": "boolean",  # the primary lens's rows only
     **dict.fromkeys(["layer", "n"], "int64"),
     **dict.fromkeys(["top1_id", "answer_rank", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
                      "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
@@ -63,10 +66,13 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def write_suite_tables(out_dir: Path, model_name: str, long: pd.DataFrame,
-                       per_fact: pd.DataFrame, aggregates: pd.DataFrame) -> list[Path]:
-    """suite-<model>-{layers,facts,aggregates}.{parquet,csv}, each written atomically."""
+                       per_fact: pd.DataFrame, aggregates: pd.DataFrame,
+                       prefix: str = "") -> list[Path]:
+    """suite-<model>-{layers,facts,aggregates}.{parquet,csv}, each written atomically (prefix
+    "lens-": the tables per lens and site, suite-<model>-lens-layers.csv ...)."""
     paths = []
-    for kind, frame in (("layers", long), ("facts", per_fact), ("aggregates", aggregates)):
+    for kind, frame in ((f"{prefix}layers", long), (f"{prefix}facts", per_fact),
+                        (f"{prefix}aggregates", aggregates)):
         frame = _conform(frame)
         for suffix, write in ((".parquet", _write_parquet), (".csv", _write_csv)):
             paths.append(Path(out_dir) / f"suite-{model_name}-{kind}{suffix}")

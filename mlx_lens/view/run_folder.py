@@ -10,6 +10,7 @@ from mlx_lens.core.errors import LensError, first_line
 from mlx_lens.output.artifacts import read_csv
 from mlx_lens.output.suite_tables import read_suite_table
 from mlx_lens.view.grid import grid
+from mlx_lens.view.lenses import lens_trajectory
 from mlx_lens.view.style import save_png
 from mlx_lens.view.suite import suite_bands
 from mlx_lens.view.trajectory import overlay, trajectory
@@ -17,6 +18,8 @@ from mlx_lens.view.trajectory import overlay, trajectory
 _RECORD_NEEDS = ("layer", "pos", "token", "entropy", "top1", "prob1")
 _PURE_NEEDS = ("layer", "entropy", "p_answer", "answer_rank", "kl_to_final_bits")
 _AGGREGATE_NEEDS = ("group", "layer", "metric", "n", "mean", "ci_low", "ci_high")
+_LENSES_NEEDS = ("lens", "site", "depth", "answer_rank", "answer_log2p", "entropy_bits",
+                 "kl_to_final_bits")
 
 
 def _read(path: Path, reader: Callable, needs: tuple[str, ...] = ()):
@@ -40,18 +43,22 @@ def _payload(path: Path) -> dict:
 
 def draw_run_dir(run_dir: Path, colour: str = "entropy") -> list[Path]:
     """Every picture of a run folder, from its artifacts: per model plot-<model>-grid.png,
-    plot-<model>-trajectory.png and, with a fact suite, plot-<model>-suite.png; with two models
-    or more, plot-overlay.png. Every artifact is read before anything is drawn."""
+    plot-<model>-trajectory.png, with several lenses plot-<model>-lenses.png and, with a fact
+    suite, plot-<model>-suite.png; with two models or more, plot-overlay.png. Every artifact is
+    read before anything is drawn."""
     run_dir = Path(run_dir)
     names = sorted(p.name[len("output-"):-len(".json")] for p in run_dir.glob("output-*.json"))
     if not names:
         raise LensError(f"no mlx-lens artifacts in {run_dir}")
-    runs, tables = {}, {}
+    runs, tables, compared = {}, {}, {}
     for name in names:
         payload = _read(run_dir / f"output-{name}.json", _payload)
         records = _read(run_dir / f"output-{name}-records.csv", read_csv, _RECORD_NEEDS)
         pure = _read(run_dir / f"output-{name}-pure-next-token.csv", read_csv, _PURE_NEEDS)
         runs[name] = (records, pure, payload)
+        lenses = run_dir / f"output-{name}-lenses.csv"
+        if lenses.is_file():
+            compared[name] = _read(lenses, read_csv, _LENSES_NEEDS)
         suite = [run_dir / f"suite-{name}-aggregates{s}" for s in (".parquet", ".csv")]
         found = [p for p in suite if p.is_file()]
         if found:
@@ -60,6 +67,9 @@ def draw_run_dir(run_dir: Path, colour: str = "entropy") -> list[Path]:
     for name, (records, pure, payload) in runs.items():
         written.append(save_png(grid(records, payload, colour), run_dir / f"plot-{name}-grid.png"))
         written.append(save_png(trajectory(pure, payload), run_dir / f"plot-{name}-trajectory.png"))
+        if name in compared:
+            written.append(save_png(lens_trajectory(compared[name], payload),
+                                    run_dir / f"plot-{name}-lenses.png"))
         if name in tables:
             written.append(save_png(suite_bands(tables[name], title=name),
                                  run_dir / f"plot-{name}-suite.png"))
