@@ -260,9 +260,10 @@ def _rows(states: list[str]) -> AnswerRows:
 
 
 def _resolved_onset(primary: str, others: list[str], window: int = 2):
-    """The cross-checked onset of fully decided rows, by its definition."""
+    """The cross-checked onset of fully decided rows, by its definition: another lens's last
+    row (the model's output, the same for every lens) confirms nothing."""
     for r, state in enumerate(primary):
-        near = range(max(0, r - window), min(len(primary), r + window + 1))
+        near = range(max(0, r - window), min(len(primary) - 1, r + window + 1))
         if state == "y" and any(o[q] == "y" for o in others for q in near):
             return r
     return None
@@ -398,3 +399,27 @@ def test_a_tuned_lens_beside_the_logit_lens(loaded, tmp_path):
     assert (tuned.name, "mid") not in sweep.stats and (tuned.name, "resid") in sweep.stats
     assert "mid" not in sweep.pairs  # one lens reads the middle: nothing to compare
     assert np.all(sweep.pairs["resid"].kl == 0)
+
+
+def test_the_api_compares_lenses(tiny_model_dirs):
+    import mlx_lens
+    from mlx_lens.experiment.facts import Fact
+
+    lens = mlx_lens.load(str(tiny_model_dirs["qwen3"]), backend="torch")
+    result = lens.run(probes=False, lenses="raw, next-norm", mid=False)
+    assert list(result.payload["lenses"]["lenses"]) == ["final-norm", "raw", "next-norm"]
+    assert set(result.lenses["site"]) == {"resid"} and len(result.lens_pairs) == 3 * 4
+    suite = lens.run_suite([Fact("de", "The capital of Germany is", "Berlin")], lenses="all")
+    assert set(suite.lens_long["lens"]) == {"final-norm", "next-norm", "raw"}
+
+
+def test_a_model_split_across_processes_does_not_compare_lenses():
+    """The pipeline is a results-only backend: --lenses needs the model in one process, and
+    `require` refuses it in one line (mlx_lens/core/contract.py)."""
+    from mlx_lens.core.contract import ComparingBackend, require
+    from mlx_lens.core.errors import LensError
+    from mlx_lens.mlx.pipeline import PipelineBackend
+
+    backend = PipelineBackend.__new__(PipelineBackend)  # no processes needed to ask
+    with pytest.raises(LensError, match="split across processes"):
+        require(backend, ComparingBackend, "--lenses")

@@ -53,15 +53,13 @@ def run_folder(tiny_model_dirs, tmp_path_factory):
     return out
 
 
-class Page(HTMLParser):
-    """The parts of the page the tests check: tables (under which headings, their rows and
-    cells), images (in which model's section), and whether every element is closed."""
+class ClosedParser(HTMLParser):
+    """Parses a page whole and records, in `errors`, every element that is not closed where
+    it should be; subclasses see each start and end tag (`start`, `end`) and the open tags."""
 
     def __init__(self, text: str):
         super().__init__()
-        self.open, self.tables, self.images, self.errors = [], [], [], []
-        self.model = self.heading = None
-        self._heading_text = None
+        self.open, self.errors = [], []
         self.feed(text)
         self.close()
         self.errors += [f"unclosed <{tag}>" for tag in self.open]
@@ -69,6 +67,33 @@ class Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         if tag not in VOID:
             self.open.append(tag)
+        self.start(tag, dict(attrs))
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.open[-1] if self.open else None}>")
+            return
+        self.open.pop()
+        self.end(tag)
+
+    def start(self, tag: str, attrs: dict) -> None:
+        pass
+
+    def end(self, tag: str) -> None:
+        pass
+
+
+class Page(ClosedParser):
+    """The parts of the page the tests check: tables (under which headings, their rows and
+    cells), images (in which model's section), and whether every element is closed."""
+
+    def __init__(self, text: str):
+        self.tables, self.images = [], []
+        self.model = self.heading = None
+        self._heading_text = None
+        super().__init__(text)
+
+    def start(self, tag, attrs):
         if tag in ("h2", "h3"):
             self._heading_text = ""
         elif tag == "table":
@@ -78,13 +103,9 @@ class Page(HTMLParser):
         elif tag in ("td", "th"):
             self.tables[-1]["rows"][-1].append("")
         elif tag == "img":
-            self.images.append((self.model, dict(attrs)["src"]))
+            self.images.append((self.model, attrs["src"]))
 
-    def handle_endtag(self, tag):
-        if not self.open or self.open[-1] != tag:
-            self.errors.append(f"</{tag}> closes <{self.open[-1] if self.open else None}>")
-            return
-        self.open.pop()
+    def end(self, tag):
         if tag == "h2":
             self.model, self._heading_text = self._heading_text, None
         elif tag == "h3":

@@ -12,7 +12,9 @@ undecided. From these, per run:
   does not (the norm, not the stream, makes the answer);
 - the cross-checked onset: the first row where the primary lens reads the answer and at least
   one other lens reads it within +-ONSET_WINDOW rows, scanning all rows; UNDECIDED where an
-  undecided row could change it;
+  undecided row could change it. The other lens must read it before the last row: there every
+  lens decodes the model's output through the final norm, the same distribution by
+  construction;
 - mid-block findings: per lens, the first block whose middle reads the answer, against the
   first block output that does, and the blocks whose middle reads it while their output does
   not.
@@ -127,12 +129,15 @@ def _listed(mask: np.ndarray) -> list[int]:
 def cross_checked_onset(primary: AnswerRows, others: list[AnswerRows],
                         window: int = ONSET_WINDOW):
     """The first row where the primary lens reads the answer and some other lens reads it
-    within +-window rows (a row, UNDECIDED, or None)."""
+    within +-window rows (a row, UNDECIDED, or None). Another lens's last row is the model's
+    output, the primary's own distribution there by construction: it confirms nothing."""
     holds, fails = primary.states()
     n = len(holds)
     near_holds, near_fails = np.zeros(n, bool), np.ones(n, bool)
     for other in others:
         o_holds, o_fails = other.states()
+        o_holds, o_fails = o_holds.copy(), o_fails.copy()
+        o_holds[-1], o_fails[-1] = False, True
         for r in range(n):
             near = slice(max(0, r - window), r + window + 1)
             near_holds[r] |= o_holds[near].any()
@@ -170,7 +175,7 @@ def findings(sweep: LensSweep, info: ModelInfo, w_max: float, settings: Mileston
         milestones.setdefault(lens, {})[site] = {
             "L_semantic": l_semantic,
             **answer_milestones(rows[lens, site], l_semantic, settings)}
-    out: dict = {"lenses": list(sweep.lenses), "primary": primary,
+    out: dict = {"lenses": list(sweep.lenses), "primary": primary, "n_layers": info.n_layers,
                  "mid_rows": sweep.mid, "mid_rows_are": MID_FORMS.get(sweep.mid),
                  "not_read_mid_block": [lens for lens in sweep.lenses
                                         if sweep.mid and (lens, "mid") not in sweep.stats],
@@ -198,6 +203,9 @@ def summary_line(section: dict) -> str:
     """One console line: each lens's onset, the cross-checked one, norm-only layers."""
     onsets = ", ".join(f"{lens} {m['resid']['L_answer_top1']}"
                        for lens, m in section["milestones"].items())
+    if section.get("n_layers") in [m["resid"]["L_answer_top1"]
+                                   for m in section["milestones"].values()]:
+        onsets += f" (layer {section['n_layers']}: the model's output, the same under every lens)"
     line = (f"lenses: whole answer top-1 from layer {onsets}; cross-checked onset (primary "
             f"{section['primary']} and another lens within +-{section['onset_window']}) "
             f"{section['cross_checked_onset']}")

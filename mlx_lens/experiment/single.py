@@ -205,12 +205,14 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     if opts.compared:
         comparing = require(backend, ComparingBackend, "--lenses")
         compared = comparing.sweep_lenses(ids, sweep_opts, opts.compared, opts.mid)
-        compared.stats = {key: health.checked(s)[0] for key, s in compared.stats.items()}
         stats = compared.stats[opts.lens.name, "resid"]
     else:
         stats = backend.sweep(ids, sweep_opts)
     seconds = {"sweep": time.perf_counter() - started}
     stats, numeric_health = health.checked(stats)
+    if compared is not None:  # every lens's tables blank its non-finite rows alike
+        compared.stats = {key: health.checked(s)[0] for key, s in compared.stats.items()}
+        compared.stats[opts.lens.name, "resid"] = stats
     flags = next_token_flags(stats, ids, answer_id, opts.collapse)
     w_norms = backend.head_row_norms()
     answer = AnswerRows.of(stats, info, float(w_norms.max()))

@@ -1,9 +1,10 @@
 """`mlx-lens report`: a run folder as one self-contained HTML page.
 
 The page must open from disk anywhere and travel as one file (mail, a chat, an archive), so
-plots are embedded as data URIs and nothing is fetched: no scripts, no web fonts. Every string
-from the artifacts (prompts, tokens, file names) is escaped; prompts and tokens are model
-input and output, so they may hold markup.
+plots are embedded as data URIs and nothing is fetched: no external scripts, stylesheets, fonts
+or images. One inline script drives the lens grid (mlx_lens/view/lens_grid.py), when a run has
+one. Every string from the artifacts (prompts, tokens, file names) is escaped; prompts and
+tokens are model input and output, so they may hold markup.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pandas as pd
 from mlx_lens.core.files import atomic_write
 from mlx_lens.output.artifacts import read_csv
 from mlx_lens.core.errors import LensError, first_line
+from mlx_lens.view import lens_grid
 from mlx_lens.output.suite_tables import read_suite_table
 
 MAX_FACT_ROWS = 500  # a page to read, not a data dump: a larger suite's rows stay in its CSV
@@ -353,11 +355,25 @@ def _model_section(run_dir: Path, model: str, index: int, plots: list[Path]) -> 
     if payload is not None:
         with _reading(json_path):
             parts.append(_probes(payload))
+    cells = run_dir / f"output-{model}-lens-cells.csv"
+    if cells.is_file():
+        parts.append(_grid(cells, run_dir / f"output-{model}-lenses.csv", payload, index))
     for kind, render in (("facts", lambda p: _facts(p, model)), ("aggregates", _aggregates)):
         path = run_dir / f"suite-{model}-{kind}.csv"
         if path.is_file():
             parts.append(render(path))
     return "\n".join(parts)
+
+
+def _grid(cells: Path, lenses: Path, payload: dict | None, index: int) -> str:
+    """The interactive logit-lens grid (mlx_lens/view/lens_grid.py); the lenses table, when
+    there, marks where the answer is the top-1."""
+    table = None
+    if lenses.is_file():
+        with _reading(lenses):
+            table = read_csv(lenses)
+    with _reading(cells):
+        return lens_grid.lens_grid_section(read_csv(cells), table, payload, str(index))
 
 
 def render_report(run_dir: Path) -> str:
@@ -372,16 +388,19 @@ def render_report(run_dir: Path) -> str:
     owner = {p: _model_of(p, models) for p in plots}
     title = f"mlx-lens report: {run_dir.resolve().name}"
     nav = "".join(f'<li><a href="#model-{i}">{_esc(m)}</a></li>' for i, m in enumerate(models))
+    sections = [_model_section(run_dir, m, i, [p for p in plots if owner[p] == m])
+                for i, m in enumerate(models)]
+    grid = any(lens_grid.MARK in s for s in sections)  # its style and script, once per page
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p>Run folder <code>{_esc(run_dir.resolve())}</code>. Per model: summary, "
-            f"settings, plots, the next-token table per layer, probes, fact suite.</p>",
+            f"settings, plots, the next-token table per layer, probes, the lens grid, fact suite.</p>",
             f"<ul>{nav}</ul>" if nav else "",
             *(_plot(p) for p in plots if owner[p] is None),
-            *(_model_section(run_dir, m, i, [p for p in plots if owner[p] == m])
-              for i, m in enumerate(models))]
+            *sections, f"<script>{lens_grid.SCRIPT}</script>" if grid else ""]
+    css = _CSS + (lens_grid.CSS if grid else "")
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            f"<title>{_esc(title)}</title><style>{css}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
