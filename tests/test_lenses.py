@@ -351,8 +351,9 @@ def test_unknown_lens_in_lenses_is_one_line(tiny_model_dirs, tmp_path, capsys):
 
 
 def test_suite_with_lenses(tiny_model_dirs, tmp_path, capsys):
-    """Per (lens, site): the suite's three tables; the primary lens's rows are the suite's own
-    tables, value for value."""
+    """Per (lens, site): the suite's three tables; the suite's own tables are those of a suite
+    without --lenses byte for byte (the same batches, the same decode), and its primary lens's
+    rows among the lens tables value for value."""
     import json
 
     from mlx_lens.output.suite_tables import read_suite_table
@@ -360,10 +361,14 @@ def test_suite_with_lenses(tiny_model_dirs, tmp_path, capsys):
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     out = tmp_path / "out"
-    code, _, err = _run([str(tiny_model_dirs["gpt2"]), "--backend", "torch", "--no-probes",
-                         "--no-plots", "--facts", str(facts), "--lenses", "final-norm,raw",
-                         "--out_dir", str(out)], capsys)
+    common = [str(tiny_model_dirs["gpt2"]), "--backend", "torch", "--no-probes", "--no-plots",
+              "--facts", str(facts)]
+    assert _run([*common, "--out_dir", str(tmp_path / "alone")], capsys)[0] == 0
+    code, _, err = _run([*common, "--lenses", "final-norm,raw", "--out_dir", str(out)], capsys)
     assert code == 0, err
+    for kind in ("layers", "facts", "aggregates"):
+        assert ((tmp_path / "alone" / f"suite-gpt2-{kind}.csv").read_bytes()
+                == (out / f"suite-gpt2-{kind}.csv").read_bytes())
     layers = read_suite_table(out / "suite-gpt2-layers.parquet")
     lens_layers = read_suite_table(out / "suite-gpt2-lens-layers.parquet")
     assert set(zip(lens_layers["lens"], lens_layers["site"])) == {
@@ -423,3 +428,22 @@ def test_a_model_split_across_processes_does_not_compare_lenses():
     backend = PipelineBackend.__new__(PipelineBackend)  # no processes needed to ask
     with pytest.raises(LensError, match="split across processes"):
         require(backend, ComparingBackend, "--lenses")
+
+
+@pytest.mark.parametrize("mid, resid, first", [
+    # 3 blocks: the middles of blocks 0-2, then the output row (as resid's last)
+    ("nyny", "nnny", True),  # block 1's middle reads it, its output (row 2) does not
+    ("nnny", "nnny", False),  # only the output row
+    ("nnyy", "nnyy", False),  # block 2's middle, but block 1's output (row 2) already
+    ("n?yy", "nnny", None),  # block 1's middle may read it: undecided
+    ("nyyy", "nnny", True),
+])
+def test_mid_block_findings(mid, resid, first):
+    from mlx_lens.experiment.lenses import _mid_findings
+
+    found = _mid_findings(_rows(list(mid)), _rows(list(resid)))
+    assert found["mid_block_first"] is first
+    if first:
+        assert found["first_mid_block"] == mid.index("y")
+        only = [i for i in range(len(mid) - 1) if mid[i] == "y" and resid[i + 1] == "n"]
+        assert found["mid_only_blocks"] == only

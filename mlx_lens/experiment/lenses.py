@@ -27,8 +27,8 @@ import pandas as pd
 from mlx_lens.core.contract import LayerStats, LensSweep, ModelInfo
 from mlx_lens.experiment.frames import TokenNames
 from mlx_lens.experiment.metrics import first_row
-from mlx_lens.experiment.milestones import (AnswerRows, MilestoneSettings, answer_milestones,
-                                            first_decided)
+from mlx_lens.experiment.milestones import (UNDECIDED, AnswerRows, MilestoneSettings,
+                                            answer_milestones, first_decided)
 
 ONSET_WINDOW = 2  # rows either side where another lens must agree
 OVERLAPS = (10, 50)  # top-k Jaccard overlaps between two lenses
@@ -155,11 +155,14 @@ def _mid_findings(mid: AnswerRows, resid: AnswerRows) -> dict:
     # block i's middle reads it, its output (row i + 1) does not
     only_mid = m_holds[:n] & r_fails[1:n + 1]
     undecided = ~only_mid & ~m_fails[:n] & ~r_holds[1:n + 1]
-    earlier = (m_onset < n and m_onset + 1 <= r_onset
-               if isinstance(m_onset, int) and isinstance(r_onset, int) else None)
+    if m_onset is None or m_onset == n:  # no middle reads it before the output row
+        earlier = False
+    elif m_onset == UNDECIDED or r_onset == UNDECIDED:
+        earlier = None
+    else:  # the middle of block i reads it before any block output does: i + 0.5 < r
+        earlier = r_onset is None or m_onset + 1 <= r_onset
     return {"first_mid_block": m_onset if m_onset != n else None,
             "first_block_output": r_onset,
-            # the answer is readable mid-block i before any block output: i + 0.5 < r
             "mid_block_first": earlier,
             "mid_only_blocks": _listed(only_mid), "mid_only_undecided_blocks": _listed(undecided)}
 
