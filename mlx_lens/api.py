@@ -36,6 +36,7 @@ from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.single import ExperimentOptions, ModelResult, run_experiment
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.experiment.metrics import CollapseSettings
+from mlx_lens.experiment.patching import KINDS, PatchOptions, PatchResult, run_patching
 from mlx_lens.experiment.milestones import MilestoneSettings
 from mlx_lens.loading.sources import ModelSource, resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
@@ -83,6 +84,14 @@ class ModelLens:
         compared = ExperimentOptions(lens=self.lens, lenses=resolve_lenses(lenses, self.lens)).compared
         return run_suite(self.backend, list(facts), self.lens, collapse, milestones=milestones,
                          compared=compared, mid=mid)
+
+    def patch(self, clean: str, corrupt: str, answer: str, corrupt_answer: str | None = None,
+              window: int = 1, kinds: Sequence[str] = KINDS) -> PatchResult:
+        """An activation-patching trace: the clean run's activations restored into the
+        corrupted run per kind, layer and position (mlx_lens/experiment/patching.py); its
+        `frame` and `plot()`."""
+        return run_patching(self.backend, PatchOptions(clean, corrupt, answer, corrupt_answer,
+                                                       window, tuple(kinds)))
 
     def tune(self, out: str | Path, corpus: str | None = None,
              options: TuneOptions | None = None) -> TunedLens:

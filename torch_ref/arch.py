@@ -17,6 +17,7 @@ class ArchSpec:
     # plus the attention's output)
     mlp_norm: str = "post_attention_layernorm"
     attention: str = "self_attn"
+    mlp: str = "mlp"  # of a block: its MLP module
     softcap: str | None = None  # config attribute of the final logit soft-cap (tanh)
     half: str = "fp16"  # half precision on CUDA (the original's policy: Gemma bf16)
     layer_norm: bool = False  # LayerNorm (mean, variance, bias) rather than RMSNorm

@@ -25,6 +25,7 @@ from mlx_lens.tuned.lens_file import HeadHashes, check_matches
 from torch_ref.arch import ARCHITECTURES
 from torch_ref.placement import execution_device, owned, place
 from torch_ref.reduce import LOG2E, lens_pairs, sweep_next_token, sweep_states
+from torch_ref.patch import Recorded, TorchPatcher
 from torch_ref.tune import TorchTuner, translate
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -366,6 +367,14 @@ class TorchBackend:
     @torch.no_grad()
     def unembedding(self, start: int, stop: int) -> np.ndarray:
         return self.head.weight[start:stop].float().cpu().numpy()
+
+    def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
+        return TorchPatcher(self).record(batch)
+
+    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int, window: int,
+                       variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
+        return TorchPatcher(self).patched_logits(base, clean, kind, block, window, variants,
+                                                 n_scored)
 
     def tuner(self, lens: Translators, recipe: Recipe) -> TorchTuner:
         check_matches(lens, self.info, self._head_hashes)

@@ -22,6 +22,7 @@ from mlx_lens.core.lens import RULES, Lens
 from mlx_lens.core.errors import LensError, first_line, one_line
 from mlx_lens.experiment.single import ExperimentOptions, framework_warning
 from mlx_lens.experiment.facts import Fact, load_facts
+from mlx_lens.cli import patch as patch_command
 from mlx_lens.cli.processes import (ORIGINAL_MODELS, ModelOutcome, NothingProduced,
                                     run_one_process, summary_of, table)
 from mlx_lens.experiment.metrics import CollapseSettings
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                            "(table, eval.csv and eval.png in DIR) instead of training")
     tune.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
                       help="held-out tokens the evaluation reads at most")
+    patch_command.add_parser(sub, options, MODEL_HELP)
     plot = sub.add_parser("plot", help="draw a run folder's pictures (again) from its artifacts")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/run-latest")
     plot.add_argument("--grid-colour", choices=GRID_COLOURS, default="entropy",
@@ -290,19 +292,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_out_dir(out_dir: Path) -> bool:
-    """Create --out_dir up front, so that a path unfit for it fails before a model is loaded;
-    True when it did not exist (a failed run then takes it away again)."""
-    existed = out_dir.is_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise LensError(f"--out_dir {out_dir} exists and is not a folder") from None
-    except OSError as exc:
-        raise LensError(f"cannot create --out_dir {out_dir}: {exc.strerror}") from exc
-    return not existed
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     if args.self_test:
         return cmd_self_test(args)
@@ -316,12 +305,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if os.environ["MLX_RANK"] != "0":  # computes its slice; rank 0 writes everything
             run_single(args, models[0], None, facts)
             return 0
-    made_out_dir = args.out_dir is not None and _make_out_dir(args.out_dir)
-    out_dir = args.out_dir if args.out_dir is not None else run_dir.start(Path.cwd() / "runs")
-    try:
+    code = 0
+
+    def make(out_dir: Path) -> list[Path]:
+        nonlocal code
         if len(models) == 1:
             paths = run_single(args, models[0], out_dir, facts)
-            code = 0
         else:
             outcomes = run_several(args, models, out_dir)
             code = 1 if any(o.status.startswith("failed") for o in outcomes) else 0
@@ -330,15 +319,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise NothingProduced(f"none of the {len(models)} models produced artifacts")
         if args.plots:
             paths += _draw_plots(out_dir, args.grid_colour)
-    except BaseException:
-        if args.out_dir is None:
-            run_dir.discard(out_dir)
-        elif made_out_dir and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    if args.out_dir is None:
-        published = run_dir.publish(out_dir)
-        paths = [published / p.name for p in paths]
+        return paths
+
+    paths = run_dir.produce(args.out_dir, make)
     for path in paths:
         print(f"  wrote {path}")
     return code
@@ -400,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report,
-                    "plot": cmd_plot, "tune": cmd_tune}
+                    "plot": cmd_plot, "tune": cmd_tune,
+                    "patch": lambda a: patch_command.cmd_patch(a, _load)}
         return commands[args.command](args)
     except LensError as exc:  # one line for users; MLX_LENS_DEBUG=1 shows the whole chain
         if os.environ.get("MLX_LENS_DEBUG"):

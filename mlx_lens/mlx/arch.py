@@ -41,6 +41,7 @@ class MlxArch:
     # input plus the attention's output)
     mlp_norm: str = "post_attention_layernorm"
     attention: str = "self_attn"
+    mlp: str = "mlp"  # of a block: its MLP module
     head: str | None = "lm_head"  # on the outer Model; missing there means tied to `embed`
     positions: str | None = None  # learned absolute position embedding, added to row 0
     embed_scale: Callable[[int], mx.array] | None = None  # of hidden_size

@@ -32,6 +32,7 @@ from mlx_lens.loading.placement import available_ram, pick_device, footprint
 from mlx_lens.loading.quiet import quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported
 from mlx_lens.mlx.arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
+from mlx_lens.mlx.patch import MlxPatcher, recording
 from mlx_lens.mlx.reduce import lens_pairs, sweep_next_token, sweep_states
 from mlx_lens.mlx.tune import MlxTuner, translate
 from mlx_lens.tuned.lens_file import HeadHashes, check_matches
@@ -53,25 +54,6 @@ def _fp32(module: nn.Module) -> nn.Module:
     clone = copy.copy(module)
     clone.update(tree_map(lambda a: a.astype(mx.float32), module.parameters()))
     return clone
-
-
-@contextmanager
-def _recording(module: nn.Module, sink: list, output: bool = False):
-    """Within the block, every call of `module` appends its first argument (or, with output,
-    its result) to sink: the module's class swapped for a recording subclass, then restored."""
-    base = type(module)
-
-    class Recording(base):
-        def __call__(self, *args, **kwargs):
-            result = base.__call__(self, *args, **kwargs)
-            sink.append(result if output else args[0])
-            return result
-
-    module.__class__ = Recording
-    try:
-        yield
-    finally:
-        module.__class__ = base
 
 
 def candidates(device: str) -> list[tuple[str, int]]:
@@ -230,10 +212,10 @@ class MlxLens:
         with ExitStack() as stack:
             for block, sink, parallel in zip(self.blocks, sinks, self.parallel):
                 if parallel:
-                    stack.enter_context(_recording(block, sink))
-                    stack.enter_context(_recording(_attr(block, self.arch.attention), sink, True))
+                    stack.enter_context(recording(block, sink))
+                    stack.enter_context(recording(_attr(block, self.arch.attention), sink, True))
                 else:
-                    stack.enter_context(_recording(getattr(block, self.arch.mlp_norm), sink))
+                    stack.enter_context(recording(getattr(block, self.arch.mlp_norm), sink))
             yield
         mids.extend(keep(s[0] + s[1] if parallel else s[0])
                     for s, parallel in zip(sinks, self.parallel))
@@ -396,6 +378,14 @@ class MlxBackend(MlxLens):
     def tuner(self, lens: Translators, recipe: Recipe) -> MlxTuner:
         check_matches(lens, self.info, self._head_hashes)
         return MlxTuner(self, lens, recipe)
+
+    def record(self, batch: Sequence[Sequence[int]]):
+        return MlxPatcher(self).record(batch)
+
+    def patched_logits(self, base, clean, kind: str, block: int, window: int,
+                       variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
+        return MlxPatcher(self).patched_logits(base, clean, kind, block, window, variants,
+                                               n_scored)
 
     def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],
                      mid: bool) -> LensSweep:

@@ -58,3 +58,17 @@ def save_residuals(path: Path, residuals: np.ndarray, token_ids: list[int]) -> N
 
     tensors = {f"layer_{i:03d}": np.ascontiguousarray(r, np.float32) for i, r in enumerate(residuals)}
     save_file(tensors, str(path), metadata={"token_ids": json.dumps([int(t) for t in token_ids])})
+
+
+def write_patch_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
+    """An activation-patching trace (mlx_lens/experiment/patching.py): patch-<model>.parquet
+    and .csv (kind, layer, pos, token, the metrics) and patch-<model>.json (baselines,
+    settings, the strongest restorations)."""
+    stem = Path(out_dir) / f"patch-{model_name}"
+    paths = [stem.with_suffix(".parquet"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
+    atomic_write(paths[0], lambda p: result.frame.to_parquet(p, engine="pyarrow", index=False))
+    atomic_write(paths[1], lambda p: result.frame.to_csv(p, index=False, encoding="utf-8",
+                                                         lineterminator="\r\n"))
+    text = json.dumps(json_safe(result.summary), indent=2, ensure_ascii=False, allow_nan=False)
+    atomic_write(paths[2], lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    return paths

@@ -16,7 +16,9 @@ import socket
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
+from mlx_lens.core.errors import LensError
 from mlx_lens.core.files import pid_alive
 
 LATEST = "run-latest"
@@ -76,3 +78,36 @@ def publish(staging: Path) -> Path:
 
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_out_dir(out_dir: Path) -> bool:
+    """Create --out_dir up front, so that a path unfit for it fails before a model is loaded;
+    True when it did not exist (a failed run then takes it away again)."""
+    existed = out_dir.is_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LensError(f"--out_dir {out_dir} exists and is not a folder") from None
+    except OSError as exc:
+        raise LensError(f"cannot create --out_dir {out_dir}: {exc.strerror}") from exc
+    return not existed
+
+
+def produce(out_dir: Path | None, make: Callable[[Path], list[Path]]) -> list[Path]:
+    """The files make(folder) writes, into --out_dir, or else into a new runs/run-latest
+    published whole (a failure discards it and keeps the previous one; a new --out_dir left
+    empty is taken away again). Returns their final paths."""
+    made = out_dir is not None and make_out_dir(out_dir)
+    folder = out_dir if out_dir is not None else start(Path.cwd() / "runs")
+    try:
+        paths = make(folder)
+    except BaseException:
+        if out_dir is None:
+            discard(folder)
+        elif made and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    if out_dir is None:
+        published = publish(folder)
+        paths = [published / p.name for p in paths]
+    return paths

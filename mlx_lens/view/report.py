@@ -142,9 +142,9 @@ _SUMMARY_NOTE = (
     "L_semantic_confirmed, for the first piece) the first layer where every piece leads the "
     "runner-up by more than margin_bits at `consecutive` layers in a row (2 by default); a "
     "lead is z(piece) - z(best other) in bits. 'undecided': a lead within the decode's "
-    "numeric bound of the rule's threshold, or a blanked row, could change the layer. Row 0 is the embedding: through a tied head it echoes "
-    "its input token (embedding_echo), so copy detection proper (L_copy_strict_k, "
-    "L_copy_soft_k) starts at row 1.")
+    "numeric bound of the rule's threshold, or a blanked row, could change the layer. Row 0 "
+    "is the embedding: through a tied head it echoes its input token (embedding_echo), so "
+    "copy detection proper (L_copy_strict_k, L_copy_soft_k) starts at row 1.")
 _SETTINGS_NOTE = (
     "How this run was computed. summation_depth fixes the error bound of every statistic "
     "(docs/numerics.md); non-finite layers were blanked (their cells read –).")

@@ -1,0 +1,171 @@
+"""Is the layer the cause? Activation patching (causal tracing), as ROME and TransformerLens's
+`get_act_patch_block_every` do it: run a clean prompt and a corrupted one of the same length;
+for every kind, layer and position, rerun the corrupted prompt with the clean value restored
+there, and see how much of the clean answer comes back.
+
+Kinds: "resid" the residual stream at the start of each block (rows 0..L: row L is the last
+block's output, which only the head reads), "attn" and "mlp" each block's attention and MLP
+output (with `window` K, blocks r .. r + K - 1 restored at once: ROME's windowed trace). The
+answer is scored whole, teacher-forced on both prompts: log2 p(answer) = sum over its pieces,
+each at its own position. With a corrupt answer, the metric is the difference
+log2 p(answer) - log2 p(corrupt answer), else log2 p(answer); recovery is
+(patched - corrupt) / (clean - corrupt) of the metric: 0 nothing restored, 1 the clean run's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from mlx_lens.core.contract import Backend
+from mlx_lens.core.errors import LensError
+from mlx_lens.core.numerics import log_softmax64
+from mlx_lens.core.progress import progress
+from mlx_lens.experiment.frames import TokenNames
+from mlx_lens.experiment.single import answer_token_ids, encode_prompt
+from mlx_lens.experiment.suite import batch_size
+
+KINDS = ("resid", "attn", "mlp")
+
+
+@runtime_checkable
+class PatchingBackend(Backend, Protocol):
+    """Interventions on the model's own modules (one process): torch_ref/patch.py,
+    mlx_lens/mlx/patch.py."""
+
+    def record(self, batch: Sequence[Sequence[int]]):
+        """One forward pass over sequences of one length, every block's input, attention and
+        MLP outputs kept on the device (an opaque `Recorded`)."""
+
+    def patched_logits(self, base, clean, kind: str, block: int, window: int,
+                       variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
+        """fp32 output logits [1 + len(variants), B, n_scored, V] at the last n_scored
+        positions of base's sequences, run from block `block` on: first unpatched, then per
+        variant with clean's values restored at its positions."""
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    clean: str
+    corrupt: str
+    answer: str
+    corrupt_answer: str | None = None
+    window: int = 1
+    kinds: tuple[str, ...] = KINDS
+
+    def __post_init__(self):
+        if not self.clean.strip() or not self.corrupt.strip():
+            raise LensError("empty prompt: give both a clean and a corrupted prompt")
+        if not self.answer.strip():
+            raise LensError("empty answer: give the clean prompt's answer")
+        if self.window < 1:
+            raise LensError("--window must be at least 1")
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise LensError(f"unknown kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+
+
+@dataclass
+class PatchResult:
+    frame: pd.DataFrame  # one row per (kind, layer, position)
+    summary: dict  # baselines, settings, tokens, the strongest restorations
+
+    def plot(self):
+        """The three-panel heatmap (kind x layer x position), a matplotlib Figure."""
+        from mlx_lens.view.patching import heatmap  # matplotlib is imported only to draw
+
+        return heatmap(self.frame, self.summary)
+
+
+def _log2p(logits: np.ndarray, pieces: list[int]) -> np.ndarray:
+    """[...] the whole answer's log2 p from fp32 logits [..., n, V] at its n positions
+    (float64 softmax)."""
+    logp = log_softmax64(logits.astype(np.float64)) / math.log(2)
+    index = np.broadcast_to(np.asarray(pieces)[:, None], (*logp.shape[:-1], 1))
+    return np.take_along_axis(logp, index, -1)[..., 0].sum(-1)
+
+
+def _trace(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list[int],
+           pieces: list[int], opts: PatchOptions, what: str) -> tuple[dict, dict]:
+    """log2 p of `pieces` per (kind, layer, position) of the trace, and the baselines."""
+    n, length = len(pieces), len(clean_ids)
+    clean = backend.record([clean_ids + pieces[:-1]])
+    corrupt = backend.record([corrupt_ids + pieces[:-1]])
+    layers = backend.info.n_layers
+    # the baselines: each run's own last row through the head
+    base = {"clean": float(_log2p(backend.patched_logits(clean, clean, "resid", layers, 1, [],
+                                                         n)[0, 0], pieces)),
+            "corrupt": float(_log2p(backend.patched_logits(corrupt, corrupt, "resid", layers, 1,
+                                                           [], n)[0, 0], pieces))}
+    per_batch = max(1, batch_size(backend, length + n) - 1)
+    values, drift = {}, 0.0
+    steps = [(kind, r) for kind in opts.kinds
+             for r in range(layers + 1 if kind == "resid" else layers)]
+    for kind, r in progress(steps, f"patching ({what})"):
+        out = np.empty(length)
+        for first in range(0, length, per_batch):
+            positions = range(first, min(first + per_batch, length))
+            z = backend.patched_logits(corrupt, clean, kind, r, opts.window,
+                                       [[t] for t in positions], n)
+            lp = _log2p(z[:, 0], pieces)
+            out[first:first + len(positions)] = lp[1:]
+            drift = max(drift, abs(lp[0] - base["corrupt"]))  # the batch's own baseline
+        values[kind, r] = out
+    return values, {**base, "batch_baseline_max_delta_log2p": drift}
+
+
+def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
+    if not isinstance(backend, PatchingBackend):
+        raise LensError("patching needs the whole model in one process")
+    tok, info = backend.tokenizer, backend.info
+    clean_ids = encode_prompt(tok, opts.clean, info.n_ctx)
+    corrupt_ids = encode_prompt(tok, opts.corrupt, info.n_ctx)
+    if len(clean_ids) != len(corrupt_ids):
+        raise LensError(f"the clean prompt is {len(clean_ids)} tokens and the corrupted one "
+                        f"{len(corrupt_ids)}: patching restores position by position, so they "
+                        "must be as long (no alignment is guessed)")
+    answers = {"answer": answer_token_ids(tok, clean_ids, opts.clean, opts.answer)}
+    if opts.corrupt_answer:
+        answers["corrupt_answer"] = answer_token_ids(tok, corrupt_ids, opts.corrupt,
+                                                     opts.corrupt_answer)
+    traces = {what: _trace(backend, clean_ids, corrupt_ids, pieces, opts, what)
+              for what, pieces in answers.items()}
+    names = TokenNames(tok.decode)
+    tokens = [names(i) for i in clean_ids]
+    rows = []
+    for (kind, r), lp in traces["answer"][0].items():
+        other = traces.get("corrupt_answer", ({(kind, r): np.full(len(lp), np.nan)},))[0]
+        rows.append(pd.DataFrame({"kind": kind, "layer": r, "pos": np.arange(len(lp)),
+                                  "token": tokens, "answer_log2p": lp,
+                                  "corrupt_answer_log2p": other[kind, r]}))
+    frame = pd.concat(rows, ignore_index=True)
+    base = {what: b for what, (_, b) in traces.items()}
+
+    def metric(a, b):
+        return a - b if opts.corrupt_answer else a
+
+    clean_m = metric(base["answer"]["clean"], base.get("corrupt_answer", {}).get("clean", 0.0))
+    corrupt_m = metric(base["answer"]["corrupt"],
+                       base.get("corrupt_answer", {}).get("corrupt", 0.0))
+    frame["metric"] = metric(frame["answer_log2p"],
+                             frame["corrupt_answer_log2p"] if opts.corrupt_answer else 0.0)
+    frame["recovery"] = (frame["metric"] - corrupt_m) / (clean_m - corrupt_m)
+    differ = [t for t, (a, b) in enumerate(zip(clean_ids, corrupt_ids)) if a != b]
+    best = {kind: frame[frame["kind"] == kind].nlargest(1, "recovery")[["layer", "pos", "recovery"]]
+            .iloc[0].to_dict() for kind in opts.kinds}
+    summary = {"model": info.name, "backend": info.backend, "clean": opts.clean,
+               "corrupt": opts.corrupt, "answer": opts.answer,
+               "corrupt_answer": opts.corrupt_answer, "window": opts.window,
+               "kinds": list(opts.kinds), "tokens": tokens,
+               "clean_token_ids": clean_ids, "corrupt_token_ids": corrupt_ids,
+               "answer_pieces": [names(i) for i in answers["answer"]],
+               "first_difference_position": differ[0] if differ else None,
+               "metric": ("log2 p(answer) - log2 p(corrupt answer)" if opts.corrupt_answer
+                          else "log2 p(answer)"),
+               "baselines": base, "clean_metric": clean_m, "corrupt_metric": corrupt_m,
+               "strongest": {k: {"layer": int(v["layer"]), "pos": int(v["pos"]),
+                                 "recovery": float(v["recovery"])} for k, v in best.items()}}
+    return PatchResult(frame, summary)

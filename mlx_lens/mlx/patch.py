@@ -1,0 +1,124 @@
+"""Activation patching in the MLX capture loop, on mlx-lm's blocks: what a clean run would
+have put at one layer and position, restored into a corrupted run
+(mlx_lens/experiment/patching.py drives it; torch_ref/patch.py is the reference).
+
+A patched run at block r runs only the blocks from r on, from the corrupted run's recorded
+input of block r: restored there (kind "resid"), or in the output of the attention or MLP
+module of blocks r .. r + window - 1 ("attn", "mlp"; the module's class swapped for one that
+restores, for the call). All variants of one block go in one batch; the first variant restores
+nothing (the batch's own baseline).
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+
+@dataclass
+class Recorded:
+    """One forward pass over sequences of one length, per block (compute dtype): resid[i] its
+    input ([B, T, d]; resid[L] the last block's output), attn[i] and mlp[i] its attention and
+    MLP modules' outputs."""
+
+    ids: list[list[int]]
+    resid: list[mx.array]
+    attn: list[mx.array]
+    mlp: list[mx.array]
+
+
+@contextmanager
+def recording(module: nn.Module, sink: list, output: bool = False):
+    """Within the block, every call of `module` appends its first argument (or, with output,
+    its result) to sink: the module's class swapped for a recording subclass, then restored."""
+    base = type(module)
+
+    class Recording(base):
+        def __call__(self, *args, **kwargs):
+            result = base.__call__(self, *args, **kwargs)
+            sink.append(result if output else args[0])
+            return result
+
+    module.__class__ = Recording
+    try:
+        yield
+    finally:
+        module.__class__ = base
+
+
+@contextmanager
+def _restoring(module: nn.Module, restore):
+    """Within the block, `module`'s output goes through restore()."""
+    base = type(module)
+
+    class Restoring(base):
+        def __call__(self, *args, **kwargs):
+            return restore(base.__call__(self, *args, **kwargs))
+
+    module.__class__ = Restoring
+    try:
+        yield
+    finally:
+        module.__class__ = base
+
+
+class MlxPatcher:
+    def __init__(self, backend):
+        self.b = backend
+
+    def _modules(self, kind: str) -> list[nn.Module]:
+        arch = self.b.arch
+        return [getattr(block, arch.attention if kind == "attn" else arch.mlp)
+                for block in self.b.blocks]
+
+    def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
+        x = mx.array([list(s) for s in batch])
+        h = self.b._embed(x)
+        resid, out = [h], {"attn": [], "mlp": []}
+        with ExitStack() as stack:
+            for kind in out:
+                for module, sink in zip(self._modules(kind), [[] for _ in self.b.blocks]):
+                    stack.enter_context(recording(module, sink, output=True))
+                    out[kind].append(sink)
+            for h in self.b._blocks(h, range(len(self.b.blocks))):
+                resid.append(h)
+        mx.eval(resid, out["attn"], out["mlp"])
+        return Recorded([list(s) for s in batch], resid,
+                        *([s[0] for s in out[kind]] for kind in ("attn", "mlp")))
+
+    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int,
+                       window: int, variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
+        """fp32 output logits [1 + len(variants), B, n_scored, V] at the last n_scored
+        positions of base's B sequences: first unpatched, then per variant with clean's values
+        restored at its positions (clean's first sequence), from block `block` on."""
+        n_var, n_seq = 1 + len(variants), len(base.ids)
+        length = base.resid[0].shape[1]
+        marks = np.zeros((n_var, 1, length, 1), bool)
+        for v, positions in enumerate(variants, 1):
+            marks[v, 0, list(positions)] = True
+        mask = mx.array(marks)
+
+        def restore(value: mx.array, source: mx.array) -> mx.array:
+            """value [V * B, T, d] with source's first sequence at the masked positions."""
+            shaped = value.reshape(n_var, n_seq, *value.shape[1:])
+            return mx.where(mask, source[:1, :value.shape[1]][None], shaped).reshape(value.shape)
+
+        h = mx.concatenate([base.resid[block]] * n_var)
+        if kind == "resid":
+            h = restore(h, clean.resid[block])
+        with ExitStack() as stack:
+            if kind != "resid":  # the blocks compute the corrupted values themselves
+                sources = clean.attn if kind == "attn" else clean.mlp
+                for i in range(block, min(block + window, len(self.b.blocks))):
+                    stack.enter_context(_restoring(self._modules(kind)[i],
+                                                   lambda o, src=sources[i]: restore(o, src)))
+            for h in self.b._blocks(h, range(block, len(self.b.blocks))):
+                pass
+        rows = h[:, -n_scored:].astype(mx.float32)
+        z = self.b.head_logits(self.b.final_norm(rows), 0, self.b.info.vocab)
+        return np.array(z).reshape(n_var, n_seq, n_scored, -1)

@@ -1,0 +1,42 @@
+"""An activation-patching trace as a three-panel heatmap: per kind (the residual at the start of
+each block, each block's attention and MLP output), layer by position, the share of the clean
+run's metric that restoring there brings back."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from mlx_lens.view.style import DPI, styled, token_label
+
+_TITLES = {"resid": "residual at the block's start", "attn": "attention output",
+           "mlp": "MLP output"}
+
+
+@styled
+def heatmap(frame: pd.DataFrame, summary: dict) -> Figure:
+    kinds = [k for k in summary["kinds"] if k in set(frame["kind"])]
+    tokens = [token_label(t) for t in summary["tokens"]]
+    fig = Figure(figsize=(4.0 + 3.2 * len(kinds), 2.0 + 0.42 * len(tokens)), dpi=DPI,
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(kinds), sharey=True))
+    image = None
+    for ax, kind in zip(axes, kinds):
+        rows = frame[frame["kind"] == kind]
+        grid = rows.pivot(index="pos", columns="layer", values="recovery").sort_index()
+        image = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="Purples", vmin=0,
+                          vmax=1, origin="upper", interpolation="nearest")
+        ax.set_title(_TITLES[kind] + (f" (window {summary['window']})"
+                                      if kind != "resid" and summary["window"] > 1 else ""),
+                     fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
+        subject = summary.get("first_difference_position")
+        if subject is not None:
+            ax.axhline(subject, color="C1", linewidth=0.8, linestyle=":")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="recovery (0: corrupted, 1: clean)")
+    fig.suptitle(f"{summary['model']}: restoring the clean run ({summary['metric']}); "
+                 f"{token_label(summary['answer'])!r} vs "
+                 f"{token_label(summary['corrupt_answer'] or '-')!r}", parse_math=False,
+                 fontsize=10)
+    return fig

@@ -1,0 +1,156 @@
+"""Activation patching on transformers' modules: what a clean run would have put at one layer
+and position, restored into a corrupted run (mlx_lens/experiment/patching.py drives it).
+
+A patched run at block r needs only the blocks from r on: the model's block list is cut to
+them for the call (with config.layer_types, which Gemma and Qwen index by position in that
+list), block r's input is replaced by the corrupted run's recorded one, and forward hooks
+restore the clean values: the input of block r (kind "resid"), or the output of the attention
+or MLP module of blocks r .. r + window - 1 ("attn", "mlp"). All variants of one block go in
+one batch; the first variant restores nothing (the batch's own baseline).
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+
+
+@dataclass
+class Recorded:
+    """One forward pass over sequences of one length, per block (compute dtype, on the
+    device): resid[i] its input ([B, T, d]; resid[L] the last block's output), attn[i] and
+    mlp[i] its attention and MLP modules' outputs."""
+
+    ids: list[list[int]]
+    resid: list[torch.Tensor]
+    attn: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_first(out, value):
+    return (value, *out[1:]) if isinstance(out, tuple) else value
+
+
+def _input_of(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class TorchPatcher:
+    def __init__(self, backend):
+        self.b = backend
+
+    def _modules(self, kind: str) -> list[torch.nn.Module]:
+        spec = self.b.spec
+        return [getattr(block, spec.attention if kind == "attn" else spec.mlp)
+                for block in self.b.blocks]
+
+    @torch.no_grad()
+    def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
+        resid, out = [], {"attn": [], "mlp": []}
+        with ExitStack() as stack:
+            for block in self.b.blocks:
+                stack.enter_context(_hook(block.register_forward_pre_hook(
+                    lambda m, args, kwargs: resid.append(_input_of(args, kwargs)),
+                    with_kwargs=True)))
+            stack.enter_context(_hook(self.b.blocks[-1].register_forward_hook(
+                lambda m, args, o: resid.append(_first(o)))))
+            for kind in ("attn", "mlp"):
+                for module in self._modules(kind):
+                    stack.enter_context(_hook(module.register_forward_hook(
+                        lambda m, args, o, kind=kind: out[kind].append(_first(o)))))
+            x = torch.tensor([list(s) for s in batch], device=self.b.input_device)
+            self.b.model.base_model(input_ids=x, use_cache=False)
+        return Recorded([list(s) for s in batch], resid, out["attn"], out["mlp"])
+
+    @torch.no_grad()
+    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int,
+                       window: int, variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
+        """fp32 output logits [1 + len(variants), B, n_scored, V] at the last n_scored
+        positions of base's B sequences: first unpatched, then per variant with clean's values
+        restored at its positions (clean's first sequence), from block `block` on."""
+        n_var, n_seq = 1 + len(variants), len(base.ids)
+        mask = torch.zeros(n_var, 1, base.resid[0].shape[1], 1, dtype=torch.bool,
+                           device=base.resid[0].device)
+        for v, positions in enumerate(variants, 1):
+            mask[v, 0, list(positions)] = True
+
+        def restore(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+            """value [V * B, T, d] with source's first sequence at the masked positions."""
+            shaped = value.view(n_var, n_seq, *value.shape[1:])
+            src = source[:1, :value.shape[1]].to(value.device)[None]
+            return torch.where(mask.to(value.device), src, shaped).view_as(value)
+
+        last = min(block + window, len(self.b.blocks))
+        h = base.resid[block].repeat(n_var, 1, 1)
+        if kind == "resid":
+            h = restore(h, clean.resid[block])
+        if block == len(self.b.blocks):  # the last row: only the head reads it
+            out = h
+        else:
+            with ExitStack() as stack:
+                if kind != "resid":  # the blocks compute the corrupted values themselves
+                    for i in range(block, last):
+                        module = self._modules(kind)[i]
+                        src = (clean.attn if kind == "attn" else clean.mlp)[i]
+                        stack.enter_context(_hook(module.register_forward_hook(
+                            lambda m, args, o, src=src: _with_first(o, restore(_first(o), src)))))
+                out = self._run_from(block, h, base.ids * n_var, stack)
+        rows = out[:, -n_scored:].to(self.b.device).float()
+        z = self.b.head_logits(self.b.final_norm(rows), 0, self.b.info.vocab)
+        return z.view(n_var, n_seq, n_scored, -1).cpu().numpy()
+
+    def _run_from(self, start: int, h: torch.Tensor, ids: list[list[int]],
+                  stack: ExitStack) -> torch.Tensor:
+        """The last block's output when blocks start .. L-1 run on h (block start's input)."""
+        spec, model = self.b.spec, self.b.model
+        *parent, name = spec.blocks.split(".")
+        owner = model
+        for part in parent:
+            owner = getattr(owner, part)
+        blocks = getattr(owner, name)
+        config = model.config
+        types = getattr(config, "layer_types", None)
+        stack.enter_context(_swapped(owner, name, torch.nn.ModuleList(list(blocks)[start:])))
+        if types is not None:
+            stack.enter_context(_swapped(config, "layer_types", types[start:]))
+        result = []
+
+        def replace_input(_m, args, kwargs):
+            if args:
+                return (h.to(args[0].device), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h.to(kwargs["hidden_states"].device)}
+
+        stack.enter_context(_hook(blocks[start].register_forward_pre_hook(replace_input,
+                                                                          with_kwargs=True)))
+        stack.enter_context(_hook(blocks[-1].register_forward_hook(
+            lambda m, args, o: result.append(_first(o)))))
+        x = torch.tensor(ids, device=self.b.input_device)
+        model.base_model(input_ids=x, use_cache=False)
+        return result[0]
+
+
+@contextmanager
+def _hook(handle):
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _swapped(obj, name: str, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
