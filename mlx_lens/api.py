@@ -23,20 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from mlx_lens import backend_choice
 from mlx_lens.tuned import lens_file
 from mlx_lens.tuned import training
-from mlx_lens.core.contract import Backend, require
+from mlx_lens.core.contract import Backend, InspectableBackend, require
+from mlx_lens.core.steering import Steering
 from mlx_lens.core.lens import FINAL_NORM, RULES, Lens
 from mlx_lens.core.training import TrainableBackend
 from mlx_lens.tuned.corpus import load_corpus
 from mlx_lens.core.errors import LensError
-from mlx_lens.experiment.single import ExperimentOptions, ModelResult, run_experiment
+from mlx_lens.experiment.single import (ExperimentOptions, ModelResult, encode_prompt,
+                                        run_experiment)
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.experiment.metrics import CollapseSettings
-from mlx_lens.experiment.patching import KINDS, PatchOptions, PatchResult, run_patching
+from mlx_lens.experiment.patching import (KINDS, PatchOptions, PatchResult, PatchSuiteResult,
+                                          run_patch_suite, run_patching)
 from mlx_lens.experiment.milestones import MilestoneSettings
 from mlx_lens.loading.sources import ModelSource, resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
@@ -57,16 +61,21 @@ class ModelLens:
     def run(self, prompt: str = PROMPT, answer: str = ANSWER, probes: bool = True,
             collapse: CollapseSettings | None = None, keep_residuals: bool = False,
             milestones: MilestoneSettings | None = None,
-            lenses: str | Sequence[str | Lens] = (), mid: bool = True) -> ModelResult:
+            lenses: str | Sequence[str | Lens] = (), mid: bool = True,
+            steer: Steering | dict | None = None) -> ModelResult:
         """The logit-lens experiment on one prompt: every layer at every position, and the
         whole answer teacher-forced after it. With `lenses` ("all", "raw,next-norm", or a
         list), those lenses too, from the same forward pass, and with `mid` the middle of each
-        block (mlx_lens/experiment/lenses.py)."""
+        block (mlx_lens/experiment/lenses.py). `steer` ({row: vector}, or a Steering with
+        positions and a scale) adds vectors to the residual at those rows, and the steered run
+        is what the lens decodes (mlx_lens/core/steering.py)."""
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
                                  keep_residuals=keep_residuals,
                                  milestones=milestones or MilestoneSettings(),
-                                 lenses=resolve_lenses(lenses, self.lens), mid=mid)
+                                 lenses=resolve_lenses(lenses, self.lens), mid=mid,
+                                 steering=steer if isinstance(steer, Steering) or steer is None
+                                 else Steering(dict(steer)))
         result = run_experiment(self.backend, opts, {"backend_reason": self.backend_reason})
         # After the run: a pipeline's traffic is only known once the run has sent it.
         result.payload["diagnostics"].update(self.backend.run_diagnostics())
@@ -85,6 +94,16 @@ class ModelLens:
         return run_suite(self.backend, list(facts), self.lens, collapse, milestones=milestones,
                          compared=compared, mid=mid)
 
+    def difference(self, prompt_a: str, prompt_b: str, row: int) -> np.ndarray:
+        """The mean-difference steering vector at `row`: the mean over positions of row's
+        residual for prompt_a, minus prompt_b's, [d] float32."""
+        backend = require(self.backend, InspectableBackend, "difference")
+        if not 0 <= row <= backend.info.n_layers:
+            raise LensError(f"row {row} is out of range (rows 0..{backend.info.n_layers})")
+        mean = [backend.residuals(encode_prompt(backend.tokenizer, p))[row].astype(np.float64)
+                .mean(0) for p in (prompt_a, prompt_b)]
+        return (mean[0] - mean[1]).astype(np.float32)
+
     def patch(self, clean: str, corrupt: str, answer: str, corrupt_answer: str | None = None,
               window: int = 1, kinds: Sequence[str] = KINDS) -> PatchResult:
         """An activation-patching trace: the clean run's activations restored into the
@@ -92,6 +111,14 @@ class ModelLens:
         `frame` and `plot()`."""
         return run_patching(self.backend, PatchOptions(clean, corrupt, answer, corrupt_answer,
                                                        window, tuple(kinds)))
+
+    def patch_suite(self, facts: str | Path | Sequence[Fact], window: int = 1,
+                    kinds: Sequence[str] = KINDS) -> PatchSuiteResult:
+        """Every fact patched against its control prompt, at the last position and at the
+        subject, per kind and layer; facts that cannot be aligned are listed in `skipped`."""
+        if isinstance(facts, (str, Path)):
+            facts = load_facts(str(facts))
+        return run_patch_suite(self.backend, list(facts), window, tuple(kinds))
 
     def tune(self, out: str | Path, corpus: str | None = None,
              options: TuneOptions | None = None) -> TunedLens:

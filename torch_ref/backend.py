@@ -7,6 +7,7 @@ Gemma's 1+w), decoded through an fp32 unembedding and the model's head transform
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ from mlx_lens.core.errors import LensError, one_line
 from mlx_lens.core.lens import Lens, NormRef, Site, Translators
 from mlx_lens.core.progress import progress
 from mlx_lens.core.stats import batch_stats, last_positions, lens_sweeps, prompt_stats
+from mlx_lens.core.steering import Steering
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
@@ -98,6 +100,28 @@ class TorchBackend:
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
         self._head_norms: np.ndarray | None = None  # computed once per loaded model
+        self._steering: Steering | None = None  # added to the rows while `steered` holds
+
+    @contextmanager
+    def steered(self, steering: Steering):
+        """Within the block every capture adds the steering vectors to their rows (and the
+        blocks after them see the steered residual)."""
+        self._steering = steering.checked(self.info.n_layers, self.info.d_model)
+        try:
+            yield
+        finally:
+            self._steering = None
+
+    def _steer(self, h: torch.Tensor, row: int) -> torch.Tensor:
+        """h [B, T, d] with row's steering vector added (at its positions)."""
+        if self._steering is None or row not in self._steering.vectors:
+            return h
+        v = torch.from_numpy(self._steering.vectors[row]).to(h.device, h.dtype)
+        if self._steering.positions is None:
+            return h + v
+        at = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
+        at[[p for p in self._steering.positions if p < h.shape[1]]] = True
+        return torch.where(at[None, :, None], h + v, h)
 
     def run_diagnostics(self) -> dict:
         """Recorded in the JSON: where accelerate placed each part of a split model."""
@@ -132,13 +156,22 @@ class TorchBackend:
             rows.append(h[tuple(i.to(h.device) for i in at)] if last else h)
 
         def grab_input(_module, args, kwargs):
-            keep(args[0] if args else kwargs["hidden_states"])
+            h = self._steer(args[0] if args else kwargs["hidden_states"], 0)
+            keep(h)
+            if self._steering is not None:  # block 0 reads the steered embeddings
+                return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+            return None
 
-        def grab_output(_module, _args, out):
-            keep(out[0] if isinstance(out, tuple) else out)
+        def grab_output(_module, _args, out, row=0):
+            h = self._steer(out[0] if isinstance(out, tuple) else out, row)
+            keep(h)
+            if self._steering is not None:  # the next block reads the steered row
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+            return None
 
         handles = [self.blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
-        handles += [b.register_forward_hook(grab_output) for b in self.blocks]
+        handles += [b.register_forward_hook(lambda m, a, o, row=i + 1: grab_output(m, a, o, row))
+                    for i, b in enumerate(self.blocks)]
         sinks: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         if mids is not None:
             for block, sink, parallel in zip(self.blocks, sinks, self.parallel):
@@ -372,8 +405,8 @@ class TorchBackend:
         return TorchPatcher(self).record(batch)
 
     def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int, window: int,
-                       variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
-        return TorchPatcher(self).patched_logits(base, clean, kind, block, window, variants,
+                       restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
+        return TorchPatcher(self).patched_logits(base, clean, kind, block, window, restore,
                                                  n_scored)
 
     def tuner(self, lens: Translators, recipe: Recipe) -> TorchTuner:

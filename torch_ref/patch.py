@@ -6,7 +6,7 @@ them for the call (with config.layer_types, which Gemma and Qwen index by positi
 list), block r's input is replaced by the corrupted run's recorded one, and forward hooks
 restore the clean values: the input of block r (kind "resid"), or the output of the attention
 or MLP module of blocks r .. r + window - 1 ("attn", "mlp"). All variants of one block go in
-one batch; the first variant restores nothing (the batch's own baseline).
+one batch (a caller puts the unpatched run among them: the batch's own baseline).
 """
 from __future__ import annotations
 
@@ -73,26 +73,25 @@ class TorchPatcher:
 
     @torch.no_grad()
     def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int,
-                       window: int, variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
-        """fp32 output logits [1 + len(variants), B, n_scored, V] at the last n_scored
-        positions of base's B sequences: first unpatched, then per variant with clean's values
-        restored at its positions (clean's first sequence), from block `block` on."""
-        n_var, n_seq = 1 + len(variants), len(base.ids)
-        mask = torch.zeros(n_var, 1, base.resid[0].shape[1], 1, dtype=torch.bool,
-                           device=base.resid[0].device)
-        for v, positions in enumerate(variants, 1):
-            mask[v, 0, list(positions)] = True
+                       window: int, restore: np.ndarray,
+                       n_scored: int) -> tuple[np.ndarray, np.ndarray]:
+        """fp32 output logits [V, B, n_scored, vocab] at the last n_scored positions of base's
+        B sequences, run from block `block` on, variant v with clean's values restored where
+        restore [V, B, T] is set (sequence b's from clean's sequence b); and the norms of the
+        decoded rows [V, B, n_scored] (for bounds)."""
+        n_var, n_seq = restore.shape[:2]
+        mask = torch.from_numpy(np.ascontiguousarray(restore[..., None]))
 
-        def restore(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-            """value [V * B, T, d] with source's first sequence at the masked positions."""
+        def restore_into(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+            """value [V * B, T, d] with source's [B, T, d] values where the mask says."""
             shaped = value.view(n_var, n_seq, *value.shape[1:])
-            src = source[:1, :value.shape[1]].to(value.device)[None]
+            src = source[:, :value.shape[1]].to(value.device)[None]
             return torch.where(mask.to(value.device), src, shaped).view_as(value)
 
         last = min(block + window, len(self.b.blocks))
         h = base.resid[block].repeat(n_var, 1, 1)
         if kind == "resid":
-            h = restore(h, clean.resid[block])
+            h = restore_into(h, clean.resid[block])
         if block == len(self.b.blocks):  # the last row: only the head reads it
             out = h
         else:
@@ -102,11 +101,12 @@ class TorchPatcher:
                         module = self._modules(kind)[i]
                         src = (clean.attn if kind == "attn" else clean.mlp)[i]
                         stack.enter_context(_hook(module.register_forward_hook(
-                            lambda m, args, o, src=src: _with_first(o, restore(_first(o), src)))))
+                            lambda m, args, o, src=src: _with_first(o, restore_into(_first(o), src)))))
                 out = self._run_from(block, h, base.ids * n_var, stack)
-        rows = out[:, -n_scored:].to(self.b.device).float()
-        z = self.b.head_logits(self.b.final_norm(rows), 0, self.b.info.vocab)
-        return z.view(n_var, n_seq, n_scored, -1).cpu().numpy()
+        x = self.b.final_norm(out[:, -n_scored:].to(self.b.device).float())
+        z = self.b.head_logits(x, 0, self.b.info.vocab)
+        norms = torch.linalg.vector_norm(x, dim=-1).view(n_var, n_seq, n_scored)
+        return z.view(n_var, n_seq, n_scored, -1).cpu().numpy(), norms.double().cpu().numpy()
 
     def _run_from(self, start: int, h: torch.Tensor, ids: list[list[int]],
                   stack: ExitStack) -> torch.Tensor:

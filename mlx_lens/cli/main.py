@@ -18,6 +18,7 @@ from mlx_lens.output.artifacts import write_model_artifacts
 from mlx_lens.loading import hub
 from mlx_lens.loading.placement import read_device_map
 from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
+from mlx_lens.core import steering
 from mlx_lens.core.lens import RULES, Lens
 from mlx_lens.core.errors import LensError, first_line, one_line
 from mlx_lens.experiment.single import ExperimentOptions, framework_warning
@@ -88,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-mid-block", dest="mid", action="store_false",
                      help="with --lenses, leave out the middle of each block (after attention, "
                           "before the MLP)")
+    run.add_argument("--steer", type=Path, default=None, metavar="FILE",
+                     help="add these steering vectors (a .safetensors file the Python API saved, "
+                          "mlx_lens.core.steering.save) to the residual at their rows")
+    run.add_argument("--steer-scale", type=float, default=1.0,
+                     help="multiply the steering vectors by this")
     run.add_argument("--fp32-unembed", action="store_true",
                      help="decode in fp32 (the lens always does; kept for the original's command lines)")
     run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
@@ -200,8 +206,9 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
     seconds = {"load": time.perf_counter() - started}
     milestones = MilestoneSettings(margin_bits=args.margin_bits)
     compared = args.lenses or ()
+    steer = steering.load(args.steer, args.steer_scale) if args.steer else None
     result = lens.run(args.prompt, args.answer, args.probes, collapse, args.keep_residuals,
-                      milestones, compared, args.mid)
+                      milestones, compared, args.mid, steer)
     seconds.update(result.seconds)
     if facts:
         began = time.perf_counter()
@@ -249,6 +256,7 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
     child += ["--facts", args.facts] if args.facts else []
     child += ["--lenses", args.lenses] if args.lenses else []
+    child += ["--steer", str(args.steer), "--steer-scale", str(args.steer_scale)] if args.steer else []
     child += [] if args.mid else ["--no-mid-block"]
     child += ["--device-map", args.device_map] if args.device_map else []
     child += ["--no-plots"]  # the pictures of the whole folder are drawn once, at the end
@@ -298,6 +306,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     facts = load_facts(args.facts) if args.facts else None  # a bad file fails before anything
     if args.lenses:  # as does an unknown lens
         resolve_lenses(args.lenses, resolve_lens(args.lens))
+    if args.steer:  # and a broken steering file
+        if args.facts:
+            raise LensError("--steer steers the single-prompt run; a fact suite is not steered "
+                            "(run them apart)")
+        steering.load(args.steer)
     models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
     if "MLX_RANK" in os.environ:  # one of the processes of mlx.launch: a pipeline (README)
         if len(models) > 1 or args.keep_residuals:

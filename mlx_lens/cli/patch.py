@@ -10,7 +10,8 @@ from mlx_lens.core.errors import LensError, first_line, one_line
 from mlx_lens.experiment.patching import KINDS, PatchOptions
 from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.output import run_dir
-from mlx_lens.output.artifacts import write_patch_artifacts
+from mlx_lens.experiment.facts import load_facts
+from mlx_lens.output.artifacts import write_patch_artifacts, write_patch_suite_artifacts
 
 # The README's pair: the corruption changes the subject only (as long in tokens).
 CORRUPT = PROMPT.replace("Germany", "France")
@@ -34,6 +35,10 @@ def add_parser(sub, options: argparse.ArgumentParser, model_help: str) -> None:
                        help="restore this many consecutive blocks' attention or MLP outputs")
     patch.add_argument("--kinds", default=",".join(KINDS),
                        help="comma-separated: resid (the block's input), attn, mlp")
+    patch.add_argument("--facts", metavar="FILE",
+                       help="a fact suite instead (JSONL or CSV, or 'default'): each fact's "
+                            "control prompt is its corruption, restored at the last position "
+                            "and at the subject")
     patch.add_argument("--out_dir", type=Path, default=None,
                        help="write here instead of rotating runs/run-latest")
     patch.add_argument("--no-plots", dest="plots", action="store_false",
@@ -49,22 +54,34 @@ def options_of(args: argparse.Namespace) -> PatchOptions:
 
 def cmd_patch(args: argparse.Namespace, load) -> int:
     opts = options_of(args)  # bad input fails before the model is loaded
+    facts = load_facts(args.facts) if args.facts else None
     started = time.perf_counter()
     lens = load(args, args.model)
     loaded = time.perf_counter()
 
     def make(out_dir: Path) -> list[Path]:
-        result = lens.patch(opts.clean, opts.corrupt, opts.answer, opts.corrupt_answer,
-                            opts.window, opts.kinds)
-        paths = write_patch_artifacts(out_dir, lens.source.name, result)
+        name = lens.source.name
+        if facts is not None:
+            result = lens.patch_suite(facts, opts.window, opts.kinds)
+            for line in result.skipped:
+                print(f"  skipped {line}")
+            paths = write_patch_suite_artifacts(out_dir, name, result)
+            s = result.summary
+            print(f"{s['model']} [{s['backend']}]: {s['patched']} of {s['facts']} facts patched "
+                  f"against their controls")
+        else:
+            result = lens.patch(opts.clean, opts.corrupt, opts.answer, opts.corrupt_answer,
+                                opts.window, opts.kinds)
+            paths = write_patch_artifacts(out_dir, name, result)
+            s = result.summary
+            print(f"{s['model']} [{s['backend']}]: {s['metric']} clean {s['clean_metric']:.2f}, "
+                  f"corrupted {s['corrupt_metric']:.2f}; strongest restorations: "
+                  + ", ".join(f"{k} layer {v['layer']} position {v['pos']} "
+                              f"({s['tokens'][v['pos']]!r}) {v['recovery']:.2f}"
+                              for k, v in s["strongest"].items()))
         if args.plots:
-            paths += _heatmap(out_dir, lens.source.name, result)
-        s = result.summary
-        print(f"{s['model']} [{s['backend']}]: {s['metric']} clean {s['clean_metric']:.2f}, "
-              f"corrupted {s['corrupt_metric']:.2f}; strongest restorations: "
-              + ", ".join(f"{k} layer {v['layer']} position {v['pos']} "
-                          f"({s['tokens'][v['pos']]!r}) {v['recovery']:.2f}"
-                          for k, v in s["strongest"].items()))
+            suffix = "patch-suite" if facts is not None else "patch"
+            paths += _heatmap(out_dir / f"plot-{name}-{suffix}.png", result)
         print(f"time: {time.perf_counter() - started:.1f} s (load {loaded - started:.1f} s)")
         return paths
 
@@ -73,12 +90,12 @@ def cmd_patch(args: argparse.Namespace, load) -> int:
     return 0
 
 
-def _heatmap(out_dir: Path, model: str, result) -> list[Path]:
-    """The heatmap; failing to draw it costs the picture, never the artifacts."""
+def _heatmap(path: Path, result) -> list[Path]:
+    """The picture; failing to draw it costs the picture, never the artifacts."""
     try:
         from mlx_lens.view.style import save_png  # matplotlib is imported only to draw
 
-        return [save_png(result.plot(), out_dir / f"plot-{model}-patch.png")]
+        return [save_png(result.plot(), path)]
     except Exception as exc:
         reason = first_line(exc) if isinstance(exc, LensError) else one_line(exc)
         print(f"mlx-lens: warning: no heatmap drawn: {reason}")

@@ -65,7 +65,8 @@ def _fact_layer_cube(long: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.nda
     return cube, groups, np.asarray(layers, dtype=np.int64)
 
 
-def _summarise(values: np.ndarray, seed: int, n_boot: int, level: float) -> dict[str, np.ndarray]:
+def summarise(values: np.ndarray, seed: int = 0, n_boot: int = 2000,
+              level: float = 0.95) -> dict[str, np.ndarray]:
     """n, mean, median and the percentile-bootstrap CI of the mean for each column of [facts, K]."""
     n_facts, k = values.shape
     valid = np.isfinite(values)
@@ -113,7 +114,7 @@ def layer_aggregates(long: pd.DataFrame, seed: int = 0, n_boot: int = 2000,
     frames = []
     for group, facts in parts:
         # The same seed per group: a group's CIs do not depend on which other groups exist.
-        stats = _summarise(cube[facts].reshape(facts.sum(), -1), seed, n_boot, level)
+        stats = summarise(cube[facts].reshape(facts.sum(), -1), seed, n_boot, level)
         frames.append(pd.DataFrame({"group": group, "layer": np.tile(layers, n_metrics),
                                     "metric": np.repeat(METRICS, n_layers), **stats}))
     out = pd.concat(frames, ignore_index=True)

@@ -24,6 +24,8 @@ from mlx_lens.core.contract import Backend
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.progress import progress
+from mlx_lens.experiment.aggregates import summarise
+from mlx_lens.experiment.facts import encode_facts
 from mlx_lens.experiment.frames import TokenNames
 from mlx_lens.experiment.single import answer_token_ids, encode_prompt
 from mlx_lens.experiment.suite import batch_size
@@ -41,10 +43,11 @@ class PatchingBackend(Backend, Protocol):
         MLP outputs kept on the device (an opaque `Recorded`)."""
 
     def patched_logits(self, base, clean, kind: str, block: int, window: int,
-                       variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
-        """fp32 output logits [1 + len(variants), B, n_scored, V] at the last n_scored
-        positions of base's sequences, run from block `block` on: first unpatched, then per
-        variant with clean's values restored at its positions."""
+                       restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
+        """fp32 output logits [V, B, n_scored, vocab] at the last n_scored positions of base's
+        B sequences, run from block `block` on, variant v with clean's values restored where
+        restore [V, B, T] (bool) is set, sequence b's from clean's sequence b; and the decoded
+        rows' norms [V, B, n_scored]."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,15 @@ class PatchResult:
         return heatmap(self.frame, self.summary)
 
 
+def one_at_a_time(positions: Sequence[int], length: int, n_seq: int = 1) -> np.ndarray:
+    """The restore mask [1 + P, n_seq, length] of a trace's batch: first the unpatched run,
+    then one variant per position, restoring it in every sequence."""
+    mask = np.zeros((1 + len(positions), n_seq, length), bool)
+    for v, t in enumerate(positions, 1):
+        mask[v, :, t] = True
+    return mask
+
+
 def _log2p(logits: np.ndarray, pieces: list[int]) -> np.ndarray:
     """[...] the whole answer's log2 p from fp32 logits [..., n, V] at its n positions
     (float64 softmax)."""
@@ -96,10 +108,10 @@ def _trace(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list[int
     corrupt = backend.record([corrupt_ids + pieces[:-1]])
     layers = backend.info.n_layers
     # the baselines: each run's own last row through the head
-    base = {"clean": float(_log2p(backend.patched_logits(clean, clean, "resid", layers, 1, [],
-                                                         n)[0, 0], pieces)),
-            "corrupt": float(_log2p(backend.patched_logits(corrupt, corrupt, "resid", layers, 1,
-                                                           [], n)[0, 0], pieces))}
+    full = length + n - 1
+    base = {name: float(_log2p(backend.patched_logits(run, run, "resid", layers, 1,
+                                                      one_at_a_time([], full), n)[0][0, 0], pieces))
+            for name, run in (("clean", clean), ("corrupt", corrupt))}
     per_batch = max(1, batch_size(backend, length + n) - 1)
     values, drift = {}, 0.0
     steps = [(kind, r) for kind in opts.kinds
@@ -108,8 +120,8 @@ def _trace(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list[int
         out = np.empty(length)
         for first in range(0, length, per_batch):
             positions = range(first, min(first + per_batch, length))
-            z = backend.patched_logits(corrupt, clean, kind, r, opts.window,
-                                       [[t] for t in positions], n)
+            z, _ = backend.patched_logits(corrupt, clean, kind, r, opts.window,
+                                          one_at_a_time(positions, full), n)
             lp = _log2p(z[:, 0], pieces)
             out[first:first + len(positions)] = lp[1:]
             drift = max(drift, abs(lp[0] - base["corrupt"]))  # the batch's own baseline
@@ -169,3 +181,126 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
                "strongest": {k: {"layer": int(v["layer"]), "pos": int(v["pos"]),
                                  "recovery": float(v["recovery"])} for k, v in best.items()}}
     return PatchResult(frame, summary)
+
+
+@dataclass
+class PatchSuiteResult:
+    long: pd.DataFrame  # per fact, kind, layer and where ("last" position, or the "subject")
+    aggregates: pd.DataFrame  # per kind, where and layer: recovery's n, mean, median, 95% CI
+    skipped: list[str]  # one line per fact left out, and why
+    summary: dict
+
+    def plot(self):
+        """The suite's mean recovery per kind, layer and where, a matplotlib Figure."""
+        from mlx_lens.view.patching import suite_heatmap  # matplotlib is imported only to draw
+
+        return suite_heatmap(self.aggregates, self.summary)
+
+
+WHERE = ("last", "subject")  # the prompt's last position; the first token the prompts differ at
+
+
+def _usable(encoded) -> tuple[list, list[str]]:
+    """The facts a position-by-position trace can take, and a line for each other one."""
+    usable, skipped = [], []
+    for f in encoded:
+        if f.control_ids is None:
+            skipped.append(f"{f.fact.id}: no control prompt to corrupt with")
+        elif len(f.control_ids) != len(f.ids):
+            skipped.append(f"{f.fact.id}: the prompt is {len(f.ids)} tokens and its control "
+                           f"{len(f.control_ids)}")
+        elif f.control_ids == f.ids:
+            skipped.append(f"{f.fact.id}: the control prompt is the prompt")
+        else:
+            usable.append(f)
+    return usable, skipped
+
+
+def _suite_batch(backend: PatchingBackend, facts: list, kinds: tuple[str, ...],
+                 window: int) -> dict:
+    """log2 p per (answer, kind, layer) [3 variants, B facts] of facts of one shape, and the
+    baselines [B]: variant 0 unpatched, 1 the last position, 2 the subject restored."""
+    length, layers = len(facts[0].ids), backend.info.n_layers
+    subject = [next(t for t, (a, b) in enumerate(zip(f.ids, f.control_ids)) if a != b)
+               for f in facts]
+    out = {}
+    for what in ("answer", "corrupt_answer"):
+        pieces = np.array([f.answer_ids if what == "answer" else f.control_answer_ids
+                           for f in facts])
+        n = pieces.shape[1]
+        full = length + n - 1
+        clean = backend.record([f.ids + list(p[:-1]) for f, p in zip(facts, pieces)])
+        corrupt = backend.record([f.control_ids + list(p[:-1]) for f, p in zip(facts, pieces)])
+        restore = np.zeros((3, len(facts), full), bool)
+        restore[1, :, length - 1] = True
+        restore[2, np.arange(len(facts)), subject] = True
+        for name, run in (("clean", clean), ("corrupt", corrupt)):
+            z, _ = backend.patched_logits(run, run, "resid", layers, 1, restore[:1], n)
+            out[what, name] = _log2p_each(z[0], pieces)
+        for kind in kinds:
+            for r in range(layers + 1 if kind == "resid" else layers):
+                z, _ = backend.patched_logits(corrupt, clean, kind, r, window, restore, n)
+                out[what, kind, r] = _log2p_each(z, pieces)
+    out["subject"] = subject
+    return out
+
+
+def _log2p_each(logits: np.ndarray, pieces: np.ndarray) -> np.ndarray:
+    """[..., B] the whole answer's log2 p per sequence from logits [..., B, n, V] and each
+    sequence's pieces [B, n]."""
+    logp = log_softmax64(logits.astype(np.float64)) / math.log(2)
+    index = np.broadcast_to(pieces[..., None], (*logp.shape[:-1], 1))
+    return np.take_along_axis(logp, index, -1)[..., 0].sum(-1)
+
+
+def run_patch_suite(backend: Backend, facts: list, window: int = 1,
+                    kinds: tuple[str, ...] = KINDS, batch: int | None = None) -> PatchSuiteResult:
+    """Every fact with its control prompt as the corruption (its control answer as the corrupt
+    answer), restored at the prompt's last position and at the subject (the first token
+    where the two prompts differ), per kind and layer; facts of one shape batched."""
+    if not isinstance(backend, PatchingBackend):
+        raise LensError("patching needs the whole model in one process")
+    PatchOptions("x", "x", "x", window=window, kinds=kinds)  # the settings' checks
+    usable, skipped = _usable(encode_facts(facts, backend.tokenizer, backend.info.n_ctx))
+    if not usable:
+        raise LensError(f"no fact can be patched ({len(skipped)} skipped: {skipped[0]})"
+                        if skipped else "no facts")
+    by_shape: dict = {}
+    for f in usable:
+        by_shape.setdefault((len(f.ids), len(f.answer_ids), len(f.control_answer_ids)),
+                            []).append(f)
+    frames = []
+    for same in progress(list(by_shape.values()), "fact batches"):
+        b = batch or max(1, batch_size(backend, len(same[0].ids) + 4) // 3)
+        for first in range(0, len(same), b):
+            chunk = same[first:first + b]
+            got = _suite_batch(backend, chunk, kinds, window)
+            clean = got["answer", "clean"] - got["corrupt_answer", "clean"]
+            corrupt = got["answer", "corrupt"] - got["corrupt_answer", "corrupt"]
+            for kind in kinds:
+                for r in range(backend.info.n_layers + 1 if kind == "resid" else
+                               backend.info.n_layers):
+                    a, c = got["answer", kind, r], got["corrupt_answer", kind, r]
+                    for v, where in ((1, "last"), (2, "subject")):
+                        metric = a[v] - c[v]
+                        frames.append(pd.DataFrame({
+                            "fact_id": [f.fact.id for f in chunk],
+                            "group": [f.fact.group for f in chunk], "kind": kind, "layer": r,
+                            "where": where,
+                            "pos": [len(f.ids) - 1 for f in chunk] if v == 1 else got["subject"],
+                            "answer_log2p": a[v], "corrupt_answer_log2p": c[v], "metric": metric,
+                            "recovery": (metric - corrupt) / (clean - corrupt),
+                            "batch_baseline_delta": np.abs(a[0] - got["answer", "corrupt"])}))
+    long = pd.concat(frames, ignore_index=True)
+    rows = []
+    for (kind, where), part in long.groupby(["kind", "where"], sort=False):
+        cube = part.pivot(index="fact_id", columns="layer", values="recovery")
+        stats = summarise(cube.to_numpy(dtype=float))
+        rows.append(pd.DataFrame({"kind": kind, "where": where, "layer": cube.columns, **stats}))
+    aggregates = pd.concat(rows, ignore_index=True)
+    summary = {"model": backend.info.name, "backend": backend.info.backend, "window": window,
+               "kinds": list(kinds), "facts": len(facts), "patched": len(usable),
+               "skipped": skipped,
+               "metric": "log2 p(answer) - log2 p(control answer), both teacher-forced",
+               "corruption": "each fact's control prompt"}
+    return PatchSuiteResult(long, aggregates, skipped, summary)

@@ -19,6 +19,7 @@ from mlx_lens.core.contract import (Backend, ComparingBackend, InspectableBacken
 from mlx_lens.core.lens import FINAL_NORM, Lens
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.errors import LensError
+from mlx_lens.core.steering import Steering
 from mlx_lens.core import bounds
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 from mlx_lens.experiment.milestones import (AnswerRows, MilestoneSettings, answer_milestones,
@@ -40,6 +41,7 @@ class ExperimentOptions:
     # missing), and with `mid` the middle of each block: mlx_lens/experiment/lenses.py
     lenses: tuple[Lens, ...] = ()
     mid: bool = True
+    steering: Steering | None = None  # vectors added to the residual (mlx_lens/core/steering.py)
 
     @property
     def compared(self) -> tuple[Lens, ...]:
@@ -190,6 +192,17 @@ def framework_warning(check: dict) -> str | None:
 
 
 def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: dict) -> ModelResult:
+    """The experiment on one prompt; with opts.steering, every forward pass of it steered."""
+    if opts.steering is None:
+        return _experiment(backend, opts, extra_diagnostics)
+    if not hasattr(backend, "steered"):
+        raise LensError("steering needs the whole model in one process")
+    with backend.steered(opts.steering):
+        return _experiment(backend, opts, {**extra_diagnostics,
+                                           "steering": opts.steering.describe()})
+
+
+def _experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: dict) -> ModelResult:
     tok, info = backend.tokenizer, backend.info
     ids, pieces = encode_prompt_and_answer(tok, opts.prompt, opts.answer, info.n_ctx)
     # the probes too, so that one too long for the model fails before the sweep
@@ -264,8 +277,10 @@ def run_experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics:
     started = time.perf_counter()
     if isinstance(backend, InspectableBackend) and main_logits is None:
         main_logits = backend.final_logits([ids])[0]
-    diagnostics["framework_check"] = framework_check(backend, ids, main_logits,
-                                                     stats.piece_x_norm[-1, 0], w_norms)
+    diagnostics["framework_check"] = (
+        framework_check(backend, ids, main_logits, stats.piece_x_norm[-1, 0], w_norms)
+        if opts.steering is None else
+        {"available": False, "why": "a steered run: the framework's own forward is not steered"})
     seconds["framework_check"] = time.perf_counter() - started
     residuals = (require(backend, InspectableBackend, "--keep-residuals").residuals(ids)
                  if opts.keep_residuals else None)

@@ -27,6 +27,7 @@ from mlx_lens.core.errors import LensError, one_line
 from mlx_lens.core.lens import Lens, NormRef, Site, Translators
 from mlx_lens.core.progress import progress
 from mlx_lens.core.stats import batch_stats, last_positions, lens_sweeps, prompt_stats
+from mlx_lens.core.steering import Steering
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.placement import available_ram, pick_device, footprint
 from mlx_lens.loading.quiet import quiet_library_bars
@@ -167,6 +168,28 @@ class MlxLens:
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
         self._head_norms: np.ndarray | None = None  # computed once per loaded model
+        self._steering: Steering | None = None  # added to the rows while `steered` holds
+
+    @contextmanager
+    def steered(self, steering: Steering):
+        """Within the block every capture adds the steering vectors to their rows (and the
+        blocks after them see the steered residual)."""
+        self._steering = steering.checked(self.info.n_layers, self.info.d_model)
+        try:
+            yield
+        finally:
+            self._steering = None
+
+    def _steer(self, h: mx.array, row: int) -> mx.array:
+        """h [B, T, d] with row's steering vector added (at its positions)."""
+        if self._steering is None or row not in self._steering.vectors:
+            return h
+        v = mx.array(self._steering.vectors[row]).astype(h.dtype)
+        if self._steering.positions is None:
+            return h + v
+        at = np.zeros(h.shape[1], bool)
+        at[[p for p in self._steering.positions if p < h.shape[1]]] = True
+        return mx.where(mx.array(at)[None, :, None], h + v, h)
 
     def _head(self, model: nn.Module, config: dict) -> nn.Module:
         """The unembedding. Tied or not as the model mlx-lm built says (its arguments'
@@ -193,7 +216,7 @@ class MlxLens:
         after them. Given a list `mids`, the middle of each block is appended to it, alike."""
         x, at = self._tokens(batch, last)
         keep = (lambda a: a[at]) if last else (lambda a: a)
-        h = self._embed(x)
+        h = self._steer(self._embed(x), 0)
         rows = [keep(h)]
         with self._middles(mids, keep):
             for h in self._blocks(h, range(len(self.blocks))):
@@ -249,7 +272,7 @@ class MlxLens:
         for i in indices:
             mask = create_attention_mask(h, None, window_size=windows[i],
                                          return_array=self.arch.array_mask)
-            h = self.blocks[i](h, mask, None)
+            h = self._steer(self.blocks[i](h, mask, None), i + 1)
             yield h
 
     def _rows(self, ids: Sequence[int], site: Site = "resid") -> list[mx.array]:
@@ -383,8 +406,8 @@ class MlxBackend(MlxLens):
         return MlxPatcher(self).record(batch)
 
     def patched_logits(self, base, clean, kind: str, block: int, window: int,
-                       variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
-        return MlxPatcher(self).patched_logits(base, clean, kind, block, window, variants,
+                       restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
+        return MlxPatcher(self).patched_logits(base, clean, kind, block, window, restore,
                                                n_scored)
 
     def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],

@@ -5,8 +5,8 @@ have put at one layer and position, restored into a corrupted run
 A patched run at block r runs only the blocks from r on, from the corrupted run's recorded
 input of block r: restored there (kind "resid"), or in the output of the attention or MLP
 module of blocks r .. r + window - 1 ("attn", "mlp"; the module's class swapped for one that
-restores, for the call). All variants of one block go in one batch; the first variant restores
-nothing (the batch's own baseline).
+restores, for the call). All variants of one block go in one batch (a caller puts the
+unpatched run among them: the batch's own baseline).
 """
 from __future__ import annotations
 
@@ -92,33 +92,33 @@ class MlxPatcher:
                         *([s[0] for s in out[kind]] for kind in ("attn", "mlp")))
 
     def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int,
-                       window: int, variants: Sequence[Sequence[int]], n_scored: int) -> np.ndarray:
-        """fp32 output logits [1 + len(variants), B, n_scored, V] at the last n_scored
-        positions of base's B sequences: first unpatched, then per variant with clean's values
-        restored at its positions (clean's first sequence), from block `block` on."""
-        n_var, n_seq = 1 + len(variants), len(base.ids)
-        length = base.resid[0].shape[1]
-        marks = np.zeros((n_var, 1, length, 1), bool)
-        for v, positions in enumerate(variants, 1):
-            marks[v, 0, list(positions)] = True
-        mask = mx.array(marks)
+                       window: int, restore: np.ndarray,
+                       n_scored: int) -> tuple[np.ndarray, np.ndarray]:
+        """fp32 output logits [V, B, n_scored, vocab] at the last n_scored positions of base's
+        B sequences, run from block `block` on, variant v with clean's values restored where
+        restore [V, B, T] is set (sequence b's from clean's sequence b); and the norms of the
+        decoded rows [V, B, n_scored] (for bounds)."""
+        n_var, n_seq = restore.shape[:2]
+        mask = mx.array(restore[..., None])
 
-        def restore(value: mx.array, source: mx.array) -> mx.array:
-            """value [V * B, T, d] with source's first sequence at the masked positions."""
+        def restore_into(value: mx.array, source: mx.array) -> mx.array:
+            """value [V * B, T, d] with source's [B, T, d] values where the mask says."""
             shaped = value.reshape(n_var, n_seq, *value.shape[1:])
-            return mx.where(mask, source[:1, :value.shape[1]][None], shaped).reshape(value.shape)
+            return mx.where(mask, source[:, :value.shape[1]][None], shaped).reshape(value.shape)
 
         h = mx.concatenate([base.resid[block]] * n_var)
         if kind == "resid":
-            h = restore(h, clean.resid[block])
+            h = restore_into(h, clean.resid[block])
         with ExitStack() as stack:
             if kind != "resid":  # the blocks compute the corrupted values themselves
                 sources = clean.attn if kind == "attn" else clean.mlp
                 for i in range(block, min(block + window, len(self.b.blocks))):
                     stack.enter_context(_restoring(self._modules(kind)[i],
-                                                   lambda o, src=sources[i]: restore(o, src)))
+                                                   lambda o, src=sources[i]: restore_into(o, src)))
             for h in self.b._blocks(h, range(block, len(self.b.blocks))):
                 pass
-        rows = h[:, -n_scored:].astype(mx.float32)
-        z = self.b.head_logits(self.b.final_norm(rows), 0, self.b.info.vocab)
-        return np.array(z).reshape(n_var, n_seq, n_scored, -1)
+        x = self.b.final_norm(h[:, -n_scored:].astype(mx.float32))
+        z = self.b.head_logits(x, 0, self.b.info.vocab)
+        return (np.array(z).reshape(n_var, n_seq, n_scored, -1),
+                np.array(mx.linalg.norm(x, axis=-1)).astype(np.float64).reshape(n_var, n_seq,
+                                                                                 n_scored))

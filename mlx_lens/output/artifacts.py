@@ -64,11 +64,28 @@ def write_patch_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
     """An activation-patching trace (mlx_lens/experiment/patching.py): patch-<model>.parquet
     and .csv (kind, layer, pos, token, the metrics) and patch-<model>.json (baselines,
     settings, the strongest restorations)."""
-    stem = Path(out_dir) / f"patch-{model_name}"
-    paths = [stem.with_suffix(".parquet"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
-    atomic_write(paths[0], lambda p: result.frame.to_parquet(p, engine="pyarrow", index=False))
-    atomic_write(paths[1], lambda p: result.frame.to_csv(p, index=False, encoding="utf-8",
-                                                         lineterminator="\r\n"))
-    text = json.dumps(json_safe(result.summary), indent=2, ensure_ascii=False, allow_nan=False)
-    atomic_write(paths[2], lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    return _tables_and_summary(Path(out_dir) / f"patch-{model_name}", {"": result.frame},
+                               result.summary)
+
+
+def write_patch_suite_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
+    """A fact suite's trace: patch-<model>-suite-layers (per fact, kind, layer, where) and
+    -aggregates (per kind, where, layer), each .parquet and .csv, and patch-<model>-suite.json
+    (settings, the facts skipped and why)."""
+    return _tables_and_summary(Path(out_dir) / f"patch-{model_name}-suite",
+                               {"-layers": result.long, "-aggregates": result.aggregates},
+                               result.summary)
+
+
+def _tables_and_summary(stem: Path, frames: dict[str, pd.DataFrame], summary: dict) -> list[Path]:
+    paths = []
+    for suffix, frame in frames.items():
+        paths += [stem.with_name(f"{stem.name}{suffix}.parquet"),
+                  stem.with_name(f"{stem.name}{suffix}.csv")]
+        atomic_write(paths[-2], lambda p, f=frame: f.to_parquet(p, engine="pyarrow", index=False))
+        atomic_write(paths[-1], lambda p, f=frame: f.to_csv(p, index=False, encoding="utf-8",
+                                                            lineterminator="\r\n"))
+    paths.append(stem.with_suffix(".json"))
+    text = json.dumps(json_safe(summary), indent=2, ensure_ascii=False, allow_nan=False)
+    atomic_write(paths[-1], lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return paths

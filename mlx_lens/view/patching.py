@@ -40,3 +40,26 @@ def heatmap(frame: pd.DataFrame, summary: dict) -> Figure:
                  f"{token_label(summary['corrupt_answer'] or '-')!r}", parse_math=False,
                  fontsize=10)
     return fig
+
+
+@styled
+def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
+    """A fact suite's trace: per kind, the mean recovery over facts per layer with its 95%
+    bootstrap band, restored at the prompt's last position and at the subject."""
+    kinds = [k for k in summary["kinds"] if k in set(aggregates["kind"])]
+    fig = Figure(figsize=(4.0 * len(kinds), 3.8), dpi=DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(kinds), sharey=True))
+    for ax, kind in zip(axes, kinds):
+        for i, where in enumerate(("subject", "last")):
+            rows = aggregates[(aggregates["kind"] == kind) & (aggregates["where"] == where)]
+            layer = rows["layer"].to_numpy()
+            ax.plot(layer, rows["mean"], color=f"C{i}", label=f"at the {where}")
+            ax.fill_between(layer, rows["ci_low"], rows["ci_high"], color=f"C{i}", alpha=0.25)
+        ax.set_title(_TITLES[kind], fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("recovery (mean, 95% band)")
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"{summary['model']}: restoring each fact against its control "
+                 f"({summary['patched']} of {summary['facts']} facts)", fontsize=10)
+    return fig

@@ -11,6 +11,7 @@ from mlx_lens.output.artifacts import read_csv
 from mlx_lens.output.suite_tables import read_suite_table
 from mlx_lens.view.grid import grid
 from mlx_lens.view.lenses import lens_trajectory
+from mlx_lens.view.patching import heatmap, suite_heatmap
 from mlx_lens.view.style import save_png
 from mlx_lens.view.suite import suite_bands
 from mlx_lens.view.trajectory import overlay, trajectory
@@ -18,6 +19,8 @@ from mlx_lens.view.trajectory import overlay, trajectory
 _RECORD_NEEDS = ("layer", "pos", "token", "entropy", "top1", "prob1")
 _PURE_NEEDS = ("layer", "entropy", "p_answer", "answer_rank", "kl_to_final_bits")
 _AGGREGATE_NEEDS = ("group", "layer", "metric", "n", "mean", "ci_low", "ci_high")
+_PATCH_NEEDS = ("kind", "layer", "pos", "recovery")
+_SUITE_PATCH_NEEDS = ("kind", "where", "layer", "mean", "ci_low", "ci_high")
 _LENSES_NEEDS = ("lens", "site", "depth", "answer_rank", "answer_log2p", "entropy_bits",
                  "kl_to_final_bits")
 
@@ -34,9 +37,16 @@ def _read(path: Path, reader: Callable, needs: tuple[str, ...] = ()):
     return table
 
 
+def json_object(path: Path) -> dict:
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
 def _payload(path: Path) -> dict:
-    payload = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(payload, dict) or not isinstance(payload.get("diagnostics"), dict):
+    payload = json_object(path)
+    if not isinstance(payload.get("diagnostics"), dict):
         raise ValueError("no diagnostics")
     return payload
 
@@ -44,12 +54,21 @@ def _payload(path: Path) -> dict:
 def draw_run_dir(run_dir: Path, colour: str = "entropy") -> list[Path]:
     """Every picture of a run folder, from its artifacts: per model plot-<model>-grid.png,
     plot-<model>-trajectory.png, with several lenses plot-<model>-lenses.png and, with a fact
-    suite, plot-<model>-suite.png; with two models or more, plot-overlay.png. Every artifact is
-    read before anything is drawn."""
+    suite, plot-<model>-suite.png; with two models or more, plot-overlay.png; for an
+    activation-patching trace plot-<model>-patch.png. Every artifact is read before anything is
+    drawn."""
     run_dir = Path(run_dir)
     names = sorted(p.name[len("output-"):-len(".json")] for p in run_dir.glob("output-*.json"))
-    if not names:
+    patched = sorted(p.name[len("patch-"):-len(".json")] for p in run_dir.glob("patch-*.json"))
+    if not names and not patched:
         raise LensError(f"no mlx-lens artifacts in {run_dir}")
+    traces = {}  # name -> (table, summary, picture): a trace, or a suite's ("-suite")
+    for name in patched:
+        suite = name.endswith("-suite")
+        table = run_dir / (f"patch-{name}-aggregates.csv" if suite else f"patch-{name}.csv")
+        traces[name] = (_read(table, read_csv, _SUITE_PATCH_NEEDS if suite else _PATCH_NEEDS),
+                        _read(run_dir / f"patch-{name}.json", json_object),
+                        suite_heatmap if suite else heatmap)
     runs, tables, compared = {}, {}, {}
     for name in names:
         payload = _read(run_dir / f"output-{name}.json", _payload)
@@ -73,6 +92,10 @@ def draw_run_dir(run_dir: Path, colour: str = "entropy") -> list[Path]:
         if name in tables:
             written.append(save_png(suite_bands(tables[name], title=name),
                                  run_dir / f"plot-{name}-suite.png"))
+    for name, (frame, summary, draw) in traces.items():
+        model, suite = name.removesuffix("-suite"), name.endswith("-suite")
+        written.append(save_png(draw(frame, summary),
+                                run_dir / f"plot-{model}-patch{'-suite' * suite}.png"))
     if len(runs) >= 2:
         pictures = {name: (pure, payload) for name, (_, pure, payload) in runs.items()}
         written.append(save_png(overlay(pictures), run_dir / "plot-overlay.png"))

@@ -1,0 +1,212 @@
+"""Activation patching against computations that do not share its code: plain transformers
+forward hooks written here (replace a decoder layer's input, its attention module's output,
+its MLP's output, on the full model), every tiny architecture; MLX against torch; and the exact
+identities: restoring everything reproduces the clean run, restoring the corrupted run's own
+values changes nothing, bit for bit."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlx_lens.core import bounds
+from mlx_lens.core.numerics import log_softmax64
+from mlx_lens.experiment.patching import KINDS, one_at_a_time
+from mlx_lens.mlx.backend import MlxBackend
+from tests.lens_checks import backend_cache
+from tests.tiny_models import CONFIGS
+from torch_ref.backend import TorchBackend
+
+BACKENDS = {"torch": TorchBackend, "mlx": MlxBackend}
+CLEAN = "The capital of Germany is"
+CORRUPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dirs):
+    caches = {kind: backend_cache(cls, tiny_model_dirs) for kind, cls in BACKENDS.items()}
+    return lambda kind, name: caches[kind](name)
+
+
+def _pair(backend, answer: str = " Berlin Brandenburg"):
+    tok = backend.tokenizer
+    clean, corrupt = tok.encode(CLEAN), tok.encode(CORRUPT)
+    assert len(clean) == len(corrupt) and clean != corrupt
+    pieces = tok.encode(answer, add_special_tokens=False)
+    return clean + pieces[:-1], corrupt + pieces[:-1], pieces
+
+
+def _log2p(logits: np.ndarray, pieces: list[int]) -> np.ndarray:
+    logp = log_softmax64(np.asarray(logits, np.float64)) / np.log(2)
+    index = np.broadcast_to(np.asarray(pieces)[:, None], (*logp.shape[:-1], 1))
+    return np.take_along_axis(logp, index, -1)[..., 0]
+
+
+def _bound_bits(backend, x_norm: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """How far two fp32 evaluations of the model (its blocks, final norm and head) may put a
+    piece's log2 p apart: each within L + 1 length-d products of exact arithmetic (the parity
+    model of docs/numerics.md §4, a patched run included: its recorded start is within r
+    products, its blocks add L - r), so every logit within b and each log p within 2 max b
+    (§3)."""
+    info = backend.info
+    b = (bounds.dot_bound(x_norm, backend.head_row_norms(), info.d_model, 2 * (info.n_layers + 1))
+         + 2 * bounds.elementwise_bound(logits, backend.softcap))
+    return bounds.nats_to_bits(2 * b.max(-1))
+
+
+def _hooked(backend, ids, kind, block, position, values):
+    """Logits [T, V] of the full model on ids with values [T, d] put at `position` of `kind`
+    at `block`, by hooks on transformers' own modules (not torch_ref/patch.py); and a record
+    of every kind's clean values when `values` is None."""
+    spec = backend.spec
+    record = {k: [] for k in KINDS}
+    handles = []
+    for i, layer in enumerate(backend.blocks):
+        def pre(m, args, kwargs, i=i):
+            h = args[0] if args else kwargs["hidden_states"]
+            record["resid"].append(h[0].clone())
+            if values is not None and kind == "resid" and i == block:
+                h = h.clone()
+                h[0, position] = values[position]
+                return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+            return None
+
+        def post(kind_of, i=i):
+            def hook(m, args, out):
+                first = out[0] if isinstance(out, tuple) else out
+                record[kind_of].append(first[0].clone())
+                if values is not None and kind == kind_of and i == block:
+                    first = first.clone()
+                    first[0, position] = values[position]
+                    return (first, *out[1:]) if isinstance(out, tuple) else first
+                return None
+            return hook
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(getattr(layer, spec.attention).register_forward_hook(post("attn")))
+        handles.append(getattr(layer, spec.mlp).register_forward_hook(post("mlp")))
+    try:
+        with torch.no_grad():
+            out = backend.model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits[0].float().numpy(), record
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_torch_patching_matches_plain_transformers_hooks(loaded, name):
+    """Every kind at a middle block and at the subject's position, and at the last position:
+    the patched run (blocks from r on, a batch of variants) against the full model with one
+    hook replacing that one value, within two fp32 evaluations' bound."""
+    backend = loaded("torch", name)
+    clean_ids, corrupt_ids, pieces = _pair(backend)
+    n = len(pieces)
+    subject = next(t for t, (a, b) in enumerate(zip(clean_ids, corrupt_ids)) if a != b)
+    _, clean_values = _hooked(backend, clean_ids, None, None, None, None)
+    clean, corrupt = backend.record([clean_ids]), backend.record([corrupt_ids])
+    block = backend.info.n_layers // 2
+    last = len(clean_ids) - n  # the prompt's last position
+    for kind in KINDS:
+        z, norms = backend.patched_logits(corrupt, clean, kind, block, 1,
+                                          one_at_a_time([subject, last], len(clean_ids)), n)
+        for v, position in ((1, subject), (2, last)):
+            want, _ = _hooked(backend, corrupt_ids, kind, block, position,
+                              clean_values[kind][block])
+            got, exp = _log2p(z[v, 0], pieces), _log2p(want[-n:], pieces)
+            assert np.all(np.abs(got - exp) <= _bound_bits(backend, norms[v, 0], want[-n:])), kind
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("name", ["llama", "gemma3_sliding", "gpt_neox", "gpt2"])
+def test_exact_identities(loaded, kind, name):
+    """Bit for bit: restoring every position at row 0 (or the last row at the last position,
+    for the first piece) gives the clean run's own computation in the same batch shape;
+    restoring the corrupted run's own values changes nothing."""
+    backend = loaded(kind, name)
+    clean_ids, corrupt_ids, pieces = _pair(backend)
+    n, length = len(pieces), len(clean_ids)
+    clean, corrupt = backend.record([clean_ids]), backend.record([corrupt_ids])
+    everything = np.ones((2, 1, length), bool)
+    everything[0] = False  # the unpatched run, then every position restored
+    restored, _ = backend.patched_logits(corrupt, clean, "resid", 0, 1, everything, n)
+    own, _ = backend.patched_logits(clean, clean, "resid", 0, 1, everything, n)
+    assert np.array_equal(restored[1], own[1])
+    assert not np.array_equal(restored[0], own[0])  # the unpatched runs differ
+    layers = backend.info.n_layers
+    at_last = one_at_a_time([length - n], length)
+    restored, _ = backend.patched_logits(corrupt, clean, "resid", layers, 1, at_last, n)
+    own, _ = backend.patched_logits(clean, clean, "resid", layers, 1, at_last, n)
+    assert np.array_equal(restored[1, :, 0], own[1, :, 0])
+    for k in KINDS:
+        z, _ = backend.patched_logits(corrupt, corrupt, k, 1, 2, one_at_a_time(range(length), length),
+                                      n)
+        assert all(np.array_equal(z[v], z[0]) for v in range(1, len(z))), k
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_batched_patching_equals_one_at_a_time(loaded, kind):
+    """Within two fp32 evaluations' bound (a batch of 5 against batches of 2)."""
+    backend = loaded(kind, "qwen2")
+    clean_ids, corrupt_ids, pieces = _pair(backend)
+    n = len(pieces)
+    clean, corrupt = backend.record([clean_ids]), backend.record([corrupt_ids])
+    for k in KINDS:
+        length = len(clean_ids)
+        batched, norms = backend.patched_logits(corrupt, clean, k, 1, 1,
+                                                one_at_a_time(range(4), length), n)
+        for t in range(4):
+            alone, _ = backend.patched_logits(corrupt, clean, k, 1, 1, one_at_a_time([t], length),
+                                              n)
+            tol = _bound_bits(backend, norms[t + 1, 0], batched[t + 1, 0])
+            assert np.all(np.abs(_log2p(batched[t + 1, 0], pieces) - _log2p(alone[1, 0], pieces))
+                          <= tol), (k, t)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox", "phi3"])
+def test_mlx_patching_agrees_with_torch(loaded, name):
+    """Every patched run of every kind, MLX against torch: the parity model (each backend within
+    L + 1 products of exact arithmetic), per piece of both answers' log2 p."""
+    ref, cand = loaded("torch", name), loaded("mlx", name)
+    clean_ids, corrupt_ids, pieces = _pair(ref)
+    n, length = len(pieces), len(clean_ids)
+    runs = {k: (b.record([clean_ids]), b.record([corrupt_ids])) for k, b in
+            (("torch", ref), ("mlx", cand))}
+    variants = one_at_a_time(range(length), length)
+    for kind in KINDS:
+        for block in (0, ref.info.n_layers - 1):
+            za, norms = ref.patched_logits(*runs["torch"][::-1], kind, block, 1, variants, n)
+            zb, _ = cand.patched_logits(*runs["mlx"][::-1], kind, block, 1, variants, n)
+            tol = _bound_bits(ref, norms[:, 0], za[:, 0])
+            assert np.all(np.abs(_log2p(za[:, 0], pieces) - _log2p(zb[:, 0], pieces)) <= tol)
+
+
+def test_the_command_and_its_bad_input(tiny_model_dirs, tmp_path, capsys):
+    from mlx_lens.cli.main import main
+
+    model = str(tiny_model_dirs["llama"])
+    out = tmp_path / "out"
+    assert main(["patch", model, "--backend", "torch", "--clean", CLEAN, "--corrupt", CORRUPT,
+                 "--answer", "Berlin", "--corrupt-answer", "Paris", "--out_dir", str(out)]) == 0
+    summary = json.loads((out / "patch-llama.json").read_text())
+    assert summary["tokens"][summary["first_difference_position"]].strip() == "Germany"
+    assert {p.name for p in out.iterdir()} == {"patch-llama.parquet", "patch-llama.csv",
+                                               "patch-llama.json", "plot-llama-patch.png"}
+    import pandas as pd
+
+    frame = pd.read_parquet(out / "patch-llama.parquet")
+    length = len(summary["tokens"])
+    assert len(frame) == length * ((3 + 1) + 3 + 3)  # rows 0..L for resid, blocks for attn, mlp
+    capsys.readouterr()
+    for args, message in ((["--corrupt", "The capital city of France is"], "tokens"),
+                          (["--kinds", "resid,heads"], "unknown kind"),
+                          (["--window", "0"], "--window"),
+                          (["--answer", " "], "empty answer")):
+        target = tmp_path / "bad"
+        code = main(["patch", model, "--backend", "torch", "--clean", CLEAN, "--corrupt", CORRUPT,
+                     "--answer", "Berlin", *args, "--out_dir", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and len(err) == 1 and message in err[0], (args, err)
+        assert not target.exists()
