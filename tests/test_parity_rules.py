@@ -21,10 +21,10 @@ class Fixed:
         self.info = ModelInfo("fixed", "llama", len(logits) - 1, 64, 1, V, None, "fake", "cpu",
                               "float32", "float32")
 
-    def layer_logits(self, ids, lens):
+    def layer_logits(self, ids, lens, site="resid"):
         return self.logits
 
-    def lens_inputs(self, ids, lens):
+    def lens_inputs(self, ids, lens, site="resid"):
         x = np.zeros((len(self.logits), 1, 64), np.float32)
         x[..., 0] = self.x_norm
         return x

@@ -165,7 +165,7 @@ def test_batched_patching_equals_one_at_a_time(loaded, kind):
                           <= tol), (k, t)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_mlx_patching_agrees_with_torch(loaded, name):
     """Every patched run of every kind, MLX against torch: the parity model (each backend within
     L + 1 products of exact arithmetic), per piece of both answers' log2 p."""
