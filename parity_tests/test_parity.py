@@ -104,8 +104,8 @@ def test_suite_fails_with_the_wrong_norm(pair, monkeypatch):
 
     torch_backend, mlx = pair("llama")
     # MLX decodes every row through the next block's input norm while torch uses the final norm
-    monkeypatch.setattr(mlx, "_normed",
-                        lambda rows, lens, site="resid": MlxBackend._normed(mlx, rows, Lens("next-norm")))
+    monkeypatch.setattr(mlx, "_normed", lambda rows, lens, site="resid": MlxBackend._normed(
+        mlx, rows, Lens("next-norm")))
     report = compare(torch_backend, mlx, PROMPTS, FINAL_NORM, answer=None)
     assert any("logit discrepancy" in f for f in report.failures())
 
