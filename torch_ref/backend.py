@@ -7,7 +7,6 @@ Gemma's 1+w), decoded through an fp32 unembedding and the model's head transform
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -18,8 +17,9 @@ from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, Le
 from mlx_lens.core.errors import LensError, one_line
 from mlx_lens.core.lens import Lens, NormRef, Site, Translators
 from mlx_lens.core.progress import progress
-from mlx_lens.core.stats import batch_stats, last_positions, lens_sweeps, prompt_stats
-from mlx_lens.core.steering import Steering
+from mlx_lens.core.stats import (batch_stats, last_positions, lens_sweeps, prompt_stats,
+                                 site_rows)
+from mlx_lens.core.steering import Steerable
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
@@ -39,7 +39,7 @@ def _attr(obj, dotted: str):
     return obj
 
 
-class TorchBackend:
+class TorchBackend(Steerable):
     def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
                  device_map: dict | None = None):
         """device_map (module -> device, "disk" allowed): accelerate places the model so; without
@@ -100,17 +100,6 @@ class TorchBackend:
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
         self._head_norms: np.ndarray | None = None  # computed once per loaded model
-        self._steering: Steering | None = None  # added to the rows while `steered` holds
-
-    @contextmanager
-    def steered(self, steering: Steering):
-        """Within the block every capture adds the steering vectors to their rows (and the
-        blocks after them see the steered residual)."""
-        self._steering = steering.checked(self.info.n_layers, self.info.d_model)
-        try:
-            yield
-        finally:
-            self._steering = None
 
     def _steer(self, h: torch.Tensor, row: int) -> torch.Tensor:
         """h [B, T, d] with row's steering vector added (at its positions)."""
@@ -294,7 +283,7 @@ class TorchBackend:
         rows = [h[0] for h in self.capture([opts.forward_ids(ids)], mids=mids)]
         mids = None if mids is None else [m[0] for m in mids]
         at = [len(ids) - 1]  # the next-token position
-        return lens_sweeps(self._sites(rows, mids), lenses, 1, self.mid_kind() if mid else None,
+        return lens_sweeps(site_rows(rows, mids), lenses, 1, self.mid_kind() if mid else None,
                            lambda r, lens, site: [self._sweep_rows(r, opts, lens, site)],
                            lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
                            self._pairs)[0]
@@ -309,15 +298,10 @@ class TorchBackend:
         rows = self.capture(prompts, last=n, mids=mids)  # R x [B * n, d]
         at = list(range(0, len(prompts) * n, n))  # each prompt's next-token row
         return lens_sweeps(
-            self._sites(rows, mids), lenses, len(prompts), self.mid_kind() if mid else None,
+            site_rows(rows, mids), lenses, len(prompts), self.mid_kind() if mid else None,
             lambda r, lens, site: self._next_token_rows(r, scored, lens, top_k, site),
             lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
             self._pairs if pairs else None)
-
-    @staticmethod
-    def _sites(rows: list, mids: list | None) -> dict[Site, list]:
-        """The rows of each site: the middle rows end with the model's output row."""
-        return {"resid": rows} | ({"mid": [*mids, rows[-1]]} if mids is not None else {})
 
     def _pairs(self, decoded: list[torch.Tensor]) -> LensPairs:
         """Every pair of lenses at the same rows: one [R, B, d] per lens."""

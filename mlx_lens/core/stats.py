@@ -67,6 +67,11 @@ def batch_stats(out: dict, n_scored: int = 1) -> list[LayerStats]:
     return result
 
 
+def site_rows(rows: list, mids: list | None) -> dict[Site, list]:
+    """The rows of each site a capture kept: the middle rows end with the model's output row."""
+    return {"resid": rows} | ({"mid": [*mids, rows[-1]]} if mids is not None else {})
+
+
 def lens_sweeps(sites: dict[Site, list], lenses: Sequence[Lens], n_prompts: int,
                 mid_kind: str | None, decode: Callable, next_rows: Callable,
                 pairs: Callable | None) -> list[LensSweep]:

@@ -4,6 +4,7 @@ ones), the steered run then decoded by the lens as usual. Vectors travel as safe
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,3 +75,20 @@ def load(path: str | Path, scale: float = 1.0) -> Steering:
     if not vectors:
         raise LensError(f"{path} holds no steering vectors")
     return Steering(vectors, None, scale, {"file": str(path), **meta})
+
+
+class Steerable:
+    """A backend's steering state (both backends' capture reads `_steering`): `steered` holds it
+    for the block."""
+
+    _steering: Steering | None = None
+
+    @contextmanager
+    def steered(self, steering: Steering):
+        """Within the block every capture adds the steering vectors to their rows (and the
+        blocks after them see the steered residual)."""
+        self._steering = steering.checked(self.info.n_layers, self.info.d_model)
+        try:
+            yield
+        finally:
+            self._steering = None

@@ -26,8 +26,9 @@ from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, Le
 from mlx_lens.core.errors import LensError, one_line
 from mlx_lens.core.lens import Lens, NormRef, Site, Translators
 from mlx_lens.core.progress import progress
-from mlx_lens.core.stats import batch_stats, last_positions, lens_sweeps, prompt_stats
-from mlx_lens.core.steering import Steering
+from mlx_lens.core.stats import (batch_stats, last_positions, lens_sweeps, prompt_stats,
+                                 site_rows)
+from mlx_lens.core.steering import Steerable
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.placement import available_ram, pick_device, footprint
 from mlx_lens.loading.quiet import quiet_library_bars
@@ -92,7 +93,7 @@ def local_folder(source: ModelSource) -> Path:
         raise LensError(f"cannot fetch {source.hub_id}: {one_line(exc)}") from exc
 
 
-class MlxLens:
+class MlxLens(Steerable):
     """The producing part (mlx_lens/core/contract.py's Backend): load, capture, decode, sweep.
     The pipeline over several processes (mlx_lens/mlx/pipeline.py) is one of these too."""
 
@@ -168,17 +169,6 @@ class MlxLens:
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
         self._head_norms: np.ndarray | None = None  # computed once per loaded model
-        self._steering: Steering | None = None  # added to the rows while `steered` holds
-
-    @contextmanager
-    def steered(self, steering: Steering):
-        """Within the block every capture adds the steering vectors to their rows (and the
-        blocks after them see the steered residual)."""
-        self._steering = steering.checked(self.info.n_layers, self.info.d_model)
-        try:
-            yield
-        finally:
-            self._steering = None
 
     def _steer(self, h: mx.array, row: int) -> mx.array:
         """h [B, T, d] with row's steering vector added (at its positions)."""
@@ -416,7 +406,7 @@ class MlxBackend(MlxLens):
         rows = [h[0] for h in self.capture([opts.forward_ids(ids)], mids=mids)]
         mids = None if mids is None else [m[0] for m in mids]
         at = mx.array([len(ids) - 1])  # the next-token position
-        return lens_sweeps(self._sites(rows, mids), lenses, 1, self.mid_kind() if mid else None,
+        return lens_sweeps(site_rows(rows, mids), lenses, 1, self.mid_kind() if mid else None,
                            lambda r, lens, site: [self._sweep_rows(r, opts, lens, site)],
                            lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
                            self._pairs)[0]
@@ -430,15 +420,10 @@ class MlxBackend(MlxLens):
         rows = self.capture(prompts, last=n, mids=mids)  # R x [B * n, d]
         at = mx.arange(0, len(prompts) * n, n)  # each prompt's next-token row
         return lens_sweeps(
-            self._sites(rows, mids), lenses, len(prompts), self.mid_kind() if mid else None,
+            site_rows(rows, mids), lenses, len(prompts), self.mid_kind() if mid else None,
             lambda r, lens, site: self._next_token_rows(r, scored, lens, top_k, site),
             lambda r, lens, site: self._normed([h[at] for h in r], lens, site),
             self._pairs if pairs else None)
-
-    @staticmethod
-    def _sites(rows: list, mids: list | None) -> dict[Site, list]:
-        """The rows of each site: the middle rows end with the model's output row."""
-        return {"resid": rows} | ({"mid": [*mids, rows[-1]]} if mids is not None else {})
 
     def _pairs(self, decoded: list[mx.array]) -> LensPairs:
         """Every pair of lenses at the same rows: one [R, B, d] per lens."""
