@@ -53,7 +53,8 @@ def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
         for i, where in enumerate(("subject", "last")):
             rows = aggregates[(aggregates["kind"] == kind) & (aggregates["where"] == where)]
             layer = rows["layer"].to_numpy()
-            ax.plot(layer, rows["mean"], color=f"C{i}", label=f"at the {where}")
+            label = "at the subject" if where == "subject" else "at the last position"
+            ax.plot(layer, rows["mean"], color=f"C{i}", label=label)
             ax.fill_between(layer, rows["ci_low"], rows["ci_high"], color=f"C{i}", alpha=0.25)
         ax.set_title(_TITLES[kind], fontsize=9)
         ax.set_xlabel("layer")
