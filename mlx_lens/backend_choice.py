@@ -1,6 +1,7 @@
 """Choosing and loading a backend. Heavy frameworks are imported only once chosen."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 
@@ -14,6 +15,8 @@ BACKENDS = ("auto", "mlx", "torch")
 
 def mlx_gpu() -> str | None:
     """The GPU MLX would run on here (Metal, or mlx's CUDA build), or None."""
+    if platform.system() == "Linux" and not _mlx_cuda_installed():
+        return None  # mlx-cpu only: known without importing mlx (a torch run never loads it)
     try:
         import mlx.core as mx
     except ImportError:
@@ -22,6 +25,18 @@ def mlx_gpu() -> str | None:
         return "metal"
     cuda = getattr(mx, "cuda", None)
     return "cuda" if cuda is not None and cuda.is_available() else None
+
+
+def _mlx_cuda_installed() -> bool:
+    """Whether mlx's CUDA build is installed (`mlx[cuda]`: the mlx-cuda-12 or mlx-cuda-13 wheel,
+    mlx-cuda in older releases): on Linux, the only way MLX has a GPU."""
+    for name in ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda"):
+        try:
+            importlib.metadata.distribution(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
 
 
 def pick(name: str) -> tuple[str, str]:

@@ -85,6 +85,37 @@ def test_console_script_end_to_end(tiny_model_dirs, tmp_path):
     assert (tmp_path / "runs" / "run-latest" / "output-qwen3.json").is_file()
 
 
+def test_a_run_imports_only_what_it_uses(tiny_model_dirs, tmp_path):
+    """A torch run imports no mlx; matplotlib only to draw. The pictures are a phase of the
+    run's time line, and the command freezes its objects before the interpreter exits."""
+    code = ("import sys, gc; from mlx_lens.cli.main import command; "
+            "rc = command(sys.argv[1:]); "
+            "print('IMPORTED', *[m for m in ('mlx', 'mlx_lm', 'matplotlib') if m in sys.modules]); "
+            "print('FROZEN', gc.get_freeze_count() > 0); sys.exit(rc)")
+    model = str(tiny_model_dirs["llama"])
+    for extra, drawn in ((["--no-plots"], ""), ([], " matplotlib")):
+        proc = subprocess.run([sys.executable, "-c", code, "run", model, "--backend", "torch",
+                               "--no-probes", "--out_dir", str(tmp_path / "out"), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert f"IMPORTED{drawn}\n" in proc.stdout and "FROZEN True" in proc.stdout
+        time_line = next(x for x in proc.stdout.splitlines() if x.startswith("time:"))
+        assert ("pictures" in time_line) == bool(drawn)
+
+
+def test_auto_imports_no_mlx_without_a_gpu_build():
+    """On Linux, MLX has a GPU only through mlx's CUDA wheels: without them, --backend auto
+    picks torch without importing mlx."""
+    from mlx_lens import backend_choice
+
+    if sys.platform != "linux" or backend_choice._mlx_cuda_installed():
+        pytest.skip("MLX may have a GPU here: auto must import mlx to ask it")
+    code = ("import sys; from mlx_lens import backend_choice; "
+            "print(backend_choice.pick('auto')[0], 'mlx' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["torch", "False"], proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["/no/such/model"], "model not found"),
     (["{unsupported}"], "unsupported architecture 'bert'"),

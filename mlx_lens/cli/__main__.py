@@ -1,6 +1,6 @@
 """`python -m mlx_lens.cli`: the mlx-lens command."""
 import sys
 
-from mlx_lens.cli.main import main
+from mlx_lens.cli.main import command
 
-sys.exit(main())
+sys.exit(command())
