@@ -249,3 +249,40 @@ def test_an_onset_is_undecided_only_where_some_lead_within_its_bound_could_move_
     outcomes = {onset(lead + bound * np.array(signs).reshape(lead.shape))
                 for signs in product([-1.0, 1.0], repeat=lead.size)}
     assert rows.onset(threshold, run) == (outcomes.pop() if len(outcomes) == 1 else UNDECIDED)
+
+
+@FEW
+@given(values=hnp.arrays(np.float64, st.integers(1, 300),
+                         elements=st.sampled_from([-np.inf, -3.0, -1.0, 0.0, 0.5, 2.0, np.inf,
+                                                   np.nan, 7.25])),
+       k=st.integers(0, 40))
+def test_top_k_is_the_stable_sorts_first_k(values, k):
+    """core.numerics.top_k (the probes' top-k in O(n)) against a stable sort of the whole
+    array, with many ties, infinities and NaN."""
+    from mlx_lens.core.numerics import top_k
+
+    np.testing.assert_array_equal(top_k(values, k), np.argsort(-values, kind="stable")[:k])
+    finite = values[np.isfinite(values)]
+    np.testing.assert_array_equal(top_k(finite, k), np.argsort(-finite, kind="stable")[:k])
+
+
+@FEW
+@given(lengths=st.lists(st.integers(1, 40), max_size=9))
+def test_length_batches_cover_every_prompt_at_least_cost(lengths):
+    """The probes' batches: every prompt once, and no cut of the sorted lengths into
+    consecutive batches pads fewer tokens for as many forward passes (brute force)."""
+    from itertools import combinations
+
+    from mlx_lens.experiment.single import length_batches
+
+    batches = length_batches(lengths)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    call = max(lengths, default=0)
+
+    def cost(groups):
+        return sum(len(g) * max(g) + call for g in groups)
+
+    ordered = sorted(lengths)
+    cuts = [[ordered[a:b] for a, b in zip((0, *c), (*c, len(ordered)))]
+            for k in range(len(ordered)) for c in combinations(range(1, len(ordered)), k)]
+    assert cost([[lengths[i] for i in b] for b in batches]) == min(map(cost, cuts), default=0)

@@ -352,7 +352,9 @@ class TorchBackend(Steerable):
     @torch.no_grad()
     def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
         x = torch.tensor([list(ids)], device=self.input_device)
-        return self.model(input_ids=x, use_cache=False).logits[0, -1].float().cpu().numpy()
+        # the head at the last position only: the check reads no other
+        out = self.model(input_ids=x, use_cache=False, logits_to_keep=1)
+        return out.logits[0, -1].float().cpu().numpy()
 
     @torch.no_grad()
     def residuals(self, ids: Sequence[int], site: Site = "resid") -> np.ndarray:
