@@ -207,3 +207,29 @@ def test_write_suite_tables_leaves_no_temporary_files(tmp_path):
 def test_read_suite_table_refuses_other_formats(tmp_path):
     with pytest.raises(ValueError, match="suite table"):
         read_suite_table(tmp_path / "suite-m-layers.json")
+
+
+def test_pooled_ratio_weighs_facts_by_their_denominator():
+    """The patching suite's pooled recovery: sum of numerators over sum of denominators per
+    column, a fact missing either left out; a fact whose baselines nearly agree moves it as
+    little as its denominator weighs, while it dominates a mean of ratios; a constant ratio is
+    a point, its CI included; each resample is a denominator-weighted mean of the facts'
+    ratios, so with positive denominators the CI lies within their range."""
+    from mlx_lens.experiment.aggregates import pooled_ratio, summarise
+
+    rng = np.random.default_rng(0)
+    den = rng.uniform(5, 20, (30, 3))
+    num = den * rng.uniform(0.8, 1.0, (30, 3))
+    num[0, 0], den[0, 0] = 4.0, 0.1  # ratio 40
+    num[1, 1] = np.nan
+    out = pooled_ratio(num, den)
+    keep = np.isfinite(num)
+    want = [num[keep[:, k], k].sum() / den[keep[:, k], k].sum() for k in range(3)]
+    np.testing.assert_allclose(out["pooled"], want, rtol=1e-12)
+    ratios = num / den
+    assert summarise(ratios)["mean"][0] > 2 and out["pooled"][0] < 1.2
+    assert np.all(out["pooled_ci_low"] >= np.nanmin(ratios, 0))
+    assert np.all(out["pooled_ci_high"] <= np.nanmax(ratios, 0))
+    constant = pooled_ratio(0.5 * den, den)
+    for key in ("pooled", "pooled_ci_low", "pooled_ci_high"):
+        np.testing.assert_allclose(constant[key], 0.5, rtol=1e-12)

@@ -210,3 +210,44 @@ def test_the_command_and_its_bad_input(tiny_model_dirs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and len(err) == 1 and message in err[0], (args, err)
         assert not target.exists()
+
+
+def test_a_fact_suite_trace(tiny_model_dirs, tmp_path, capsys):
+    """`mlx-lens patch --facts`: facts that cannot be aligned are listed and skipped, one line
+    each; per fact, kind, place and layer the recovery is its metric against that fact's own
+    baselines; the aggregates are the per-fact mean and median and the pooled recovery,
+    sum(patched - corrupt) / sum(clean - corrupt) over facts; the picture is drawn."""
+    import pandas as pd
+
+    from mlx_lens.cli.main import main
+
+    facts = tmp_path / "facts.jsonl"
+    rows = [{"id": "de", "prompt": CLEAN, "answer": "Berlin", "control_prompt": CORRUPT,
+             "control_answer": "Paris"},
+            {"id": "fr", "prompt": CORRUPT, "answer": "Paris", "control_prompt": CLEAN,
+             "control_answer": "Berlin"},
+            {"id": "longer", "prompt": "The capital city of Germany is", "answer": "Berlin",
+             "control_prompt": CORRUPT, "control_answer": "Paris"},
+            {"id": "alone", "prompt": CLEAN, "answer": "Berlin"}]
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["patch", str(tiny_model_dirs["llama"]), "--backend", "torch", "--facts",
+                 str(facts), "--kinds", "resid,mlp", "--out_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped longer: the prompt is" in printed and "skipped alone: no control" in printed
+    assert "2 of 4 facts patched" in printed
+    long = pd.read_parquet(out / "patch-llama-suite-layers.parquet")
+    assert set(long["fact_id"]) == {"de", "fr"} and set(long["kind"]) == {"resid", "mlp"}
+    np.testing.assert_allclose(long["recovery"], (long["metric"] - long["corrupt_metric"])
+                               / (long["clean_metric"] - long["corrupt_metric"]), rtol=1e-12)
+    aggregates = pd.read_parquet(out / "patch-llama-suite-aggregates.parquet")
+    for (kind, where, layer), part in long.groupby(["kind", "where", "layer"]):
+        row = aggregates[(aggregates["kind"] == kind) & (aggregates["where"] == where)
+                         & (aggregates["layer"] == layer)].iloc[0]
+        assert row["n"] == 2
+        np.testing.assert_allclose(row["mean"], part["recovery"].mean(), rtol=1e-9)
+        np.testing.assert_allclose(row["median"], part["recovery"].median(), rtol=1e-9)
+        pooled = ((part["metric"] - part["corrupt_metric"]).sum()
+                  / (part["clean_metric"] - part["corrupt_metric"]).sum())
+        np.testing.assert_allclose(row["pooled"], pooled, rtol=1e-9)
+    assert (out / "plot-llama-patch-suite.png").stat().st_size > 0

@@ -78,20 +78,51 @@ def summarise(values: np.ndarray, seed: int = 0, n_boot: int = 2000,
     dev = np.where(valid, values - median, 0.0)
     mean = median + np.divide(dev.sum(0), n, out=np.full(k, np.nan), where=n > 0)
 
-    # One draw of facts per group, shared by every layer and metric: times[b, j] is how often
-    # resample b drew fact j. A fact missing at some (layer, metric) is still drawn but adds
-    # nothing there, so each resample's mean is the nanmean over the facts it drew (its size
-    # varies around n); a resample that drew none is NaN and left out of the percentiles.
-    draws = np.random.default_rng(seed).integers(0, n_facts, size=(n_boot, n_facts))
-    flat = (np.arange(n_boot)[:, None] * n_facts + draws).ravel()
-    times = np.bincount(flat, minlength=n_boot * n_facts).reshape(n_boot, n_facts).astype(float)
+    # A fact missing at some (layer, metric) is still drawn but adds nothing there, so each
+    # resample's mean is the nanmean over the facts it drew (its size varies around n); a
+    # resample that drew none is NaN and left out of the percentiles.
+    times = _resamples(n_facts, seed, n_boot)
     counts = times @ valid
     boot = median + np.divide(times @ dev, counts, out=np.full((n_boot, k), np.nan),
                               where=counts > 0)
-    ci = np.full((2, k), np.nan)
+    ci = _percentiles(boot, level)
+    return {"n": n, "mean": mean, "median": median, "ci_low": ci[0], "ci_high": ci[1]}
+
+
+def pooled_ratio(numerator: np.ndarray, denominator: np.ndarray, seed: int = 0,
+                 n_boot: int = 2000, level: float = 0.95) -> dict[str, np.ndarray]:
+    """sum(numerator) / sum(denominator) over the facts of each column of [facts, K] (a fact
+    missing either left out), with the percentile-bootstrap CI over facts (summarise's
+    resamples). A normalised metric pooled so, as TransformerLens normalises a patching metric
+    by baselines averaged over the batch, weighs each fact by its denominator: a fact whose two
+    baselines nearly agree cannot dominate, as its own ratio would in a mean of ratios."""
+    n_facts, k = numerator.shape
+    valid = np.isfinite(numerator) & np.isfinite(denominator)
+    num, den = np.where(valid, numerator, 0.0), np.where(valid, denominator, 0.0)
+    pooled = np.divide(num.sum(0), den.sum(0), out=np.full(k, np.nan), where=den.sum(0) != 0)
+    times = _resamples(n_facts, seed, n_boot)
+    boot_den = times @ den
+    boot = np.divide(times @ num, boot_den, out=np.full((n_boot, k), np.nan),
+                     where=boot_den != 0)
+    ci = _percentiles(boot, level)
+    return {"pooled": pooled, "pooled_ci_low": ci[0], "pooled_ci_high": ci[1]}
+
+
+def _resamples(n_facts: int, seed: int, n_boot: int) -> np.ndarray:
+    """times[b, j]: how often bootstrap resample b drew fact j; one draw of facts per group,
+    shared by every layer and metric."""
+    draws = np.random.default_rng(seed).integers(0, n_facts, size=(n_boot, n_facts))
+    flat = (np.arange(n_boot)[:, None] * n_facts + draws).ravel()
+    return np.bincount(flat, minlength=n_boot * n_facts).reshape(n_boot, n_facts).astype(float)
+
+
+def _percentiles(boot: np.ndarray, level: float) -> np.ndarray:
+    """[2, K]: the central `level` interval of each column's resampled values (NaN ones left
+    out; NaN where none is finite)."""
+    ci = np.full((2, boot.shape[1]), np.nan)
     drawn = np.isfinite(boot).any(0)
     ci[:, drawn] = np.nanquantile(boot[:, drawn], [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return {"n": n, "mean": mean, "median": median, "ci_low": ci[0], "ci_high": ci[1]}
+    return ci
 
 
 def layer_aggregates(long: pd.DataFrame, seed: int = 0, n_boot: int = 2000,

@@ -24,7 +24,7 @@ from mlx_lens.core.contract import Backend
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.progress import progress
-from mlx_lens.experiment.aggregates import summarise
+from mlx_lens.experiment.aggregates import pooled_ratio, summarise
 from mlx_lens.experiment.facts import encode_facts
 from mlx_lens.experiment.frames import TokenNames
 from mlx_lens.experiment.single import answer_token_ids, encode_prompt
@@ -186,7 +186,8 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
 @dataclass
 class PatchSuiteResult:
     long: pd.DataFrame  # per fact, kind, layer and where ("last" position, or the "subject")
-    aggregates: pd.DataFrame  # per kind, where and layer: recovery's n, mean, median, 95% CI
+    # per kind, where and layer: recovery's n, mean, median, 95% CI; pooled over facts, its CI
+    aggregates: pd.DataFrame
     skipped: list[str]  # one line per fact left out, and why
     summary: dict
 
@@ -290,13 +291,20 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                             "pos": [len(f.ids) - 1 for f in chunk] if v == 1 else got["subject"],
                             "answer_log2p": a[v], "corrupt_answer_log2p": c[v], "metric": metric,
                             "recovery": (metric - corrupt) / (clean - corrupt),
-                            "batch_baseline_delta": np.abs(a[0] - got["answer", "corrupt"])}))
+                            "batch_baseline_delta": np.abs(a[0] - got["answer", "corrupt"]),
+                            "clean_metric": clean, "corrupt_metric": corrupt}))
     long = pd.concat(frames, ignore_index=True)
     rows = []
     for (kind, where), part in long.groupby(["kind", "where"], sort=False):
-        cube = part.pivot(index="fact_id", columns="layer", values="recovery")
-        stats = summarise(cube.to_numpy(dtype=float))
-        rows.append(pd.DataFrame({"kind": kind, "where": where, "layer": cube.columns, **stats}))
+        def cube(values: pd.Series) -> np.ndarray:  # [facts, layers]
+            return part.assign(v=values).pivot(index="fact_id", columns="layer",
+                                               values="v").to_numpy(dtype=float)
+
+        pooled = pooled_ratio(cube(part["metric"] - part["corrupt_metric"]),
+                              cube(part["clean_metric"] - part["corrupt_metric"]))
+        layers = np.sort(part["layer"].unique())
+        rows.append(pd.DataFrame({"kind": kind, "where": where, "layer": layers,
+                                  **summarise(cube(part["recovery"])), **pooled}))
     aggregates = pd.concat(rows, ignore_index=True)
     summary = {"model": backend.info.name, "backend": backend.info.backend, "window": window,
                "kinds": list(kinds), "facts": len(facts), "patched": len(usable),

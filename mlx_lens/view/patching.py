@@ -44,9 +44,12 @@ def heatmap(frame: pd.DataFrame, summary: dict) -> Figure:
 
 @styled
 def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
-    """A fact suite's trace: per kind, the mean recovery over facts per layer with its 95%
-    bootstrap band, restored at the prompt's last position and at the subject."""
+    """A fact suite's trace: per kind, the recovery pooled over facts per layer (the mean in a
+    folder written before it was pooled) with its 95% bootstrap band, restored at the prompt's
+    last position and at the subject."""
     kinds = [k for k in summary["kinds"] if k in set(aggregates["kind"])]
+    value = "pooled" if "pooled" in aggregates else "mean"
+    low, high = (f"{value}_ci_low", f"{value}_ci_high") if value == "pooled" else ("ci_low", "ci_high")
     fig = Figure(figsize=(4.0 * len(kinds), 3.8), dpi=DPI, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(kinds), sharey=True))
     for ax, kind in zip(axes, kinds):
@@ -54,12 +57,13 @@ def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
             rows = aggregates[(aggregates["kind"] == kind) & (aggregates["where"] == where)]
             layer = rows["layer"].to_numpy()
             label = "at the subject" if where == "subject" else "at the last position"
-            ax.plot(layer, rows["mean"], color=f"C{i}", label=label)
-            ax.fill_between(layer, rows["ci_low"], rows["ci_high"], color=f"C{i}", alpha=0.25)
+            ax.plot(layer, rows[value], color=f"C{i}", label=label)
+            ax.fill_between(layer, rows[low], rows[high], color=f"C{i}", alpha=0.25)
         ax.set_title(_TITLES[kind], fontsize=9)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("recovery (mean, 95% band)")
+    axes[0].set_ylabel(f"recovery ({'pooled over facts' if value == 'pooled' else 'mean'}, "
+                       "95% band)")
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"{summary['model']}: restoring each fact against its control "
                  f"({summary['patched']} of {summary['facts']} facts)", fontsize=10)
