@@ -2,8 +2,8 @@
 """Benchmark: what a lens sweep costs against its floor, and against the original's loop.
 
 For each model and prompt length T it times, interleaved over repetitions (min and median):
-  forward   the model's forward pass alone, in the backend's own framework (transformers'
-            model, mlx-lm's model)
+  forward   the model's forward pass without its head, in the backend's own framework
+            (transformers' base model, mlx-lm's inner model)
   gemm      one fp32 GEMM of the lens size in that framework: all L+1 normalised states x the
             unembedding (the floor of any lens is forward + gemm: 2 (L+1) T d V FLOPs,
             docs/stack.md)
@@ -81,14 +81,17 @@ def large_vocab_model() -> Path:
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry (Linux): free heap memory is returned to
-    the system first (malloc_trim), so new allocations must fault in pages, and the kernel's
-    high-water mark (VmHWM) is reset (clear_refs 5), so it then records this block's peak."""
+    """Peak resident memory above the level at entry (Linux; NaN elsewhere): free heap memory
+    is returned to the system first (malloc_trim), so new allocations must fault in pages, and
+    the kernel's high-water mark (VmHWM) is reset (clear_refs 5), so it then records this
+    block's peak."""
 
     def __enter__(self):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        self.base = self._status("VmRSS")
+        self.linux = Path("/proc/self/clear_refs").exists()
+        if self.linux:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._status("VmRSS")
         return self
 
     @staticmethod
@@ -99,7 +102,7 @@ class PeakRSS:
         raise KeyError(field)
 
     def __exit__(self, *exc):
-        self.extra = self._status("VmHWM") - self.base
+        self.extra = self._status("VmHWM") - self.base if self.linux else math.nan
 
 
 def original_loop(backend, ids: list[int], rows: list[torch.Tensor]) -> list:
@@ -146,23 +149,68 @@ class PeakMlx:
         self.extra = mx.get_peak_memory() - self.base
 
 
+class Framework:
+    """The model's own computations on this backend's framework (transformers', mlx-lm's), for
+    the floors: each call evaluates (MLX is lazy), without gradients (torch)."""
+
+    def __init__(self, backend):
+        self.backend, self.torch = backend, backend.info.backend == "torch"
+        self.w = backend.head.weight.float() if self.torch else \
+            backend._weight_rows(0, backend.info.vocab)  # the fp32 unembedding, once
+
+    def body(self, batch: list[list[int]]) -> None:
+        """The model without its head (the lens decodes the rows itself) on right-padded
+        prompts."""
+        width = max(len(ids) for ids in batch)
+        padded = [list(ids) + [0] * (width - len(ids)) for ids in batch]
+        if self.torch:
+            with torch.no_grad():
+                self.backend.model.base_model(input_ids=torch.tensor(padded), use_cache=False)
+        else:
+            import mlx.core as mx
+
+            mx.eval(self.backend.model.model(mx.array(padded)))
+
+    def head(self, x) -> None:
+        """One fp32 GEMM of rows x [n, d] by the whole unembedding."""
+        if self.torch:
+            with torch.no_grad():
+                x @ self.w.T
+        else:
+            import mlx.core as mx
+
+            mx.eval(x @ self.w.T)
+
+    def output(self, ids: list[int]) -> None:
+        """The whole model with its head, as the framework check runs it (transformers: the
+        head at the last position only; mlx-lm's forward has no such option)."""
+        if self.torch:
+            with torch.no_grad():
+                self.backend.model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+        else:
+            import mlx.core as mx
+
+            mx.eval(self.backend.model(mx.array([ids])))
+
+    def lens_rows(self, ids: list[int]):
+        """All L+1 final-normed rows at every position, [(L+1) T, d] fp32, on the device."""
+        with torch.no_grad():
+            x = self.backend._normed(self.backend._rows(ids), FINAL_NORM)
+        x = x.reshape(-1, self.backend.info.d_model)
+        if not self.torch:
+            import mlx.core as mx
+
+            mx.eval(x)
+        return x
+
+
 def floor_runs(backend, ids: list[int]) -> dict:
     """The floor of a lens on this backend, in its own framework: the model's forward pass
-    (the framework's own, head included) and one fp32 GEMM of all L+1 final-normed rows at
-    every position by the whole unembedding, each evaluated (MLX is lazy)."""
-    if backend.info.backend == "torch":
-        with torch.no_grad():
-            x = backend._normed(backend._rows(ids), FINAL_NORM).reshape(-1, backend.info.d_model)
-        w = backend.head.weight.float()
-        return {"forward": lambda: backend.model(input_ids=torch.tensor([ids]), use_cache=False),
-                "gemm": lambda: x @ w.T}
-    import mlx.core as mx
-
-    x = backend._normed(backend._rows(ids), FINAL_NORM).reshape(-1, backend.info.d_model)
-    w = backend._weight_rows(0, backend.info.vocab)
-    mx.eval(x, w)
-    return {"forward": lambda: mx.eval(backend.model(mx.array([ids]))),
-            "gemm": lambda: mx.eval(x @ w.T)}
+    without its head, and one fp32 GEMM of all L+1 final-normed rows at every position by the
+    whole unembedding (which covers the head's own GEMM)."""
+    framework = Framework(backend)
+    x = framework.lens_rows(ids)
+    return {"forward": lambda: framework.body([ids]), "gemm": lambda: framework.head(x)}
 
 
 def bench_case(backend, T: int, reps: int, rng) -> dict:
