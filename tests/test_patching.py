@@ -226,6 +226,8 @@ def test_a_fact_suite_trace(tiny_model_dirs, tmp_path, capsys):
              "control_answer": "Paris"},
             {"id": "fr", "prompt": CORRUPT, "answer": "Paris", "control_prompt": CLEAN,
              "control_answer": "Berlin"},
+            {"id": "it", "prompt": "The capital of Italy is", "answer": "Rome",
+             "control_prompt": "The capital of Spain is", "control_answer": "Madrid"},
             {"id": "longer", "prompt": "The capital city of Germany is", "answer": "Berlin",
              "control_prompt": CORRUPT, "control_answer": "Paris"},
             {"id": "alone", "prompt": CLEAN, "answer": "Berlin"}]
@@ -235,19 +237,24 @@ def test_a_fact_suite_trace(tiny_model_dirs, tmp_path, capsys):
                  str(facts), "--kinds", "resid,mlp", "--out_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "skipped longer: the prompt is" in printed and "skipped alone: no control" in printed
-    assert "2 of 4 facts patched" in printed
+    assert "3 of 5 facts patched" in printed
     long = pd.read_parquet(out / "patch-llama-suite-layers.parquet")
-    assert set(long["fact_id"]) == {"de", "fr"} and set(long["kind"]) == {"resid", "mlp"}
-    np.testing.assert_allclose(long["recovery"], (long["metric"] - long["corrupt_metric"])
-                               / (long["clean_metric"] - long["corrupt_metric"]), rtol=1e-12)
+    assert set(long["fact_id"]) == {"de", "fr", "it"} and set(long["kind"]) == {"resid", "mlp"}
+    gap = long["clean_metric"] - long["corrupt_metric"]
+    np.testing.assert_allclose(long["recovery"], (long["metric"] - long["corrupt_metric"]) / gap,
+                               rtol=1e-12)
+    summary = json.loads((out / "patch-llama-suite.json").read_text())
+    assert sorted(summary["gap_not_positive"]) == sorted(set(long["fact_id"][gap <= 0]))
     aggregates = pd.read_parquet(out / "patch-llama-suite-aggregates.parquet")
     for (kind, where, layer), part in long.groupby(["kind", "where", "layer"]):
         row = aggregates[(aggregates["kind"] == kind) & (aggregates["where"] == where)
                          & (aggregates["layer"] == layer)].iloc[0]
-        assert row["n"] == 2
+        assert row["n"] == 3
         np.testing.assert_allclose(row["mean"], part["recovery"].mean(), rtol=1e-9)
         np.testing.assert_allclose(row["median"], part["recovery"].median(), rtol=1e-9)
         pooled = ((part["metric"] - part["corrupt_metric"]).sum()
                   / (part["clean_metric"] - part["corrupt_metric"]).sum())
         np.testing.assert_allclose(row["pooled"], pooled, rtol=1e-9)
+    # the facts' gaps differ (de and fr mirror each other, it does not): pooling is no mean
+    assert not np.allclose(aggregates["pooled"], aggregates["mean"])
     assert (out / "plot-llama-patch-suite.png").stat().st_size > 0

@@ -94,8 +94,9 @@ def pooled_ratio(numerator: np.ndarray, denominator: np.ndarray, seed: int = 0,
     """sum(numerator) / sum(denominator) over the facts of each column of [facts, K] (a fact
     missing either left out), with the percentile-bootstrap CI over facts (summarise's
     resamples). A normalised metric pooled so, as TransformerLens normalises a patching metric
-    by baselines averaged over the batch, weighs each fact by its denominator: a fact whose two
-    baselines nearly agree cannot dominate, as its own ratio would in a mean of ratios."""
+    by baselines averaged over the batch, weighs each fact by its denominator: where the
+    denominators share a sign, a fact whose two baselines nearly agree cannot dominate, as its
+    own ratio would in a mean of ratios (a fact of the other sign counts against the rest)."""
     n_facts, k = numerator.shape
     valid = np.isfinite(numerator) & np.isfinite(denominator)
     num, den = np.where(valid, numerator, 0.0), np.where(valid, denominator, 0.0)

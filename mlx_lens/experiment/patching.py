@@ -192,7 +192,8 @@ class PatchSuiteResult:
     summary: dict
 
     def plot(self):
-        """The suite's mean recovery per kind, layer and where, a matplotlib Figure."""
+        """The suite's recovery pooled over facts per kind, layer and where, a matplotlib
+        Figure."""
         from mlx_lens.view.patching import suite_heatmap  # matplotlib is imported only to draw
 
         return suite_heatmap(self.aggregates, self.summary)
@@ -270,7 +271,7 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
     for f in usable:
         by_shape.setdefault((len(f.ids), len(f.answer_ids), len(f.control_answer_ids)),
                             []).append(f)
-    frames = []
+    frames, inverted = [], []
     for same in progress(list(by_shape.values()), "fact batches"):
         b = batch or max(1, batch_size(backend, len(same[0].ids) + 4) // 3)
         for first in range(0, len(same), b):
@@ -278,6 +279,8 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
             got = _suite_batch(backend, chunk, kinds, window)
             clean = got["answer", "clean"] - got["corrupt_answer", "clean"]
             corrupt = got["answer", "corrupt"] - got["corrupt_answer", "corrupt"]
+            gap = clean - corrupt  # recovery's denominator: NaN where there is none
+            inverted += [f.fact.id for f, g in zip(chunk, gap) if g <= 0]
             for kind in kinds:
                 for r in range(backend.info.n_layers + 1 if kind == "resid" else
                                backend.info.n_layers):
@@ -290,7 +293,8 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                             "where": where,
                             "pos": [len(f.ids) - 1 for f in chunk] if v == 1 else got["subject"],
                             "answer_log2p": a[v], "corrupt_answer_log2p": c[v], "metric": metric,
-                            "recovery": (metric - corrupt) / (clean - corrupt),
+                            "recovery": np.divide(metric - corrupt, gap, where=gap != 0,
+                                                  out=np.full(len(chunk), np.nan)),
                             "batch_baseline_delta": np.abs(a[0] - got["answer", "corrupt"]),
                             "clean_metric": clean, "corrupt_metric": corrupt}))
     long = pd.concat(frames, ignore_index=True)
@@ -309,6 +313,9 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
     summary = {"model": backend.info.name, "backend": backend.info.backend, "window": window,
                "kinds": list(kinds), "facts": len(facts), "patched": len(usable),
                "skipped": skipped,
+               # the clean prompt does not favour its answer more than the corrupted one: these
+               # facts' recoveries read the wrong way round, and count against the pooled one
+               "gap_not_positive": inverted,
                "metric": "log2 p(answer) - log2 p(control answer), both teacher-forced",
                "corruption": "each fact's control prompt"}
     return PatchSuiteResult(long, aggregates, skipped, summary)

@@ -48,8 +48,9 @@ def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
     folder written before it was pooled) with its 95% bootstrap band, restored at the prompt's
     last position and at the subject."""
     kinds = [k for k in summary["kinds"] if k in set(aggregates["kind"])]
-    value = "pooled" if "pooled" in aggregates else "mean"
-    low, high = (f"{value}_ci_low", f"{value}_ci_high") if value == "pooled" else ("ci_low", "ci_high")
+    pooled = "pooled" in aggregates
+    value, low, high = ("pooled", "pooled_ci_low", "pooled_ci_high") if pooled else \
+        ("mean", "ci_low", "ci_high")
     fig = Figure(figsize=(4.0 * len(kinds), 3.8), dpi=DPI, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(kinds), sharey=True))
     for ax, kind in zip(axes, kinds):
@@ -62,8 +63,7 @@ def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
         ax.set_title(_TITLES[kind], fontsize=9)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"recovery ({'pooled over facts' if value == 'pooled' else 'mean'}, "
-                       "95% band)")
+    axes[0].set_ylabel(f"recovery ({'pooled over facts' if pooled else 'mean'}, 95% band)")
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"{summary['model']}: restoring each fact against its control "
                  f"({summary['patched']} of {summary['facts']} facts)", fontsize=10)
