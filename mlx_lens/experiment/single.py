@@ -160,8 +160,8 @@ def length_batches(lengths: list[int]) -> list[list[int]]:
     """The prompts of these lengths (their indices) in right-padded batches: sorted by length
     and cut where it saves padded tokens, at the price of one more forward pass costed as the
     longest prompt's tokens (an optimal cut, by dynamic programming over the sorted lengths).
-    The 15 probes on SmolLM2's tokenizer (5 to 18 tokens): 2 batches of 189 tokens rather
-    than one of 270."""
+    The 14 probes and the prompt on SmolLM2's tokenizer (5 to 18 tokens): 2 batches of 189
+    tokens rather than one of 270."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n, call = len(order), max(lengths, default=0)
     # best[j]: least cost of the first j prompts; cut[j]: where their last batch starts
@@ -180,7 +180,8 @@ def length_batches(lengths: list[int]) -> list[list[int]]:
 
 def final_logits(backend: Backend, prompts: list[list[int]]) -> list[np.ndarray]:
     """Each prompt's last-row logits (the probes'), in batches of similar length: a causal
-    model's rows do not depend on the pads after them, so only the padding's cost changes."""
+    model's rows do not depend on the pads after them, so what changes is the padding's cost
+    (and the rounding, as another batch shape may round differently)."""
     out: list[np.ndarray | None] = [None] * len(prompts)
     for batch in length_batches([len(p) for p in prompts]):
         for i, z in zip(batch, backend.final_logits([prompts[i] for i in batch])):
