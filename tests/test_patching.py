@@ -228,6 +228,9 @@ def test_a_fact_suite_trace(tiny_model_dirs, tmp_path, capsys):
              "control_answer": "Berlin"},
             {"id": "it", "prompt": "The capital of Italy is", "answer": "Rome",
              "control_prompt": "The capital of Spain is", "control_answer": "Madrid"},
+            # de with its answers swapped: its gap is minus de's, so one of the two is named
+            {"id": "swapped", "prompt": CLEAN, "answer": "Paris", "control_prompt": CORRUPT,
+             "control_answer": "Berlin"},
             {"id": "longer", "prompt": "The capital city of Germany is", "answer": "Berlin",
              "control_prompt": CORRUPT, "control_answer": "Paris"},
             {"id": "alone", "prompt": CLEAN, "answer": "Berlin"}]
@@ -237,19 +240,24 @@ def test_a_fact_suite_trace(tiny_model_dirs, tmp_path, capsys):
                  str(facts), "--kinds", "resid,mlp", "--out_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "skipped longer: the prompt is" in printed and "skipped alone: no control" in printed
-    assert "3 of 5 facts patched" in printed
+    assert "4 of 6 facts patched" in printed
     long = pd.read_parquet(out / "patch-llama-suite-layers.parquet")
-    assert set(long["fact_id"]) == {"de", "fr", "it"} and set(long["kind"]) == {"resid", "mlp"}
+    assert set(long["fact_id"]) == {"de", "fr", "it", "swapped"} and set(long["kind"]) == {"resid", "mlp"}
     gap = long["clean_metric"] - long["corrupt_metric"]
     np.testing.assert_allclose(long["recovery"], (long["metric"] - long["corrupt_metric"]) / gap,
                                rtol=1e-12)
     summary = json.loads((out / "patch-llama-suite.json").read_text())
-    assert sorted(summary["gap_not_positive"]) == sorted(set(long["fact_id"][gap <= 0]))
+    inverted = sorted(set(long["fact_id"][gap <= 0]))
+    assert len(set(inverted) & {"de", "swapped"}) == 1
+    assert sorted(summary["gap_not_positive"]) == inverted
+    assert f"{len(inverted)} where the clean prompt does not favour" in printed
     aggregates = pd.read_parquet(out / "patch-llama-suite-aggregates.parquet")
+    # Below: the same stored float64 numbers summed in another order, a few terms each: an error
+    # of ~n eps = 1e-15 of the terms' size; rtol 1e-9 leaves a cancellation of 1e6 in the sums.
     for (kind, where, layer), part in long.groupby(["kind", "where", "layer"]):
         row = aggregates[(aggregates["kind"] == kind) & (aggregates["where"] == where)
                          & (aggregates["layer"] == layer)].iloc[0]
-        assert row["n"] == 3
+        assert row["n"] == 4
         np.testing.assert_allclose(row["mean"], part["recovery"].mean(), rtol=1e-9)
         np.testing.assert_allclose(row["median"], part["recovery"].median(), rtol=1e-9)
         pooled = ((part["metric"] - part["corrupt_metric"]).sum()
