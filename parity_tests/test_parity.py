@@ -18,7 +18,7 @@ from mlx_lens.mlx.backend import MlxBackend
 from mlx_lens.loading.sources import resolve
 from mlx_lens.checks.parity import compare
 from tests import test_backends
-from tests.tiny_models import CONFIGS
+from tests.tiny_models import CONFIGS, MLX_LM_DIFFERS, framework_cases
 from torch_ref.backend import TorchBackend
 
 PROMPTS = [
@@ -57,10 +57,10 @@ def test_backends_agree(pair, name, lens):
 # Reduced precision: the lens's last row against the model's own output in that dtype, within
 # bounds.framework_logit_bound (docs/numerics.md §4).
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("backend_class", [TorchBackend, MlxBackend], ids=["torch", "mlx"])
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_reduced_precision_decodes_the_models_own_state_in_fp32(tiny_model_dirs, name,
-                                                                backend_class, dtype):
+@pytest.mark.parametrize("kind, name", framework_cases(["torch", "mlx"]))
+def test_reduced_precision_decodes_the_models_own_state_in_fp32(tiny_model_dirs, name, kind,
+                                                                dtype):
+    backend_class = MlxBackend if kind == "mlx" else TorchBackend
     low = backend_class(resolve(str(tiny_model_dirs[name])), dtype=dtype)
     half = low.info.compute_dtype
     assert half in ("bfloat16", "float16") and low.info.unembed_dtype == "float32"
@@ -126,9 +126,9 @@ def test_suite_fails_with_gemma3s_sqrt_d_rounded_through_bf16(tiny_model_dirs, p
 
     from mlx_lens.mlx import arch as mlx_arch
 
-    bf16_scale = replace(mlx_arch.ARCHITECTURES["gemma3_text"],
+    bf16_scale = replace(mlx_arch.OVERRIDES["gemma3_text"],
                          embed_scale=lambda d: mlx.core.array(d ** 0.5, mlx.core.bfloat16))
-    monkeypatch.setitem(mlx_arch.ARCHITECTURES, "gemma3_text", bf16_scale)
+    monkeypatch.setitem(mlx_arch.OVERRIDES, "gemma3_text", bf16_scale)
     broken = MlxBackend(resolve(str(tiny_model_dirs["gemma3_text"])))
     report = compare(pair("gemma3_text")[0], broken, PROMPTS, FINAL_NORM, answer=None)
     assert any("logit discrepancy" in f for f in report.failures())
@@ -142,3 +142,47 @@ def test_suite_fails_with_mlx_lms_tanh_gelu_on_gpt_neox(tiny_model_dirs, pair, m
     broken = MlxBackend(resolve(str(tiny_model_dirs["gpt_neox"])))
     report = compare(pair("gpt_neox")[0], broken, PROMPTS, FINAL_NORM, answer=None)
     assert any("logit discrepancy" in f for f in report.failures())
+
+
+@pytest.mark.parametrize("name", sorted(MLX_LM_DIFFERS))
+def test_mlx_follows_the_checkpoint_where_mlx_lm_does_not(pair, tiny_model_dirs, name,
+                                                         monkeypatch):
+    """Where mlx-lm's forward departs from the checkpoint (Gemma-2's sliding windows), the MLX
+    lens agrees with transformers (test_backends_agree), mlx-lm's own logits lie outside the
+    framework check's bound (the tiny model makes the difference matter), the framework check
+    says why it cannot compare, and the MLX lens without the windows fails parity."""
+    from mlx_lens.experiment.single import framework_check
+    from mlx_lens.mlx import backend as mlx_backend
+
+    torch_backend, mlx_lens = pair(name)
+    ids = mlx_lens.tokenizer.encode(PROMPTS[0])
+    lens_last = mlx_lens.layer_logits(ids, FINAL_NORM)[-1, -1]
+    x_norm = float(np.linalg.norm(mlx_lens.lens_inputs(ids, FINAL_NORM)[-1, -1]))
+    theirs = test_backends.mlx_lm_logits(mlx_lens, ids)[-1]
+    bound = bounds.framework_logit_bound(x_norm, mlx_lens.head_row_norms(),
+                                         mlx_lens.info.d_model, theirs, mlx_lens.info.softcap,
+                                         mlx_lens.info.compute_dtype)
+    assert np.any(np.abs(lens_last - theirs) > bound)
+    check = framework_check(mlx_lens, ids, lens_last, x_norm, mlx_lens.head_row_norms())
+    assert not check["available"] and "sliding window" in check["why"]
+    monkeypatch.setattr(mlx_backend, "windows_of", lambda config, n: [None] * n)
+    windowless = MlxBackend(resolve(str(tiny_model_dirs[name])))
+    report = compare(torch_backend, windowless, PROMPTS, FINAL_NORM, answer=None)
+    assert any("logit discrepancy" in f for f in report.failures())
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gpt_neox"])
+def test_the_models_own_forward_driving_fails_where_mlx_lm_departs(tiny_model_dirs, pair, name,
+                                                                  monkeypatch):
+    """The lens's own loop is kept where mlx-lm's forward departs from the checkpoint: driven by
+    mlx-lm's forward instead (as every type outside HAND_LOOP is), Gemma-3's rows take mlx-lm's
+    bf16 sqrt(d) and parity fails; gpt_neox's exact-GELU fix-up sits in the modules, so the
+    driven rows pass (the same modules run either way)."""
+    from mlx_lens.mlx import arch as mlx_arch
+
+    monkeypatch.setattr(mlx_arch, "HAND_LOOP", frozenset())
+    monkeypatch.setattr("mlx_lens.mlx.backend.HAND_LOOP", frozenset())
+    driven = MlxBackend(resolve(str(tiny_model_dirs[name])))
+    assert not driven.hand_loop
+    report = compare(pair(name)[0], driven, PROMPTS, FINAL_NORM, answer=None)
+    assert bool(report.failures()) == (name == "gemma3_text")

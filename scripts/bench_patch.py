@@ -46,7 +46,7 @@ def _hook(backend, kind: str, i: int, change):
             return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
 
         return block.register_forward_pre_hook(pre, with_kwargs=True)
-    module = getattr(block, backend.spec.attention if kind == "attn" else backend.spec.mlp)
+    module = getattr(block, backend.layout.attention if kind == "attn" else backend.layout.mlp)
 
     def post(m, args, out):
         return (change(out[0]), *out[1:]) if isinstance(out, tuple) else change(out)

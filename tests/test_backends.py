@@ -2,6 +2,7 @@
 supported architecture, held to the same checks; then what only one backend has."""
 from __future__ import annotations
 
+import json
 from unittest import mock
 
 import mlx.core as mx
@@ -21,7 +22,7 @@ from tests.lens_checks import (LENSES, NORM_AND_HEAD, PROMPT, assert_chunked_swe
                                assert_large_vocabulary_sweep, assert_reductions_match_float64,
                                assert_softcap_applied, assert_sweep_matches_logits,
                                backend_cache, gemm_bound)
-from tests.tiny_models import CONFIGS
+from tests.tiny_models import CONFIGS, framework_cases
 from torch_ref import reduce as torch_reduce
 from torch_ref.backend import TorchBackend
 
@@ -92,8 +93,7 @@ def _torch_reductions(logits, opts):
 
 
 # -- the same checks on both backends ---------------------------------------------------------
-@pytest.mark.parametrize("kind", BACKENDS)
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("kind, name", framework_cases(BACKENDS))
 def test_last_row_is_the_models_own_logits(loaded, kind, name):
     """The lens's capture and decode against the framework's own forward pass: the same blocks,
     then the model's norm and head in the lens's own order of operations. Bound: NORM_AND_HEAD
@@ -194,7 +194,7 @@ def mlx_lm_rows(backend, ids: list[int]) -> list:
     with sqrt(d) in the compute dtype, as in mlx_lm_logits."""
     from mlx_lm.models import gemma3_text
 
-    *parents, name = backend.arch.blocks.split(".")
+    *parents, name = backend.layout.blocks.split(".")
     owner = backend.inner
     for parent in parents:
         owner = getattr(owner, parent)
@@ -217,7 +217,7 @@ def test_mlx_rows_use_their_lens_norm(loaded, name):
     ids = backend.tokenizer.encode(PROMPT)
     rows = mlx_lm_rows(backend, ids)
     assert len(rows) == backend.info.n_layers + 1
-    final = getattr(backend.inner, backend.arch.final_norm)
+    final = getattr(backend.inner, backend.layout.final_norm)
     for lens in LENSES:
         got = backend.layer_logits(ids, lens)
         bound = gemm_bound(backend, ids, lens, got, NORM_AND_HEAD)
@@ -226,7 +226,7 @@ def test_mlx_rows_use_their_lens_norm(loaded, name):
             if ref == "final":
                 h = final(h)
             elif ref is not None:
-                h = getattr(backend.blocks[ref], backend.arch.input_norm)(h)
+                h = getattr(backend.blocks[ref], backend.layout.input_norm)(h)
             want = h @ backend.head.weight.T
             if backend.softcap:
                 want = mx.tanh(want / backend.softcap) * backend.softcap
@@ -279,10 +279,20 @@ def test_unmappable_rope_is_refused(tiny_model_dirs, tmp_path):
 
 
 # -- torch only ---------------------------------------------------------------------------------
-def test_unsupported_architecture_is_refused_by_name(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(Exception, match=r"unsupported architecture 'bert'.*llama"):
-        TorchBackend(resolve(str(tmp_path)))
+@pytest.mark.parametrize("kind, model_type, message", [
+    ("torch", "made_up", "transformers does not implement it, nor does mlx-lm"),
+    ("mlx", "made_up", "mlx-lm does not implement it, nor does transformers"),
+    ("mlx", "bert", "mlx-lm does not implement it; transformers does: --backend torch"),
+])
+def test_unsupported_architecture_is_refused_by_name(tmp_path, kind, model_type, message):
+    """A type the backend's library does not implement, in one line naming the other backend
+    where its library does."""
+    from mlx_lens.core.errors import LensError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(LensError, match=f"unsupported architecture '{model_type}' for the {kind} "
+                                        f"backend: {message}"):
+        BACKENDS[kind](resolve(str(tmp_path)))
 
 
 def test_narrow_positions_get_only_narrow_k(loaded, monkeypatch):
@@ -322,18 +332,21 @@ def test_cpu_tile_calibration_times_a_tile(tmp_path, monkeypatch):
     assert (tmp_path / "cpu-tiles.json").is_file()
 
 
-def test_an_untied_mlx_model_without_its_head_is_refused(tiny_model_dirs, monkeypatch):
-    """Tiedness comes from the model's arguments, not from a missing attribute: were mlx-lm to
-    rename lm_head, an untied model is refused by name instead of decoding through its
-    embeddings; a tied one needs no head and loads."""
-    from dataclasses import replace
+def test_an_untied_mlx_model_without_its_head_is_refused(tiny_model_dirs):
+    """Tiedness comes from the model's arguments, not from a missing attribute: the head of an
+    untied model is the linear layer of vocabulary width outside the blocks, an untied model
+    without one is refused by name instead of decoding through its embeddings, and a tied one
+    needs none."""
+    import mlx.nn as nn
 
     from mlx_lens.core.errors import LensError
-    from mlx_lens.mlx import arch
+    from mlx_lens.mlx.arch import read_layout
 
-    renamed = replace(arch.ARCHITECTURES["llama"], head="renamed_head")
-    monkeypatch.setitem(arch.ARCHITECTURES, "llama", renamed)
-    with pytest.raises(LensError, match="llama is untied .* no head at 'renamed_head'"):
-        MlxBackend(resolve(str(tiny_model_dirs["llama_untied"])))
+    untied = MlxBackend(resolve(str(tiny_model_dirs["llama_untied"])))
+    model, vocab = untied.model, untied.info.vocab
+    assert read_layout(model, vocab, tied=False)[0].head == "lm_head"
+    model["lm_head"] = nn.Linear(untied.info.d_model, vocab - 1, bias=False)
+    with pytest.raises(LensError, match="llama model is untied .* no head of 512 outputs"):
+        read_layout(model, vocab, tied=False)
     tied = MlxBackend(resolve(str(tiny_model_dirs["llama"])))
     assert tied.head is tied.embed

@@ -118,14 +118,14 @@ def test_auto_imports_no_mlx_without_a_gpu_build():
 
 @pytest.mark.parametrize("args, message", [
     (["/no/such/model"], "model not found"),
-    (["{unsupported}"], "unsupported architecture 'bert'"),
+    (["{unsupported}"], "unsupported architecture 'made_up'"),
     (["{llama}", "--prompt", "   "], "empty prompt"),
     (["{llama}", "--answer", ""], "empty answer"),
     (["{broken}"], "cannot load"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dirs, tmp_path, capsys, args, message):
     (tmp_path / "unsupported").mkdir()
-    (tmp_path / "unsupported" / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "unsupported" / "config.json").write_text('{"model_type": "made_up"}')
     broken = shutil.copytree(tiny_model_dirs["llama"], tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     previous = tmp_path / "runs" / "run-latest"

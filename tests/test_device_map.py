@@ -23,7 +23,7 @@ from torch_ref.backend import TorchBackend, _attr
 def offloading_map(backend: TorchBackend) -> dict[str, str]:
     """Block 0 and everything but the other blocks on the CPU, the other blocks on disk; an
     untied head on disk too (a tied one stays with the embeddings, as accelerate requires)."""
-    parent, blocks = backend.spec.blocks.rsplit(".", 1)
+    parent, blocks = backend.layout.blocks.rsplit(".", 1)
     out = {}
     for name, _ in _attr(backend.model, parent).named_children():
         if name == blocks:

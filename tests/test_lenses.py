@@ -187,7 +187,7 @@ def _hooked_middles(backend, ids) -> list[np.ndarray]:
         handles.append(block.register_forward_pre_hook(
             lambda m, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"]),
             with_kwargs=True))
-        attention = getattr(block, backend.spec.attention)
+        attention = getattr(block, backend.layout.attention)
         handles.append(attention.register_forward_hook(
             lambda m, args, out: outputs.append(out[0] if isinstance(out, tuple) else out)))
     try:
@@ -198,7 +198,7 @@ def _hooked_middles(backend, ids) -> list[np.ndarray]:
             h.remove()
     middles = []
     for block, x, a in zip(backend.blocks, inputs, outputs):
-        if backend.spec.mlp_norm == "pre_feedforward_layernorm":  # Gemma: norm after attention
+        if backend.layout.mlp_norm == "pre_feedforward_layernorm":  # Gemma: norm after attention
             with torch.no_grad():
                 a = block.post_attention_layernorm(a)
         middles.append((x + a)[0].detach().numpy())

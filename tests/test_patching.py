@@ -60,7 +60,7 @@ def _hooked(backend, ids, kind, block, position, values):
     """Logits [T, V] of the full model on ids with values [T, d] put at `position` of `kind`
     at `block`, by hooks on transformers' own modules (not torch_ref/patch.py); and a record
     of every kind's clean values when `values` is None."""
-    spec = backend.spec
+    spec = backend.layout
     record = {k: [] for k in KINDS}
     handles = []
     for i, layer in enumerate(backend.blocks):

@@ -7,6 +7,7 @@ so outputs are peaked and a lens that uses the wrong norm, head or soft-cap give
 different numbers.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -72,10 +73,17 @@ CONFIGS: dict[str, dict] = {
     # Raw logits here span about +-12: a final soft-cap of 9.7 bends the top ones yet leaves the
     # distribution peaked. The attention cap bites too (raw scores reach ~35). Caps and the
     # query scale (query_pre_attn_scalar 24: 24^-0.5) are inexact in bf16, like sqrt(96).
-    # mlx-lm's gemma2 has no sliding window, so the window (64) is longer than any test prompt.
+    # The window (64) is longer than any test prompt: mlx-lm's gemma2 applies none, so its
+    # forward is a reference here; gemma2_sliding is the one where the windows act.
     "gemma2": dict(model_type="gemma2", **_BASE, **_GQA, tie_word_embeddings=True,
                    query_pre_attn_scalar=24, final_logit_softcapping=9.7,
                    attn_logit_softcapping=12.3, sliding_window=64),
+    # Blocks 0 and 2 slide over 4 tokens (transformers' default alternation); mlx-lm's own
+    # forward ignores the windows, the lens must not. The file leaves out layer_types, as the
+    # published Gemma-2 configs do, so the alternation is transformers' default.
+    "gemma2_sliding": dict(model_type="gemma2", **_BASE, **_GQA, tie_word_embeddings=True,
+                           query_pre_attn_scalar=24, final_logit_softcapping=9.7,
+                           attn_logit_softcapping=12.3, sliding_window=4),
     # Layers: sliding, sliding, full (Gemma 3 uses 5 sliding : 1 full). Given as the Hub-style
     # sliding_window_pattern, which transformers turns into layer_types and mlx-lm reads as is
     # (mlx-lm ignores layer_types; its default pattern 6 breaks a 3-layer model).
@@ -91,6 +99,21 @@ CONFIGS: dict[str, dict] = {
     "gpt_neox": dict(model_type="gpt_neox", **{**_BASE, "intermediate_size": 384},
                      tie_word_embeddings=False),
 }
+
+
+# Configs written as the published checkpoints have them, without transformers 5's layer_types.
+WITHOUT_LAYER_TYPES = {"gemma2_sliding"}
+
+
+# Models whose mlx-lm forward is not the checkpoint's semantics: there the MLX lens is held to
+# transformers (parity_tests/test_parity.py), not to mlx-lm's own logits.
+MLX_LM_DIFFERS = {"gemma2_sliding": "mlx-lm's gemma2 applies no sliding window"}
+
+
+def framework_cases(backends) -> list[tuple[str, str]]:
+    """(backend, model) pairs whose framework forward is the reference for the lens's last row."""
+    return [(kind, name) for kind in backends for name in sorted(CONFIGS)
+            if not (kind == "mlx" and name in MLX_LM_DIFFERS)]
 
 
 def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
@@ -148,6 +171,11 @@ def build_model(name: str, out_dir: Path, seed: int = 0, vocab_size: int | None 
     _randomize(model)  # a tied head is the same Parameter as the embedding, so both change
     quiet_library_bars()  # no shard-writing bar in the test log
     model.save_pretrained(out_dir)
+    if name in WITHOUT_LAYER_TYPES:
+        path = out_dir / "config.json"
+        saved = json.loads(path.read_text())
+        del saved["layer_types"]
+        path.write_text(json.dumps(saved, indent=2))
     return out_dir
 
 

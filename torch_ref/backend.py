@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mlx_lens.core import bounds
 from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, LensSweep,
                                     ModelInfo, NormSpec, SweepOptions)
 from mlx_lens.core.errors import LensError, one_line
@@ -21,10 +22,11 @@ from mlx_lens.core.stats import (batch_stats, last_positions, lens_sweeps, promp
                                  site_rows)
 from mlx_lens.core.steering import Steerable
 from mlx_lens.core.training import Recipe
+from mlx_lens.loading.head_path import refuse_unread_head
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
 from mlx_lens.tuned.lens_file import HeadHashes, check_matches
-from torch_ref.arch import ARCHITECTURES
+from torch_ref.arch import half_dtype, read_layout
 from torch_ref.placement import execution_device, owned, place
 from torch_ref.reduce import LOG2E, lens_pairs, sweep_next_token, sweep_states
 from torch_ref.patch import Recorded, TorchPatcher
@@ -51,13 +53,14 @@ class TorchBackend(Steerable):
         quiet_library_bars()
 
         if source.path is not None and not source.is_gguf:  # refuse early, before loading
-            check_supported(local_model_type(source), ARCHITECTURES, "torch")
+            check_supported(local_model_type(source), "torch")
         kw = {"gguf_file": source.path.name} if source.is_gguf else {}
         try:
             config = AutoConfig.from_pretrained(source.location, **kw)
-            check_supported(config.model_type, ARCHITECTURES, "torch")
-            self.spec = ARCHITECTURES[config.model_type]
-            placed = place(source, self.spec.half, device, dtype, device_map, config)
+            check_supported(config.model_type, "torch")
+            refuse_unread_head(config.to_dict())
+            placed = place(source, half_dtype(config.model_type), device, dtype, device_map,
+                            config)
             self.device, self._offload, dtype = placed.device, placed.offload, placed.dtype
             self.dtype = _DTYPES[dtype]
             with quiet_gguf_conversion():  # a GGUF is dequantised as it loads
@@ -78,15 +81,15 @@ class TorchBackend(Steerable):
             model = model.to(self.device)
             self.input_device, self.head = torch.device(self.device), model.get_output_embeddings()
         self.model = model.eval()
-        self.blocks = _attr(model, self.spec.blocks)
+        self.layout, probe = read_layout(model, config.num_hidden_layers)
+        self.blocks = _attr(model, self.layout.blocks)
         # fp32 copies of the norms: statistics in fp32 with the model's own semantics.
-        self.final_norm = owned(_attr(model, self.spec.final_norm), self.device)
-        self.input_norms = [owned(getattr(b, self.spec.input_norm), self.device)
-                            for b in self.blocks]
-        self.mlp_norms = [owned(getattr(b, self.spec.mlp_norm), self.device) for b in self.blocks]
-        # a parallel-residual block (gpt_neox) reads its attention and MLP from its input
-        self.parallel = [bool(getattr(b, "use_parallel_residual", False)) for b in self.blocks]
-        self.softcap = getattr(config, self.spec.softcap, None) if self.spec.softcap else None
+        self.final_norm = owned(_attr(model, self.layout.final_norm), self.device)
+        self.input_norms = self._norms(self.layout.input_norm)
+        self.mlp_norms = self._norms(self.layout.mlp_norm)
+        # a parallel block (gpt_neox, phi, cohere) reads its attention and MLP from its input
+        self.parallel = [self.layout.parallel] * len(self.blocks)
+        self.softcap = getattr(config, "final_logit_softcapping", None) or None
         self.info = ModelInfo(
             name=source.name, architecture=config.model_type, n_layers=len(self.blocks),
             d_model=config.hidden_size, n_heads=config.num_attention_heads,
@@ -100,6 +103,25 @@ class TorchBackend(Steerable):
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
         self._head_norms: np.ndarray | None = None  # computed once per loaded model
+        self._check_head_path(probe)
+
+    @torch.no_grad()
+    def _check_head_path(self, probe) -> None:
+        """Refused by name where the lens's decode of the model's own last state is not the
+        model's own output (a head transform the lens does not apply)."""
+        x = self.final_norm(probe.state.to(self.device).float())
+        why = bounds.head_path_refusal(
+            self.info.architecture, self.head_logits(x, 0, self.info.vocab).cpu().numpy(),
+            probe.logits.float().cpu().numpy(), float(x.norm()), self.head_row_norms(),
+            self.info.d_model, self.softcap, self.info.compute_dtype)
+        if why:
+            raise LensError(why)
+
+    def _norms(self, name: str | None) -> list[torch.nn.Module] | None:
+        """fp32 copies of each block's norm `name`; None where the blocks have none."""
+        if name is None:
+            return None
+        return [owned(b.get_submodule(name), self.device) for b in self.blocks]
 
     def _steer(self, h: torch.Tensor, row: int) -> torch.Tensor:
         """h [B, T, d] with row's steering vector added (at its positions)."""
@@ -172,10 +194,10 @@ class TorchBackend(Steerable):
 
                 if parallel:
                     handles.append(block.register_forward_pre_hook(take_input, with_kwargs=True))
-                    handles.append(getattr(block, self.spec.attention)
+                    handles.append(block.get_submodule(self.layout.attention)
                                    .register_forward_hook(take_output))
-                else:
-                    handles.append(getattr(block, self.spec.mlp_norm)
+                else:  # what the MLP's norm reads (a post-norm block: the MLP itself)
+                    handles.append(block.get_submodule(self.layout.mlp_norm or self.layout.mlp)
                                    .register_forward_pre_hook(take_input, with_kwargs=True))
         try:
             self.model.base_model(input_ids=x, use_cache=False)
@@ -202,9 +224,14 @@ class TorchBackend(Steerable):
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> torch.nn.Module | None:
-        if isinstance(ref, tuple):
-            return self.mlp_norms[ref[1]]
-        return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
+        if ref == "final" or ref is None:
+            return self.final_norm if ref == "final" else None
+        norms = self.mlp_norms if isinstance(ref, tuple) else self.input_norms
+        if norms is None:
+            raise LensError(f"{self.info.architecture}'s blocks have no norm in front of their "
+                            f"{'MLP' if isinstance(ref, tuple) else 'attention'} (post-norm): "
+                            f"the next-norm lens has nothing to read")
+        return norms[ref[1] if isinstance(ref, tuple) else ref]
 
     def _normed(self, rows: list[torch.Tensor], lens: Lens, site: Site = "resid") -> torch.Tensor:
         """[R, T, d] fp32: every row through the norm the lens assigns it (after its
@@ -222,6 +249,8 @@ class TorchBackend(Steerable):
     def check_lens(self, lens: Lens) -> None:
         if lens.translators is not None:
             self._translators(lens.translators)
+        for ref in lens.norm_plan(len(self.blocks)):
+            self._norm(ref)
 
     def _translators(self, lens: Translators) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
@@ -369,19 +398,24 @@ class TorchBackend(Steerable):
     def norm_spec(self, ref: NormRef) -> NormSpec:
         # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
         # the model shows up in the self-test.
+        self._norm(ref)  # refused where the blocks have no such norm
         if ref == "final":
-            norm = _attr(self.model, self.spec.final_norm)
+            norm = _attr(self.model, self.layout.final_norm)
         elif isinstance(ref, tuple):
-            norm = getattr(self.blocks[ref[1]], self.spec.mlp_norm)
+            norm = self.blocks[ref[1]].get_submodule(self.layout.mlp_norm)
         else:
-            norm = getattr(self.blocks[ref], self.spec.input_norm)
+            norm = self.blocks[ref].get_submodule(self.layout.input_norm)
         if norm.weight.device.type == "meta":  # offloaded by accelerate: its stored weights
             norm = owned(norm, torch.device("cpu"), fp32=False)
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
-        bias = getattr(norm, "bias", None)
-        return NormSpec("layer" if self.spec.layer_norm else "rms",
-                        norm.weight.detach().double().cpu().numpy() + self.spec.norm_offset,
-                        bias.detach().double().cpu().numpy() if bias is not None else None, eps)
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        as_numpy = (lambda t: None if t is None else t.detach().double().cpu().numpy())
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return owned(norm, torch.device("cpu"))(torch.from_numpy(x)).double().numpy()
+
+        return NormSpec.read(apply, as_numpy(weight), as_numpy(bias), eps, self.info.d_model)
 
     @torch.no_grad()
     def unembedding(self, start: int, stop: int) -> np.ndarray:

@@ -49,7 +49,7 @@ class TorchPatcher:
         self.b = backend
 
     def _modules(self, kind: str) -> list[torch.nn.Module]:
-        spec = self.b.spec
+        spec = self.b.layout
         return [getattr(block, spec.attention if kind == "attn" else spec.mlp)
                 for block in self.b.blocks]
 
@@ -111,7 +111,7 @@ class TorchPatcher:
     def _run_from(self, start: int, h: torch.Tensor, ids: list[list[int]],
                   stack: ExitStack) -> torch.Tensor:
         """The last block's output when blocks start .. L-1 run on h (block start's input)."""
-        spec, model = self.b.spec, self.b.model
+        spec, model = self.b.layout, self.b.model
         *parent, name = spec.blocks.split(".")
         owner = model
         for part in parent:

@@ -158,6 +158,21 @@ def framework_logit_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, logits
             + elementwise_bound(logits, softcap, uc))
 
 
+def head_path_refusal(name: str, lens: np.ndarray, own: np.ndarray, x_norm: float,
+                      w_norm: np.ndarray, d: int, softcap: float | None,
+                      compute: str) -> str | None:
+    """Why a model is refused, or None: the lens's decode of the model's own final-norm input
+    (fp32) against the model's own output logits [V] beyond framework_logit_bound means the
+    lens does not apply the model's head path (a logit scale, a transform after the head)."""
+    bound = framework_logit_bound(np.array(x_norm), w_norm, d, own, softcap, compute)
+    gap = np.abs(np.asarray(lens, np.float64) - own)
+    if np.all(gap <= bound):
+        return None
+    return (f"{name}: the lens's decode of the model's last state differs from the model's own "
+            f"logits by up to {gap.max():.3g} ({(gap / bound).max():.3g}x the derived bound): "
+            f"its head path is not one the lens reads")
+
+
 def dot_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, products: float,
               u: float = U32) -> np.ndarray:
     """|error| of logits x . w_i for `products` length-d fp32 dot products' worth of rounding:

@@ -147,6 +147,25 @@ class NormSpec:
         y = self.normalise(x) * self.scale
         return y + self.bias if self.bias is not None else y
 
+    @classmethod
+    def read(cls, apply, weight: np.ndarray | None, bias: np.ndarray | None, eps: float,
+             d: int) -> "NormSpec":
+        """The semantics of a norm module, read from what it computes: of RMS or mean/variance
+        normalisation, scaled by w or 1 + w, the one candidate that reproduces `apply` (fp32 in,
+        out) on a probe with a non-zero mean. The candidates differ by O(1) where the probe's
+        mean and w are O(1); the winner must be 100x closer than the runner-up, or the module
+        is none of them."""
+        x = np.random.default_rng(0).standard_normal((4, d)) * 3 + 1.5
+        y = np.asarray(apply(x.astype(np.float32)), np.float64)
+        weight = np.ones(d) if weight is None else np.asarray(weight, np.float64)
+        found = [cls(kind, weight + offset, bias, eps)
+                 for kind in ("rms", "layer") for offset in (0.0, 1.0)]
+        errors = np.array([np.abs(spec(x) - y).max() for spec in found])
+        best, second = np.sort(errors)[:2]
+        if not best * 100 < second:
+            raise LensError("a norm that is neither RMSNorm nor LayerNorm with scale w or 1 + w")
+        return found[int(errors.argmin())]
+
 
 @dataclass(frozen=True)
 class ModelInfo:

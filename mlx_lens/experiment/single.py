@@ -200,7 +200,10 @@ def framework_check(backend: Backend, ids: list[int], lens_last: np.ndarray,
     if not np.isfinite(x_norm):
         return {"available": False, "why": "the model's output row is not finite"}
     info = backend.info
-    own = backend.framework_logits(ids)
+    try:
+        own = backend.framework_logits(ids)
+    except LensError as exc:  # the framework's forward cannot compute the model's semantics
+        return {"available": False, "why": str(exc)}
     b = float(bounds.framework_logit_bound(x_norm, w_norms, info.d_model, own, info.softcap,
                                            info.compute_dtype).max())
     lens_logp, own_logp = log_softmax64(lens_last), log_softmax64(own)

@@ -59,7 +59,33 @@ def local_model_type(source: ModelSource) -> str | None:
         raise LensError(f"unreadable config.json in {source.path}: {exc}") from exc
 
 
-def check_supported(model_type: str | None, supported, backend: str) -> None:
-    if model_type not in supported:
-        raise LensError(f"unsupported architecture {model_type!r} for the {backend} backend "
-                        f"(supported: {', '.join(sorted(supported))})")
+def implements(library: str, model_type: str | None) -> bool:
+    """Whether transformers implements a model type as a causal LM (or an image-text-to-text
+    model, whose text model the lens reads), or mlx-lm as a model file. Asking of mlx-lm imports
+    it (and mlx): a torch run asks only where transformers does not."""
+    import importlib.util
+
+    if library == "transformers":
+        from transformers.models.auto import modeling_auto
+
+        return (model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                or model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    if not model_type or importlib.util.find_spec("mlx_lm") is None:
+        return False
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    name = MODEL_REMAPPING.get(model_type, model_type)
+    return name.isidentifier() and importlib.util.find_spec(f"mlx_lm.models.{name}") is not None
+
+
+def check_supported(model_type: str | None, backend: str) -> None:
+    """One line where the backend's library does not implement the type, naming the other
+    backend where its library does."""
+    library, other, other_backend = (("mlx-lm", "transformers", "torch") if backend == "mlx"
+                                     else ("transformers", "mlx-lm", "mlx"))
+    if implements(library, model_type):
+        return
+    elsewhere = (f"; {other} does: --backend {other_backend}" if implements(other, model_type)
+                 else f", nor does {other}")
+    raise LensError(f"unsupported architecture {model_type!r} for the {backend} backend: "
+                    f"{library} does not implement it{elsewhere}")

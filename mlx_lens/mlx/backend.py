@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
+from mlx_lens.core import bounds
 from mlx_lens.core.bounds import SUM_BLOCK
 from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, LensSweep,
                                     ModelInfo, NormSpec, SweepOptions)
@@ -32,8 +33,10 @@ from mlx_lens.core.steering import Steerable
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.placement import available_ram, pick_device, footprint
 from mlx_lens.loading.quiet import quiet_library_bars
+from mlx_lens.loading.head_path import refuse_unread_head
 from mlx_lens.loading.sources import ModelSource, check_supported
-from mlx_lens.mlx.arch import ARCHITECTURES, config_fixes, fix_modules, fix_weights, softcap_of
+from mlx_lens.mlx.arch import (HAND_LOOP, OVERRIDES, Overrides, config_fixes, fix_modules, fix_weights,
+                               read_layout, refuse_differing, softcap_of, windows_of)
 from mlx_lens.mlx.patch import MlxPatcher, recording
 from mlx_lens.mlx.reduce import lens_pairs, sweep_next_token, sweep_states
 from mlx_lens.mlx.tune import MlxTuner, translate
@@ -101,7 +104,7 @@ class MlxLens(Steerable):
                  lazy: bool = False):
         """lazy: weights stay on disk until first used (a pipeline rank evaluates only its own)."""
         import mlx_lm.utils as mlx_utils
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         quiet_library_bars()
         path = local_folder(source)
@@ -110,8 +113,12 @@ class MlxLens(Steerable):
         except (OSError, ValueError) as exc:
             raise LensError(f"unreadable config.json in {path}: {exc}") from exc
         model_type = config.get("model_type")
-        check_supported(model_type, ARCHITECTURES, "mlx")
-        self.arch = ARCHITECTURES[model_type]
+        check_supported(model_type, "mlx")
+        refuse_differing(model_type)
+        refuse_unread_head(config)
+        self.overrides = OVERRIDES.get(model_type, Overrides())
+        # the hand-written loop where it is verified; elsewhere the model's forward drives
+        self.hand_loop = model_type in HAND_LOOP
         fp = footprint(ModelSource(source.name, path=path))
         free = candidates(device)
         device, dtype = pick_device(fp, free, "stored" if dtype == "auto" else dtype)
@@ -134,6 +141,7 @@ class MlxLens(Steerable):
             model, _ = mlx_utils.load_model(path, lazy=lazy, model_config=config_fixes(config),
                                             get_model_classes=classes)
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            hf_config = AutoConfig.from_pretrained(str(path))  # the checkpoint's semantics
         except LensError:
             raise
         except Exception as exc:
@@ -142,16 +150,21 @@ class MlxLens(Steerable):
             model.set_dtype(_DTYPES[dtype])
         fix_modules(model_type, model.model, config)
         self.model, self.path = model, path
-        self.inner = model.model
-        self.blocks = _attr(self.inner, self.arch.blocks)
-        self.embed = _attr(self.inner, self.arch.embed)
-        self.head = self._head(model, config)
-        self.final_norm = _fp32(_attr(self.inner, self.arch.final_norm))
-        self.input_norms = [_fp32(getattr(b, self.arch.input_norm)) for b in self.blocks]
-        self.mlp_norms = [_fp32(getattr(b, self.arch.mlp_norm)) for b in self.blocks]
-        # a parallel-residual block (gpt_neox) reads its attention and MLP from its input
-        self.parallel = [bool(getattr(b, "use_parallel_residual", False)) for b in self.blocks]
-        self.softcap = softcap_of(config) if self.arch.softcap else None
+        tied = getattr(getattr(model, "args", None), "tie_word_embeddings",
+                       config.get("tie_word_embeddings", False))
+        # a pipeline rank (lazy) reads block 0 alone: the whole model would not fit
+        self.layout, probe = read_layout(model, hf_config.vocab_size, tied, whole=not lazy)
+        self.inner = _attr(model, self.layout.inner) if self.layout.inner else model
+        self.blocks = _attr(self.inner, self.layout.blocks)
+        self.windows = windows_of(hf_config, len(self.blocks))
+        self.embed = _attr(self.inner, self.layout.embed)
+        self.head = self.embed if self.layout.head is None else _attr(model, self.layout.head)
+        self.final_norm = _fp32(_attr(self.inner, self.layout.final_norm))
+        self.input_norms = self._norms(self.layout.input_norm)
+        self.mlp_norms = self._norms(self.layout.mlp_norm)
+        # a parallel block (gpt_neox, phi, cohere) reads its attention and MLP from its input
+        self.parallel = [self.layout.parallel] * len(self.blocks)
+        self.softcap = softcap_of(config)
         self.hidden = config.get("hidden_size", config.get("n_embd"))
         compute = (self.embed.scales if isinstance(self.embed, _QUANTIZED) else self.embed.weight).dtype
         self.info = ModelInfo(
@@ -169,6 +182,19 @@ class MlxLens(Steerable):
         self._tuned: tuple[Translators, list] | None = None  # the last tuned lens, on the device
         self._head_hashes = HeadHashes(self.unembedding, self.info.vocab, self.info.d_model)
         self._head_norms: np.ndarray | None = None  # computed once per loaded model
+        if probe is not None:
+            self._check_head_path(*probe)
+
+    def _check_head_path(self, state: mx.array, own: mx.array) -> None:
+        """Refused by name where the lens's decode of the model's own last state is not the
+        model's own output (a head transform the lens does not apply)."""
+        x = self.final_norm(state.astype(mx.float32))
+        why = bounds.head_path_refusal(
+            self.info.architecture, np.array(self.head_logits(x, 0, self.info.vocab)),
+            np.array(own.astype(mx.float32)), float(mx.linalg.norm(x)), self.head_row_norms(),
+            self.info.d_model, self.softcap, self.info.compute_dtype)
+        if why:
+            raise LensError(why)
 
     def _steer(self, h: mx.array, row: int) -> mx.array:
         """h [B, T, d] with row's steering vector added (at its positions)."""
@@ -181,21 +207,9 @@ class MlxLens(Steerable):
         at[[p for p in self._steering.positions if p < h.shape[1]]] = True
         return mx.where(mx.array(at)[None, :, None], h + v, h)
 
-    def _head(self, model: nn.Module, config: dict) -> nn.Module:
-        """The unembedding. Tied or not as the model mlx-lm built says (its arguments'
-        tie_word_embeddings, else the config's), never guessed from a missing attribute: an
-        untied model whose head is not where the table says is refused by name."""
-        if self.arch.head is None:  # an architecture that always ties (gemma2, gpt2)
-            return self.embed
-        tied = getattr(getattr(model, "args", None), "tie_word_embeddings",
-                       config.get("tie_word_embeddings", False))
-        if tied:
-            return self.embed
-        try:
-            return _attr(model, self.arch.head)
-        except AttributeError:
-            raise LensError(f"{config.get('model_type')} is untied (tie_word_embeddings false) "
-                            f"but mlx-lm's model has no head at {self.arch.head!r}") from None
+    def _norms(self, name: str | None) -> list[nn.Module] | None:
+        """fp32 copies of each block's norm `name`; None where the blocks have none."""
+        return None if name is None else [_fp32(getattr(b, name)) for b in self.blocks]
 
     # -- capture -----------------------------------------------------------------------------
     def capture(self, batch: Sequence[Sequence[int]], last: int = 0,
@@ -206,11 +220,51 @@ class MlxLens(Steerable):
         after them. Given a list `mids`, the middle of each block is appended to it, alike."""
         x, at = self._tokens(batch, last)
         keep = (lambda a: a[at]) if last else (lambda a: a)
-        h = self._steer(self._embed(x), 0)
-        rows = [keep(h)]
         with self._middles(mids, keep):
-            for h in self._blocks(h, range(len(self.blocks))):
-                rows.append(keep(h))
+            return [keep(h) for h in self._run(x)]
+
+    def _run(self, x: mx.array, start: int = 0, h: mx.array | None = None) -> list[mx.array]:
+        """Rows start..L of the token batch x [B, T]: row `start` is h where given (the input of
+        block `start`; x then only drives the model's own forward, see below), steered."""
+        if not self.hand_loop:
+            return self._driven(x, start, h)
+        if h is None:
+            h = self._steer(self._embed(x), 0)
+        return [h, *self._blocks(h, range(start, len(self.blocks)))]
+
+    def _driven(self, x: mx.array, start: int, h: mx.array | None) -> list[mx.array]:
+        """_run by the model's own forward (its masks, per-layer inputs and states; mlx-lm's
+        semantics), each block's class swapped for one that records its output (and, where
+        given, replaces block `start`'s input); it stops after the last block, before the head.
+        Blocks before `start` run too: only their calls' other inputs (masks, states) matter."""
+        rows: list[mx.array] = []
+        bases = {i: type(self.blocks[i]) for i in range(start, len(self.blocks))}
+        last, steer = len(self.blocks) - 1, self._steer
+
+        def driving(i, base):
+            class Driven(base):
+                def __call__(self, *args, **kwargs):
+                    if i == start:
+                        row = h if h is not None else steer(args[0], 0)
+                        rows.append(row)
+                        args = (row, *args[1:])
+                    out = base.__call__(self, *args, **kwargs)
+                    row = steer(out[0] if isinstance(out, tuple) else out, i + 1)
+                    rows.append(row)
+                    if i == last:
+                        raise _Done
+                    return (row, *out[1:]) if isinstance(out, tuple) else row
+            return Driven
+
+        for i, base in bases.items():
+            self.blocks[i].__class__ = driving(i, base)
+        try:
+            self.inner(x)
+        except _Done:
+            pass
+        finally:
+            for i, base in bases.items():
+                self.blocks[i].__class__ = base
         return rows
 
     @contextmanager
@@ -226,9 +280,11 @@ class MlxLens(Steerable):
             for block, sink, parallel in zip(self.blocks, sinks, self.parallel):
                 if parallel:
                     stack.enter_context(recording(block, sink))
-                    stack.enter_context(recording(_attr(block, self.arch.attention), sink, True))
-                else:
-                    stack.enter_context(recording(getattr(block, self.arch.mlp_norm), sink))
+                    stack.enter_context(recording(getattr(block, self.layout.attention), sink,
+                                                  True))
+                else:  # what the MLP's norm reads (a post-norm block: the MLP itself)
+                    stack.enter_context(recording(
+                        getattr(block, self.layout.mlp_norm or self.layout.mlp), sink))
             yield
         mids.extend(keep(s[0] + s[1] if parallel else s[0])
                     for s, parallel in zip(sinks, self.parallel))
@@ -250,18 +306,17 @@ class MlxLens(Steerable):
     def _embed(self, x: mx.array) -> mx.array:
         """Row 0: the embeddings (with learned positions, and Gemma's sqrt(d) scale)."""
         h = self.embed(x)
-        if self.arch.positions:
-            h = h + _attr(self.inner, self.arch.positions)(mx.arange(x.shape[1]))
-        if self.arch.embed_scale:
-            h = h * self.arch.embed_scale(self.hidden).astype(h.dtype)
+        if self.layout.positions:
+            h = h + getattr(self.inner, self.layout.positions)(mx.arange(x.shape[1]))
+        if self.overrides.embed_scale:
+            h = h * self.overrides.embed_scale(self.hidden).astype(h.dtype)
         return h
 
     def _blocks(self, h: mx.array, indices: range):
         """The residual after each block of `indices` (consecutive), starting from h."""
-        windows = self.arch.windows(self.inner, self.blocks)
         for i in indices:
-            mask = create_attention_mask(h, None, window_size=windows[i],
-                                         return_array=self.arch.array_mask)
+            mask = create_attention_mask(h, None, window_size=self.windows[i],
+                                         return_array=self.overrides.array_mask)
             h = self._steer(self.blocks[i](h, mask, None), i + 1)
             yield h
 
@@ -274,9 +329,14 @@ class MlxLens(Steerable):
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> nn.Module | None:
-        if isinstance(ref, tuple):
-            return self.mlp_norms[ref[1]]
-        return self.final_norm if ref == "final" else None if ref is None else self.input_norms[ref]
+        if ref == "final" or ref is None:
+            return self.final_norm if ref == "final" else None
+        norms = self.mlp_norms if isinstance(ref, tuple) else self.input_norms
+        if norms is None:
+            raise LensError(f"{self.info.architecture}'s blocks have no norm in front of their "
+                            f"{'MLP' if isinstance(ref, tuple) else 'attention'} (post-norm): "
+                            f"the next-norm lens has nothing to read")
+        return norms[ref[1] if isinstance(ref, tuple) else ref]
 
     def _normed(self, rows: list[mx.array], lens: Lens, site: Site = "resid") -> mx.array:
         """[R, T, d] fp32: every row through the norm the lens assigns it (after its
@@ -298,6 +358,8 @@ class MlxLens(Steerable):
     def check_lens(self, lens: Lens) -> None:
         if lens.translators is not None:
             self._translators(lens.translators)
+        for ref in lens.norm_plan(len(self.blocks)):
+            self._norm(ref)
 
     def _translators(self, lens: Translators) -> list[tuple[mx.array, mx.array]]:
         """A tuned lens's (A_r, b_r) on the device, fp32; refused if made for another model."""
@@ -438,6 +500,12 @@ class MlxBackend(MlxLens):
         return self.model(mx.array([list(ids)]))[0]
 
     def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
+        windows = [w for w in self.windows if w is not None]
+        if windows and len(ids) > min(windows):
+            raise LensError(f"the prompt ({len(ids)} tokens) is longer than the model's "
+                            f"{min(windows)}-token sliding window, and mlx-lm's forward is not "
+                            f"the reference there (its gemma2, phi3 and mistral apply none; the "
+                            f"lens's windows are tested against transformers)")
         return np.array(self.own_logits(ids)[-1].astype(mx.float32))
 
     def lens_inputs(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
@@ -454,15 +522,16 @@ class MlxBackend(MlxLens):
     def norm_spec(self, ref: NormRef) -> NormSpec:
         # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
         # the model shows up in the self-test.
+        self._norm(ref)  # refused where the blocks have no such norm
         if ref == "final":
-            norm = _attr(self.inner, self.arch.final_norm)
+            norm = _attr(self.inner, self.layout.final_norm)
         elif isinstance(ref, tuple):
-            norm = getattr(self.blocks[ref[1]], self.arch.mlp_norm)
+            norm = getattr(self.blocks[ref[1]], self.layout.mlp_norm)
         else:
-            norm = getattr(self.blocks[ref], self.arch.input_norm)
-        bias = np.array(norm.bias, np.float64) if "bias" in norm else None
-        return NormSpec("layer" if self.arch.layer_norm else "rms",
-                        np.array(norm.weight, np.float64) + self.arch.norm_offset, bias, norm.eps)
+            norm = getattr(self.blocks[ref], self.layout.input_norm)
+        as_numpy = (lambda name: np.array(norm[name], np.float64) if name in norm else None)
+        return NormSpec.read(lambda x: np.array(_fp32(norm)(mx.array(x))), as_numpy("weight"),
+                             as_numpy("bias"), norm.eps, self.info.d_model)
 
     def generate(self, ids: Sequence[int], max_tokens: int) -> list[int]:
         """Greedy continuation with mlx-lm's generation loop (KV cache), without the prompt."""
@@ -478,6 +547,10 @@ class MlxBackend(MlxLens):
     def layer_logits(self, ids: Sequence[int], lens: Lens, site: Site = "resid") -> np.ndarray:
         x = self._normed(self._rows(ids, site), lens, site)
         return np.array(self.head_logits(x, 0, self.info.vocab))
+
+
+class _Done(Exception):
+    """The last block has run: the rest of the model's forward is not needed."""
 
 
 def _name(dtype: mx.Dtype) -> str:

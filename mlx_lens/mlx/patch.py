@@ -72,21 +72,19 @@ class MlxPatcher:
         self.b = backend
 
     def _modules(self, kind: str) -> list[nn.Module]:
-        arch = self.b.arch
+        arch = self.b.layout
         return [getattr(block, arch.attention if kind == "attn" else arch.mlp)
                 for block in self.b.blocks]
 
     def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
         x = mx.array([list(s) for s in batch])
-        h = self.b._embed(x)
-        resid, out = [h], {"attn": [], "mlp": []}
+        out = {"attn": [], "mlp": []}
         with ExitStack() as stack:
             for kind in out:
                 for module, sink in zip(self._modules(kind), [[] for _ in self.b.blocks]):
                     stack.enter_context(recording(module, sink, output=True))
                     out[kind].append(sink)
-            for h in self.b._blocks(h, range(len(self.b.blocks))):
-                resid.append(h)
+            resid = self.b._run(x)
         mx.eval(resid, out["attn"], out["mlp"])
         return Recorded([list(s) for s in batch], resid,
                         *([s[0] for s in out[kind]] for kind in ("attn", "mlp")))
@@ -115,8 +113,8 @@ class MlxPatcher:
                 for i in range(block, min(block + window, len(self.b.blocks))):
                     stack.enter_context(_restoring(self._modules(kind)[i],
                                                    lambda o, src=sources[i]: restore_into(o, src)))
-            for h in self.b._blocks(h, range(block, len(self.b.blocks))):
-                pass
+            ids = mx.array(base.ids * n_var)  # drives the model's forward where it does
+            h = self.b._run(ids, block, h)[-1]
         x = self.b.final_norm(h[:, -n_scored:].astype(mx.float32))
         z = self.b.head_logits(x, 0, self.b.info.vocab)
         return (np.array(z).reshape(n_var, n_seq, n_scored, -1),

@@ -61,6 +61,10 @@ class PipelineBackend(MlxLens):
     def __init__(self, source: ModelSource, group: mx.distributed.Group, device: str = "auto",
                  dtype: str = "auto"):
         super().__init__(source, device, dtype, lazy=True)
+        if not self.hand_loop:  # each rank runs its own blocks: the lens's loop only
+            raise LensError(f"the pipeline over processes runs the lens's own loop over the "
+                            f"blocks, which {self.info.architecture} does not use (one process "
+                            f"runs it)")
         self.group, self.rank, self.size = group, group.rank(), group.size()
         self.slices = block_slices(len(self.blocks), self.size)
         self.slice = self.slices[self.rank]
