@@ -245,17 +245,22 @@ def test_gemma3_scales_embeddings_by_sqrt_d_in_the_compute_dtype(loaded):
     assert root != np.array(mx.array(backend.hidden ** 0.5, mx.bfloat16).astype(mx.float32))
 
 
-def test_quantised_model_decodes_through_fp32_dequantised_head(tiny_model_dirs, tmp_path):
-    """A 4-bit checkpoint made by mlx-lm's own converter: the lens dequantises the (tied,
-    quantised) embedding to fp32; its last row must match the quantised model's own logits.
+@pytest.mark.parametrize("name, bits, mode", [("llama", 4, "affine"), ("llama_untied", 8, "affine"),
+                                              ("llama_untied", 4, "mxfp4")])
+def test_quantised_model_decodes_through_fp32_dequantised_head(tiny_model_dirs, tmp_path, name,
+                                                               bits, mode):
+    """Checkpoints made by mlx-lm's own converter, as mlx-community publishes them (affine 4-
+    and 8-bit, mxfp4; a tied quantised embedding, an untied quantised head): the lens
+    dequantises the head to fp32; its last row must match the quantised model's own logits.
     The model's own head is a quantised matmul that dequantises in the same way (one more
     rounding per weight, within NORM_AND_HEAD's bound)."""
     from mlx_lm import convert
 
-    out = tmp_path / "llama-4bit"
-    convert(str(tiny_model_dirs["llama"]), mlx_path=str(out), quantize=True, q_bits=4,
-            q_group_size=32)
+    out = tmp_path / f"{name}-{mode}{bits}"
+    convert(str(tiny_model_dirs[name]), mlx_path=str(out), quantize=True, q_bits=bits,
+            q_group_size=32, q_mode=mode)
     backend = MlxBackend(resolve(str(out)))
+    assert backend.head.bits == bits and backend.head.mode == mode
     assert isinstance(backend.head, mlx_backend._QUANTIZED)
     ids = backend.tokenizer.encode(PROMPT)
     own = np.array(backend.own_logits(ids))
@@ -276,6 +281,19 @@ def test_unmappable_rope_is_refused(tiny_model_dirs, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match="rope type 'made-up' cannot be mapped"):
         MlxBackend(resolve(str(folder)))
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_head_path_the_lens_does_not_apply_is_refused(tiny_model_dirs, kind, monkeypatch):
+    """The load's head-path check bites: a lens that would scale the logits where the model
+    does not (as it would miss a scale the model applies) is refused by name with the gap."""
+    from mlx_lens.core.errors import LensError
+
+    module = "mlx_lens.mlx.backend" if kind == "mlx" else "torch_ref.backend"
+    monkeypatch.setattr(f"{module}.logit_scale", lambda config: 2.0)
+    with pytest.raises(LensError, match=r"llama: the lens's decode .* differs .* bound\): its "
+                                        r"head path is not one the lens reads"):
+        BACKENDS[kind](resolve(str(tiny_model_dirs["llama"])))
 
 
 # -- torch only ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mlx_lens.core import bounds
+from mlx_lens.core import bounds, refusals
 from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, LensSweep,
                                     ModelInfo, NormSpec, SweepOptions)
 from mlx_lens.core.errors import LensError, one_line
@@ -22,7 +22,7 @@ from mlx_lens.core.stats import (batch_stats, last_positions, lens_sweeps, promp
                                  site_rows)
 from mlx_lens.core.steering import Steerable
 from mlx_lens.core.training import Recipe
-from mlx_lens.loading.head_path import refuse_unread_head
+from mlx_lens.loading.head_path import logit_scale
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
 from mlx_lens.tuned.lens_file import HeadHashes, check_matches
@@ -41,12 +41,23 @@ def _attr(obj, dotted: str):
     return obj
 
 
+def _model_class(config):
+    """transformers' causal LM of the type, or its image-text-to-text model (whose text model
+    the lens reads, on text prompts)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto
+
+    if config.model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
+
+
 class TorchBackend(Steerable):
     def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
                  device_map: dict | None = None):
         """device_map (module -> device, "disk" allowed): accelerate places the model so; without
         one, --device auto splits a model over the GPUs when only they together hold it."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # our own console lines only; errors still raise
@@ -58,14 +69,13 @@ class TorchBackend(Steerable):
         try:
             config = AutoConfig.from_pretrained(source.location, **kw)
             check_supported(config.model_type, "torch")
-            refuse_unread_head(config.to_dict())
             placed = place(source, half_dtype(config.model_type), device, dtype, device_map,
                             config)
             self.device, self._offload, dtype = placed.device, placed.offload, placed.dtype
             self.dtype = _DTYPES[dtype]
             with quiet_gguf_conversion():  # a GGUF is dequantised as it loads
                 self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
-                model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype,
+                model = _model_class(config).from_pretrained(source.location, dtype=self.dtype,
                                                              **kw, **placed.kwargs)
         except LensError:
             raise
@@ -81,7 +91,8 @@ class TorchBackend(Steerable):
             model = model.to(self.device)
             self.input_device, self.head = torch.device(self.device), model.get_output_embeddings()
         self.model = model.eval()
-        self.layout, probe = read_layout(model, config.num_hidden_layers)
+        text = config.get_text_config()  # a multimodal checkpoint's text model
+        self.layout, probe = read_layout(model, text.num_hidden_layers)
         self.blocks = _attr(model, self.layout.blocks)
         # fp32 copies of the norms: statistics in fp32 with the model's own semantics.
         self.final_norm = owned(_attr(model, self.layout.final_norm), self.device)
@@ -89,14 +100,20 @@ class TorchBackend(Steerable):
         self.mlp_norms = self._norms(self.layout.mlp_norm)
         # a parallel block (gpt_neox, phi, cohere) reads its attention and MLP from its input
         self.parallel = [self.layout.parallel] * len(self.blocks)
-        self.softcap = getattr(config, "final_logit_softcapping", None) or None
+        # Gemma-3n/4: blocks read per-layer inputs made from the tokens (not patchable)
+        self.per_layer_inputs = bool(getattr(text, "hidden_size_per_layer_input", 0))
+        self.softcap = (getattr(text, "final_logit_softcapping", None)
+                        or getattr(text, "logits_soft_cap", None))  # recurrent_gemma's name
+        # the model's logit scale, folded into the fp32 head (mlx_lens/loading/head_path.py)
+        self.scale = logit_scale(config.to_dict())
         self.info = ModelInfo(
             name=source.name, architecture=config.model_type, n_layers=len(self.blocks),
-            d_model=config.hidden_size, n_heads=config.num_attention_heads,
-            vocab=self.head.weight.shape[0], n_ctx=getattr(config, "max_position_embeddings", None),
+            d_model=text.hidden_size, n_heads=getattr(text, "num_attention_heads", None),
+            vocab=self.head.weight.shape[0], n_ctx=getattr(text, "max_position_embeddings", None),
             backend="torch", device=self.device, compute_dtype=str(self.dtype).removeprefix("torch."),
             unembed_dtype="float32",
-            norm_types={"first_block": type(self.input_norms[0]).__name__,
+            norm_types={"first_block": type(self.input_norms[0]).__name__
+                         if self.input_norms else None,
                         "final": type(self.final_norm).__name__},
             softcap=self.softcap,
         )
@@ -184,6 +201,8 @@ class TorchBackend(Steerable):
         handles += [b.register_forward_hook(lambda m, a, o, row=i + 1: grab_output(m, a, o, row))
                     for i, b in enumerate(self.blocks)]
         sinks: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        if mids is not None and self.layout.mlp is None:
+            raise refusals.no_middle(self.info.architecture)
         if mids is not None:
             for block, sink, parallel in zip(self.blocks, sinks, self.parallel):
                 def take_input(_module, args, kwargs, sink=sink):
@@ -211,7 +230,10 @@ class TorchBackend(Steerable):
         return rows
 
     def mid_kind(self) -> str:
-        """How this model's blocks form their middle rows (recorded in the artifacts)."""
+        """How this model's blocks form their middle rows (recorded in the artifacts); "none"
+        where they have no middle the lens can read (one sub-block: a state-space mixer)."""
+        if self.layout.mlp is None:
+            return "none"
         return "parallel" if all(self.parallel) else "sequential" if not any(self.parallel) \
             else "mixed"
 
@@ -228,9 +250,7 @@ class TorchBackend(Steerable):
             return self.final_norm if ref == "final" else None
         norms = self.mlp_norms if isinstance(ref, tuple) else self.input_norms
         if norms is None:
-            raise LensError(f"{self.info.architecture}'s blocks have no norm in front of their "
-                            f"{'MLP' if isinstance(ref, tuple) else 'attention'} (post-norm): "
-                            f"the next-norm lens has nothing to read")
+            raise refusals.no_norm(self.info.architecture, isinstance(ref, tuple))
         return norms[ref[1] if isinstance(ref, tuple) else ref]
 
     def _normed(self, rows: list[torch.Tensor], lens: Lens, site: Site = "resid") -> torch.Tensor:
@@ -265,8 +285,8 @@ class TorchBackend(Steerable):
         """The head for vocabulary slice [start, stop): fp32 weights (converted once per chunk),
         bias, soft-cap, then a scale (log2 e gives base-2 logits) applied in place to the
         result, which is cheap on a tile in cache; returns (x [..., d], out=None) -> logits."""
-        w = self.head.weight[start:stop].float()
-        b = self.head.bias[start:stop].float() if self.head.bias is not None else None
+        w = self._weight_rows(start, stop)
+        b = self.head.bias[start:stop].float() * self.scale if self.head.bias is not None else None
 
         def apply(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
             z = torch.matmul(x, w.T, out=out)
@@ -308,6 +328,7 @@ class TorchBackend(Steerable):
     @torch.no_grad()
     def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],
                      mid: bool) -> LensSweep:
+        mid = mid and self.layout.mlp is not None  # blocks of one sub-block have no middle
         mids: list | None = [] if mid else None
         rows = [h[0] for h in self.capture([opts.forward_ids(ids)], mids=mids)]
         mids = None if mids is None else [m[0] for m in mids]
@@ -323,6 +344,7 @@ class TorchBackend(Steerable):
                                 lenses: Sequence[Lens], mid: bool, top_k: int = TOP_K,
                                 pairs: bool = True) -> list[LensSweep]:
         n = len(scored[0])
+        mid = mid and self.layout.mlp is not None  # blocks of one sub-block have no middle
         mids: list | None = [] if mid else None
         rows = self.capture(prompts, last=n, mids=mids)  # R x [B * n, d]
         at = list(range(0, len(prompts) * n, n))  # each prompt's next-token row
@@ -373,9 +395,10 @@ class TorchBackend(Steerable):
     def head_row_norms(self) -> np.ndarray:
         if self._head_norms is None:
             # in slices (an fp32 copy of a whole head: GBs); float64 on the host (MPS has none)
-            w, step = self.head.weight, 4096
-            self._head_norms = torch.cat([torch.linalg.vector_norm(w[i:i + step].float(), dim=1)
-                                          for i in range(0, len(w), step)]).cpu().double().numpy()
+            step = 4096
+            self._head_norms = torch.cat([
+                torch.linalg.vector_norm(self._weight_rows(i, i + step), dim=1)
+                for i in range(0, self.info.vocab, step)]).cpu().double().numpy()
         return self._head_norms
 
     @torch.no_grad()
@@ -419,9 +442,17 @@ class TorchBackend(Steerable):
 
     @torch.no_grad()
     def unembedding(self, start: int, stop: int) -> np.ndarray:
-        return self.head.weight[start:stop].float().cpu().numpy()
+        return self._weight_rows(start, stop).cpu().numpy()
+
+    def _weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 rows of the head as the model applies it (its logit scale folded in: the
+        product's rounding, u |x| |s w_i| per logit, is 1/d of one of the bounds' products)."""
+        w = self.head.weight[start:stop].float()
+        return w * self.scale if self.scale != 1.0 else w
 
     def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
+        if self.per_layer_inputs:
+            raise refusals.per_layer_inputs(self.info.architecture)
         return TorchPatcher(self).record(batch)
 
     def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int, window: int,

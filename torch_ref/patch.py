@@ -17,6 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mlx_lens.core import refusals
+from torch_ref.arch import CUT_AT_BLOCK
+
 
 
 
@@ -49,9 +52,10 @@ class TorchPatcher:
         self.b = backend
 
     def _modules(self, kind: str) -> list[torch.nn.Module]:
-        spec = self.b.layout
-        return [getattr(block, spec.attention if kind == "attn" else spec.mlp)
-                for block in self.b.blocks]
+        name = self.b.layout.attention if kind == "attn" else self.b.layout.mlp
+        if name is None:
+            raise refusals.no_sub_block(self.b.info.architecture, kind)
+        return [getattr(block, name) for block in self.b.blocks]
 
     @torch.no_grad()
     def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
@@ -63,7 +67,8 @@ class TorchPatcher:
                     with_kwargs=True)))
             stack.enter_context(_hook(self.b.blocks[-1].register_forward_hook(
                 lambda m, args, o: resid.append(_first(o)))))
-            for kind in ("attn", "mlp"):
+            for kind in [k for k in ("attn", "mlp") if (self.b.layout.attention if k == "attn"
+                                                         else self.b.layout.mlp) is not None]:
                 for module in self._modules(kind):
                     stack.enter_context(_hook(module.register_forward_hook(
                         lambda m, args, o, kind=kind: out[kind].append(_first(o)))))
@@ -83,10 +88,12 @@ class TorchPatcher:
         mask = torch.from_numpy(np.ascontiguousarray(restore[..., None]))
 
         def restore_into(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-            """value [V * B, T, d] with source's [B, T, d] values where the mask says."""
-            shaped = value.view(n_var, n_seq, *value.shape[1:])
-            src = source[:, :value.shape[1]].to(value.device)[None]
-            return torch.where(mask.to(value.device), src, shaped).view_as(value)
+            """value [V * B, T, d] with source's [B, T, d] values where the mask says (either
+            may come flattened to [B * T, d], as a mixture of experts returns it)."""
+            shaped = value.reshape(n_var, n_seq, -1, value.shape[-1])
+            src = source.reshape(n_seq, -1, value.shape[-1])[:, :shaped.shape[2]]
+            return torch.where(mask.to(value.device), src.to(value.device)[None],
+                               shaped).reshape(value.shape)
 
         last = min(block + window, len(self.b.blocks))
         h = base.resid[block].repeat(n_var, 1, 1)
@@ -110,7 +117,9 @@ class TorchPatcher:
 
     def _run_from(self, start: int, h: torch.Tensor, ids: list[list[int]],
                   stack: ExitStack) -> torch.Tensor:
-        """The last block's output when blocks start .. L-1 run on h (block start's input)."""
+        """The last block's output when blocks start .. L-1 run on h (block start's input): the
+        blocks cut to those from `start` where the model's forward allows it (CUT_AT_BLOCK),
+        else the whole forward with block start's input replaced."""
         spec, model = self.b.layout, self.b.model
         *parent, name = spec.blocks.split(".")
         owner = model
@@ -119,9 +128,10 @@ class TorchPatcher:
         blocks = getattr(owner, name)
         config = model.config
         types = getattr(config, "layer_types", None)
-        stack.enter_context(_swapped(owner, name, torch.nn.ModuleList(list(blocks)[start:])))
-        if types is not None:
-            stack.enter_context(_swapped(config, "layer_types", types[start:]))
+        if self.b.info.architecture in CUT_AT_BLOCK:  # else blocks < start run, to no effect
+            stack.enter_context(_swapped(owner, name, torch.nn.ModuleList(list(blocks)[start:])))
+            if types is not None:
+                stack.enter_context(_swapped(config, "layer_types", types[start:]))
         result = []
 
         def replace_input(_m, args, kwargs):

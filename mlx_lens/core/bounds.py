@@ -164,6 +164,8 @@ def head_path_refusal(name: str, lens: np.ndarray, own: np.ndarray, x_norm: floa
     """Why a model is refused, or None: the lens's decode of the model's own final-norm input
     (fp32) against the model's own output logits [V] beyond framework_logit_bound means the
     lens does not apply the model's head path (a logit scale, a transform after the head)."""
+    if not (np.isfinite(x_norm) and np.all(np.isfinite(own))):
+        return None  # a model whose output is not finite: the run's health check reports it
     bound = framework_logit_bound(np.array(x_norm), w_norm, d, own, softcap, compute)
     gap = np.abs(np.asarray(lens, np.float64) - own)
     if np.all(gap <= bound):

@@ -173,7 +173,7 @@ class ModelInfo:
     architecture: str  # config model_type
     n_layers: int
     d_model: int
-    n_heads: int
+    n_heads: int | None  # None: a model without attention heads (state-space)
     vocab: int
     n_ctx: int | None
     backend: str

@@ -85,7 +85,7 @@ def batch_size(backend: Backend, longest: int, free_bytes: int | None = None) ->
     holds at once (a block's activations, ~16 d per token in fp32, and its attention scores),
     between 1 and MAX_BATCH."""
     info = backend.info
-    per_prompt = 4 * longest * (16 * info.d_model + info.n_heads * longest)
+    per_prompt = 4 * longest * (16 * info.d_model + (info.n_heads or 0) * longest)
     free = available_ram() if free_bytes is None else free_bytes
     return int(max(1, min(MAX_BATCH, free // 16 // per_prompt)))
 

@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
-from mlx_lens.core import bounds
+from mlx_lens.core import bounds, refusals
 from mlx_lens.core.bounds import SUM_BLOCK
 from mlx_lens.core.contract import (PAIR_TOP_K, TOP_K, LayerStats, LensPairs, LensSweep,
                                     ModelInfo, NormSpec, SweepOptions)
@@ -33,9 +33,10 @@ from mlx_lens.core.steering import Steerable
 from mlx_lens.core.training import Recipe
 from mlx_lens.loading.placement import available_ram, pick_device, footprint
 from mlx_lens.loading.quiet import quiet_library_bars
-from mlx_lens.loading.head_path import refuse_unread_head
+from mlx_lens.loading.head_path import logit_scale, text_config
 from mlx_lens.loading.sources import ModelSource, check_supported
-from mlx_lens.mlx.arch import (HAND_LOOP, OVERRIDES, Overrides, config_fixes, fix_modules, fix_weights,
+from mlx_lens.mlx.arch import (HAND_LOOP, OVERRIDES, Overrides, config_fixes, first_array,
+                               fix_modules, fix_weights,
                                read_layout, refuse_differing, softcap_of, windows_of)
 from mlx_lens.mlx.patch import MlxPatcher, recording
 from mlx_lens.mlx.reduce import lens_pairs, sweep_next_token, sweep_states
@@ -115,7 +116,6 @@ class MlxLens(Steerable):
         model_type = config.get("model_type")
         check_supported(model_type, "mlx")
         refuse_differing(model_type)
-        refuse_unread_head(config)
         self.overrides = OVERRIDES.get(model_type, Overrides())
         # the hand-written loop where it is verified; elsewhere the model's forward drives
         self.hand_loop = model_type in HAND_LOOP
@@ -141,22 +141,24 @@ class MlxLens(Steerable):
             model, _ = mlx_utils.load_model(path, lazy=lazy, model_config=config_fixes(config),
                                             get_model_classes=classes)
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            hf_config = AutoConfig.from_pretrained(str(path))  # the checkpoint's semantics
+            # the checkpoint's semantics (a multimodal checkpoint's text model)
+            text = AutoConfig.from_pretrained(str(path)).get_text_config()
         except LensError:
             raise
         except Exception as exc:
             raise LensError(f"cannot load {path}: {one_line(exc)}") from exc
         if dtype != "stored":
             model.set_dtype(_DTYPES[dtype])
-        fix_modules(model_type, model.model, config)
+        fix_modules(model_type, model, config)
         self.model, self.path = model, path
         tied = getattr(getattr(model, "args", None), "tie_word_embeddings",
                        config.get("tie_word_embeddings", False))
         # a pipeline rank (lazy) reads block 0 alone: the whole model would not fit
-        self.layout, probe = read_layout(model, hf_config.vocab_size, tied, whole=not lazy)
+        self.layout, probe = read_layout(model, text.vocab_size, tied, whole=not lazy)
         self.inner = _attr(model, self.layout.inner) if self.layout.inner else model
         self.blocks = _attr(self.inner, self.layout.blocks)
-        self.windows = windows_of(hf_config, len(self.blocks))
+        # the lens's own loop builds masks from these; elsewhere the model's forward does
+        self.windows = windows_of(text, len(self.blocks)) if self.hand_loop else None
         self.embed = _attr(self.inner, self.layout.embed)
         self.head = self.embed if self.layout.head is None else _attr(model, self.layout.head)
         self.final_norm = _fp32(_attr(self.inner, self.layout.final_norm))
@@ -164,18 +166,23 @@ class MlxLens(Steerable):
         self.mlp_norms = self._norms(self.layout.mlp_norm)
         # a parallel block (gpt_neox, phi, cohere) reads its attention and MLP from its input
         self.parallel = [self.layout.parallel] * len(self.blocks)
-        self.softcap = softcap_of(config)
-        self.hidden = config.get("hidden_size", config.get("n_embd"))
+        # Gemma-3n/4: blocks read per-layer inputs made from the tokens (not patchable)
+        self.per_layer_inputs = bool(getattr(text, "hidden_size_per_layer_input", 0))
+        self.softcap = softcap_of(text_config(config))
+        # the model's logit scale, folded into the fp32 head (mlx_lens/loading/head_path.py)
+        self.scale = logit_scale(config)
+        self.hidden = text.hidden_size
         compute = (self.embed.scales if isinstance(self.embed, _QUANTIZED) else self.embed.weight).dtype
         self.info = ModelInfo(
             name=source.name, architecture=model_type, n_layers=len(self.blocks),
             d_model=self.hidden,
-            n_heads=config.get("num_attention_heads", config.get("n_head")),
+            n_heads=getattr(text, "num_attention_heads", None),
             vocab=self.head.weight.shape[0],
-            n_ctx=config.get("max_position_embeddings", config.get("n_positions")),
+            n_ctx=getattr(text, "max_position_embeddings", None),
             backend="mlx", device=self.device.name, compute_dtype=_name(compute),
             unembed_dtype="float32",
-            norm_types={"first_block": type(self.input_norms[0]).__name__,
+            norm_types={"first_block": type(self.input_norms[0]).__name__
+                         if self.input_norms else None,
                         "final": type(self.final_norm).__name__},
             softcap=self.softcap,
         )
@@ -245,9 +252,13 @@ class MlxLens(Steerable):
             class Driven(base):
                 def __call__(self, *args, **kwargs):
                     if i == start:
-                        row = h if h is not None else steer(args[0], 0)
+                        at, given = first_array(args, kwargs)
+                        row = h if h is not None else steer(given, 0)
                         rows.append(row)
-                        args = (row, *args[1:])
+                        if at == 0:
+                            args = (row, *args[1:])
+                        else:
+                            kwargs = {**kwargs, at: row}
                     out = base.__call__(self, *args, **kwargs)
                     row = steer(out[0] if isinstance(out, tuple) else out, i + 1)
                     rows.append(row)
@@ -259,7 +270,7 @@ class MlxLens(Steerable):
         for i, base in bases.items():
             self.blocks[i].__class__ = driving(i, base)
         try:
-            self.inner(x)
+            self.model(x)  # stopped before its head
         except _Done:
             pass
         finally:
@@ -275,6 +286,8 @@ class MlxLens(Steerable):
         if mids is None:
             yield
             return
+        if self.layout.mlp is None:
+            raise refusals.no_middle(self.info.architecture)
         sinks = [[] for _ in self.blocks]
         with ExitStack() as stack:
             for block, sink, parallel in zip(self.blocks, sinks, self.parallel):
@@ -290,7 +303,10 @@ class MlxLens(Steerable):
                     for s, parallel in zip(sinks, self.parallel))
 
     def mid_kind(self) -> str:
-        """How this model's blocks form their middle rows (recorded in the artifacts)."""
+        """How this model's blocks form their middle rows (recorded in the artifacts); "none"
+        where they have no middle the lens can read (one sub-block: a state-space mixer)."""
+        if self.layout.mlp is None:
+            return "none"
         return "parallel" if all(self.parallel) else "sequential" if not any(self.parallel) \
             else "mixed"
 
@@ -333,9 +349,7 @@ class MlxLens(Steerable):
             return self.final_norm if ref == "final" else None
         norms = self.mlp_norms if isinstance(ref, tuple) else self.input_norms
         if norms is None:
-            raise LensError(f"{self.info.architecture}'s blocks have no norm in front of their "
-                            f"{'MLP' if isinstance(ref, tuple) else 'attention'} (post-norm): "
-                            f"the next-norm lens has nothing to read")
+            raise refusals.no_norm(self.info.architecture, isinstance(ref, tuple))
         return norms[ref[1] if isinstance(ref, tuple) else ref]
 
     def _normed(self, rows: list[mx.array], lens: Lens, site: Site = "resid") -> mx.array:
@@ -379,12 +393,13 @@ class MlxLens(Steerable):
                               group_size=m.group_size, bits=m.bits, mode=m.mode)
         else:
             w = m.weight[start:stop]
-        return w.astype(mx.float32)
+        # the product's rounding, u |x| |s w_i| per logit, is 1/d of one of the bounds' products
+        return w.astype(mx.float32) * self.scale if self.scale != 1.0 else w.astype(mx.float32)
 
     def head_logits(self, x: mx.array, start: int, stop: int) -> mx.array:
         z = x @ self._weight_rows(start, stop).T
         if "bias" in self.head:
-            z = z + self.head.bias[start:stop].astype(mx.float32)
+            z = z + self.head.bias[start:stop].astype(mx.float32) * self.scale
         if self.softcap:
             z = mx.tanh(z / self.softcap) * self.softcap
         return z
@@ -455,6 +470,8 @@ class MlxBackend(MlxLens):
         return MlxTuner(self, lens, recipe)
 
     def record(self, batch: Sequence[Sequence[int]]):
+        if self.per_layer_inputs:
+            raise refusals.per_layer_inputs(self.info.architecture)
         return MlxPatcher(self).record(batch)
 
     def patched_logits(self, base, clean, kind: str, block: int, window: int,
@@ -464,6 +481,7 @@ class MlxBackend(MlxLens):
 
     def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],
                      mid: bool) -> LensSweep:
+        mid = mid and self.layout.mlp is not None  # blocks of one sub-block have no middle
         mids: list | None = [] if mid else None
         rows = [h[0] for h in self.capture([opts.forward_ids(ids)], mids=mids)]
         mids = None if mids is None else [m[0] for m in mids]
@@ -478,6 +496,7 @@ class MlxBackend(MlxLens):
                                 lenses: Sequence[Lens], mid: bool, top_k: int = TOP_K,
                                 pairs: bool = True) -> list[LensSweep]:
         n = len(scored[0])
+        mid = mid and self.layout.mlp is not None  # blocks of one sub-block have no middle
         mids: list | None = [] if mid else None
         rows = self.capture(prompts, last=n, mids=mids)  # R x [B * n, d]
         at = mx.arange(0, len(prompts) * n, n)  # each prompt's next-token row
@@ -500,7 +519,7 @@ class MlxBackend(MlxLens):
         return self.model(mx.array([list(ids)]))[0]
 
     def framework_logits(self, ids: Sequence[int]) -> np.ndarray:
-        windows = [w for w in self.windows if w is not None]
+        windows = [w for w in self.windows or [] if w is not None]
         if windows and len(ids) > min(windows):
             raise LensError(f"the prompt ({len(ids)} tokens) is longer than the model's "
                             f"{min(windows)}-token sliding window, and mlx-lm's forward is not "

@@ -18,6 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_lens.core import refusals
+from mlx_lens.mlx.arch import first_array
+
 
 
 @dataclass
@@ -41,7 +44,10 @@ def recording(module: nn.Module, sink: list, output: bool = False):
     class Recording(base):
         def __call__(self, *args, **kwargs):
             result = base.__call__(self, *args, **kwargs)
-            sink.append(result if output else args[0])
+            if output:  # a module may return more than its output (gemma4: shared KV)
+                sink.append(result[0] if isinstance(result, tuple) else result)
+            else:
+                sink.append(args[0] if args else first_array(args, kwargs)[1])
             return result
 
     module.__class__ = Recording
@@ -58,7 +64,10 @@ def _restoring(module: nn.Module, restore):
 
     class Restoring(base):
         def __call__(self, *args, **kwargs):
-            return restore(base.__call__(self, *args, **kwargs))
+            out = base.__call__(self, *args, **kwargs)
+            if isinstance(out, tuple):  # a module that returns more than its output (gemma4)
+                return (restore(out[0]), *out[1:])
+            return restore(out)
 
     module.__class__ = Restoring
     try:
@@ -72,15 +81,17 @@ class MlxPatcher:
         self.b = backend
 
     def _modules(self, kind: str) -> list[nn.Module]:
-        arch = self.b.layout
-        return [getattr(block, arch.attention if kind == "attn" else arch.mlp)
-                for block in self.b.blocks]
+        name = self.b.layout.attention if kind == "attn" else self.b.layout.mlp
+        if name is None:
+            raise refusals.no_sub_block(self.b.info.architecture, kind)
+        return [getattr(block, name) for block in self.b.blocks]
 
     def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
         x = mx.array([list(s) for s in batch])
         out = {"attn": [], "mlp": []}
         with ExitStack() as stack:
-            for kind in out:
+            for kind in [k for k in out if (self.b.layout.attention if k == "attn"
+                                            else self.b.layout.mlp) is not None]:
                 for module, sink in zip(self._modules(kind), [[] for _ in self.b.blocks]):
                     stack.enter_context(recording(module, sink, output=True))
                     out[kind].append(sink)
@@ -100,9 +111,11 @@ class MlxPatcher:
         mask = mx.array(restore[..., None])
 
         def restore_into(value: mx.array, source: mx.array) -> mx.array:
-            """value [V * B, T, d] with source's [B, T, d] values where the mask says."""
-            shaped = value.reshape(n_var, n_seq, *value.shape[1:])
-            return mx.where(mask, source[:, :value.shape[1]][None], shaped).reshape(value.shape)
+            """value [V * B, T, d] with source's [B, T, d] values where the mask says (either
+            may come flattened to [B * T, d], as a mixture of experts returns it)."""
+            shaped = value.reshape(n_var, n_seq, -1, value.shape[-1])
+            src = source.reshape(n_seq, -1, value.shape[-1])[:, :shaped.shape[2]]
+            return mx.where(mask, src[None], shaped).reshape(value.shape)
 
         h = mx.concatenate([base.resid[block]] * n_var)
         if kind == "resid":

@@ -1,0 +1,178 @@
+"""Every model type both mlx-lm and transformers implement (tests/zoo.py), on both backends.
+
+For each type a tiny random model is built from transformers' own config class and loaded by
+both backends. A backend either runs it or refuses it in one line (LensError, never another
+exception). Where both run it: the torch lens's last row is transformers' own logits (the
+`gemm_bound` of tests/test_backends.py), and the MLX lens agrees with the torch lens layer by
+layer within the derived parity bounds (mlx_lens/checks/parity.py), which holds MLX to
+transformers, not to mlx-lm's own forward. The outcome of every type is the row docs/models.md
+publishes (scripts/support_matrix.py writes it from `examine`); a test fails where they differ.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlx_lens.checks.parity import compare, logit_bound
+from mlx_lens.core import bounds
+from mlx_lens.core.errors import LensError
+from mlx_lens.core.lens import FINAL_NORM, Lens
+from mlx_lens.experiment.patching import KINDS, one_at_a_time
+from mlx_lens.loading.sources import resolve
+from mlx_lens.mlx.backend import MlxBackend
+from tests.lens_checks import NORM_AND_HEAD, gemm_bound
+from tests.zoo import UNBUILDABLE, ZOO_CONFIGS, build
+from torch_ref.backend import TorchBackend
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+PROMPTS = ["Give the city name only, plain text. The capital of Germany is called simply",
+           "The capital of France is called simply"]
+BUILDABLE = sorted(set(ZOO_CONFIGS) - set(UNBUILDABLE))
+COLUMNS = ("torch", "mlx", "last row = transformers", "MLX = torch", "next-norm", "middles",
+           "patching")
+
+
+def _load(kind, folder):
+    """The backend, or the one line it refused the model with."""
+    try:
+        return (MlxBackend if kind == "mlx" else TorchBackend)(resolve(str(folder))), None
+    except LensError as exc:
+        return None, str(exc)
+
+
+def _reason(message: str) -> str:
+    """A refusal's kind, stable across machines (the message's numbers are not)."""
+    for key, kind in (("unsupported architecture", "not implemented"),
+                      ("scales its logits", "logit scale"), ("head path", "head path"),
+                      ("layer types", "layer types"), ("cannot read its layout", "layout"),
+                      ("cannot read the layout", "layout"), ("no final norm", "layout"),
+                      ("no separate attention", "layout"), ("no list of", "layout"),
+                      ("no token embedding", "layout"), ("is untied", "layout"),
+                      ("cannot be mapped", "config"), ("is refused on MLX", "mlx-lm differs"),
+                      ("cannot load", "load")):
+        if key in message:
+            return f"refused ({kind})"
+    return "refused"
+
+
+def examine(folder) -> tuple[dict[str, str], dict[str, str]]:
+    """(status per column, the full refusal lines): what each backend does with the model."""
+    row, why = {c: "-" for c in COLUMNS}, {}
+    loaded = {}
+    for kind in ("torch", "mlx"):
+        loaded[kind], refusal = _load(kind, folder)
+        row[kind] = "runs" if refusal is None else _reason(refusal)
+        if refusal:
+            why[kind] = refusal
+    t, m = loaded["torch"], loaded["mlx"]
+    if t is not None:
+        ids = t.tokenizer.encode(PROMPTS[0])
+        with torch.no_grad():
+            own = t.model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        logits = t.layer_logits(ids, FINAL_NORM)
+        bound = gemm_bound(t, ids, FINAL_NORM, logits, NORM_AND_HEAD)[-1]
+        row["last row = transformers"] = "ok" if np.all(np.abs(logits[-1] - own) <= bound) \
+            else "FAILS"
+        try:
+            t.check_lens(Lens("next-norm"))
+            row["next-norm"] = "ok"
+        except LensError:
+            row["next-norm"] = "refused (no input norm)"
+    if t is not None:
+        for column, of in (("middles", lambda b: b.mid_kind()), ("patching", patching_identities)):
+            found = {kind: of(b) for kind, b in loaded.items() if b is not None}
+            row[column] = found["torch"] if len(set(found.values())) == 1 else \
+                "; ".join(f"{k}: {v}" for k, v in found.items())
+    if t is not None and m is not None:
+        report = compare(t, m, PROMPTS, FINAL_NORM, answer=None)
+        row["MLX = torch"] = "ok" if not report.failures() else "FAILS"
+        if report.failures():
+            why["parity"] = report.failures()[0]
+        if t.mid_kind() == m.mid_kind() != "none" and not middles_agree(t, m):
+            row["middles"] += " (MLX FAILS)"
+    return row, why
+
+
+def patching_identities(backend) -> str:
+    """The kinds a backend patches on the model, where patching's identities hold (those of
+    tests/test_patching.py, on a 6-token pair): restoring every position at row 0 gives the
+    clean run's own computation, and restoring the corrupted run's own values at one position
+    changes nothing, each within two fp32 evaluations' bound (tests/test_patching.py's
+    `_bound_bits` model, on the logits): a variant is another row of one batch, which a CPU
+    GEMM may round otherwise, and a mixture of experts groups a batch's tokens by expert, so
+    even the same row of two batches that differ elsewhere may round otherwise; "FAILS" where
+    one does not."""
+    if backend.per_layer_inputs:
+        return "refused (per-layer inputs)"
+    clean = backend.tokenizer.encode(PROMPTS[0])[:6]
+    corrupt = clean[:-2] + [clean[-1], clean[-2]]
+    layout, info = backend.layout, backend.info
+    kinds = [k for k in KINDS if k == "resid" or (layout.attention if k == "attn"
+                                                  else layout.mlp) is not None]
+    c, x = backend.record([clean]), backend.record([corrupt])
+    everything = np.ones((2, 1, len(clean)), bool)
+    everything[0] = False
+    def within(z, norms, want):
+        bound = (bounds.dot_bound(norms, backend.head_row_norms(), info.d_model,
+                                  2 * (info.n_layers + 1))
+                 + 2 * bounds.elementwise_bound(z, backend.softcap))
+        return bool(np.all(np.abs(z - want) <= bound))
+
+    restored, norms = backend.patched_logits(x, c, "resid", 0, 1, everything, 1)
+    own, _ = backend.patched_logits(c, c, "resid", 0, 1, everything, 1)
+    holds = within(restored[1], norms[1], own[1])
+    for kind in kinds:
+        z, norms = backend.patched_logits(x, x, kind, 1, 2,
+                                          one_at_a_time(range(len(clean)), len(clean)), 1)
+        holds &= within(z, norms, z[:1])
+    return ", ".join(kinds) if holds else "FAILS"
+
+
+def middles_agree(t, m) -> bool:
+    """The middle of each block decoded by both backends, within the parity bound of that site
+    (mlx_lens/checks/parity.py `logit_bound`: i + 2 products for block i's middle)."""
+    ids = t.tokenizer.encode(PROMPTS[0])
+    za, zb = t.layer_logits(ids, FINAL_NORM, "mid"), m.layer_logits(ids, FINAL_NORM, "mid")
+    bound = logit_bound(t, ids, FINAL_NORM, za, t.head_row_norms(), "mid")
+    return bool(np.all(np.abs(za.astype(np.float64) - zb) <= bound))
+
+
+def published() -> dict[str, dict[str, str]]:
+    """docs/models.md's matrix: model type -> status per column."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == len(COLUMNS) + 2 and re.fullmatch(r"`[\w-]+`", cells[0]):
+            rows[cells[0].strip("`")] = dict(zip(COLUMNS, cells[1:-1]))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return published()
+
+
+@pytest.mark.parametrize("model_type", BUILDABLE)
+def test_every_model_type_runs_or_is_refused_as_published(model_type, matrix, tmp_path):
+    row, why = examine(build(model_type, tmp_path / model_type))
+    assert row == matrix.get(model_type), why
+    # a backend that runs a type decodes it right, or the matrix could publish a wrong lens
+    if row["torch"] == "runs":
+        assert row["last row = transformers"] == "ok"
+    if row["torch"] == row["mlx"] == "runs":
+        assert row["MLX = torch"] == "ok", why
+    assert "FAILS" not in row["patching"] + row["middles"], (row["patching"], row["middles"])
+
+
+def test_the_matrix_names_every_type_and_why():
+    """Every type both libraries implement is in the matrix: built and tested, or named as
+    unbuildable with its reason."""
+    rows = published()
+    text = DOC.read_text()
+    assert set(rows) == set(BUILDABLE)
+    for model_type in UNBUILDABLE:
+        assert f"`{model_type}`" in text
