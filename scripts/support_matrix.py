@@ -42,12 +42,16 @@ and chunks shorter than the test prompt), loaded by both backends.
   both backends read middles, the MLX middles agree with torch's within the parity bound of
   that site (docs/numerics.md §4), or the cell says "MLX FAILS".
 - **patching**: the kinds `mlx-lens patch` restores on the type (a state-space mixer as attn),
-  where patching's exact identities hold bit for bit on each backend that runs it.
+  where patching's identities hold on each backend that runs it (restoring every position at
+  row 0 gives the clean run, restoring the corrupted run's own values changes nothing), within
+  two fp32 evaluations' bound; models whose blocks read per-layer inputs made from the tokens
+  (Gemma-4) refuse patching in one line.
 
-The other features (`--lenses`, patching, steering, suites, the tuned lens, the pipeline) use
-the same capture and are tested on the families of `tests/tiny_models.py` (llama, mistral,
-qwen2, qwen3, phi3, gemma2, gemma3_text, gpt2, gpt_neox); on the other types CI checks the
-columns above. A type mlx-lm and transformers both implement whose tiny model cannot be built is
+The other features (`--lenses`, steering, suites, the tuned lens) use the same capture and are
+tested in depth on the families of `tests/tiny_models.py` (llama, mistral, qwen2, qwen3, phi3,
+gemma2, gemma3_text, gpt2, gpt_neox); on the other types CI checks the columns above. The
+pipeline over processes (`mlx.launch`) runs the lens's own loop over the blocks, so it takes
+those nine families (and gemma3) only and refuses the others in one line. A type mlx-lm and transformers both implement whose tiny model cannot be built is
 listed at the end with the reason.
 
 """
