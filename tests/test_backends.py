@@ -269,6 +269,13 @@ def test_quantised_model_decodes_through_fp32_dequantised_head(tiny_model_dirs, 
     assert np.all(np.abs(logits[-1] - own) <= bound)
     answer = backend.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
     assert_sweep_matches_logits(backend, ids, FINAL_NORM, answer)
+    # transformers cannot read mlx-lm's quantisation: torch, and so parity, refuse it by name
+    from mlx_lens.core.errors import LensError
+
+    with pytest.raises(LensError, match=f"mlx-lm quantised folder \\({bits}-bit {mode}\\), "
+                                        f"which transformers cannot read: run it with "
+                                        f"--backend mlx; parity compares"):
+        TorchBackend(resolve(str(out)))
 
 
 def test_unmappable_rope_is_refused(tiny_model_dirs, tmp_path):

@@ -41,6 +41,23 @@ def _attr(obj, dotted: str):
     return obj
 
 
+def refuse_mlx_quantized(folder) -> None:
+    """A folder mlx-lm's converter quantised (its config's `quantization`, which transformers
+    does not read) is refused by name: parity needs the unquantised checkpoint on the torch
+    side, and the MLX run's framework check holds a quantised lens to mlx-lm's own forward."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    q = config.get("quantization")
+    # mlx-lm writes it twice, as quantization and as a quantization_config that names no
+    # quant_method (which every transformers quantiser writes)
+    if isinstance(q, dict) and "quant_method" not in (config.get("quantization_config") or {}):
+        raise LensError(f"{folder.name} is an mlx-lm quantised folder ({q.get('bits')}-bit "
+                        f"{q.get('mode', 'affine')}), which transformers cannot read: run it with "
+                        f"--backend mlx; parity compares the backends on the unquantised "
+                        f"checkpoint")
+
+
 def _model_class(config):
     """transformers' causal LM of the type, or its image-text-to-text model (whose text model
     the lens reads, on text prompts)."""
@@ -65,6 +82,7 @@ class TorchBackend(Steerable):
 
         if source.path is not None and not source.is_gguf:  # refuse early, before loading
             check_supported(local_model_type(source), "torch")
+            refuse_mlx_quantized(source.path)
         kw = {"gguf_file": source.path.name} if source.is_gguf else {}
         try:
             config = AutoConfig.from_pretrained(source.location, **kw)
