@@ -176,3 +176,47 @@ def test_the_matrix_names_every_type_and_why():
     assert set(rows) == set(BUILDABLE)
     for model_type in UNBUILDABLE:
         assert f"`{model_type}`" in text
+
+
+@pytest.mark.parametrize("model_type, args, message", [
+    ("olmo2", ["run", "--lens", "next-norm"], "olmo2's blocks have no norm in front of their "
+                                              "attention that the lens can read"),
+    ("mamba", ["patch", "--clean", "The capital of Germany is", "--corrupt",
+               "The capital of France is", "--answer", "Berlin", "--kinds", "mlp"],
+     "mamba's blocks have no separable MLP to patch"),
+    ("gemma4_text", ["patch", "--clean", "The capital of Germany is", "--corrupt",
+                     "The capital of France is", "--answer", "Berlin"],
+     "gemma4_text's blocks also read a per-layer input made from the tokens"),
+])
+def test_a_feature_a_type_lacks_is_refused_in_one_line(model_type, args, message, tmp_path,
+                                                       capsys):
+    """From the command line, as a user meets it: one line naming what the blocks lack, exit 2,
+    nothing written."""
+    from tests.test_cli import run_main
+
+    folder = build(model_type, tmp_path / model_type)
+    out = tmp_path / "out"
+    code, _, err = run_main([args[0], str(folder), "--backend", "torch", *args[1:],
+                             "--out_dir", str(out)], tmp_path, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_state_space_model_runs_every_lens_without_middles(tmp_path, capsys):
+    """A model of one-mixer blocks (mamba) through `--lenses all`: the rows between blocks under
+    every lens, no middle of a block (the JSON says so), and resid patching."""
+    import json
+
+    from tests.test_cli import run_main
+
+    folder = build("mamba", tmp_path / "mamba")
+    code, _, err = run_main(["run", str(folder), "--backend", "torch", "--lenses", "all",
+                             "--no-plots", "--out_dir", str(tmp_path / "run")], tmp_path, capsys)
+    assert code == 0, err
+    payload = json.loads((tmp_path / "run" / "output-mamba.json").read_text())
+    assert payload["lenses"]["mid_rows"] is None
+    code, _, err = run_main(["patch", str(folder), "--backend", "torch", "--clean",
+                             "The capital of Germany is", "--corrupt", "The capital of France is",
+                             "--answer", "Berlin", "--kinds", "resid,attn",
+                             "--out_dir", str(tmp_path / "patch")], tmp_path, capsys)
+    assert code == 0, err
