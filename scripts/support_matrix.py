@@ -51,8 +51,9 @@ The other features (`--lenses`, steering, suites, the tuned lens) use the same c
 tested in depth on the families of `tests/tiny_models.py` (llama, mistral, qwen2, qwen3, phi3,
 gemma2, gemma3_text, gpt2, gpt_neox); on the other types CI checks the columns above. The
 pipeline over processes (`mlx.launch`) runs the lens's own loop over the blocks, so it takes
-those nine families (and gemma3) only and refuses the others in one line. A type mlx-lm and transformers both implement whose tiny model cannot be built is
-listed at the end with the reason.
+those nine families (and gemma3) only and refuses the others in one line. A type mlx-lm and
+transformers both implement whose tiny model cannot be built is listed at the end with the
+reason.
 
 """
 

@@ -250,7 +250,8 @@ ZOO_CONFIGS: dict[str, dict] = {
                                                original_max_position_embeddings=128)),
     # transformers' minimax is MiniMax-Text-01 (lightning attention), mlx-lm's the M2 block:
     # with full attention only they share the layout.
-    "minimax": _c(T, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, layer_types=[F, F, F],
+    "minimax": _c(T, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                  layer_types=[F, F, F],
                   shared_intermediate_size=0, rotary_dim=24, use_qk_norm=False,
                   scoring_func="softmax"),
     "minimax_m2": _c(T, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,

@@ -438,7 +438,8 @@ class TorchBackend(Steerable):
 
     def norm_spec(self, ref: NormRef) -> NormSpec:
         # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
-        # the model shows up in the self-test.
+        # the model shows up in the self-test; its semantics (RMS or LayerNorm, w or 1 + w) are
+        # read from what it computes (NormSpec.read), no longer declared per architecture.
         self._norm(ref)  # refused where the blocks have no such norm
         if ref == "final":
             norm = _attr(self.model, self.layout.final_norm)
@@ -446,11 +447,13 @@ class TorchBackend(Steerable):
             norm = self.blocks[ref[1]].get_submodule(self.layout.mlp_norm)
         else:
             norm = self.blocks[ref].get_submodule(self.layout.input_norm)
-        if norm.weight.device.type == "meta":  # offloaded by accelerate: its stored weights
-            norm = owned(norm, torch.device("cpu"), fp32=False)
+        if any(p.device.type == "meta" for p in norm.parameters()):  # offloaded by accelerate
+            norm = owned(norm, torch.device("cpu"), fp32=False)  # its stored weights
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-        as_numpy = (lambda t: None if t is None else t.detach().double().cpu().numpy())
+
+        def as_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.detach().double().cpu().numpy()
 
         def apply(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():

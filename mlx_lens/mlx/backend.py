@@ -540,7 +540,8 @@ class MlxBackend(MlxLens):
 
     def norm_spec(self, ref: NormRef) -> NormSpec:
         # The model's own module (not the lens's fp32 copy), so a lens norm that drifted from
-        # the model shows up in the self-test.
+        # the model shows up in the self-test; its semantics (RMS or LayerNorm, w or 1 + w) are
+        # read from what it computes (NormSpec.read), no longer declared per architecture.
         self._norm(ref)  # refused where the blocks have no such norm
         if ref == "final":
             norm = _attr(self.inner, self.layout.final_norm)
@@ -548,7 +549,9 @@ class MlxBackend(MlxLens):
             norm = getattr(self.blocks[ref[1]], self.layout.mlp_norm)
         else:
             norm = getattr(self.blocks[ref], self.layout.input_norm)
-        as_numpy = (lambda name: np.array(norm[name], np.float64) if name in norm else None)
+        def as_numpy(name: str) -> np.ndarray | None:
+            return np.array(norm[name], np.float64) if name in norm else None
+
         return NormSpec.read(lambda x: np.array(_fp32(norm)(mx.array(x))), as_numpy("weight"),
                              as_numpy("bias"), norm.eps, self.info.d_model)
 
