@@ -1,5 +1,5 @@
-"""The one-line refusals both backends raise where a model's blocks lack what a feature reads
-(the layout read from the model: mlx_lens/mlx/arch.py, torch_ref/arch.py)."""
+"""What a model's blocks lack for a feature, in one line, for both backends, and the norm a
+lens names (the layout read from the model: mlx_lens/mlx/arch.py, torch_ref/arch.py)."""
 from __future__ import annotations
 
 from mlx_lens.core.errors import LensError
@@ -28,3 +28,15 @@ def per_layer_inputs(architecture: str) -> LensError:
                      f"(hidden_size_per_layer_input), which a restored residual does not carry: "
                      f"patching would mix the clean residual with the corrupted prompt's "
                      f"per-layer inputs")
+
+
+def norm_of(ref, final, input_norms: list | None, mlp_norms: list | None, architecture: str):
+    """The norm module (of a backend's fp32 copies) that a lens NormRef names: the final norm,
+    block i's input norm, ("mlp", i) its MLP's norm, or None (no norm); refused in one line
+    where the blocks have no such norm (input_norms / mlp_norms None)."""
+    if ref == "final" or ref is None:
+        return final if ref == "final" else None
+    norms = mlp_norms if isinstance(ref, tuple) else input_norms
+    if norms is None:
+        raise no_norm(architecture, isinstance(ref, tuple))
+    return norms[ref[1] if isinstance(ref, tuple) else ref]

@@ -345,12 +345,8 @@ class MlxLens(Steerable):
 
     # -- decode ------------------------------------------------------------------------------
     def _norm(self, ref: NormRef) -> nn.Module | None:
-        if ref == "final" or ref is None:
-            return self.final_norm if ref == "final" else None
-        norms = self.mlp_norms if isinstance(ref, tuple) else self.input_norms
-        if norms is None:
-            raise refusals.no_norm(self.info.architecture, isinstance(ref, tuple))
-        return norms[ref[1] if isinstance(ref, tuple) else ref]
+        return refusals.norm_of(ref, self.final_norm, self.input_norms, self.mlp_norms,
+                                self.info.architecture)
 
     def _normed(self, rows: list[mx.array], lens: Lens, site: Site = "resid") -> mx.array:
         """[R, T, d] fp32: every row through the norm the lens assigns it (after its
