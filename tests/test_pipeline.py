@@ -18,7 +18,7 @@ from mlx_lens.mlx.backend import MlxBackend
 from mlx_lens.mlx.pipeline import block_slices
 from mlx_lens.loading.sources import resolve
 from tests.lens_checks import PROMPT, assert_stats_match_logits, gemm_bound
-from tests.pipeline_worker import PROMPTS
+from tests.pipeline_worker import PROMPTS, steering
 from tests.tiny_models import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,17 +50,37 @@ def test_blocks_are_split_contiguously():
         block_slices(3, 4)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_two_ranks_give_one_process_statistics(tiny_model_dirs, name, tmp_path):
+# Beyond the families the lens's own loop runs (CONFIGS): types whose blocks mlx-lm's forward
+# drives, one of each kind of block call (tests/zoo.py): parallel blocks with a logit scale,
+# experts, a hybrid with multipliers, a state-space mixer, per-layer inputs with a shared KV,
+# a convolution hybrid, post-norm blocks.
+DRIVEN = ("cohere", "qwen3_moe", "falcon_h1", "mamba", "gemma4_text", "lfm2", "olmo2")
+
+
+@pytest.fixture(scope="module")
+def pipelined(tiny_model_dirs, tmp_path_factory) -> dict[str, tuple]:
+    """Every model through one two-rank launch: model name -> (its folder, its statistics as
+    the worker saved them, the launch's stderr)."""
+    from tests.zoo import build
+
+    root = tmp_path_factory.mktemp("pipelined")
+    models = {**tiny_model_dirs, **{t: build(t, root / t) for t in DRIVEN}}
+    done = launch([str(ROOT / "tests" / "pipeline_worker.py"), str(root), *map(str, models.values())],
+                  root, timeout=LAUNCH_TIMEOUT + 20 * len(models))
+    return {name: (folder, root / f"{Path(folder).name}.npz", done.stderr)
+            for name, folder in models.items()}
+
+
+@pytest.mark.parametrize("name", [*sorted(CONFIGS), *DRIVEN])
+def test_two_ranks_give_one_process_statistics(pipelined, name):
     """Against one process's full fp32 logits (layer_logits), within the lens tests' bound: two
     decodes (the pipeline's and layer_logits') each within one length-d product of exact, plus
     the reductions' own error. The residuals are the same computation (same kernels, same
     order), so the bound that holds for one process holds for the pipeline."""
-    model = str(tiny_model_dirs[name])
-    done = launch([str(ROOT / "tests" / "pipeline_worker.py"), model, str(tmp_path / "s.npz")],
-                  tmp_path)
-    assert (tmp_path / "s.npz").is_file(), done.stderr[-2000:]
-    saved = np.load(tmp_path / "s.npz")
+    folder, saved, stderr = pipelined[name]
+    model = str(folder)
+    assert saved.is_file(), stderr[-2000:]
+    saved = np.load(saved)
     single = MlxBackend(resolve(model))
     ids = single.tokenizer.encode(PROMPT)
     answer = single.tokenizer.encode(" Berlin", add_special_tokens=False)[0]
@@ -77,6 +97,11 @@ def test_two_ranks_give_one_process_statistics(tiny_model_dirs, name, tmp_path):
     final = single.final_logits([ids])
     bound = gemm_bound(single, ids, FINAL_NORM, logits, 2)[-1, -1]
     assert np.all(np.abs(saved["final"] - final) <= bound)
+    with single.steered(steering(single.info.d_model)):  # each rank steers its own rows
+        steered = single.layer_logits(ids, FINAL_NORM)
+    assert np.abs(steered - logits).max() > 0.1  # the steering bites
+    assert_stats_match_logits(_stats(saved, "steered_"), steered,
+                              gemm_bound(single, ids, FINAL_NORM, steered, 2), answer)
 
 
 _DYING_RANK = """

@@ -18,7 +18,6 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_causal_mask
 
 from mlx_lens.core.errors import LensError
 
@@ -202,8 +201,8 @@ def _read(model: nn.Module, vocab: int, tied: bool,
     """The layout of an mlx-lm model from its module tree and one forward pass over two tokens,
     by the rules torch_ref/arch.py reads transformers' modules with; and that pass's last
     state (what the final norm read) and logits at its last position, to check the head path.
-    Not `whole`: block 0 alone is run (the final norm is then the one norm beside the blocks),
-    and there is nothing to check the head path with."""
+    Not `whole`: only block 0's output is evaluated (a pipeline rank loads no other block's
+    weights), and there is nothing to check the head path with."""
     kind = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
     blocks = getattr(model, "layers", None)
     if not blocks:
@@ -230,26 +229,17 @@ def _read(model: nn.Module, vocab: int, tied: bool,
     tokens = mx.array([[1, 2]])
     try:
         with _recording(watched, calls, outputs):
-            if whole:
-                logits = model(tokens)
-            else:
-                blocks[0](getattr(inner, embed)(tokens), create_causal_mask(2), None)
-                logits = None
-            mx.eval(logits if whole else calls[-1][2])
+            logits = model(tokens)  # a graph: mlx computes (and loads) only what is evaluated
+        mx.eval(logits if whole else [y for n, _, y in calls if n == "first"])
     except Exception as exc:
         raise LensError(f"mlx-lm's {kind} model: cannot read its layout ({exc})") from exc
-    if not any(n == "first" for n, _, _ in calls) or \
-            (whole and not any(n == "last" for n, _, _ in calls)):
+    if not any(n == "first" for n, _, _ in calls) or not any(n == "last" for n, _, _ in calls):
         raise LensError(f"mlx-lm's {kind} model: its forward does not call its blocks as a "
                         f"decoder does")
     first_in = next(x for n, x, _ in calls if n == "first")
-    if whole:
-        last_out = [y for n, _, y in calls if n == "last"][-1]
-        final = next((n.removeprefix("top.") for n, x, _ in calls
-                      if n.startswith("top.") and x is last_out), None)
-    else:  # the one norm beside the blocks
-        found = [n for n, m in tops.items() if _is_norm(m)]
-        final = found[0] if len(found) == 1 else None
+    last_out = [y for n, _, y in calls if n == "last"][-1]
+    final = next((n.removeprefix("top.") for n, x, _ in calls
+                  if n.startswith("top.") and x is last_out), None)
     if final is None or not _is_norm(tops[final]):
         raise LensError(f"mlx-lm's {kind} model: no final norm reads the last block's output")
     block = _children(blocks[0])

@@ -230,38 +230,45 @@ class MlxLens(Steerable):
         with self._middles(mids, keep):
             return [keep(h) for h in self._run(x)]
 
-    def _run(self, x: mx.array, start: int = 0, h: mx.array | None = None) -> list[mx.array]:
-        """Rows start..L of the token batch x [B, T]: row `start` is h where given (the input of
-        block `start`; x then only drives the model's own forward, see below), steered."""
+    def _run(self, x: mx.array, start: int = 0, h: mx.array | None = None,
+             stop: int | None = None) -> list[mx.array]:
+        """Rows start..stop (default: ..L) of the token batch x [B, T]: row `start` is h where
+        given (the input of block `start`; x then only drives the model's own forward, see
+        below), steered."""
+        stop = len(self.blocks) if stop is None else stop
         if not self.hand_loop:
-            return self._driven(x, start, h)
+            return self._driven(x, start, h, stop)
         if h is None:
             h = self._steer(self._embed(x), 0)
-        return [h, *self._blocks(h, range(start, len(self.blocks)))]
+        return [h, *self._blocks(h, range(start, stop))]
 
-    def _driven(self, x: mx.array, start: int, h: mx.array | None) -> list[mx.array]:
+    def _driven(self, x: mx.array, start: int, h: mx.array | None, stop: int) -> list[mx.array]:
         """_run by the model's own forward (its masks, per-layer inputs and states; mlx-lm's
-        semantics), each block's class swapped for one that records its output (and, where
-        given, replaces block `start`'s input); it stops after the last block, before the head.
-        Blocks before `start` run too: only their calls' other inputs (masks, states) matter."""
+        semantics), each block's class swapped for one that steers its output, records it from
+        block `start` on and, where h is given, replaces block `start`'s input with it; it stops
+        after block stop - 1, before the head. Blocks before `start` are called (steered alike)
+        for what later blocks read besides the residual (masks, a shared KV): mlx evaluates
+        nothing no later block reads, so a pipeline rank never loads another's weights."""
         rows: list[mx.array] = []
-        bases = {i: type(self.blocks[i]) for i in range(start, len(self.blocks))}
-        last, steer = len(self.blocks) - 1, self._steer
+        bases = {i: type(self.blocks[i]) for i in range(stop)}
+        last, steer = stop - 1, self._steer
 
         def driving(i, base):
             class Driven(base):
                 def __call__(self, *args, **kwargs):
-                    if i == start:
+                    if i == 0 or (i == start and h is not None):
                         at, given = first_array(args, kwargs)
-                        row = h if h is not None else steer(given, 0)
-                        rows.append(row)
+                        row = h if i == start and h is not None else steer(given, 0)
+                        if i == start:
+                            rows.append(row)
                         if at == 0:
                             args = (row, *args[1:])
                         else:
                             kwargs = {**kwargs, at: row}
                     out = base.__call__(self, *args, **kwargs)
                     row = steer(out[0] if isinstance(out, tuple) else out, i + 1)
-                    rows.append(row)
+                    if i >= start:
+                        rows.append(row)
                     if i == last:
                         raise _Done
                     return (row, *out[1:]) if isinstance(out, tuple) else row

@@ -61,10 +61,6 @@ class PipelineBackend(MlxLens):
     def __init__(self, source: ModelSource, group: mx.distributed.Group, device: str = "auto",
                  dtype: str = "auto"):
         super().__init__(source, device, dtype, lazy=True)
-        if not self.hand_loop:  # each rank runs its own blocks: the lens's loop only
-            raise LensError(f"the pipeline over processes runs the lens's own loop over the "
-                            f"blocks, which {self.info.architecture} does not use (one process "
-                            f"runs it)")
         self.group, self.rank, self.size = group, group.rank(), group.size()
         self.slices = block_slices(len(self.blocks), self.size)
         self.slice = self.slices[self.rank]
@@ -119,15 +115,16 @@ class PipelineBackend(MlxLens):
         prompt's last n = `last` tokens, and the model's output row h_L on every rank, fp32 at
         each prompt's last max(last, outputs) tokens [B * n, d] (prompt-major)."""
         x, at = self._tokens(batch, max(last, outputs))
-        if self.rank == 0:
-            h = self._embed(x)
-        else:
-            h = self._recv(mx.zeros((*x.shape, self.hidden), self.compute), self.rank - 1)
+        given = None if self.rank == 0 else \
+            self._recv(mx.zeros((*x.shape, self.hidden), self.compute), self.rank - 1)
+        # row 0 (rank 0: embedded and steered as in one process), then this rank's blocks' rows
+        ran = self._run(x, self.slice.start, given, self.slice.stop)
         rows: list = [None] * (len(self.blocks) + 1)
         if self.rank == 0:
-            rows[0] = h
-        for i, h in zip(self.slice, self._blocks(h, self.slice)):
-            rows[i + 1] = h
+            rows[0] = ran[0]
+        for i, row in zip(self.slice, ran[1:]):
+            rows[i + 1] = row
+        h = ran[-1]
         if self.rank < self.size - 1:
             self._send(h, self.rank + 1)
         final = h[at].astype(mx.float32) if self.rank == self.size - 1 else None
