@@ -69,14 +69,17 @@ class ModelLens:
         block (mlx_lens/experiment/lenses.py). `steer` ({row: vector}, or a Steering with
         positions and a scale) adds vectors to the residual at those rows, and the steered run
         is what the lens decodes (mlx_lens/core/steering.py)."""
+        readable, omitted = self._readable(lenses)
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
                                  keep_residuals=keep_residuals,
                                  milestones=milestones or MilestoneSettings(),
-                                 lenses=resolve_lenses(lenses, self.lens), mid=mid,
+                                 lenses=readable, mid=mid,
                                  steering=steer if isinstance(steer, Steering) or steer is None
                                  else Steering(dict(steer)))
         result = run_experiment(self.backend, opts, {"backend_reason": self.backend_reason})
+        if omitted:
+            result.payload["lenses"]["omitted"] = omitted
         # After the run: a pipeline's traffic is only known once the run has sent it.
         result.payload["diagnostics"].update(self.backend.run_diagnostics())
         return result
@@ -90,9 +93,24 @@ class ModelLens:
         `run`."""
         if isinstance(facts, (str, Path)):
             facts = load_facts(str(facts))
-        compared = ExperimentOptions(lens=self.lens, lenses=resolve_lenses(lenses, self.lens)).compared
+        compared = ExperimentOptions(lens=self.lens, lenses=self._readable(lenses)[0]).compared
         return run_suite(self.backend, list(facts), self.lens, collapse, milestones=milestones,
                          compared=compared, mid=mid)
+
+    def _readable(self, lenses: str | Sequence[str | Lens]) -> tuple[tuple[Lens, ...], dict]:
+        """The lenses of a `lenses` value, and those "all" leaves out because this model cannot
+        be read with them (next-norm on post-norm blocks: lens name -> the one-line reason). A
+        lens named explicitly is never left out: the run refuses it instead."""
+        chosen = resolve_lenses(lenses, self.lens)
+        if not (isinstance(lenses, str) and lenses.strip() == "all"):
+            return chosen, {}
+        omitted = {}
+        for lens in chosen:
+            try:
+                self.backend.check_lens(lens)
+            except LensError as exc:
+                omitted[lens.name] = str(exc)
+        return tuple(lens for lens in chosen if lens.name not in omitted), omitted
 
     def difference(self, prompt_a: str, prompt_b: str, row: int) -> np.ndarray:
         """The mean-difference steering vector at `row`: the mean over positions of row's

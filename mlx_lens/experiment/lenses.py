@@ -218,4 +218,6 @@ def summary_line(section: dict) -> str:
     if "mid_block" in section:
         first = {lens: f["first_mid_block"] for lens, f in section["mid_block"].items()}
         line += "; first mid-block read " + ", ".join(f"{k} {v}" for k, v in first.items())
+    if section.get("omitted"):
+        line += "; not read: " + "; ".join(section["omitted"].values())
     return line
