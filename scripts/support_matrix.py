@@ -40,20 +40,33 @@ and chunks shorter than the test prompt), loaded by both backends.
   output), none (one sub-block, a state-space mixer, or an MLP that reads a sub-block's
   output: mid rows are not computed, `--lenses` reads the rows between blocks only). Where
   both backends read middles, the MLX middles agree with torch's within the parity bound of
-  that site (docs/numerics.md §4), or the cell says "MLX FAILS".
+  that site (docs/numerics.md §4), or the cell says "MLX FAILS". "= hooks": torch's middles
+  are, bit for bit, what transformers' forward hands the module the test finds by its name in
+  front of each block's MLP (or a parallel block's input plus its attention's output), read
+  by forward hooks written in the test.
 - **patching**: the kinds `mlx-lens patch` restores on the type (a state-space mixer as attn),
   where patching's identities hold on each backend that runs it (restoring every position at
   row 0 gives the clean run, restoring the corrupted run's own values changes nothing), within
   two fp32 evaluations' bound; models whose blocks read per-layer inputs made from the tokens
   (Gemma-4) refuse patching in one line.
+- **steering**: on each backend that runs the type, a vector added at row 0 and at row 1
+  leaves the rows before it unchanged bit for bit, is in its row exactly and moves the next
+  row; where both run, the steered run decoded by MLX agrees with torch within the parity
+  bounds ("MLX FAILS" where not).
+- **tuned lens**: random translators decoded by both backends within the parity bound
+  extended to them, and three steps of one training run on each backend that runs the type:
+  the loss falls, and the two backends' losses agree within the training bound
+  (parity_tests/test_tuned.py).
 
-The other features (`--lenses`, steering, suites, the tuned lens) use the same capture and are
-tested in depth on the families of `tests/tiny_models.py` (llama, mistral, qwen2, qwen3, phi3,
-gemma2, gemma3_text, gpt2, gpt_neox); on the other types CI checks the columns above. The
-pipeline over processes (`mlx.launch`) runs the lens's own loop over the blocks, so it takes
-those nine families (and gemma3) only and refuses the others in one line. A type mlx-lm and
-transformers both implement whose tiny model cannot be built is listed at the end with the
-reason.
+`--lenses` and suites decode these same captured rows (`--lenses all` leaves next-norm out,
+by name, where the blocks have no norm in front of them), and are tested in depth on the
+families of `tests/tiny_models.py` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text,
+gpt2, gpt_neox). The pipeline over processes (`mlx.launch`) runs every type MLX runs: those
+nine families by the lens's own loop, the others by mlx-lm's forward, each rank evaluating its
+own blocks (and what those read from earlier blocks, such as a shared KV); tests/test_pipeline.py checks it on the nine and on seven types of other kinds
+of blocks (cohere, qwen3_moe, falcon_h1, mamba, gemma4_text, lfm2, olmo2), steered too. A type
+mlx-lm and transformers both implement whose tiny model cannot be built is listed at the end
+with the reason.
 
 """
 
