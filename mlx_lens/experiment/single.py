@@ -129,7 +129,9 @@ def answer_token_ids(tokenizer, prompt_ids: list[int], prompt: str, answer: str)
     """The tokens the model would have to emit to answer: tokenise prompt + ' answer' and take
     the tokens after the prompt (robust to SentencePiece's and BPE's space conventions); where
     the prompt's tokens do not survive the join, ' answer' on its own. Special tokens a
-    tokenizer appends (an end-of-sequence) are not part of the answer."""
+    tokenizer appends (an end-of-sequence) are not part of the answer. The answer is a word:
+    whitespace around it (`--answer " Berlin"`) would score a space piece, then another token."""
+    answer = answer.strip()
     full = list(tokenizer.encode(f"{prompt} {answer}"))
     if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         pieces = full[len(prompt_ids):]
