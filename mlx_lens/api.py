@@ -62,16 +62,20 @@ class ModelLens:
             collapse: CollapseSettings | None = None, keep_residuals: bool = False,
             milestones: MilestoneSettings | None = None,
             lenses: str | Sequence[str | Lens] = (), mid: bool = True,
-            steer: Steering | dict | None = None) -> ModelResult:
+            steer: Steering | dict | None = None,
+            test_prompts: Sequence[str] | None = None) -> ModelResult:
         """The logit-lens experiment on one prompt: every layer at every position, and the
         whole answer teacher-forced after it. With `lenses` ("all", "raw,next-norm", or a
         list), those lenses too, from the same forward pass, and with `mid` the middle of each
         block (mlx_lens/experiment/lenses.py). `steer` ({row: vector}, or a Steering with
         positions and a scale) adds vectors to the residual at those rows, and the steered run
-        is what the lens decodes (mlx_lens/core/steering.py)."""
+        is what the lens decodes (mlx_lens/core/steering.py). `test_prompts`: the final-layer
+        probes (None: the original's 14 with its own prompt, none with another, as the JSON
+        says)."""
         readable, omitted = self._readable(lenses)
         opts = ExperimentOptions(prompt=prompt, answer=answer, lens=self.lens,
                                  collapse=collapse or CollapseSettings(), probes=probes,
+                                 test_prompts=None if test_prompts is None else tuple(test_prompts),
                                  keep_residuals=keep_residuals,
                                  milestones=milestones or MilestoneSettings(),
                                  lenses=readable, mid=mid,

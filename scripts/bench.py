@@ -53,7 +53,7 @@ from mlx_lens.experiment.frames import TokenNames, records_frame, verbose_positi
 from mlx_lens.core.contract import SweepOptions  # noqa: E402
 from mlx_lens.loading.default_model import cache_root  # noqa: E402
 from mlx_lens.loading.sources import resolve  # noqa: E402
-from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE  # noqa: E402
+from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE, VERBOSE_WORDS  # noqa: E402
 
 LARGE_VOCAB = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                    num_key_value_heads=4, intermediate_size=2816, vocab_size=131072)
@@ -117,7 +117,7 @@ def original_loop(backend, ids: list[int], rows: list[torch.Tensor]) -> list:
     w = backend.head.weight.float()
     records = []
     tokens = [backend.tokenizer.decode([i]) for i in ids]
-    verbose = verbose_positions(tokens)
+    verbose = verbose_positions(tokens, VERBOSE_WORDS)
     for layer, resid in enumerate(rows):
         logits_all = backend.final_norm(resid.float()) @ w.T  # [T, V]
         for pos in range(len(ids)):
@@ -222,13 +222,14 @@ def bench_case(backend, T: int, reps: int, rng) -> dict:
     ids = [int(i) for i in rng.integers(10, min(vocab, backend.tokenizer.vocab_size) - 1, T)]
     names = TokenNames(backend.tokenizer.decode)
     tokens = [names(i) for i in ids]
-    wide = tuple(bool(v) for v in verbose_positions(tokens))
+    verbose = verbose_positions(tokens, VERBOSE_WORDS)  # the original's rule, as its loop's
+    wide = tuple(bool(v) for v in verbose)
     opts = SweepOptions(answer_ids=(ids[0],), wide=wide, narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE)
     torch_side = backend.info.backend == "torch"
 
     def sweep_and_tables():
         stats = backend.sweep(ids, opts)
-        records_frame(stats, tokens, TokenNames(backend.tokenizer.decode))
+        records_frame(stats, tokens, TokenNames(backend.tokenizer.decode), verbose)
 
     runs = {**floor_runs(backend, ids), "sweep": lambda: backend.sweep(ids, opts),
             "sweep+csv": sweep_and_tables}

@@ -27,7 +27,7 @@ from mlx_lens import backend_choice  # noqa: E402
 from mlx_lens.core.contract import SweepOptions  # noqa: E402
 from mlx_lens.core.lens import RULES, Lens  # noqa: E402
 from mlx_lens.experiment.frames import TokenNames, verbose_positions  # noqa: E402
-from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE  # noqa: E402
+from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE, VERBOSE_WORDS  # noqa: E402
 from mlx_lens.loading.sources import resolve  # noqa: E402
 
 TARGET = 3.2
@@ -37,7 +37,7 @@ def bench(backend, T: int, reps: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(10, backend.tokenizer.vocab_size - 1, T)]
     names = TokenNames(backend.tokenizer.decode)
-    wide = tuple(bool(v) for v in verbose_positions([names(i) for i in ids]))
+    wide = tuple(bool(v) for v in verbose_positions([names(i) for i in ids], VERBOSE_WORDS))
     opts = SweepOptions(answer_ids=(ids[0],), wide=wide, narrow_k=TOP_K_RECORDS,
                         top_k=TOP_K_VERBOSE)
     lenses = [Lens(rule) for rule in RULES]

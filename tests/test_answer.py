@@ -158,6 +158,22 @@ def test_a_single_piece_answer_is_the_first_piece(loaded, kind):
     np.testing.assert_allclose(np.exp2(stats.piece_log2p[:, 0]), stats.p_answer, rtol=4e-7)
 
 
+def test_surrounding_whitespace_is_not_part_of_the_answer(loaded):
+    """`--answer " Berlin"` is the word Berlin, as a facts file's answer is: the pieces are the
+    tokens after the prompt and one space, read off the tokenizer by hand, not a space piece
+    followed by another token."""
+    backend = loaded("torch", "llama")
+    tok = backend.tokenizer
+    ids = tok.encode(PROMPT)
+    expected = tok.encode(PROMPT + " Berlin")[len(ids):]
+    assert tok.decode(expected) == " Berlin"
+    for answer in (" Berlin", "Berlin ", "\tBerlin\n"):
+        assert single.answer_token_ids(tok, ids, PROMPT, answer) == expected
+    run = single.run_experiment(backend, single.ExperimentOptions(PROMPT, " Berlin", probes=False),
+                                {})
+    assert run.payload["diagnostics"]["answer_token_ids"] == expected
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_a_batched_suite_is_its_single_prompts(loaded, kind):
     """Every fact's whole-answer log2 p per layer from the batched suite against the

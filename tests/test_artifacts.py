@@ -7,7 +7,7 @@ import pandas as pd
 
 from mlx_lens.output import run_dir
 from mlx_lens.experiment.frames import (NEXT_TOKEN, PURE_COLUMNS, RECORD_COLUMNS, TokenNames,
-                                       pure_next_token_frame, records_frame)
+                                       pure_next_token_frame, records_frame, verbose_positions)
 from mlx_lens.output.artifacts import read_csv, write_model_artifacts
 from mlx_lens.core.contract import LayerStats
 from mlx_lens.experiment.single import ModelResult
@@ -40,7 +40,8 @@ def test_columns_are_the_originals_then_appended():
 
 def test_records_verbose_rule_and_rest_mass():
     stats = fake_stats()
-    frame = records_frame(stats, ["plain", " capital", "x"], names())
+    tokens = ["plain", " capital", "x"]
+    frame = records_frame(stats, tokens, names(), verbose_positions(tokens, ("capital",)))
     assert list(frame.columns) == RECORD_COLUMNS and len(frame) == 4 * 3
     first = frame[(frame.layer == 1) & (frame.pos == 0)].iloc[0]
     assert first["top5"] == AWKWARD[stats.topk_ids[1, 0, 4]]
@@ -55,7 +56,8 @@ def test_records_verbose_rule_and_rest_mass():
 def test_csv_and_json_round_trip_awkward_tokens(tmp_path):
     stats = fake_stats()
     flags = next_token_flags(stats, [0, 1], 2, CollapseSettings())
-    rec = records_frame(stats, ["a,b", "line\nbreak", 'say "hi"'], names())
+    tokens = ["a,b", "line\nbreak", 'say "hi"']
+    rec = records_frame(stats, tokens, names(), verbose_positions(tokens, ()))
     pure = pure_next_token_frame(stats, flags, names())
     payload = {"diagnostics": {"L_copy": None, "x": float("nan")}, "tokens": AWKWARD}
     paths = write_model_artifacts(tmp_path, "m", ModelResult(payload, rec, pure))

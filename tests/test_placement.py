@@ -10,11 +10,32 @@ SEVEN_B = Footprint(7_240_000_000, 14_500_000_000)  # bf16 checkpoint on disk
 THIRTY_FOUR_B = Footprint(34_400_000_000, 68_800_000_000)
 
 
-def test_cuda_first_when_it_fits_then_half_precision():
-    assert pick_device(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto") == ("cuda", "fp16")
-    assert pick_device(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto", half="bf16") == \
-        ("cuda", "bf16")  # Gemma's policy
-    assert pick_device(SEVEN_B, [("mps", 64 * GIB)], "auto") == ("mps", "fp16")
+def test_cuda_first_when_it_fits_in_the_checkpoints_dtype():
+    assert pick_device(SEVEN_B, [("cuda", 80 * GIB), ("cpu", 64 * GIB)], "auto", gpu="bf16") == \
+        ("cuda", "bf16")
+    assert pick_device(SEVEN_B, [("mps", 64 * GIB)], "auto", gpu="bf16") == ("mps", "fp16")
+
+
+@pytest.mark.parametrize("model_type, stored, cuda", [
+    ("llama", "bfloat16", "bf16"),  # bf16-trained: the original computed fp16, which overflows it
+    ("llama", "float16", "fp16"),
+    ("llama", "float32", "fp32"),  # kept whole, as MLX keeps it (the original: fp16)
+    ("gemma2", "float32", "fp32"),  # the original: bf16
+    ("llama", None, "fp16"),  # the config names no dtype (a GGUF's): the original's half
+    ("gemma2", None, "bf16"),
+])
+def test_auto_on_cuda_follows_the_checkpoints_dtype(model_type, stored, cuda):
+    """--dtype auto from the device and the checkpoint's config, by hand: CUDA computes in the
+    checkpoint's dtype; MPS and the CPU keep the original's policy whatever the checkpoint."""
+    from transformers import AutoConfig
+
+    from torch_ref.placement import checkpoint_dtype
+
+    config = AutoConfig.for_model(model_type, dtype=stored)
+    gpu = checkpoint_dtype(config)
+    assert pick_device(SEVEN_B, [("cuda", 80 * GIB)], "auto", gpu) == ("cuda", cuda)
+    assert pick_device(SEVEN_B, [("mps", 64 * GIB)], "auto", gpu) == ("mps", "fp16")
+    assert pick_device(SEVEN_B, [("cpu", 64 * GIB)], "auto", gpu) == ("cpu", "fp32")
 
 
 def test_falls_back_to_cpu_in_fp32_up_to_27b():

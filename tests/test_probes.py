@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -91,3 +92,65 @@ def test_final_prediction_model_stats_and_diagnostics(run_payload, direct):
     assert d["unembed_dtype"] == "float32" and d["device"] == "cpu"
     assert d["norm_types"] == {"first_block": "LlamaRMSNorm", "final": "LlamaRMSNorm"}
     assert (d["copy_threshold"], d["copy_margin"], d["entropy_bits"]) == (0.9, 0.05, 1.0)
+
+
+OTHER_PROMPT = "The capital of France is called simply"  # holds two of the original's words
+
+
+def _run(model_dir, out, *extra):
+    code = main(["run", str(model_dir), "--backend", "torch", "--no-plots", "--out_dir", str(out),
+                 *extra])
+    return code, out / "output-llama_untied.json", out / "output-llama_untied-records.csv"
+
+
+def test_the_original_prompt_keeps_the_originals_probes(run_payload):
+    d = run_payload["diagnostics"]
+    assert d["test_prompts_source"] == "original"
+    assert d["verbose_words"] == ["Germany", "Berlin", "capital", "Answer", "word", "simply"]
+
+
+def test_another_prompt_runs_no_germany_probes(tiny_model_dirs, tmp_path, direct):
+    """A Paris run reports no Germany probes and says why; its top-20 positions are its last
+    one only, not those whose tokens hold the original's words; its temperatures are its own."""
+    code, json_path, records_path = _run(tiny_model_dirs["llama_untied"], tmp_path / "run",
+                                         "--prompt", OTHER_PROMPT, "--answer", "Paris")
+    assert code == 0
+    payload = json.loads(json_path.read_text())
+    d = payload["diagnostics"]
+    assert payload["test_prompts"] == [] and d["verbose_words"] == []
+    assert d["test_prompts_source"].startswith("none: the original's test prompts")
+    backend, last_logits = direct
+    tokens = [backend.tokenizer.decode([i]) for i in backend.tokenizer.encode(OTHER_PROMPT)]
+    assert any("capital" in t for t in tokens)  # the original's rule would widen that position
+    records = pd.read_csv(records_path, keep_default_na=False, na_values=[""])
+    wide = sorted(records.loc[records["prob20"].notna(), "pos"].unique())
+    assert wide == [len(tokens) - 1]
+    for entry in payload["temperature_exploration"]:
+        check(entry, OTHER_PROMPT, 15, backend, last_logits, entry["temperature"])
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "none: the original&#x27;s test prompts" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_given_probes_are_run(tiny_model_dirs, tmp_path, direct):
+    given = ["Paris is the capital of", "France's capital city is called"]
+    code, json_path, _ = _run(tiny_model_dirs["llama_untied"], tmp_path / "run",
+                              "--prompt", OTHER_PROMPT, "--answer", "Paris",
+                              "--probe", given[0], "--probe", given[1])
+    assert code == 0
+    payload = json.loads(json_path.read_text())
+    assert payload["diagnostics"]["test_prompts_source"] == "given"
+    assert [e["prompt"] for e in payload["test_prompts"]] == given
+    backend, last_logits = direct
+    for entry in payload["test_prompts"]:
+        check(entry, entry["prompt"], 10, backend, last_logits)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--probe", "Paris is", "--no-probes"], "test prompts given with the probes off"),
+    (["--probe", " "], "empty test prompt"),
+])
+def test_bad_probes_are_one_line(tiny_model_dirs, tmp_path, capsys, extra, message):
+    code, _, _ = _run(tiny_model_dirs["llama_untied"], tmp_path / "run", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -59,3 +59,24 @@ def test_a_run_of_several_models_exits_1_when_every_model_failed(tmp_path, capsy
     assert code == 1
     assert err[-1] == "mlx-lens: error: none of the 2 models produced artifacts"
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_each_model_of_several_gets_the_given_probes(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    """--probe reaches every model's own process (one starting with "-" included)."""
+    from mlx_lens.cli import main as cli
+    from mlx_lens.cli.processes import ModelOutcome
+
+    children = []
+
+    def one_process(model, out_dir, child_args):
+        children.append(child_args)
+        return ModelOutcome(model, "failed: not run here")
+
+    monkeypatch.setattr(cli, "run_one_process", one_process)
+    given = ["Paris is the capital of", "-- a probe with dashes"]
+    models = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])]
+    assert main(["run", *models, "--probe", given[0], f"--probe={given[1]}",
+                 "--out_dir", str(tmp_path / "out")]) == 1
+    assert len(children) == 2
+    for child in children:
+        assert cli._parser().parse_args(["run", "model", *child]).test_prompts == given

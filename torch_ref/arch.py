@@ -39,11 +39,6 @@ CUT_AT_BLOCK = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"
                           "gpt2", "gpt_neox"})
 
 
-def half_dtype(model_type: str) -> str:
-    """Half precision on CUDA (the original's policy: Gemma bf16, the others fp16)."""
-    return "bf16" if model_type.startswith("gemma") else "fp16"
-
-
 def _is_norm(module: torch.nn.Module) -> bool:
     """A norm module itself, not a wrapper that holds one (DBRX's NormAttentionNorm)."""
     return "norm" in type(module).__name__.lower() and not any(True for _ in module.children())

@@ -26,13 +26,12 @@ from mlx_lens.loading.head_path import logit_scale
 from mlx_lens.loading.quiet import quiet_gguf_conversion, quiet_library_bars
 from mlx_lens.loading.sources import ModelSource, check_supported, local_model_type
 from mlx_lens.tuned.lens_file import HeadHashes, check_matches
-from torch_ref.arch import half_dtype, read_layout
-from torch_ref.placement import execution_device, owned, place
+from torch_ref.arch import read_layout
+from torch_ref.placement import DTYPES, checkpoint_dtype, execution_device, owned, place
 from torch_ref.reduce import LOG2E, lens_pairs, sweep_next_token, sweep_states
 from torch_ref.patch import Recorded, TorchPatcher
 from torch_ref.tune import TorchTuner, translate
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _attr(obj, dotted: str):
@@ -87,10 +86,10 @@ class TorchBackend(Steerable):
         try:
             config = AutoConfig.from_pretrained(source.location, **kw)
             check_supported(config.model_type, "torch")
-            placed = place(source, half_dtype(config.model_type), device, dtype, device_map,
-                            config)
+            placed = place(source, checkpoint_dtype(config), device, dtype, device_map,
+                           config)
             self.device, self._offload, dtype = placed.device, placed.offload, placed.dtype
-            self.dtype = _DTYPES[dtype]
+            self.dtype = DTYPES[dtype]
             with quiet_gguf_conversion():  # a GGUF is dequantised as it loads
                 self.tokenizer = AutoTokenizer.from_pretrained(source.location, **kw)
                 model = _model_class(config).from_pretrained(source.location, dtype=self.dtype,

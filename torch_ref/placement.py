@@ -16,6 +16,18 @@ from mlx_lens.core.errors import LensError
 from mlx_lens.loading.sources import ModelSource
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def checkpoint_dtype(config) -> str:
+    """The dtype --dtype auto computes in on CUDA: the checkpoint's own (its config's `dtype`,
+    which transformers' own dtype="auto" reads), so that a bf16-trained model is not computed
+    in fp16, whose range its activations overflow; where the config names none (a GGUF), the
+    original's half precision (Gemma bf16, the others fp16)."""
+    named = {v: k for k, v in DTYPES.items()}.get(config.dtype)
+    return named or ("bf16" if config.model_type.startswith("gemma") else "fp16")
+
+
 @dataclass
 class Placement:
     kwargs: dict  # from_pretrained's placement arguments ({}: one device, moved there after)
@@ -71,30 +83,30 @@ def owned(module: torch.nn.Module, device: torch.device, fp32: bool = True) -> t
 
 
 
-def place(source: ModelSource, half: str, device: str, dtype: str, device_map: dict | None,
+def place(source: ModelSource, gpu: str, device: str, dtype: str, device_map: dict | None,
           config=None) -> Placement:
     """One device as the policy picks it, the given device map (which must place every
     parameter of the model `config` describes), or accelerate's "auto" over GPUs that only
-    together hold it. half: the architecture's half-precision dtype on a GPU."""
+    together hold it. gpu: the dtype --dtype auto computes in on CUDA (checkpoint_dtype)."""
     fp = footprint(source)
     if device_map is not None:
         if config is not None:
             check_covers(device_map, config)
         gpu = any(str(v).startswith("cuda") or isinstance(v, int) for v in device_map.values())
         chosen = dtype if dtype != "auto" else auto_dtype("cuda" if gpu else "cpu",
-                                                           fp.n_params if fp else 0, half)
+                                                           fp.n_params if fp else 0, gpu)
         return _dispatched(device_map, chosen)
     found = candidates(device)
     on_gpu = [c for c in found if c[0].startswith("cuda")]
     if device == "auto" and on_gpu:  # GPUs first: one, or all of them together
         try:
-            one, chosen = pick_device(fp, on_gpu, dtype, half)
+            one, chosen = pick_device(fp, on_gpu, dtype, gpu)
             return Placement({}, chosen, one)
         except DoesNotFit:
-            split = split_across(fp, gpus(), dtype, half)
+            split = split_across(fp, gpus(), dtype, gpu)
             if split is not None:
                 return _dispatched("auto", split[0], max_memory=split[1])
-    one, chosen = pick_device(fp, found, dtype, half)
+    one, chosen = pick_device(fp, found, dtype, gpu)
     return Placement({}, chosen, one)
 
 

@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="write here instead of rotating runs/run-latest")
     run.add_argument("--no-probes", dest="probes", action="store_false",
                      help="skip the extra test prompts and temperature exploration")
+    run.add_argument("--probe", dest="test_prompts", action="append", metavar="TEXT",
+                     help="a final-layer test prompt (repeatable; default: the original's 14 "
+                          "with its own prompt, none with another)")
     run.add_argument("--facts", metavar="FILE",
                      help="also run a fact suite: JSONL or CSV with prompt, answer and optional "
                           "id, group, control_prompt, control_answer; 'default' for the packaged "
@@ -202,14 +205,16 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
     computes its part and writes nothing)."""
     started = time.perf_counter()
     collapse = CollapseSettings(args.copy_threshold, args.copy_margin)
-    ExperimentOptions(prompt=args.prompt, answer=args.answer)  # bad input fails before loading
+    test_prompts = None if args.test_prompts is None else tuple(args.test_prompts)
+    ExperimentOptions(prompt=args.prompt, answer=args.answer, probes=args.probes,
+                      test_prompts=test_prompts)  # bad input fails before loading
     lens = _load(args, model, args.lens)
     seconds = {"load": time.perf_counter() - started}
     milestones = MilestoneSettings(margin_bits=args.margin_bits)
     compared = args.lenses or ()
     steer = steering.load(args.steer, args.steer_scale) if args.steer else None
     result = lens.run(args.prompt, args.answer, args.probes, collapse, args.keep_residuals,
-                      milestones, compared, args.mid, steer)
+                      milestones, compared, args.mid, steer, test_prompts)
     seconds.update(result.seconds)
     if facts:
         began = time.perf_counter()
@@ -259,6 +264,7 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
 def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> list[ModelOutcome]:
     child = [a for dest, flag in _CHILD_OPTIONS for a in (flag, str(getattr(args, dest)))]
     child += ([] if args.probes else ["--no-probes"]) + (["--keep-residuals"] * args.keep_residuals)
+    child += [f"--probe={p}" for p in args.test_prompts or ()]  # "=": a probe may start with "-"
     child += ["--facts", args.facts] if args.facts else []
     child += ["--lenses", args.lenses] if args.lenses else []
     child += ["--steer", str(args.steer), "--steer-scale", str(args.steer_scale)] if args.steer else []

@@ -226,8 +226,8 @@ def _fact(record: dict, source: str, index: int) -> Fact:
     if group == ALL:
         raise LensError(f"{source}: group '{ALL}' is reserved (the aggregates over "
                         "every fact)")
-    # Answers are words to score, whose leading space answer_token_id supplies: surrounding
-    # whitespace (e.g. after a CSV comma) would silently score another token.
+    # Answers are words to score, whose leading space answer_token_id supplies (it strips them
+    # too): the tables record the word scored, not a CSV comma's space.
     return Fact(id=fact_id, prompt=prompt, answer=answer.strip(), group=group or "",
                 control_prompt=control_prompt,
                 control_answer=None if control_answer is None else control_answer.strip(),

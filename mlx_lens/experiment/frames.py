@@ -12,7 +12,7 @@ import pandas as pd
 
 from mlx_lens.core.contract import LayerStats
 from mlx_lens.experiment.milestones import ANSWER_COLUMNS, COPY_COLUMNS
-from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE, VERBOSE_WORDS
+from mlx_lens.experiment.probes import TOP_K_RECORDS, TOP_K_VERBOSE
 
 NEXT_TOKEN = "⟨NEXT⟩"  # the original's label for the pure next-token row
 TOPK_COLUMNS = [c for i in range(1, TOP_K_VERBOSE + 1) for c in (f"top{i}", f"prob{i}")]
@@ -39,9 +39,10 @@ class TokenNames:
         return [[self(i), float(p)] for i, p in zip(ids[:k], probs[:k]) if i >= 0]
 
 
-def verbose_positions(prompt_tokens: Sequence[str]) -> np.ndarray:
-    """Positions that get 20 candidates: the last one and those naming a probe word."""
-    verbose = np.array([any(w in tok for w in VERBOSE_WORDS) for tok in prompt_tokens], bool)
+def verbose_positions(prompt_tokens: Sequence[str], words: Sequence[str]) -> np.ndarray:
+    """Positions that get 20 candidates: the last one and those holding one of `words`
+    (mlx_lens/experiment/probes.py's verbose_words_for)."""
+    verbose = np.array([any(w in tok for w in words) for tok in prompt_tokens], bool)
     verbose[-1] = True
     return verbose
 
@@ -62,10 +63,12 @@ def _topk_frame(stats: LayerStats, rows: np.ndarray, pos: np.ndarray, k: np.ndar
     return frame
 
 
-def records_frame(stats: LayerStats, prompt_tokens: Sequence[str], names: TokenNames) -> pd.DataFrame:
+def records_frame(stats: LayerStats, prompt_tokens: Sequence[str], names: TokenNames,
+                  verbose: np.ndarray) -> pd.DataFrame:
+    """Every (layer, position); `verbose` (verbose_positions): the positions shown with 20."""
     n_rows, n_pos = stats.entropy.shape
     rows, pos = np.divmod(np.arange(n_rows * n_pos), n_pos)
-    k = np.where(verbose_positions(prompt_tokens)[pos], TOP_K_VERBOSE, TOP_K_RECORDS)
+    k = np.where(np.asarray(verbose, bool)[pos], TOP_K_VERBOSE, TOP_K_RECORDS)
     head = pd.DataFrame({"layer": rows, "pos": pos, "token": np.asarray(prompt_tokens, object)[pos],
                          "entropy": stats.entropy[rows, pos]})
     return pd.concat([head, _topk_frame(stats, rows, pos, k, names)], axis=1)[RECORD_COLUMNS]

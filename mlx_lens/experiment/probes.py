@@ -25,3 +25,20 @@ TEMPERATURES = (0.1, 2.0)
 TOP_K_RECORDS = 5  # per position
 TOP_K_VERBOSE = 20  # at the last position and at positions holding one of VERBOSE_WORDS
 VERBOSE_WORDS = ("Germany", "Berlin", "capital", "Answer", "word", "simply")
+
+NO_TEST_PROMPTS = ("none: the original's test prompts ask for Germany's capital and belong to its "
+                   "prompt; give your own (--probe, or run's test_prompts)")
+
+
+def probe_prompts(prompt: str, given: tuple[str, ...] | None) -> tuple[tuple[str, ...], str]:
+    """A run's final-layer probes and where they come from: the given ones; else the original's
+    with its own prompt, and none with another (Germany probes are no finding of a Paris run)."""
+    if given is not None:
+        return given, "given"
+    return (TEST_PROMPTS, "original") if prompt == PROMPT else ((), NO_TEST_PROMPTS)
+
+
+def verbose_words_for(prompt: str) -> tuple[str, ...]:
+    """The words whose positions get TOP_K_VERBOSE candidates: the original's, chosen for its
+    prompt; none with another (its last position still gets them)."""
+    return VERBOSE_WORDS if prompt == PROMPT else ()

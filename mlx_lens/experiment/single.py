@@ -24,8 +24,8 @@ from mlx_lens.core import bounds
 from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
 from mlx_lens.experiment.milestones import (AnswerRows, MilestoneSettings, answer_milestones,
                                             copy_flags, copy_milestones)
-from mlx_lens.experiment.probes import (ANSWER, PROMPT, TEMPERATURES, TEST_PROMPTS, TOP_K_RECORDS,
-                             TOP_K_VERBOSE)
+from mlx_lens.experiment.probes import (ANSWER, PROMPT, TEMPERATURES, TOP_K_RECORDS, TOP_K_VERBOSE,
+                                       probe_prompts, verbose_words_for)
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class ExperimentOptions:
     collapse: CollapseSettings = field(default_factory=CollapseSettings)
     milestones: MilestoneSettings = field(default_factory=MilestoneSettings)
     probes: bool = True  # extra test prompts and temperature exploration
+    # the final-layer test prompts; None: the original's with its own prompt, none with another
+    test_prompts: tuple[str, ...] | None = None
     keep_residuals: bool = False
     # more lenses decoded from the same forward pass (the primary `lens` first, added if
     # missing), and with `mid` the middle of each block: mlx_lens/experiment/lenses.py
@@ -55,6 +57,10 @@ class ExperimentOptions:
             raise LensError("empty prompt: give some text to decode")
         if not self.answer.strip():
             raise LensError("empty answer: give the gold answer's text")
+        if self.test_prompts is not None and not self.probes:
+            raise LensError("test prompts given with the probes off (--no-probes)")
+        if self.test_prompts is not None and not all(p.strip() for p in self.test_prompts):
+            raise LensError("empty test prompt: give some text to decode")
 
 
 @dataclass
@@ -129,7 +135,9 @@ def answer_token_ids(tokenizer, prompt_ids: list[int], prompt: str, answer: str)
     """The tokens the model would have to emit to answer: tokenise prompt + ' answer' and take
     the tokens after the prompt (robust to SentencePiece's and BPE's space conventions); where
     the prompt's tokens do not survive the join, ' answer' on its own. Special tokens a
-    tokenizer appends (an end-of-sequence) are not part of the answer."""
+    tokenizer appends (an end-of-sequence) are not part of the answer. The answer is a word:
+    whitespace around it (`--answer " Berlin"`) would score a space piece, then another token."""
+    answer = answer.strip()
     full = list(tokenizer.encode(f"{prompt} {answer}"))
     if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         pieces = full[len(prompt_ids):]
@@ -242,11 +250,15 @@ def _experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: di
     tok, info = backend.tokenizer, backend.info
     ids, pieces = encode_prompt_and_answer(tok, opts.prompt, opts.answer, info.n_ctx)
     # the probes too, so that one too long for the model fails before the sweep
-    probes = {p: encode_prompt(tok, p, info.n_ctx) for p in TEST_PROMPTS} if opts.probes else {}
+    test_prompts, test_prompts_source = probe_prompts(opts.prompt, opts.test_prompts)
+    probes = ({p: encode_prompt(tok, p, info.n_ctx) for p in test_prompts} if opts.probes
+              else {})
     answer_id = pieces[0]
     names = TokenNames(tok.decode)
     prompt_tokens = [names(i) for i in ids]
-    wide = tuple(bool(w) for w in verbose_positions(prompt_tokens))
+    verbose_words = verbose_words_for(opts.prompt)
+    verbose = verbose_positions(prompt_tokens, verbose_words)
+    wide = tuple(bool(w) for w in verbose)
     started = time.perf_counter()
     sweep_opts = SweepOptions(lens=opts.lens, answer_ids=tuple(pieces), wide=wide,
                               narrow_k=TOP_K_RECORDS, top_k=TOP_K_VERBOSE)
@@ -280,7 +292,7 @@ def _experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: di
         "context_prompt": opts.prompt, "answer": opts.answer,
         "answer_token_id": answer_id, "answer_token": names(answer_id),
         "answer_token_ids": pieces, "answer_pieces": [names(i) for i in pieces],
-        "prompt_token_ids": ids,
+        "prompt_token_ids": ids, "verbose_words": list(verbose_words),
         **summary,
         **answer_milestones(answer, summary["L_semantic"], opts.milestones),
         **asdict(opts.milestones),
@@ -299,12 +311,13 @@ def _experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: di
                         "architecture": info.architecture},
     }
     if opts.probes:
-        # The 14 probes and the main prompt in forward passes of similar lengths (the main
+        # The test prompts and the main prompt in forward passes of similar lengths (the main
         # prompt's logits serve every temperature).
         started = time.perf_counter()
         *probe_logits, main_logits = final_logits(backend, [*probes.values(), ids])
         payload["test_prompts"] = [{"prompt": p, **distribution(z, 10, names)}
                                    for p, z in zip(probes, probe_logits)]
+        diagnostics["test_prompts_source"] = test_prompts_source
         payload["temperature_exploration"] = [
             {"temperature": t, **distribution(main_logits, 15, names, t)} for t in TEMPERATURES]
         seconds["probes"] = time.perf_counter() - started
@@ -321,7 +334,7 @@ def _experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: di
     residuals = (require(backend, InspectableBackend, "--keep-residuals").residuals(ids)
                  if opts.keep_residuals else None)
     pure = pure_next_token_frame(stats, flags, names, {**answer.columns(), **copies})
-    result = ModelResult(payload, records_frame(stats, prompt_tokens, names), pure, residuals,
+    result = ModelResult(payload, records_frame(stats, prompt_tokens, names, verbose), pure, residuals,
                          ids, seconds)
     if compared is not None:
         payload["lenses"] = lenses.findings(compared, info, float(w_norms.max()), opts.milestones,

@@ -1,4 +1,5 @@
-"""Where a model runs, and in which dtype: the original's policy, sized from the checkpoint itself.
+"""Where a model runs, and in which dtype: the original's device policy, the checkpoint's own
+dtype on CUDA (README "Device policy"), sized from the checkpoint itself.
 
 The footprint comes from the checkpoint's own tensors (safetensors headers, GGUF tensor infos),
 never from the model's name. Memory figures are queried from each backend's framework and can
@@ -69,11 +70,12 @@ def footprint(source: ModelSource) -> Footprint | None:
         raise LensError(f"unreadable weights in {source.path}: {exc}") from exc
 
 
-def auto_dtype(device: str, n_params: int, half: str) -> str:
-    """The original's dtype policy: the architecture's half precision (fp16; Gemma bf16) on
-    CUDA, fp16 on MPS, fp32 on CPU up to ~27B parameters and bf16 above."""
+def auto_dtype(device: str, n_params: int, gpu: str) -> str:
+    """--dtype auto: `gpu` on CUDA (the checkpoint's own dtype, torch_ref/placement.py's
+    checkpoint_dtype, as MLX keeps it: the original's fp16 overflows a bf16-trained model), and
+    the original's policy elsewhere: fp16 on MPS, fp32 on CPU up to ~27B parameters, bf16 above."""
     if device.startswith("cuda"):
-        return half
+        return gpu
     if device == "mps":
         return "fp16"
     return "fp32" if n_params <= CPU_FP32_MAX_PARAMS else "bf16"
@@ -86,12 +88,13 @@ def need_bytes(fp: Footprint, dtype: str | None) -> int:
 
 
 def pick_device(fp: Footprint | None, candidates: list[tuple[str, int]], dtype: str,
-                half: str = "fp16") -> tuple[str, str]:
+                gpu: str = "fp16") -> tuple[str, str]:
     """(device, dtype): the first candidate (device, free bytes), in preference order, where the
-    model fits. dtype "auto" follows the policy per device; "stored" keeps the checkpoint's."""
+    model fits. dtype "auto" follows the policy per device (`gpu`: auto_dtype's on CUDA);
+    "stored" keeps the checkpoint's."""
     tried = []
     for device, free in candidates:
-        chosen = dtype if dtype != "auto" else auto_dtype(device, fp.n_params if fp else 0, half)
+        chosen = dtype if dtype != "auto" else auto_dtype(device, fp.n_params if fp else 0, gpu)
         if fp is None:
             return device, chosen
         need = need_bytes(fp, None if chosen == "stored" else chosen)
@@ -103,13 +106,13 @@ def pick_device(fp: Footprint | None, candidates: list[tuple[str, int]], dtype: 
 
 
 def split_across(fp: Footprint | None, gpus: list[tuple[str, int]], dtype: str,
-                 half: str = "fp16") -> tuple[str, dict[int, int]] | None:
+                 gpu: str = "fp16") -> tuple[str, dict[int, int]] | None:
     """Where a model fits no single GPU: (dtype, max_memory per GPU index) when the GPUs hold it
     together, for accelerate's device_map="auto"; each GPU keeps the lens's buffers free, and
     the lens decodes on the head's GPU. None where they do not (or there is just one)."""
     if fp is None or len(gpus) < 2:
         return None
-    chosen = dtype if dtype != "auto" else half
+    chosen = dtype if dtype != "auto" else gpu
     need = need_bytes(fp, None if chosen == "stored" else chosen) - LENS_BYTES
     room = {int(d.split(":")[1]): free - LENS_BYTES for d, free in gpus if free > LENS_BYTES}
     return (chosen, room) if sum(room.values()) >= need else None

@@ -257,6 +257,8 @@ def _probes(payload: dict) -> str:
         rows = [[p["prompt"], p["entropy"], _candidates(p["topk"])] for p in payload["test_prompts"]]
         out += ("<h3>Test prompts</h3>" + _note(_PROBES_NOTE)
                 + _table(["prompt", "entropy", "top candidates"], rows, {"prompt": "p"}))
+    elif payload["diagnostics"].get("test_prompts_source", "").startswith("none"):
+        out += "<h3>Test prompts</h3>" + _note(payload["diagnostics"]["test_prompts_source"])
     if payload.get("temperature_exploration"):
         rows = [[t["temperature"], t["entropy"], _candidates(t["topk"])]
                 for t in payload["temperature_exploration"]]
