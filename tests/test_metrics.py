@@ -59,3 +59,17 @@ def test_missing_collapse_gives_none():
     stats = stats_for([(5, 0.3, 0.2, 4.0)] * 3)
     s = layer_summary(stats, next_token_flags(stats, PROMPT_IDS, ANSWER, CollapseSettings()))
     assert s["L_copy"] is None and s["L_semantic"] is None and s["delta_layers"] is None
+
+
+def test_blanked_rows_meet_no_rule():
+    """Rows 3 and 4 made non-finite and blanked (rank -1, NaN values, no top-1): no first row
+    may land on them. Rows 0-2 have ranks 50, 12, 6: rank <= 10 first at row 2, never <= 5."""
+    from mlx_lens.experiment.health import checked
+
+    stats = stats_for(ROWS)
+    stats.entropy[3:, -1] = np.nan
+    blanked, report = checked(stats)
+    assert report["nonfinite_lens_layers"] == [3, 4] and blanked.answer_rank[3:].tolist() == [-1, -1]
+    s = layer_summary(blanked, next_token_flags(blanked, PROMPT_IDS, ANSWER, CollapseSettings()))
+    assert (s["first_rank_le_1"], s["first_rank_le_5"], s["first_rank_le_10"]) == (None, None, 2)
+    assert (s["L_copy"], s["L_copy_H"], s["L_semantic"]) == (2, None, None)

@@ -39,7 +39,9 @@ def first_row(mask: np.ndarray) -> int | None:
 
 
 def layer_summary(stats: LayerStats, flags: dict[str, np.ndarray]) -> dict[str, int | None]:
-    """L_copy, L_copy_H, L_semantic, delta_layers, and first layers by KL and answer rank."""
+    """L_copy, L_copy_H, L_semantic, delta_layers, and first layers by KL and answer rank. A
+    blanked (non-finite) row meets no rule: its NaNs compare false, and its rank of -1 (no
+    rank, mlx_lens/experiment/health.py) is not a rank <= k."""
     out = {
         "L_copy": first_row(flags["copy_collapse"]),
         "L_copy_H": first_row(flags["entropy_collapse"]),
@@ -51,6 +53,7 @@ def layer_summary(stats: LayerStats, flags: dict[str, np.ndarray]) -> dict[str, 
     out["first_kl_below_0.5"] = first_row(kl < 0.5)
     out["first_kl_below_1.0"] = first_row(kl < 1.0)
     if stats.answer_rank is not None:
+        rank = stats.answer_rank
         for k in (1, 5, 10):
-            out[f"first_rank_le_{k}"] = first_row(stats.answer_rank <= k)
+            out[f"first_rank_le_{k}"] = first_row((rank >= 1) & (rank <= k))
     return out
