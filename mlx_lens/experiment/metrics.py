@@ -16,6 +16,21 @@ class CollapseSettings:
     entropy_bits: float = 1.0  # entropy at or below this is an entropy collapse
 
 
+def rules(s: CollapseSettings) -> dict[str, str]:
+    """Each of the original's milestones' rule in words, for the JSON beside its value: they
+    start at row 0 (the embedding, which through a tied head decodes to its own input token),
+    and the copy rule's entropy fallback counts any confident layer, the answer included."""
+    copy = (f"the original's rule, from row 0: the first layer whose top-1 is a prompt token with "
+            f"p1 > {s.copy_threshold} and p1 - p2 > {s.copy_margin}, or whose entropy is below "
+            f"{s.entropy_bits} bit")
+    return {"L_copy": copy,
+            "L_copy_H": f"the original's rule, from row 0: the first layer whose entropy is at "
+                        f"most {s.entropy_bits} bit",
+            "L_semantic": "the original's rule: the first layer whose top-1 is the answer's "
+                          "first piece",
+            "delta_layers": "the original's rule: L_semantic - L_copy"}
+
+
 def next_token_flags(stats: LayerStats, prompt_ids: Iterable[int], answer_id: int | None,
                      s: CollapseSettings) -> dict[str, np.ndarray]:
     """Per-row booleans at the last position (the original's rules, docs/design.md)."""

@@ -51,6 +51,9 @@ class MilestoneSettings:
 
 COPY_WINDOWS = (1, 2, 3)  # rows of top-1 ids a copy must find contiguously in the prompt
 COPY_COLUMNS = [f"copy_{kind}_k{k}" for kind in ("strict", "soft") for k in COPY_WINDOWS]
+# What a headline leads with: the earliest copies from row 1. A copy over k rows implies the
+# one-row copy at its last row, and a strict copy the soft one, so these come first.
+LEADING_COPIES = ("L_copy_strict_k1", "L_copy_soft_k1")
 ANSWER_COLUMNS = ["answer_log2p", "answer_top1", "answer_min_lead_bits", "first_piece_log2p",
                   "first_piece_lead_bits"]
 
@@ -171,6 +174,16 @@ def copy_flags(stats: LayerStats, prompt_ids: Sequence[int], name: Callable[[int
     return out
 
 
+def copy_rules(s: MilestoneSettings) -> dict[str, str]:
+    """Each copy milestone's rule in words, for the JSON beside its value."""
+    test = {"strict": f"p1 > {s.strict_p} and p1 - p2 > {s.strict_margin}",
+            "soft": f"p1 > {s.soft_p}"}
+    return {f"L_copy_{kind}_k{k}": f"from row 1: the first layer whose top-1 ids over the last "
+                                   f"{k} layer(s) (rows >= 1) are found contiguously in the "
+                                   f"prompt, none whitespace or punctuation, with {test[kind]}"
+            for kind in ("strict", "soft") for k in COPY_WINDOWS}
+
+
 def copy_milestones(stats: LayerStats, prompt_ids: Sequence[int], flags: dict) -> dict:
     """Row 0's echo and the first row of each copy flag."""
     hits = {f"L_{key}": first_row(v) for key, v in flags.items()}
@@ -200,4 +213,6 @@ def describe(d: dict) -> str:
             "in a row) "
             f"{_row(d['L_answer_confirmed'], d['L_answer_confirmed_lead_bits'])}; first piece "
             f"confirmed {_row(d['L_semantic_confirmed'], d['L_semantic_confirmed_lead_bits'])}; "
-            f"{echo}copies from row 1: {', '.join(copies) or 'none'}")
+            f"{echo}copies from row 1: {', '.join(copies) or 'none'}; the original's rules "
+            f"(from row 0, a layer below {d['entropy_bits']:g} bit a copy): L_copy {d['L_copy']}, "
+            f"L_copy_H {d['L_copy_H']}, delta_layers {d['delta_layers']}")
