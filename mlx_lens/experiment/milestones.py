@@ -88,6 +88,10 @@ class AnswerRows:
         bound = bounds.lead_bound(stats.piece_x_norm, w_max, info.d_model, info.softcap)
         return cls(stats.piece_log2p, stats.piece_lead, bound)
 
+    def first(self, n: int) -> "AnswerRows":
+        """The first n rows (a site's own rows, without the model's output row after them)."""
+        return AnswerRows(self.log2p_pieces[:n], self.lead[:n], self.bound[:n])
+
     @property
     def log2p(self) -> np.ndarray:
         """[R] the whole answer's log2 p."""
@@ -212,7 +216,9 @@ def describe(d: dict) -> str:
             f"(every piece leads by > {d['margin_bits']:.2f} bits at {d['consecutive']} layers "
             "in a row) "
             f"{_row(d['L_answer_confirmed'], d['L_answer_confirmed_lead_bits'])}; first piece "
-            f"confirmed {_row(d['L_semantic_confirmed'], d['L_semantic_confirmed_lead_bits'])}; "
+            f"confirmed {_row(d['L_semantic_confirmed'], d['L_semantic_confirmed_lead_bits'])} "
+            "(layers decided within the fp32 decode's bound of this run's captured rows: "
+            "another batch shape or backend can move a row by more); "
             f"{echo}copies from row 1: {', '.join(copies) or 'none'}; the original's rules "
             f"(from row 0, a layer below {d['entropy_bits']:g} bit a copy): L_copy {d['L_copy']}, "
             f"L_copy_H {d['L_copy_H']}, delta_layers {d['delta_layers']}")

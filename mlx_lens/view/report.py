@@ -145,7 +145,10 @@ _SUMMARY_NOTE = (
     "L_semantic_confirmed, for the first piece) the first layer where every piece leads the "
     "runner-up by more than margin_bits at `consecutive` layers in a row (2 by default); a "
     "lead is z(piece) - z(best other) in bits. 'undecided': a lead within the decode's "
-    "numeric bound of the rule's threshold, or a blanked row, could change the layer.")
+    "numeric bound of the rule's threshold, or a blanked row, could change the layer; a "
+    "decided layer is decided for this run's captured rows only: the bound covers the fp32 "
+    "decode of a row, not the forward pass that made it, and another batch shape or backend "
+    "can move a row by more.")
 _SETTINGS_NOTE = (
     "How this run was computed. summation_depth fixes the error bound of every statistic "
     "(docs/numerics.md); non-finite layers were blanked (their cells read –).")
