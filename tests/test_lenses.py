@@ -321,7 +321,8 @@ def test_run_with_lenses_keeps_the_primary_artifacts(tiny_model_dirs, tmp_path, 
     # the norm (under RMSNorm its gain) flipping the top-1
     assert ("lens-agreement onset (primary next-norm and another lens within +-2; the lenses "
             "share the residual and the head: agreement, not independent evidence)") in out
-    assert "; norm-flip layers (a normed lens's top-1 is the answer, raw's is not" in out
+    assert ("; norm-flip layers (a normed lens reads the answer, raw does not; under RMSNorm "
+            "only the gain gamma can flip a top-1)") in out
     for suffix in ("-records.csv", "-pure-next-token.csv"):
         assert ((tmp_path / "one" / f"output-llama{suffix}").read_bytes()
                 == (tmp_path / "all" / f"output-llama{suffix}").read_bytes())

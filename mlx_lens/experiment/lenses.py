@@ -220,8 +220,8 @@ def summary_line(section: dict) -> str:
             f"{section['lens_agreement_onset']}")
     if "norm_flip_layers" in section:
         only = sorted({r for layers in section["norm_flip_layers"].values() for r in layers})
-        line += (f"; norm-flip layers (a normed lens's top-1 is the answer, raw's is not: the "
-                 f"norm's gain, under RMSNorm alone, flips it) {only or 'none'}")
+        line += (f"; norm-flip layers (a normed lens reads the answer, raw does not; under "
+                 f"RMSNorm only the gain gamma can flip a top-1) {only or 'none'}")
     if "mid_block" in section:
         first = {lens: f["first_mid_block"] for lens, f in section["mid_block"].items()}
         line += "; first mid-block read " + ", ".join(f"{k} {v}" for k, v in first.items())
