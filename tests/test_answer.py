@@ -239,9 +239,23 @@ def test_the_headline_names_the_rules(tiny_model_dirs, tmp_path, capsys):
     assert "whole answer 'Berlin, Brandenburger Tor'" in out.replace('" ', "'") or \
         "whole answer ' Berlin" in out
     assert "confirmed (every piece leads by > 0.72 bits at 2 layers in a row)" in out
+    assert ("(layers decided within the fp32 decode's bound of this run's captured rows: "
+            "another batch shape or backend can move a row by more)") in out
     d = json.loads((tmp_path / f"output-{model.name}.json").read_text())["diagnostics"]
     assert len(d["answer_token_ids"]) == len(d["answer_pieces"]) >= 3
     assert d["margin_bits"] == pytest.approx(0.5 / np.log(2))
+    # the headline leads with copies from row 1; the original's rules come last, named so
+    head = next(line for line in out.splitlines() if "final answer" in line)
+    assert head.endswith(f"; L_copy_strict_k1={d['L_copy_strict_k1']}, L_copy_soft_k1="
+                         f"{d['L_copy_soft_k1']}, L_semantic={d['L_semantic']} of 3 layers")
+    assert "L_copy=" not in head
+    assert out.count("the original's rules (from row 0, a layer below 1 bit a copy): "
+                     f"L_copy {d['L_copy']}, L_copy_H {d['L_copy_H']}, "
+                     f"delta_layers {d['delta_layers']}") == 1
+    rules = d["milestone_rules"]
+    assert all(rules[k].startswith("the original's rule") for k in ("L_copy", "L_copy_H",
+                                                                      "delta_layers"))
+    assert rules["L_copy_strict_k1"].startswith("from row 1")
 
 
 def test_an_answer_past_the_context_is_one_line(loaded, tiny_model_dirs):

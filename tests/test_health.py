@@ -52,6 +52,8 @@ def test_nan_in_a_block_is_reported_by_layer_and_blanked(tiny_model_dirs, tmp_pa
         assert (frame.loc[bad, "top1"] == "").all() and (frame.loc[~bad, "top1"] != "").all()
     blanked = pure.loc[pure["layer"] >= 2, ["p_answer", "answer_rank", "kl_to_final_bits"]]
     assert blanked.isna().all().all()
+    # no first row by rank on a blanked row (its rank of -1 is no rank <= k)
+    assert all(d[f"first_rank_le_{k}"] in (None, 0, 1) for k in (1, 5, 10))
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

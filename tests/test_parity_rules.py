@@ -63,3 +63,33 @@ def test_a_difference_beyond_the_bound_fails():
     assert p.summary_rows("L_copy") == ([], [0])
     failures = ParityReport("llama", FINAL_NORM, [p]).failures()
     assert "prompt 0: L_copy 0 vs 1, decided differently at layers 0" in failures
+
+
+def _with_zero_head_row(z: np.ndarray) -> np.ndarray:
+    z = z.copy()
+    z[..., 0] = 0.0  # token 0's head row is zeros: an exact logit of 0 on every backend
+    return z
+
+
+def test_a_zero_head_row_does_not_switch_the_logit_check_off():
+    """Token 0's head row of zeros: bound 0 and discrepancy 0 there (0/0). Token 3 differs by
+    1e-3 at row 0, ~300x its bound (x_norm 1e-6 leaves the elementwise part, 8 u |z| with
+    z = log(0.5 / 399): 3.2e-6): the logit criterion must still fail at row 0, and the exact
+    0 = 0 must read as within its bound (0), not NaN."""
+    za = _with_zero_head_row(_rows(0.5))
+    zb = za.copy()
+    zb[0, 0, 3] += 1e-3
+    head = np.ones(V)
+    head[0] = 0.0
+    p = compare_prompt(Fixed(za, 1e-6), Fixed(zb, 1e-6), [5], FINAL_NORM, 7, head)
+    assert p.logit_use[0] > 1 and p.logit_use[1] == 0.0
+    failures = ParityReport("llama", FINAL_NORM, [p]).failures()
+    assert any(f.startswith("logit discrepancy") and f.endswith("(layer 0)") for f in failures)
+
+
+def test_a_zero_bound_admits_only_exact_agreement():
+    """Where the bound is 0, any difference is infinitely over it, and a NaN is no pass."""
+    from mlx_lens.core.bounds import over_bound
+
+    use = over_bound(np.array([0.0, 1e-30, np.nan, 2.0, 0.0]), np.array([0.0, 0.0, 1.0, 4.0, 1.0]))
+    assert use.tolist() == [0.0, np.inf, np.inf, 0.5, 0.0]

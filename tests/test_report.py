@@ -171,6 +171,11 @@ def test_text_is_escaped_and_tokens_show_their_space(run_folder, tmp_path, capsy
     summary = dict(row for row in page.table("llama", "Summary"))
     assert summary["prompt"] == f"Hi {SCRIPT} & co"
     assert summary["answer (its first piece)"] == "Berlin (\u2423Berlin)"  # ' Berlin', space shown
+    # copies from row 1 lead; the original's L_copy (from row 0) comes last, named as its rule
+    keys = list(summary)
+    assert keys[keys.index("layers") + 1:][:2] == ["embedding_echo", "L_copy_strict_k1"]
+    assert keys[-3:] == [f"{k} (the original's rule, from row 0)"
+                         for k in ("L_copy", "L_copy_H", "delta_layers")]
     cells = [c for t in page.tables for row in t["rows"] for c in row]
     assert "–" in cells  # L_semantic of a tiny random model: never
     assert not {"nan", "NaN", "<NA>", "None", "null"} & set(cells)

@@ -44,8 +44,9 @@ def records_frame(n_layers: int, tokens: list[str], seed: int = 0) -> pd.DataFra
 
 
 def payload(model: str = "tiny", **diagnostics) -> dict:
-    d = {"model": model, "lens": "final-norm", "answer_token": ANSWER, "L_copy": 1,
-         "L_semantic": 4}
+    # the original's L_copy 0 (a tied head's row 0 echoing its input) beside a copy from row 1
+    d = {"model": model, "lens": "final-norm", "answer_token": ANSWER, "L_copy": 0,
+         "L_copy_strict_k1": 1, "L_semantic": 4}
     return {"diagnostics": {**d, **diagnostics}}
 
 
@@ -199,15 +200,15 @@ def test_trajectory_panels(tmp_path):
                                                 "answer rank (1 = top-1)", "KL to final (bits)"]
     assert axes[2].get_yscale() == "log"
     assert all(ax.get_shared_x_axes().joined(axes[0], ax) for ax in axes)
-    for ax in axes:  # L_copy and L_semantic on every panel
+    for ax in axes:  # the first copy from row 1 and L_semantic on every panel; not L_copy 0
         assert sorted(line.get_xdata()[0] for line in ax.get_lines()[1:]) == [1, 4]
-    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["L_copy = 1",
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["L_copy_strict_k1 = 1",
                                                                         "L_semantic = 4"]
     saved_png(fig, tmp_path)
 
 
 def test_trajectory_without_collapse_has_no_lines(tmp_path):
-    fig = trajectory.trajectory(pure_frame(3), payload(L_copy=None, L_semantic=None))
+    fig = trajectory.trajectory(pure_frame(3), payload(L_copy_strict_k1=None, L_semantic=None))
     assert all(len(ax.get_lines()) == 1 for ax in fig.axes) and fig.axes[0].get_legend() is None
     saved_png(fig, tmp_path)
 

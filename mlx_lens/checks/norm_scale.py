@@ -72,7 +72,7 @@ def run_self_test(backend: Backend, prompt: str = PROMPT) -> list[SelfTestRow]:
                                   ROUNDING_DOT_PRODUCTS)
                  + 2 * bounds.elementwise_bound(manual, info.softcap))
             bound = bounds.kl_shift_bound(learned[None], unit, b[None], np.zeros(1))[0]
-            use = float((np.abs(z_learned.astype(np.float64) - manual) / b).max())
+            use = float(bounds.over_bound(z_learned.astype(np.float64) - manual, b).max())
             manual = log_softmax64(manual)
             rows.append(SelfTestRow(layer, ref, _kl_bits(learned, unit), _kl_bits(manual, unit),
                                     float(bounds.nats_to_bits(bound)), use))

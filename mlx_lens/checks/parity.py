@@ -129,9 +129,10 @@ def compare_prompt(a: InspectableBackend, b: InspectableBackend, ids: list[int],
     undecidable = _undecidable(za[:, -1].astype(np.float64), bound[:, -1], la[:, -1], last,
                                answer_id, collapse)
     return PromptParity(
-        logit_use=(np.abs(zb.astype(np.float64) - za) / bound).max((-1, -2)),
-        max_kl=kl.max(-1), kl_use=(kl / shift["kl"]).max(-1),
-        entropy_gap=bounds.nats_to_bits(gap.max(-1)), entropy_use=(gap / shift["entropy"]).max(-1),
+        logit_use=bounds.over_bound(zb.astype(np.float64) - za, bound).max((-1, -2)),
+        max_kl=kl.max(-1), kl_use=bounds.over_bound(kl, shift["kl"]).max(-1),
+        entropy_gap=bounds.nats_to_bits(gap.max(-1)),
+        entropy_use=bounds.over_bound(gap, shift["entropy"]).max(-1),
         top1_mismatch=mismatch.sum(-1), decisive=decisive.sum(-1), summaries=summaries,
         flags=flags, undecidable=undecidable)
 

@@ -25,7 +25,7 @@ from mlx_lens.core.errors import LensError, first_line, one_line
 from mlx_lens.experiment.single import ExperimentOptions, framework_warning
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.cli import patch as patch_command
-from mlx_lens.cli.processes import (ORIGINAL_MODELS, ModelOutcome, NothingProduced,
+from mlx_lens.cli.processes import (HEADLINE, ORIGINAL_MODELS, ModelOutcome, NothingProduced,
                                     run_one_process, summary_of, table)
 from mlx_lens.experiment.metrics import CollapseSettings
 from mlx_lens.loading.sources import resolve
@@ -247,8 +247,8 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
         seconds["pictures"] = time.perf_counter() - began
     s = summary_of(result.payload)
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens.lens.name}]: "
-          f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
-          f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
+          f"final answer {s['answer']!r} (p={s['p']:.3f}); "
+          + ", ".join(f"{key}={s[key]}" for key in HEADLINE) + f" of {s['n_layers']} layers")
     print(f"  {describe(result.payload['diagnostics'])}")
     if "lenses" in result.payload:
         print(f"  {lens_summary_line(result.payload['lenses'])}")

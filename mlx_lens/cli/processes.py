@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_lens.core.errors import LensError
+from mlx_lens.experiment.milestones import LEADING_COPIES
 from mlx_lens.experiment.single import final_answer
 from mlx_lens.loading.placement import DoesNotFit
 from mlx_lens.loading.sources import resolve
@@ -27,6 +28,9 @@ ORIGINAL_MODELS = (
     "01-ai/Yi-34B",
 )
 EXIT_SKIPPED = DoesNotFit.exit_code  # a model that fits no device
+# the milestones a summary leads with: copies from row 1 (the original's L_copy, from row 0,
+# stays in the JSON), and the first layer whose top-1 is the answer
+HEADLINE = (*LEADING_COPIES, "L_semantic")
 
 
 class NothingProduced(LensError):
@@ -45,13 +49,13 @@ class ModelOutcome:
         s = self.summary or {}
         answer = f"{s['answer']!r} ({s['p']:.2f})" if s else ""
         return [self.model, s.get("device", ""), s.get("dtype", ""), self.status,
-                str(s.get("L_copy", "")), str(s.get("L_semantic", "")), answer]
+                *(str(s.get(key, "")) for key in HEADLINE), answer]
 
 
 def summary_of(payload: dict) -> dict:
     d, top = payload["diagnostics"], final_answer(payload)
     return {"model": d["model"], "backend": d["backend"], "device": d["device"],
-            "dtype": d["compute_dtype"], "L_copy": d["L_copy"], "L_semantic": d["L_semantic"],
+            "dtype": d["compute_dtype"], **{key: d[key] for key in HEADLINE},
             "n_layers": payload["model_stats"]["num_layers"], "answer": top[0], "p": top[1]}
 
 
@@ -81,7 +85,7 @@ def run_one_process(model: str, out_dir: Path, child_args: list[str]) -> ModelOu
 
 
 def table(outcomes: list[ModelOutcome]) -> str:
-    rows = [["model", "device", "dtype", "status", "L_copy", "L_semantic", "final answer"]]
+    rows = [["model", "device", "dtype", "status", *HEADLINE, "final answer"]]
     rows += [o.row() for o in outcomes]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

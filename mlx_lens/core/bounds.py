@@ -171,8 +171,8 @@ def head_path_refusal(name: str, lens: np.ndarray, own: np.ndarray, x_norm: floa
     if np.all(gap <= bound):
         return None
     return (f"{name}: the lens's decode of the model's last state differs from the model's own "
-            f"logits by up to {gap.max():.3g} ({(gap / bound).max():.3g}x the derived bound): "
-            f"its head path is not one the lens reads")
+            f"logits by up to {gap.max():.3g} ({over_bound(gap, bound).max():.3g}x the derived "
+            "bound): its head path is not one the lens reads")
 
 
 def dot_bound(x_norm: np.ndarray, w_norm: np.ndarray, d: int, products: float,
@@ -271,6 +271,16 @@ def may_swap(z: np.ndarray, b: np.ndarray, token: np.ndarray) -> np.ndarray:
     close = np.abs(np.asarray(z, np.float64) - zt) <= b + bt
     np.put_along_axis(close, token[..., None], False, -1)
     return close
+
+
+def over_bound(err: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """|err| / bound elementwise, where above 1 fails: a zero bound admits exact agreement only
+    (0 / 0 is 0: a head row of zeros gives every backend an exact logit of 0; anything else
+    over 0 is inf), and a NaN (a non-finite value, no comparison made) is inf, never a pass."""
+    err, bound = np.abs(np.asarray(err, np.float64)), np.asarray(bound, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        use = np.where(err == 0, 0.0, err / bound)
+    return np.where(np.isnan(use), np.inf, use)
 
 
 def nats_to_bits(x):

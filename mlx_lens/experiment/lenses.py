@@ -8,13 +8,16 @@ Rows are addressed by site and layer: "resid" row r is the residual after block 
 decode's derived bound (mlx_lens/experiment/milestones.py): certainly, certainly not, or
 undecided. From these, per run:
 
-- norm-only layers: rows where a normed lens certainly reads the answer and `raw` certainly
-  does not (the norm, not the stream, makes the answer);
-- the cross-checked onset: the first row where the primary lens reads the answer and at least
+- norm-flip layers: rows where a normed lens certainly reads the answer and `raw` certainly
+  does not: the norm flips the top-1 to the answer. A positive scale keeps every top-1, so under
+  RMSNorm (x / rms(x) * gamma) what flips it is the gain gamma alone; under LayerNorm also the
+  centring and the bias;
+- the lens-agreement onset: the first row where the primary lens reads the answer and at least
   one other lens reads it within +-ONSET_WINDOW rows, scanning all rows; UNDECIDED where an
-  undecided row could change it. The other lens must read it before the last row: there every
-  lens decodes the model's output through the final norm, the same distribution by
-  construction;
+  undecided row could change it. The lenses decode the same residual through the same head, so
+  their agreement is no independent evidence, only that the onset does not hang on the norm
+  rule. The other lens must read it before the last row: there every lens decodes the model's
+  output through the final norm, the same distribution by construction;
 - mid-block findings: per lens, the first block whose middle reads the answer, against the
   first block output that does, and the blocks whose middle reads it while their output does
   not.
@@ -126,7 +129,7 @@ def _listed(mask: np.ndarray) -> list[int]:
     return [int(r) for r in np.flatnonzero(mask)]
 
 
-def cross_checked_onset(primary: AnswerRows, others: list[AnswerRows],
+def lens_agreement_onset(primary: AnswerRows, others: list[AnswerRows],
                         window: int = ONSET_WINDOW):
     """The first row where the primary lens reads the answer and some other lens reads it
     within +-window rows (a row, UNDECIDED, or None). Another lens's last row is the model's
@@ -148,20 +151,21 @@ def cross_checked_onset(primary: AnswerRows, others: list[AnswerRows],
 
 def _mid_findings(mid: AnswerRows, resid: AnswerRows) -> dict:
     """Where the middle of a block reads the answer, against the blocks' outputs."""
+    n = len(mid.lead) - 1  # blocks: mid rows 0..L-1, then the output row
+    mid = mid.first(n)
     m_holds, m_fails = mid.states()
     r_holds, r_fails = resid.states()
-    n = len(m_holds) - 1  # blocks: mid rows 0..L-1, then the output row
     m_onset, r_onset = mid.onset(0.0, 1), resid.onset(0.0, 1)
     # block i's middle reads it, its output (row i + 1) does not
-    only_mid = m_holds[:n] & r_fails[1:n + 1]
-    undecided = ~only_mid & ~m_fails[:n] & ~r_holds[1:n + 1]
-    if m_onset is None or m_onset == n:  # no middle reads it before the output row
+    only_mid = m_holds & r_fails[1:n + 1]
+    undecided = ~only_mid & ~m_fails & ~r_holds[1:n + 1]
+    if m_onset is None:  # no middle reads it
         earlier = False
     elif m_onset == UNDECIDED or r_onset == UNDECIDED:
         earlier = None
     else:  # the middle of block i reads it before any block output does: i + 0.5 < r
         earlier = r_onset is None or m_onset + 1 <= r_onset
-    return {"first_mid_block": m_onset if m_onset != n else None,
+    return {"first_mid_block": m_onset,
             "first_block_output": r_onset,
             "mid_block_first": earlier,
             "mid_only_blocks": _listed(only_mid), "mid_only_undecided_blocks": _listed(undecided)}
@@ -169,33 +173,34 @@ def _mid_findings(mid: AnswerRows, resid: AnswerRows) -> dict:
 
 def findings(sweep: LensSweep, info: ModelInfo, w_max: float, settings: MilestoneSettings,
              primary: str) -> dict:
-    """The JSON's `lenses` section: each lens's milestones at each site, norm-only layers, the
-    cross-checked onset and the mid-block findings."""
+    """The JSON's `lenses` section: each lens's milestones at each site, norm-flip layers, the
+    lens-agreement onset and the mid-block findings."""
     rows = {key: AnswerRows.of(stats, info, w_max) for key, stats in sweep.stats.items()}
     milestones = {}
     for (lens, site), stats in sweep.stats.items():
-        l_semantic = first_row(stats.answer_rank == 1)
+        n = _layers(stats, site)  # a middle's milestone is a block's middle, never the output row
+        l_semantic = first_row(stats.answer_rank[:n] == 1)
         milestones.setdefault(lens, {})[site] = {
             "L_semantic": l_semantic,
-            **answer_milestones(rows[lens, site], l_semantic, settings)}
+            **answer_milestones(rows[lens, site].first(n), l_semantic, settings)}
     out: dict = {"lenses": list(sweep.lenses), "primary": primary, "n_layers": info.n_layers,
                  "mid_rows": sweep.mid, "mid_rows_are": MID_FORMS.get(sweep.mid),
                  "not_read_mid_block": [lens for lens in sweep.lenses
                                         if sweep.mid and (lens, "mid") not in sweep.stats],
                  "milestones": milestones, "onset_window": ONSET_WINDOW}
     others = [rows[lens, "resid"] for lens in sweep.lenses if lens != primary]
-    out["cross_checked_onset"] = (cross_checked_onset(rows[primary, "resid"], others)
+    out["lens_agreement_onset"] = (lens_agreement_onset(rows[primary, "resid"], others)
                                   if others else None)
     if "raw" in sweep.lenses:
         r_holds, r_fails = rows["raw", "resid"].states()
-        out["norm_only_layers"], out["norm_only_undecided_layers"] = {}, {}
+        out["norm_flip_layers"], out["norm_flip_undecided_layers"] = {}, {}
         for lens in sweep.lenses:
             if lens == "raw":
                 continue
             holds, fails = rows[lens, "resid"].states()
             only = holds & r_fails
-            out["norm_only_layers"][lens] = _listed(only)
-            out["norm_only_undecided_layers"][lens] = _listed(~only & ~fails & ~r_holds)
+            out["norm_flip_layers"][lens] = _listed(only)
+            out["norm_flip_undecided_layers"][lens] = _listed(~only & ~fails & ~r_holds)
     if sweep.mid:
         out["mid_block"] = {lens: _mid_findings(rows[lens, "mid"], rows[lens, "resid"])
                             for lens in sweep.lenses if (lens, "mid") in rows}
@@ -203,18 +208,20 @@ def findings(sweep: LensSweep, info: ModelInfo, w_max: float, settings: Mileston
 
 
 def summary_line(section: dict) -> str:
-    """One console line: each lens's onset, the cross-checked one, norm-only layers."""
+    """One console line: each lens's onset, the lens-agreement one, norm-flip layers."""
     onsets = ", ".join(f"{lens} {m['resid']['L_answer_top1']}"
                        for lens, m in section["milestones"].items())
     if section.get("n_layers") in [m["resid"]["L_answer_top1"]
                                    for m in section["milestones"].values()]:
         onsets += f" (layer {section['n_layers']}: the model's output, the same under every lens)"
-    line = (f"lenses: whole answer top-1 from layer {onsets}; cross-checked onset (primary "
-            f"{section['primary']} and another lens within +-{section['onset_window']}) "
-            f"{section['cross_checked_onset']}")
-    if "norm_only_layers" in section:
-        only = sorted({r for layers in section["norm_only_layers"].values() for r in layers})
-        line += f"; norm-only layers {only or 'none'}"
+    line = (f"lenses: whole answer top-1 from layer {onsets}; lens-agreement onset (primary "
+            f"{section['primary']} and another lens within +-{section['onset_window']}; the "
+            f"lenses share the residual and the head: agreement, not independent evidence) "
+            f"{section['lens_agreement_onset']}")
+    if "norm_flip_layers" in section:
+        only = sorted({r for layers in section["norm_flip_layers"].values() for r in layers})
+        line += (f"; norm-flip layers (a normed lens reads the answer, raw does not; under "
+                 f"RMSNorm only the gain gamma can flip a top-1) {only or 'none'}")
     if "mid_block" in section:
         first = {lens: f["first_mid_block"] for lens, f in section["mid_block"].items()}
         line += "; first mid-block read " + ", ".join(f"{k} {v}" for k, v in first.items())

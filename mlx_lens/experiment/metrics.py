@@ -16,6 +16,21 @@ class CollapseSettings:
     entropy_bits: float = 1.0  # entropy at or below this is an entropy collapse
 
 
+def rules(s: CollapseSettings) -> dict[str, str]:
+    """Each of the original's milestones' rule in words, for the JSON beside its value: they
+    start at row 0 (the embedding, which through a tied head decodes to its own input token),
+    and the copy rule's entropy fallback counts any confident layer, the answer included."""
+    copy = (f"the original's rule, from row 0: the first layer whose top-1 is a prompt token with "
+            f"p1 > {s.copy_threshold} and p1 - p2 > {s.copy_margin}, or whose entropy is below "
+            f"{s.entropy_bits} bit")
+    return {"L_copy": copy,
+            "L_copy_H": f"the original's rule, from row 0: the first layer whose entropy is at "
+                        f"most {s.entropy_bits} bit",
+            "L_semantic": "the original's rule: the first layer whose top-1 is the answer's "
+                          "first piece",
+            "delta_layers": "the original's rule: L_semantic - L_copy"}
+
+
 def next_token_flags(stats: LayerStats, prompt_ids: Iterable[int], answer_id: int | None,
                      s: CollapseSettings) -> dict[str, np.ndarray]:
     """Per-row booleans at the last position (the original's rules, docs/design.md)."""
@@ -39,7 +54,9 @@ def first_row(mask: np.ndarray) -> int | None:
 
 
 def layer_summary(stats: LayerStats, flags: dict[str, np.ndarray]) -> dict[str, int | None]:
-    """L_copy, L_copy_H, L_semantic, delta_layers, and first layers by KL and answer rank."""
+    """L_copy, L_copy_H, L_semantic, delta_layers, and first layers by KL and answer rank. A
+    blanked (non-finite) row meets no rule: its NaNs compare false, and its rank of -1 (no
+    rank, mlx_lens/experiment/health.py) is not a rank <= k."""
     out = {
         "L_copy": first_row(flags["copy_collapse"]),
         "L_copy_H": first_row(flags["entropy_collapse"]),
@@ -51,6 +68,7 @@ def layer_summary(stats: LayerStats, flags: dict[str, np.ndarray]) -> dict[str, 
     out["first_kl_below_0.5"] = first_row(kl < 0.5)
     out["first_kl_below_1.0"] = first_row(kl < 1.0)
     if stats.answer_rank is not None:
+        rank = stats.answer_rank
         for k in (1, 5, 10):
-            out[f"first_rank_le_{k}"] = first_row(stats.answer_rank <= k)
+            out[f"first_rank_le_{k}"] = first_row((rank >= 1) & (rank <= k))
     return out

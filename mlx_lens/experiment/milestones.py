@@ -51,6 +51,9 @@ class MilestoneSettings:
 
 COPY_WINDOWS = (1, 2, 3)  # rows of top-1 ids a copy must find contiguously in the prompt
 COPY_COLUMNS = [f"copy_{kind}_k{k}" for kind in ("strict", "soft") for k in COPY_WINDOWS]
+# What a headline leads with: the earliest copies from row 1. A copy over k rows implies the
+# one-row copy at its last row, and a strict copy the soft one, so these come first.
+LEADING_COPIES = ("L_copy_strict_k1", "L_copy_soft_k1")
 ANSWER_COLUMNS = ["answer_log2p", "answer_top1", "answer_min_lead_bits", "first_piece_log2p",
                   "first_piece_lead_bits"]
 
@@ -84,6 +87,10 @@ class AnswerRows:
     def of(cls, stats: LayerStats, info: ModelInfo, w_max: float) -> "AnswerRows":
         bound = bounds.lead_bound(stats.piece_x_norm, w_max, info.d_model, info.softcap)
         return cls(stats.piece_log2p, stats.piece_lead, bound)
+
+    def first(self, n: int) -> "AnswerRows":
+        """The first n rows (a site's own rows, without the model's output row after them)."""
+        return AnswerRows(self.log2p_pieces[:n], self.lead[:n], self.bound[:n])
 
     @property
     def log2p(self) -> np.ndarray:
@@ -171,6 +178,16 @@ def copy_flags(stats: LayerStats, prompt_ids: Sequence[int], name: Callable[[int
     return out
 
 
+def copy_rules(s: MilestoneSettings) -> dict[str, str]:
+    """Each copy milestone's rule in words, for the JSON beside its value."""
+    test = {"strict": f"p1 > {s.strict_p} and p1 - p2 > {s.strict_margin}",
+            "soft": f"p1 > {s.soft_p}"}
+    return {f"L_copy_{kind}_k{k}": f"from row 1: the first layer whose top-1 ids over the last "
+                                   f"{k} layer(s) (rows >= 1) are found contiguously in the "
+                                   f"prompt, none whitespace or punctuation, with {test[kind]}"
+            for kind in ("strict", "soft") for k in COPY_WINDOWS}
+
+
 def copy_milestones(stats: LayerStats, prompt_ids: Sequence[int], flags: dict) -> dict:
     """Row 0's echo and the first row of each copy flag."""
     hits = {f"L_{key}": first_row(v) for key, v in flags.items()}
@@ -199,5 +216,9 @@ def describe(d: dict) -> str:
             f"(every piece leads by > {d['margin_bits']:.2f} bits at {d['consecutive']} layers "
             "in a row) "
             f"{_row(d['L_answer_confirmed'], d['L_answer_confirmed_lead_bits'])}; first piece "
-            f"confirmed {_row(d['L_semantic_confirmed'], d['L_semantic_confirmed_lead_bits'])}; "
-            f"{echo}copies from row 1: {', '.join(copies) or 'none'}")
+            f"confirmed {_row(d['L_semantic_confirmed'], d['L_semantic_confirmed_lead_bits'])} "
+            "(layers decided within the fp32 decode's bound of this run's captured rows: "
+            "another batch shape or backend can move a row by more); "
+            f"{echo}copies from row 1: {', '.join(copies) or 'none'}; the original's rules "
+            f"(from row 0, a layer below {d['entropy_bits']:g} bit a copy): L_copy {d['L_copy']}, "
+            f"L_copy_H {d['L_copy_H']}, delta_layers {d['delta_layers']}")

@@ -21,9 +21,10 @@ from mlx_lens.core.numerics import log_softmax64, top_k
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.steering import Steering
 from mlx_lens.core import bounds
-from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags
-from mlx_lens.experiment.milestones import (AnswerRows, MilestoneSettings, answer_milestones,
-                                            copy_flags, copy_milestones)
+from mlx_lens.experiment.metrics import CollapseSettings, layer_summary, next_token_flags, rules
+from mlx_lens.experiment.milestones import (LEADING_COPIES, AnswerRows, MilestoneSettings,
+                                            answer_milestones, copy_flags, copy_milestones,
+                                            copy_rules)
 from mlx_lens.experiment.probes import (ANSWER, PROMPT, TEMPERATURES, TOP_K_RECORDS, TOP_K_VERBOSE,
                                        probe_prompts, verbose_words_for)
 
@@ -79,14 +80,16 @@ class ModelResult:
 
     @property
     def summary(self) -> dict:
-        """The headline numbers: final answer and its probability, L_copy, L_copy_H,
-        L_semantic, delta_layers, the first layers by KL and answer rank, and the whole
-        answer's milestones (a layer, "undecided" or None)."""
+        """The headline numbers: final answer and its probability, the first copies from
+        row 1, L_semantic, the first layers by KL and answer rank, the whole answer's
+        milestones (a layer, "undecided" or None), then the original's L_copy, L_copy_H and
+        delta_layers (from row 0: diagnostics["milestone_rules"])."""
         d = self.payload["diagnostics"]
         top = final_answer(self.payload)
-        keys = ("L_copy", "L_copy_H", "L_semantic", "delta_layers", "first_kl_below_0.5",
+        keys = (*LEADING_COPIES, "L_semantic", "first_kl_below_0.5",
                 "first_kl_below_1.0", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
-                "L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed")
+                "L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed", "L_copy",
+                "L_copy_H", "delta_layers")
         return {"model": d["model"], "answer": top[0], "p": top[1],
                 **{k: d[k] for k in keys if k in d}}
 
@@ -297,6 +300,7 @@ def _experiment(backend: Backend, opts: ExperimentOptions, extra_diagnostics: di
         **answer_milestones(answer, summary["L_semantic"], opts.milestones),
         **asdict(opts.milestones),
         **copy_milestones(stats, ids, copies),
+        "milestone_rules": {**rules(opts.collapse), **copy_rules(opts.milestones)},
         # fixes the error bound of every reported statistic (docs/numerics.md §2)
         "summation_depth": stats.summation_depth,
         **numeric_health,

@@ -258,15 +258,15 @@ def _add_lens_tables(result: SuiteResult, swept: list[LensSweep], encoded: list[
              for i in range(len(encoded))]
     lens_facts = pd.concat(facts, ignore_index=True)
     primary_rows = (lens_facts["lens"] == primary) & (lens_facts["site"] == "resid")
-    onset = [f["cross_checked_onset"] for f in found]
-    lens_facts.loc[primary_rows, "cross_checked_onset"] = pd.array(
+    onset = [f["lens_agreement_onset"] for f in found]
+    lens_facts.loc[primary_rows, "lens_agreement_onset"] = pd.array(
         [o if isinstance(o, int) else None for o in onset], "Int64")
-    lens_facts.loc[primary_rows, "cross_checked_onset_undecided"] = [o == UNDECIDED for o in onset]
-    if "norm_only_layers" in found[0]:
-        for lens in found[0]["norm_only_layers"]:
+    lens_facts.loc[primary_rows, "lens_agreement_onset_undecided"] = [o == UNDECIDED for o in onset]
+    if "norm_flip_layers" in found[0]:
+        for lens in found[0]["norm_flip_layers"]:
             rows = (lens_facts["lens"] == lens) & (lens_facts["site"] == "resid")
-            lens_facts.loc[rows, "norm_only_layers"] = [
-                " ".join(map(str, f["norm_only_layers"][lens])) for f in found]
+            lens_facts.loc[rows, "norm_flip_layers"] = [
+                " ".join(map(str, f["norm_flip_layers"][lens])) for f in found]
     result.lens_long = pd.concat(longs, ignore_index=True)
     result.lens_per_fact = lens_facts
     result.lens_aggregates = pd.concat(aggs, ignore_index=True)

@@ -1,5 +1,5 @@
 """The next-token trajectory under every lens of a run (`--lenses`): one line per lens, the
-middle of each block as dots at depth i + 0.5, the cross-checked onset marked."""
+middle of each block as dots at depth i + 0.5, the lens-agreement onset marked."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,17 +38,17 @@ def lens_trajectory(lenses: pd.DataFrame, payload: dict) -> Figure:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    onset = section.get("cross_checked_onset")
+    onset = section.get("lens_agreement_onset")
     if isinstance(onset, int):
         for ax in axes:
             ax.axvline(onset, color=MARK, linestyle=":", linewidth=1.2,
-                       label=f"cross-checked onset = {onset}")
+                       label=f"lens-agreement onset = {onset}")
     legend = axes[0].legend(loc="best", fontsize=7)
     for text in legend.get_texts():
         text.set_parse_math(False)
     axes[-1].set_xlabel("layer (0 = embeddings; x.5 = the middle of block x)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    undecided = "" if onset is None or isinstance(onset, int) else f"; cross-checked onset {onset}"
+    undecided = "" if onset is None or isinstance(onset, int) else f"; lens-agreement onset {onset}"
     fig.suptitle(f"{model_name(payload)}: next-token trajectory under each lens{undecided}",
                  parse_math=False)
     return fig

@@ -132,19 +132,23 @@ def _reading(path: Path):
 # -- per model ---------------------------------------------------------------------------------
 
 _SUMMARY_NOTE = (
-    "Layer 0 is the embedding output, layer i the residual after block i-1. L_copy: first layer "
-    "whose top-1 is a prompt token above the copy threshold and margin (or whose entropy is below "
-    "entropy_bits, the original's fallback); L_copy_H: first layer with entropy at most "
-    "entropy_bits; L_semantic: first layer whose top-1 is the answer; delta_layers = L_semantic - "
-    "L_copy. KL is to the final layer's distribution, in bits. – means it never happened. "
+    "Layer 0 is the embedding output, layer i the residual after block i-1. Row 0 is the "
+    "embedding: through a tied head it echoes its input token (embedding_echo), so copy "
+    "detection proper (L_copy_strict_k, L_copy_soft_k) starts at row 1. L_semantic: first layer "
+    "whose top-1 is the answer. The original's rules, from row 0: L_copy, first layer whose "
+    "top-1 is a prompt token above the copy threshold and margin, or whose entropy is below "
+    "entropy_bits (any confident layer, the answer included); L_copy_H: first layer with "
+    "entropy at most entropy_bits; delta_layers = L_semantic - L_copy. KL is to the final "
+    "layer's distribution, in bits. – means it never happened. "
     "The whole answer is scored teacher-forced (each piece at its own position): "
     "L_answer_top1 is the first layer where every piece is the top-1; L_answer_confirmed (and "
     "L_semantic_confirmed, for the first piece) the first layer where every piece leads the "
     "runner-up by more than margin_bits at `consecutive` layers in a row (2 by default); a "
     "lead is z(piece) - z(best other) in bits. 'undecided': a lead within the decode's "
-    "numeric bound of the rule's threshold, or a blanked row, could change the layer. Row 0 "
-    "is the embedding: through a tied head it echoes its input token (embedding_echo), so "
-    "copy detection proper (L_copy_strict_k, L_copy_soft_k) starts at row 1.")
+    "numeric bound of the rule's threshold, or a blanked row, could change the layer; a "
+    "decided layer is decided for this run's captured rows only: the bound covers the fp32 "
+    "decode of a row, not the forward pass that made it, and another batch shape or backend "
+    "can move a row by more.")
 _SETTINGS_NOTE = (
     "How this run was computed. summation_depth fixes the error bound of every statistic "
     "(docs/numerics.md); non-finite layers were blanked (their cells read –).")
@@ -172,17 +176,21 @@ def _summary(payload: dict) -> str:
                                            f"({_token(d.get('answer_token'))})")],
             ["final top-1 (p)", Html(f"{_token(top[0])} ({_esc(_fmt(top[1]))})")],
             ["layers", n_layers]]
-    rows += [[key, _with_lead(d, key)] for key in (
-        "L_copy", "L_copy_H", "L_semantic", "delta_layers", "first_kl_below_0.5",
-        "first_kl_below_1.0", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10")]
     if "answer_pieces" in d:  # runs from before full-answer scoring have none of these
+        rows += [[key, d.get(key)] for key in ("embedding_echo", "L_copy_strict_k1",
+                                               "L_copy_strict_k2", "L_copy_strict_k3",
+                                               "L_copy_soft_k1", "L_copy_soft_k2",
+                                               "L_copy_soft_k3")]
+    rows += [[key, _with_lead(d, key)] for key in (
+        "L_semantic", "first_kl_below_0.5", "first_kl_below_1.0", "first_rank_le_1",
+        "first_rank_le_5", "first_rank_le_10")]
+    if "answer_pieces" in d:
         rows += [["answer pieces", Html(" ".join(_token(t) for t in d["answer_pieces"]))]]
         rows += [[key, _with_lead(d, key)] for key in (
             "L_answer_top1", "L_answer_confirmed", "L_semantic_confirmed")]
-        rows += [[key, d.get(key)] for key in ("margin_bits", "embedding_echo",
-                                               "L_copy_strict_k1", "L_copy_strict_k2",
-                                               "L_copy_strict_k3", "L_copy_soft_k1",
-                                               "L_copy_soft_k2", "L_copy_soft_k3")]
+        rows += [["margin_bits", d.get("margin_bits")]]
+    rows += [[f"{key} (the original's rule, from row 0)", d.get(key)]
+             for key in ("L_copy", "L_copy_H", "delta_layers")]
     return "<h3>Summary</h3>" + _note(_SUMMARY_NOTE) + _fields(rows)
 
 

@@ -10,13 +10,16 @@ from matplotlib.ticker import MaxNLocator
 from mlx_lens.view.style import DPI, MARK, model_name, styled, token_label
 
 
-_LINES = (("L_copy", "--", "0.35"), ("L_semantic", ":", MARK),
-          ("L_answer_confirmed", "-", "C2"))
+# copies from row 1, not the original's L_copy: from row 0, a tied head's embedding decodes to
+# its own input token, and its entropy fallback calls any confident layer a copy
+_LINES = (("L_copy_strict_k1", "--", "0.35"), ("L_copy_soft_k1", "-.", "0.6"),
+          ("L_semantic", ":", MARK), ("L_answer_confirmed", "-", "C2"))
 
 
 def _collapse_lines(axes, d: dict) -> None:
-    """L_copy, L_semantic and the whole answer's confirmed onset, where the run found them, as
-    labelled vertical lines (an undecided onset is named in the legend, without a line)."""
+    """The first copies from row 1, L_semantic and the whole answer's confirmed onset, where
+    the run found them, as labelled vertical lines (an undecided onset is named in the legend,
+    without a line)."""
     for name, style, colour in _LINES:
         value = d.get(name)
         if isinstance(value, int):
@@ -32,7 +35,8 @@ def _collapse_lines(axes, d: dict) -> None:
 def trajectory(pure: pd.DataFrame, payload: dict) -> Figure:
     """The next-token position per layer: entropy, p(answer), the answer's rank, the whole
     answer's log2 p against its first piece's (where the run scored it) and KL to the final
-    distribution, with L_copy, L_semantic and the confirmed onset marked."""
+    distribution, with the first copies from row 1, L_semantic and the confirmed onset
+    marked."""
     d = payload["diagnostics"]
     whole = "answer_log2p" in pure.columns  # runs from before full-answer scoring lack it
     fig = Figure(figsize=(8.0, 11.0 if whole else 9.0), dpi=DPI, layout="constrained")
