@@ -46,8 +46,11 @@ def run_folder(tiny_model_dirs, tmp_path_factory):
     assert main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch", "--no-probes",
                  "--no-plots", "--facts", str(facts), "--prompt", f"Hi {SCRIPT} & co",
                  "--out_dir", str(out)]) == 0
+    # two runs' options in one folder: a run's folder is its own, so gpt2's files are moved in
     assert main(["run", str(tiny_model_dirs["gpt2"]), "--backend", "torch", "--no-plots",
-                 "--out_dir", str(out)]) == 0
+                 "--out_dir", str(root / "gpt2")]) == 0
+    for path in (root / "gpt2").iterdir():
+        path.rename(out / path.name)
     for i, name in enumerate(["plot-llama-grid.png", "plot-gpt2-trajectory.png", "plot-overlay.png"]):
         (out / name).write_bytes(tiny_png(i))
     return out

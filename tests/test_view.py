@@ -254,10 +254,13 @@ def tiny_run(tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     facts = write_facts(root / "facts.jsonl", FACTS[:3])
     out = root / "run"
-    for model in ("llama", "gpt2"):
+    out.mkdir()
+    for model in ("llama", "gpt2"):  # in-process, one folder each, moved into one
         args = ["run", str(tiny_model_dirs[model]), "--backend", "torch", "--no-probes",
-                "--no-plots", "--facts", str(facts), "--out_dir", str(out)]
+                "--no-plots", "--facts", str(facts), "--out_dir", str(root / model)]
         assert main(args) == 0
+        for path in (root / model).iterdir():
+            path.rename(out / path.name)
     return out
 
 
