@@ -26,7 +26,7 @@ from mlx_lens.experiment.single import ExperimentOptions, framework_warning
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.cli import patch as patch_command
 from mlx_lens.cli.processes import (ORIGINAL_MODELS, ModelOutcome, NothingProduced,
-                                    run_one_process, summary_of, table)
+                                    artifact_names, run_one_process, summary_of, table)
 from mlx_lens.experiment.metrics import CollapseSettings
 from mlx_lens.loading.sources import resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the lead over the runner-up a confirmed onset needs at two layers in "
                           "a row (default: 0.5 nats)")
     run.add_argument("--out_dir", type=Path, default=None,
-                     help="write here instead of rotating runs/run-latest")
+                     help="write here, a new or empty folder, instead of rotating runs/run-latest")
     run.add_argument("--no-probes", dest="probes", action="store_false",
                      help="skip the extra test prompts and temperature exploration")
     run.add_argument("--facts", metavar="FILE",
@@ -270,9 +270,9 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     if offline:
         print(f"model hub: {offline}; hub ids are read from the local cache only", flush=True)
     outcomes = []
-    for i, model in enumerate(models, 1):
+    for i, (model, name) in enumerate(zip(models, artifact_names(models)), 1):
         print(f"[{i}/{len(models)}] {model}", flush=True)
-        outcomes.append(run_one_process(model, out_dir, child))
+        outcomes.append(run_one_process(model, name, out_dir, child))
         print(f"[{i}/{len(models)}] {model}: {outcomes[-1].status}", flush=True)
     print(table(outcomes))
     return outcomes
