@@ -335,7 +335,9 @@ def _model_names(run_dir: Path) -> list[str]:
     for kind in ("facts", "aggregates"):
         suffix = f"-{kind}.csv"
         names |= {p.name[len("suite-"):-len(suffix)] for p in run_dir.glob(f"suite-*{suffix}")}
-    return sorted(names)
+    # suite-<model>-lens-facts.csv (--lenses with --facts) is <model>'s, not a model "<model>-lens"
+    return sorted(n for n in names if n.removesuffix("-lens") == n
+                  or n.removesuffix("-lens") not in names)
 
 
 def _model_section(run_dir: Path, model: str, index: int, plots: list[Path]) -> str:
