@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--all", action="store_true",
                      help="the original's seven models: " + ", ".join(ORIGINAL_MODELS))
     run.add_argument("--self-test", action="store_true",
-                     help="check the norm scaling of the lens (prints, writes nothing; exit 0/1)")
+                     help="check the norm scaling of the lens on each model named (prints, writes "
+                          "nothing; exit 1 if any fails)")
     run.add_argument("--keep-residuals", action="store_true",
                      help="also save the residual stream per layer (safetensors)")
     run.add_argument("--lens", default="final-norm",
@@ -185,7 +186,17 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_self_test(args: argparse.Namespace) -> int:
-    lens = _load(args, args.models[0] if args.models else None)
+    """Every model named, one after another (each released before the next loads)."""
+    models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
+    failed = [model for model in models if not _self_test(args, model)]
+    if len(models) > 1:
+        print(f"self-test: {len(models) - len(failed)} of {len(models)} models passed"
+              + (f"; FAIL: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _self_test(args: argparse.Namespace, model: str | None) -> bool:
+    lens = _load(args, model)
     source, backend = lens.source, lens.backend
     rows = run_self_test(backend)
     print(f"self-test {source.name} [{backend.info.backend} {backend.info.device}]: norm scale "
@@ -193,7 +204,7 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     print(self_test_report(rows))
     passed = all(r.passed for r in rows)
     print("self-test: PASS" if passed else "self-test: FAIL")
-    return 0 if passed else 1
+    return passed
 
 
 def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None,
