@@ -447,3 +447,21 @@ def test_mid_block_findings(mid, resid, first):
         assert found["first_mid_block"] == mid.index("y")
         only = [i for i in range(len(mid) - 1) if mid[i] == "y" and resid[i + 1] == "n"]
         assert found["mid_only_blocks"] == only
+
+
+def test_the_lens_line_says_never_where_the_json_has_null():
+    """A lens under which the answer never becomes the top-1, no cross-checked onset and no
+    middle of a block that reads it: 'never' on the console (JSON null), not Python's None."""
+    from mlx_lens.experiment.lenses import summary_line
+
+    section = {"milestones": {"final-norm": {"resid": {"L_answer_top1": 2}},
+                              "raw": {"resid": {"L_answer_top1": None}},
+                              "next-norm": {"resid": {"L_answer_top1": UNDECIDED}}},
+               "n_layers": 3, "primary": "final-norm", "onset_window": 1,
+               "cross_checked_onset": None, "norm_only_layers": {"final-norm": [2]},
+               "mid_block": {"final-norm": {"first_mid_block": 1},
+                             "raw": {"first_mid_block": None}}}
+    assert summary_line(section) == (
+        "lenses: whole answer top-1 from layer: final-norm 2, raw never, next-norm undecided; "
+        "cross-checked onset (primary final-norm and another lens within +-1) never; norm-only "
+        "layers [2]; first mid-block read final-norm 1, raw never")
