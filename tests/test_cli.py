@@ -198,3 +198,23 @@ def test_default_model_answers_berlin_at_the_last_layer(smollm2_dir, tmp_path, c
     top1 = np.argmax(z, -1)
     decisive = ~bounds.may_swap(z, b, top1).any(-1).ravel()
     assert (torch_rec["top1"] == mlx_rec["top1"])[decisive].all() and decisive.mean() > 0.5
+
+
+def test_fp32_unembed_does_nothing_and_says_so(tiny_model_dirs, tmp_path, capsys):
+    """Both backends always decode in fp32: the flag, kept for the original's command lines,
+    changes no byte of the tables, and its --help says that it does nothing."""
+    from mlx_lens.cli.main import _parser
+
+    run = next(a for a in _parser()._subparsers._group_actions[0].choices["run"]._actions
+               if "--fp32-unembed" in a.option_strings)
+    assert run.help.startswith("does nothing: the lens always decodes in fp32")
+    for name, extra in (("with", ["--fp32-unembed"]), ("without", [])):
+        code, _, err = run_cli([str(tiny_model_dirs["llama"]), "--backend", "torch", "--no-plots",
+                                "--no-probes", "--dtype", "bf16", "--out_dir",
+                                str(tmp_path / name), *extra], tmp_path, capsys)
+        assert code == 0, err
+    for table in ("records", "pure-next-token"):
+        assert ((tmp_path / "with" / f"output-llama-{table}.csv").read_bytes()
+                == (tmp_path / "without" / f"output-llama-{table}.csv").read_bytes())
+    d = json.loads((tmp_path / "without" / "output-llama.json").read_text())["diagnostics"]
+    assert d["compute_dtype"] == "bfloat16" and d["unembed_dtype"] == "float32"

@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steer-scale", type=float, default=1.0,
                      help="multiply the steering vectors by this")
     run.add_argument("--fp32-unembed", action="store_true",
-                     help="decode in fp32 (the lens always does; kept for the original's command lines)")
+                     help="does nothing: the lens always decodes in fp32 (accepted so that "
+                          "the original's command lines run)")
     run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
     run.add_argument("--copy-margin", type=float, default=CollapseSettings.copy_margin)
     run.add_argument("--prompt", default=PROMPT)
