@@ -290,3 +290,11 @@ def _check_report(out: Path, models: list[str], suite: bool, capsys) -> None:
             assert len(page.table(model, "Fact suite: 2 facts")) == 2
             assert page.table(model, "Fact suite: per-layer aggregates")
     assert len(page.images) == len(list(out.glob("plot-*.png")))
+
+
+def test_the_page_names_each_kl_by_its_direction(run_folder):
+    """KL(layer || final) for the run's own KL, KL(lens || transformers) for the check of the
+    lens's last row against the framework's output (#31 item 9)."""
+    text = report_module.render_report(run_folder)
+    assert "KL is KL(layer || final), the layer&#x27;s distribution against the final" in text
+    assert "transformers: KL(lens || transformers) " in text

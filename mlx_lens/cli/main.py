@@ -20,6 +20,7 @@ from mlx_lens.loading import hub
 from mlx_lens.loading.placement import read_device_map
 from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.core import steering
+from mlx_lens.core.contract import KL_TUNED
 from mlx_lens.core.lens import RULES, Lens
 from mlx_lens.core.errors import LensError, first_line, one_line
 from mlx_lens.experiment.single import ExperimentOptions, framework_warning
@@ -382,7 +383,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if tuned is not None:
         frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens)
         print(f"{info.name}: logit lens vs tuned lens {args.eval}, held-out text "
-              f"({int(frame.tokens[0])} tokens), bits")
+              f"({int(frame.tokens[0])} tokens), bits per token: kl_* {KL_TUNED}, ce_* the "
+              "next token's cross-entropy")
         print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
         for path in write_eval(frame, args.eval, info.name):
             print(f"  wrote {path}")

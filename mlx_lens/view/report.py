@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlx_lens.core.contract import KL_TO_FINAL
 from mlx_lens.core.files import atomic_write
 from mlx_lens.output.artifacts import read_csv
 from mlx_lens.core.errors import LensError, first_line
@@ -136,7 +137,8 @@ _SUMMARY_NOTE = (
     "whose top-1 is a prompt token above the copy threshold and margin (or whose entropy is below "
     "entropy_bits, the original's fallback); L_copy_H: first layer with entropy at most "
     "entropy_bits; L_semantic: first layer whose top-1 is the answer; delta_layers = L_semantic - "
-    "L_copy. KL is to the final layer's distribution, in bits. – means it never happened. "
+    f"L_copy. KL is {KL_TO_FINAL}, the layer's distribution against the final layer's, in "
+    "bits. – means it never happened. "
     "The whole answer is scored teacher-forced (each piece at its own position): "
     "L_answer_top1 is the first layer where every piece is the top-1; L_answer_confirmed (and "
     "L_semantic_confirmed, for the first piece) the first layer where every piece leads the "
@@ -149,12 +151,12 @@ _SETTINGS_NOTE = (
     "How this run was computed. summation_depth fixes the error bound of every statistic "
     "(docs/numerics.md); non-finite layers were blanked (their cells read –).")
 _PURE_NOTE = (
-    "One row per layer, at the position of the next token (the prompt's last). Entropy and KL to "
-    "the final layer are in bits; topN is the Nth most likely token with its probability (␣ "
-    "marks a space); p_answer and answer_rank are the answer's first token's; answer_log2p is "
-    "the whole answer's log2 probability (teacher-forced), answer_min_lead_bits its weakest "
-    "piece's lead over the runner-up, answer_top1 whether every piece is the top-1; ✓ marks a "
-    "set flag.")
+    "One row per layer, at the position of the next token (the prompt's last). Entropy and "
+    f"kl_to_final_bits, {KL_TO_FINAL}, are in bits; topN is the Nth most likely token with "
+    "its probability (␣ marks a space); p_answer and answer_rank are the answer's first "
+    "token's; answer_log2p is the whole answer's log2 probability (teacher-forced), "
+    "answer_min_lead_bits its weakest piece's lead over the runner-up, answer_top1 whether "
+    "every piece is the top-1; ✓ marks a set flag.")
 _PROBES_NOTE = (
     "The model's own output (last layer only) for other prompts: entropy in bits and the top "
     "candidates with their probabilities.")
@@ -217,7 +219,7 @@ def _settings(payload: dict) -> str:
             ["summation_depth", d.get("summation_depth")],
             ["non-finite residual layers", layers("nonfinite_residual_layers")],
             ["non-finite lens layers", layers("nonfinite_lens_layers")],
-            ["KL below its bound at layers", layers("kl_below_bound_layers")],
+            [f"{KL_TO_FINAL} below its bound at layers", layers("kl_below_bound_layers")],
             ["last row vs the framework's own output", _framework(d.get("framework_check"))]]
     rows += [[key, value] for key, value in stats.items() if key != "architecture"]
     return "<h3>Settings</h3>" + _note(_SETTINGS_NOTE) + _fields(rows)
@@ -229,7 +231,8 @@ def _framework(check: dict | None) -> str | None:
     if not check.get("available"):
         return f"not checked: {check.get('why')}"
     verdict = "within" if check["within_bound"] else "BEYOND"
-    return (f"{check['framework']}: KL {_fmt(check['kl_bits'])} bits (bound "
+    return (f"{check['framework']}: KL(lens || {check['framework']}) {_fmt(check['kl_bits'])} "
+            "bits (bound "
             f"{_fmt(check['kl_bound_bits'])}), max |Δ log p| {_fmt(check['max_abs_delta_logp'])} "
             f"(bound {_fmt(check['delta_logp_bound'])}): {verdict} the derived bound")
 
@@ -273,8 +276,8 @@ _FACTS_NOTE = (
     "the answer beats the control answer on the control prompt. – : never (or no control).")
 _AGGREGATES_NOTE = (
     "One row per group and layer: for each metric the mean over facts and its 95% bootstrap "
-    "interval [low, high]. Entropy and KL are in bits, log10_rank is the answer's rank as a "
-    "power of ten; n counts facts (control metrics only count facts with a control).")
+    f"interval [low, high]. Entropy and KL ({KL_TO_FINAL}) are in bits, log10_rank is the "
+    "answer's rank as a power of ten; n counts facts (control metrics only count facts with a control).")
 _TOKEN_COLUMNS = ("answer_token", "final_top1", "top1")
 
 
