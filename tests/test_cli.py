@@ -61,8 +61,12 @@ def test_run_on_tiny_model_rotates(tiny_model_dirs, tmp_path, capsys):
         assert code == 0, err
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs[-1] == "run-latest" and len(runs) == 2 and runs[0].startswith("run-2")
-    check_artifacts(tmp_path / "runs" / "run-latest", "llama", 3)
+    payload, _, _ = check_artifacts(tmp_path / "runs" / "run-latest", "llama", 3)
     assert "final answer" in out and "L_semantic" in out and "run-latest" in out
+    # a milestone never reached (JSON null) reads 'never', not Python's None (#31 item 12)
+    d = payload["diagnostics"]
+    assert d["L_semantic"] is None  # the tiny random model never ranks the answer first
+    assert f"L_copy={d['L_copy']}, L_semantic=never of 3 layers" in out and "None" not in out
 
 
 def test_out_dir_and_lens_recorded(tiny_model_dirs, tmp_path, capsys):

@@ -10,7 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from mlx_lens.cli.main import main
-from mlx_lens.cli.processes import artifact_names, run_child
+from mlx_lens.cli.processes import ModelOutcome, artifact_names, run_child
 from mlx_lens.core.progress import RELAYED_TO_TERMINAL
 from mlx_lens.experiment.single import final_answer
 from mlx_lens.loading.sources import resolve
@@ -131,3 +131,11 @@ def test_a_models_process_shows_its_output_as_it_comes(tmp_path, monkeypatch):
     assert seen == "bar 1\r"  # before the child ended
     assert result == [(3, "mlx-lens: error: boom")]
     assert out.getvalue() == "backend: x\n"
+
+
+def test_the_table_says_never_where_the_json_has_null():
+    summary = {"device": "cpu", "dtype": "float32", "L_copy": 0, "L_semantic": None,
+               "answer": "ag", "p": 0.2}
+    assert ModelOutcome("m", "ok", summary).row() == ["m", "cpu", "float32", "ok", "0", "never",
+                                                      "'ag' (0.20)"]
+    assert ModelOutcome("x", "failed: no").row() == ["x", "", "", "failed: no", "", "", ""]

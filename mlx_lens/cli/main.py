@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlx_lens import backend_choice
 from mlx_lens.experiment import health
-from mlx_lens.experiment.milestones import MilestoneSettings, describe
+from mlx_lens.experiment.milestones import MilestoneSettings, describe, layer_or_never
 from mlx_lens.experiment.lenses import summary_line as lens_summary_line
 from mlx_lens.output import run_dir
 from mlx_lens.api import ModelLens, load, resolve_lens, resolve_lenses
@@ -255,8 +255,8 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
         seconds["pictures"] = time.perf_counter() - began
     s = summary_of(result.payload)
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens.lens.name}]: "
-          f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={s['L_copy']}, "
-          f"L_semantic={s['L_semantic']} of {s['n_layers']} layers")
+          f"final answer {s['answer']!r} (p={s['p']:.3f}); L_copy={layer_or_never(s['L_copy'])}, "
+          f"L_semantic={layer_or_never(s['L_semantic'])} of {s['n_layers']} layers")
     print(f"  {describe(result.payload['diagnostics'])}")
     if "lenses" in result.payload:
         print(f"  {lens_summary_line(result.payload['lenses'])}")

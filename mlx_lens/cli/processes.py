@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.progress import RELAYED_TO_TERMINAL, on_terminal
+from mlx_lens.experiment.milestones import layer_or_never
 from mlx_lens.experiment.single import final_answer
 from mlx_lens.loading.placement import DoesNotFit
 from mlx_lens.loading.sources import ModelSource, resolve
@@ -53,8 +54,9 @@ class ModelOutcome:
     def row(self) -> list[str]:
         s = self.summary or {}
         answer = f"{s['answer']!r} ({s['p']:.2f})" if s else ""
-        return [self.model, s.get("device", ""), s.get("dtype", ""), self.status,
-                str(s.get("L_copy", "")), str(s.get("L_semantic", "")), answer]
+        milestones = [layer_or_never(s[key]) if s else "" for key in ("L_copy", "L_semantic")]
+        return [self.model, s.get("device", ""), s.get("dtype", ""), self.status, *milestones,
+                answer]
 
 
 def summary_of(payload: dict) -> dict:
