@@ -99,7 +99,7 @@ def test_a_run_imports_only_what_it_uses(tiny_model_dirs, tmp_path):
     model = str(tiny_model_dirs["llama"])
     for extra, drawn in ((["--no-plots"], ""), ([], " matplotlib")):
         proc = subprocess.run([sys.executable, "-c", code, "run", model, "--backend", "torch",
-                               "--no-probes", "--out_dir", str(tmp_path / "out"), *extra],
+                               "--no-probes", "--out_dir", str(tmp_path / f"out{drawn}"), *extra],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert f"IMPORTED{drawn}\n" in proc.stdout and "FROZEN True" in proc.stdout
