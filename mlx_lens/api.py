@@ -153,7 +153,7 @@ class ModelLens:
 
     def evaluate(self, tuned: str | Path | TunedLens, corpus: str | None = None,
                  seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS) -> pd.DataFrame:
-        """Per layer on held-out text: KL to the model's output and cross-entropy (bits), logit
+        """Per layer on held-out text: KL(model output || lens) and cross-entropy (bits), logit
         lens vs the tuned lens; corpus and seq_len default to the lens's training ones."""
         lens = tuned if isinstance(tuned, TunedLens) else lens_file.read(tuned)
         trained = lens.config.get("training", {})

@@ -63,10 +63,11 @@ by name, where the blocks have no norm in front of them), and are tested in dept
 families of `tests/tiny_models.py` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text,
 gpt2, gpt_neox). The pipeline over processes (`mlx.launch`) runs every type MLX runs: those
 nine families by the lens's own loop, the others by mlx-lm's forward, each rank evaluating its
-own blocks (and what those read from earlier blocks, such as a shared KV); tests/test_pipeline.py checks it on the nine and on seven types of other kinds
-of blocks (cohere, qwen3_moe, falcon_h1, mamba, gemma4_text, lfm2, olmo2), steered too. A type
-mlx-lm and transformers both implement whose tiny model cannot be built is listed at the end
-with the reason.
+own blocks (and what those read from earlier blocks, such as a shared KV);
+tests/test_pipeline.py checks it on the nine and on seven types of other kinds of blocks
+(cohere, qwen3_moe, falcon_h1, mamba, gemma4_text, lfm2, olmo2), steered too. A type mlx-lm
+and transformers both implement whose tiny model cannot be built is listed at the end with the
+reason.
 
 """
 

@@ -375,3 +375,24 @@ def test_an_untied_mlx_model_without_its_head_is_refused(tiny_model_dirs):
         read_layout(model, vocab, tied=False)
     tied = MlxBackend(resolve(str(tiny_model_dirs["llama"])))
     assert tied.head is tied.embed
+
+
+@pytest.mark.parametrize("forced", ["512x", "x4096", "512", "0x4096", "512x-1", "5l2x4096",
+                                    "512*4096"])
+def test_a_malformed_cpu_tile_is_one_line(forced, monkeypatch):
+    """MLX_LENS_CPU_TILE must be ROWSxTOKENS, both above 0: anything else is a LensError naming
+    the variable (one line from the command line), not int()'s error or a tile of 0 rows."""
+    from mlx_lens.core.errors import LensError
+    from torch_ref import tiles
+
+    monkeypatch.setenv("MLX_LENS_CPU_TILE", forced)
+    tiles.cpu_tile.cache_clear()
+    try:
+        with pytest.raises(LensError, match=r"^MLX_LENS_CPU_TILE=.* is not ROWSxTOKENS"):
+            tiles.cpu_tile(lambda rows, tokens: pytest.fail("calibrated instead"))
+        monkeypatch.setenv("MLX_LENS_CPU_TILE", " 512X4096 ")
+        tiles.cpu_tile.cache_clear()
+        assert tiles.cpu_tile(lambda rows, tokens: pytest.fail("calibrated instead")) == (
+            512 * 4096, 512)
+    finally:
+        tiles.cpu_tile.cache_clear()

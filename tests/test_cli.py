@@ -61,8 +61,12 @@ def test_run_on_tiny_model_rotates(tiny_model_dirs, tmp_path, capsys):
         assert code == 0, err
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs[-1] == "run-latest" and len(runs) == 2 and runs[0].startswith("run-2")
-    check_artifacts(tmp_path / "runs" / "run-latest", "llama", 3)
+    payload, _, _ = check_artifacts(tmp_path / "runs" / "run-latest", "llama", 3)
     assert "final answer" in out and "L_semantic" in out and "run-latest" in out
+    # a milestone never reached (JSON null) reads 'never', not Python's None (#31 item 12)
+    d = payload["diagnostics"]
+    assert d["L_semantic"] is None  # the tiny random model never ranks the answer first
+    assert f"L_copy={d['L_copy']}, L_semantic=never of 3 layers" in out and "None" not in out
 
 
 def test_out_dir_and_lens_recorded(tiny_model_dirs, tmp_path, capsys):
@@ -95,7 +99,7 @@ def test_a_run_imports_only_what_it_uses(tiny_model_dirs, tmp_path):
     model = str(tiny_model_dirs["llama"])
     for extra, drawn in ((["--no-plots"], ""), ([], " matplotlib")):
         proc = subprocess.run([sys.executable, "-c", code, "run", model, "--backend", "torch",
-                               "--no-probes", "--out_dir", str(tmp_path / "out"), *extra],
+                               "--no-probes", "--out_dir", str(tmp_path / f"out{drawn}"), *extra],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert f"IMPORTED{drawn}\n" in proc.stdout and "FROZEN True" in proc.stdout
@@ -198,3 +202,23 @@ def test_default_model_answers_berlin_at_the_last_layer(smollm2_dir, tmp_path, c
     top1 = np.argmax(z, -1)
     decisive = ~bounds.may_swap(z, b, top1).any(-1).ravel()
     assert (torch_rec["top1"] == mlx_rec["top1"])[decisive].all() and decisive.mean() > 0.5
+
+
+def test_fp32_unembed_does_nothing_and_says_so(tiny_model_dirs, tmp_path, capsys):
+    """Both backends always decode in fp32: the flag, kept for the original's command lines,
+    changes no byte of the tables, and its --help says that it does nothing."""
+    from mlx_lens.cli.main import _parser
+
+    run = next(a for a in _parser()._subparsers._group_actions[0].choices["run"]._actions
+               if "--fp32-unembed" in a.option_strings)
+    assert run.help.startswith("does nothing: the lens always decodes in fp32")
+    for name, extra in (("with", ["--fp32-unembed"]), ("without", [])):
+        code, _, err = run_cli([str(tiny_model_dirs["llama"]), "--backend", "torch", "--no-plots",
+                                "--no-probes", "--dtype", "bf16", "--out_dir",
+                                str(tmp_path / name), *extra], tmp_path, capsys)
+        assert code == 0, err
+    for table in ("records", "pure-next-token"):
+        assert ((tmp_path / "with" / f"output-llama-{table}.csv").read_bytes()
+                == (tmp_path / "without" / f"output-llama-{table}.csv").read_bytes())
+    d = json.loads((tmp_path / "without" / "output-llama.json").read_text())["diagnostics"]
+    assert d["compute_dtype"] == "bfloat16" and d["unembed_dtype"] == "float32"

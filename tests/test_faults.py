@@ -8,7 +8,9 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -55,6 +57,57 @@ def test_next_run_removes_only_dead_runs_staging(tmp_path):
     assert left == sorted([mine.name, folders[f"{host}-{os.getpid()}-live"].name,
                            folders["otherhost-1-fresh"].name])
     assert mine.name.startswith(f"{run_dir.STAGING_PREFIX}{host}-{os.getpid()}-")
+
+
+def test_runs_publishing_at_once_both_survive(tmp_path, monkeypatch):
+    """Run A has rotated run-latest away when run B publishes: B waits for A to finish (without
+    the lock B took run-latest in between and A's rename failed, leaving A, finished, in its
+    staging folder for the next run to delete). Every run ends up published."""
+    root = tmp_path / "runs"
+    run_dir.publish(run_dir.start(root))  # an earlier run
+    a, b = run_dir.start(root), run_dir.start(root)
+    (a / "a.txt").write_text("a")
+    (b / "b.txt").write_text("b")
+    rename, b_done, failures = Path.rename, threading.Event(), []
+
+    def slow_rotation(self, target):  # A pauses right after moving run-latest away
+        moved = rename(self, target)
+        if self.name == run_dir.LATEST and threading.current_thread().name == "A":
+            b_done.wait(timeout=1.0)  # B's publish, if nothing holds it, happens now
+        return moved
+
+    def publish(staging):
+        try:
+            run_dir.publish(staging)
+        except OSError as exc:
+            failures.append(exc)
+
+    monkeypatch.setattr(Path, "rename", slow_rotation)
+    first = threading.Thread(target=publish, args=(a,), name="A")
+    first.start()
+    time.sleep(0.2)  # A is in its pause
+    publish(b)
+    b_done.set()
+    first.join()
+    assert failures == []
+    assert not list(root.glob(f"{run_dir.STAGING_PREFIX}*"))
+    published = {f.name for run in root.iterdir() for f in run.iterdir()
+                 if not f.name.startswith(run_dir.STAMP_PREFIX)}
+    assert published == {"a.txt", "b.txt"} and (root / run_dir.LATEST / "b.txt").is_file()
+    assert len(list(root.iterdir())) == 3  # the earlier run, A and B
+
+
+def test_a_reused_out_dir_is_refused_before_loading(tmp_path, capsys):
+    """An earlier run's files would mix with this run's (the report would show both): refused
+    in one line, before any model is looked at, and the earlier files stay as they were."""
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "output-old.json").write_text("{}")
+    code, out, err = run_main(["run", "/no/such/model", "--out_dir", str(used)], tmp_path, capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"mlx-lens: error: --out_dir {used} is not empty: a run's folder "
+                                "holds that run's files only (name a new or empty folder)"]
+    assert os.listdir(used) == ["output-old.json"]
 
 
 @pytest.mark.parametrize("out_dir, message", [

@@ -114,9 +114,10 @@ def test_a_kl_below_its_bound_is_a_finding_and_kept():
     kept, report = health.checked(stats)
     assert report["kl_below_bound_layers"] == [2]
     assert np.array_equal(kept.kl_to_final, stats.kl_to_final)  # no clamp, no blank
-    assert health.warning(report) == ("KL to the final row below minus its error bound at "
+    # named by its direction (#31 item 9): the layer's distribution against the final one
+    assert health.warning(report) == ("KL(layer || final) below minus its error bound at "
                                       "layers 2 (docs/numerics.md §2)")
-    assert health.brief(report) == "KL below its bound at layers 2"
+    assert health.brief(report) == "KL(layer || final) below its bound at layers 2"
 
 
 @pytest.mark.parametrize("kind", ["mlx", "torch"])

@@ -24,8 +24,11 @@ def run_folder(tiny_model_dirs, tmp_path_factory):
     assert main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch", "--no-probes",
                  "--no-plots", "--lenses", "all", "--prompt", f"Hi {SCRIPT} & co",
                  "--out_dir", str(out)]) == 0
+    # a run's folder is its own: gpt2's run is moved in beside llama's
     assert main(["run", str(tiny_model_dirs["gpt2"]), "--backend", "torch", "--no-probes",
-                 "--no-plots", "--out_dir", str(out)]) == 0
+                 "--no-plots", "--out_dir", str(out.parent / "gpt2")]) == 0
+    for path in (out.parent / "gpt2").iterdir():
+        path.rename(out / path.name)
     assert main(["report", str(out)]) == 0
     return out
 

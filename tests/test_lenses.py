@@ -494,3 +494,23 @@ def test_a_middle_milestone_is_a_block_middle_never_the_output_row():
     assert (mid["L_semantic"], mid["L_answer_top1"]) == (None, None)
     assert (resid["L_semantic"], resid["L_answer_top1"]) == (3, 3)
     assert found["mid_block"]["final-norm"]["first_mid_block"] is None
+
+
+def test_the_lens_line_says_never_where_the_json_has_null():
+    """A lens under which the answer never becomes the top-1, no lens-agreement onset and no
+    middle of a block that reads it: 'never' on the console (JSON null), not Python's None."""
+    from mlx_lens.experiment.lenses import summary_line
+
+    section = {"milestones": {"final-norm": {"resid": {"L_answer_top1": 2}},
+                              "raw": {"resid": {"L_answer_top1": None}},
+                              "next-norm": {"resid": {"L_answer_top1": UNDECIDED}}},
+               "n_layers": 3, "primary": "final-norm", "onset_window": 1,
+               "lens_agreement_onset": None, "norm_flip_layers": {"final-norm": [2]},
+               "mid_block": {"final-norm": {"first_mid_block": 1},
+                             "raw": {"first_mid_block": None}}}
+    assert summary_line(section) == (
+        "lenses: whole answer top-1 from layer: final-norm 2, raw never, next-norm undecided; "
+        "lens-agreement onset (primary final-norm and another lens within +-1; the lenses "
+        "share the residual and the head: agreement, not independent evidence) never; "
+        "norm-flip layers (a normed lens reads the answer, raw does not; under RMSNorm only the "
+        "gain gamma can flip a top-1) [2]; first mid-block read final-norm 1, raw never")

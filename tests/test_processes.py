@@ -1,10 +1,18 @@
 """Several models in one run (one process each), and --keep-residuals."""
+import io
 import json
+import shutil
+import sys
+import threading
+import time
 
 import numpy as np
 from safetensors.numpy import load_file
 
 from mlx_lens.cli.main import main
+from mlx_lens.cli.processes import ModelOutcome, artifact_names, run_child
+from mlx_lens.core.progress import RELAYED_TO_TERMINAL
+from mlx_lens.experiment.single import final_answer
 from mlx_lens.loading.sources import resolve
 from torch_ref.backend import TorchBackend
 
@@ -83,3 +91,75 @@ def test_each_model_of_several_gets_the_given_probes(tiny_model_dirs, tmp_path, 
     assert len(children) == 2
     for child in children:
         assert cli._parser().parse_args(["run", "model", *child]).test_prompts == given
+
+
+def test_models_of_one_name_keep_their_own_files(tiny_model_dirs, tmp_path, capsys):
+    """A/final and B/final (two snapshot folders of one name): each its own set of files, named
+    apart by the folder above, and each row of the table its own model's numbers."""
+    a, b = tmp_path / "A" / "final", tmp_path / "B" / "final"
+    shutil.copytree(tiny_model_dirs["llama"], a)
+    shutil.copytree(tiny_model_dirs["gpt2"], b)
+    out = tmp_path / "out"
+    assert main(["run", str(a), str(b), "--backend", "torch", "--no-probes", "--no-plots",
+                 "--out_dir", str(out)]) == 0
+    table = capsys.readouterr().out.split("final answer", 1)[1]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"output-{m}{s}" for m in ("A-final", "B-final")
+        for s in (".json", "-records.csv", "-pure-next-token.csv"))
+    for model, name, arch in ((a, "A-final", "llama"), (b, "B-final", "gpt2")):
+        payload = json.loads((out / f"output-{name}.json").read_text())
+        assert payload["diagnostics"]["architecture"] == arch
+        answer = final_answer(payload)
+        row = next(line for line in table.splitlines() if line.startswith(str(model)))
+        assert f"{answer[0]!r} ({answer[1]:.2f})" in row
+
+
+def test_artifact_names_tell_models_of_one_name_apart(tmp_path):
+    for folder in ("A/final", "B/final", "org1-Y"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    assert artifact_names([str(tmp_path / "A/final"), str(tmp_path / "B/final"), "org/X"]) == [
+        "A-final", "B-final", "X"]
+    assert artifact_names(["org1/Y", "org2/Y", str(tmp_path / "org1-Y")]) == [
+        "org1-Y", "org2-Y", "org1-Y-2"]
+    assert artifact_names(["org/X", "org/X", "/no/such/model"]) == ["org-X", "org-X-2", None]
+
+
+def test_a_models_process_shows_its_output_as_it_comes(tmp_path, monkeypatch):
+    """The child's stderr (its progress bars: a "\\r" and no newline) reaches this process's
+    stderr while the child still runs; the paths it wrote (its own folder) are left out; its
+    last stderr line is its status; the child knows when that stderr is a terminal."""
+    go = tmp_path / "go"
+    child = (f"import os, pathlib, sys, time\n"
+             f"print('backend: x'); print('  wrote /child/folder/output-x.json')\n"
+             f"sys.stderr.write('bar ' + os.environ.get({RELAYED_TO_TERMINAL!r}, '-') + '\\r')\n"
+             f"sys.stderr.flush()\n"
+             f"deadline = time.time() + 60\n"
+             f"while not pathlib.Path({str(go)!r}).exists() and time.time() < deadline:\n"
+             f"    time.sleep(0.05)\n"
+             f"sys.stderr.write('mlx-lens: error: boom\\n')\n"
+             f"sys.exit(3)\n")
+    err, out = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(err, "isatty", lambda: True, raising=False)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(run_child([sys.executable, "-c", child])))
+    worker.start()
+    deadline = time.time() + 30
+    while "bar" not in err.getvalue() and time.time() < deadline:
+        time.sleep(0.05)
+    seen = err.getvalue()
+    go.touch()
+    worker.join()
+    assert seen == "bar 1\r"  # before the child ended
+    assert result == [(3, "mlx-lens: error: boom")]
+    assert out.getvalue() == "backend: x\n"
+
+
+def test_the_table_says_never_where_the_json_has_null():
+    summary = {"device": "cpu", "dtype": "float32", "L_copy_strict_k1": 1,
+               "L_copy_soft_k1": None, "L_semantic": None, "answer": "ag", "p": 0.2}
+    assert ModelOutcome("m", "ok", summary).row() == ["m", "cpu", "float32", "ok", "1", "never",
+                                                      "never", "'ag' (0.20)"]
+    assert ModelOutcome("x", "failed: no").row() == ["x", "", "", "failed: no", "", "", "", ""]

@@ -46,8 +46,11 @@ def run_folder(tiny_model_dirs, tmp_path_factory):
     assert main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch", "--no-probes",
                  "--no-plots", "--facts", str(facts), "--prompt", f"Hi {SCRIPT} & co",
                  "--out_dir", str(out)]) == 0
+    # two runs' options in one folder: a run's folder is its own, so gpt2's files are moved in
     assert main(["run", str(tiny_model_dirs["gpt2"]), "--backend", "torch", "--no-plots",
-                 "--out_dir", str(out)]) == 0
+                 "--out_dir", str(root / "gpt2")]) == 0
+    for path in (root / "gpt2").iterdir():
+        path.rename(out / path.name)
     for i, name in enumerate(["plot-llama-grid.png", "plot-gpt2-trajectory.png", "plot-overlay.png"]):
         (out / name).write_bytes(tiny_png(i))
     return out
@@ -231,3 +234,72 @@ def test_unreadable_file_is_named(run_folder, tmp_path, capsys, name, content):
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and f"cannot read {target}" in lines[0], err
     assert not (folder / "report.html").exists()
+
+
+# Every option of `run` that changes which files its folder holds, in every combination (a
+# report broke on --lenses with --facts, each fine alone): the lenses, a fact suite, and
+# pictures and residuals kept, or a steered run (not with a suite: refused) with pictures.
+_LENSES = {"one lens": [], "lenses": ["--lenses", "all"],
+           "lenses, no mid-block": ["--lenses", "all", "--no-mid-block"]}
+_SUITE = {"no suite": False, "suite": True}
+_REST = {"residuals": ["--no-plots", "--keep-residuals"], "steered, pictures": ["--steer"]}
+
+
+@pytest.mark.parametrize("rest", _REST)
+@pytest.mark.parametrize("suite", _SUITE)
+@pytest.mark.parametrize("lenses", _LENSES)
+def test_every_combination_of_run_options_gives_a_report(tiny_model_dirs, tmp_path, capsys,
+                                                         lenses, suite, rest):
+    from mlx_lens.core import steering
+    import numpy as np
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS[::2]), encoding="utf-8")
+    extra = [*_LENSES[lenses], *(["--facts", str(facts)] if _SUITE[suite] else []), *_REST[rest]]
+    if "--steer" in extra:
+        vectors = steering.save(tmp_path / "v.safetensors", {1: np.ones(96, np.float32)})
+        extra.insert(extra.index("--steer") + 1, str(vectors))
+    out = tmp_path / "run"
+    code = main(["run", str(tiny_model_dirs["llama"]), "--backend", "torch", "--no-probes",
+                 *extra, "--out_dir", str(out)])
+    if _SUITE[suite] and "--steer" in extra:  # refused in one line, nothing written
+        assert code == 2 and not out.exists()
+        return
+    assert code == 0, capsys.readouterr().err
+    _check_report(out, ["llama"], _SUITE[suite], capsys)
+
+
+def test_a_run_of_several_with_every_option_gives_a_report(tiny_model_dirs, tmp_path, capsys):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS[::2]), encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"]), "--backend",
+                 "torch", "--no-probes", "--lenses", "all", "--facts", str(facts),
+                 "--keep-residuals", "--out_dir", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "plot-overlay.png").is_file()
+    _check_report(out, ["gpt2", "llama"], True, capsys)
+
+
+def _check_report(out: Path, models: list[str], suite: bool, capsys) -> None:
+    """The report of run folder `out`: a section per model run (no other), its fact tables
+    with a row per fact, and every picture of the folder shown once."""
+    capsys.readouterr()
+    code, _, err = report(out, capsys)
+    assert code == 0, err
+    page = Page((out / "report.html").read_text(encoding="utf-8"))
+    assert not page.errors
+    assert sorted({t["model"] for t in page.tables if t["model"]}) == models
+    for model in models:
+        assert len(page.table(model, "Next token, per layer")) == 4  # rows 0..3
+        if suite:
+            assert len(page.table(model, "Fact suite: 2 facts")) == 2
+            assert page.table(model, "Fact suite: per-layer aggregates")
+    assert len(page.images) == len(list(out.glob("plot-*.png")))
+
+
+def test_the_page_names_each_kl_by_its_direction(run_folder):
+    """KL(layer || final) for the run's own KL, KL(lens || transformers) for the check of the
+    lens's last row against the framework's output (#31 item 9)."""
+    text = report_module.render_report(run_folder)
+    assert "KL is KL(layer || final), the layer&#x27;s distribution against the final" in text
+    assert "transformers: KL(lens || transformers) " in text

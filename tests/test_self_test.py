@@ -88,3 +88,25 @@ def test_self_test_holds_the_logits_not_only_the_kl(tiny_model_dirs, backend):
     rows = run_self_test(b)
     assert all(abs(r.kl_learned - r.kl_manual) <= r.bound for r in rows)  # KL cannot see it
     assert not any(r.passed for r in rows) and min(r.logit_use for r in rows) > 1.0
+
+
+def test_cli_self_test_tests_every_model_named(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    """Several models: each is tested (not only the first), and one failing fails the run."""
+    real_load = backend_choice.load
+
+    def load_gpt2_broken(*args, **kwargs):
+        b = real_load(*args, **kwargs)
+        if b.info.name == "gpt2":  # its final norm no longer matches the model
+            b.final_norm.weight.data *= 1.5
+        return b
+
+    monkeypatch.setattr(backend_choice, "load", load_gpt2_broken)
+    monkeypatch.chdir(tmp_path)
+    models = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])]
+    assert main(["run", *models, "--self-test", "--backend", "torch"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    verdicts = [line for line in out if line.startswith("self-test")]
+    assert [v.split()[1] for v in verdicts[:-1:2]] == ["llama", "gpt2"]
+    assert verdicts[1::2][:2] == ["self-test: PASS", "self-test: FAIL"]
+    assert verdicts[-1] == f"self-test: 1 of 2 models passed; FAIL: {models[1]}"
+    assert list(tmp_path.iterdir()) == []

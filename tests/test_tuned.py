@@ -274,6 +274,8 @@ def test_tune_eval_and_run_from_the_command_line(tiny_model_dirs, text, tmp_path
                               tmp_path, capsys)
     assert code == 0, err
     assert "kl_tuned_bits" in out and (lens_dir / "eval.csv").is_file()
+    # its KL named by its direction, the reverse of a run's KL(layer || final) (#31 item 9)
+    assert "bits per token: kl_* KL(model output || lens), ce_* the next token" in out
     assert (lens_dir / "eval.png").stat().st_size > 10_000
     code, out, err = run_main(["run", model, "--backend", "torch", "--no-probes", "--facts",
                                "default", "--lens", f"tuned:{lens_dir}", "--out_dir", "run"],

@@ -197,7 +197,8 @@ def test_trajectory_panels(tmp_path):
     fig = trajectory.trajectory(pure_frame(6), payload())
     axes = fig.axes
     assert [ax.get_ylabel() for ax in axes] == ["entropy (bits)", "p(answer)",
-                                                "answer rank (1 = top-1)", "KL to final (bits)"]
+                                                "answer rank (1 = top-1)",
+                                                "KL(layer || final) (bits)"]
     assert axes[2].get_yscale() == "log"
     assert all(ax.get_shared_x_axes().joined(axes[0], ax) for ax in axes)
     for ax in axes:  # the first copy from row 1 and L_semantic on every panel; not L_copy 0
@@ -255,10 +256,13 @@ def tiny_run(tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     facts = write_facts(root / "facts.jsonl", FACTS[:3])
     out = root / "run"
-    for model in ("llama", "gpt2"):
+    out.mkdir()
+    for model in ("llama", "gpt2"):  # in-process, one folder each, moved into one
         args = ["run", str(tiny_model_dirs[model]), "--backend", "torch", "--no-probes",
-                "--no-plots", "--facts", str(facts), "--out_dir", str(out)]
+                "--no-plots", "--facts", str(facts), "--out_dir", str(root / model)]
         assert main(args) == 0
+        for path in (root / model).iterdir():
+            path.rename(out / path.name)
     return out
 
 
@@ -373,3 +377,20 @@ def test_several_models_are_drawn_once_by_the_parent(tiny_model_dirs, tmp_path, 
 
 def test_cli_grid_colours_are_the_plots():
     assert cli.GRID_COLOURS == grid.GRID_COLOURS
+
+
+def test_the_two_kls_are_named_by_their_direction():
+    """A run's KL is KL(P_layer || P_final) (the original's), a tuned lens's evaluation the
+    reverse, KL(P_model || P_lens) (tuned-lens's): each picture names its own (#31 item 9)."""
+    from mlx_lens.view.tuned import tuned_eval
+
+    frame = pd.DataFrame({"layer": [0, 1, 2], "kl_logit_bits": [3.0, 1.0, 0.0],
+                          "kl_tuned_bits": [2.0, 0.5, 0.0], "ce_logit_bits": [9.0, 6.0, 4.0],
+                          "ce_tuned_bits": [8.0, 5.0, 4.0], "tokens": 64})
+    assert tuned_eval(frame).axes[0].get_ylabel() == "KL(model output || lens) (bits)"
+    pure = pure_frame(6)
+    labels = [ax.get_ylabel() for fig in (trajectory.trajectory(pure, payload()),
+                                          trajectory.overlay({"a": (pure, payload())}))
+              for ax in fig.axes]
+    assert labels.count("KL(layer || final) (bits)") == 2
+    assert not [label for label in labels if "KL" in label and "||" not in label]

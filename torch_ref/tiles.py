@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from mlx_lens.core.errors import LensError
 from mlx_lens.core.files import atomic_write
 
 # (rows, tokens): 1 to 32 MiB of fp32 logits, from L2-sized to beyond most L3 slices.
@@ -42,7 +44,11 @@ def cpu_tile(seconds: Callable[[int, int], float]) -> tuple[int, int]:
     (torch_ref/reduce.py's tile_seconds)."""
     forced = os.environ.get("MLX_LENS_CPU_TILE")
     if forced:
-        rows, tokens = (int(v) for v in forced.lower().split("x"))
+        shape = re.fullmatch(r"\s*([1-9][0-9]*)\s*x\s*([1-9][0-9]*)\s*", forced.lower())
+        if shape is None:
+            raise LensError(f"MLX_LENS_CPU_TILE={forced!r} is not ROWSxTOKENS, two whole numbers "
+                            "above 0 (e.g. 512x4096)")
+        rows, tokens = int(shape[1]), int(shape[2])
         return rows * tokens, rows
     from mlx_lens.loading.default_model import cache_root
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlx_lens import backend_choice
 from mlx_lens.experiment import health
-from mlx_lens.experiment.milestones import MilestoneSettings, describe
+from mlx_lens.experiment.milestones import MilestoneSettings, describe, layer_or_never
 from mlx_lens.experiment.lenses import summary_line as lens_summary_line
 from mlx_lens.output import run_dir
 from mlx_lens.api import ModelLens, load, resolve_lens, resolve_lenses
@@ -20,13 +20,14 @@ from mlx_lens.loading import hub
 from mlx_lens.loading.placement import read_device_map
 from mlx_lens.experiment.chat import CHAT_PROMPT, MAX_TOKENS, chat
 from mlx_lens.core import steering
+from mlx_lens.core.contract import KL_TUNED
 from mlx_lens.core.lens import RULES, Lens
 from mlx_lens.core.errors import LensError, first_line, one_line
 from mlx_lens.experiment.single import ExperimentOptions, framework_warning
 from mlx_lens.experiment.facts import Fact, load_facts
 from mlx_lens.cli import patch as patch_command
 from mlx_lens.cli.processes import (HEADLINE, ORIGINAL_MODELS, ModelOutcome, NothingProduced,
-                                    run_one_process, summary_of, table)
+                                    artifact_names, run_one_process, summary_of, table)
 from mlx_lens.experiment.metrics import CollapseSettings
 from mlx_lens.loading.sources import resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--all", action="store_true",
                      help="the original's seven models: " + ", ".join(ORIGINAL_MODELS))
     run.add_argument("--self-test", action="store_true",
-                     help="check the norm scaling of the lens (prints, writes nothing; exit 0/1)")
+                     help="check the norm scaling of the lens on each model named (prints, writes "
+                          "nothing; exit 1 if any fails)")
     run.add_argument("--keep-residuals", action="store_true",
                      help="also save the residual stream per layer (safetensors)")
     run.add_argument("--lens", default="final-norm",
@@ -96,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steer-scale", type=float, default=1.0,
                      help="multiply the steering vectors by this")
     run.add_argument("--fp32-unembed", action="store_true",
-                     help="decode in fp32 (the lens always does; kept for the original's command lines)")
+                     help="does nothing: the lens always decodes in fp32 (accepted so that "
+                          "the original's command lines run)")
     run.add_argument("--copy-threshold", type=float, default=CollapseSettings.copy_threshold)
     run.add_argument("--copy-margin", type=float, default=CollapseSettings.copy_margin)
     run.add_argument("--prompt", default=PROMPT)
@@ -106,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the lead over the runner-up a confirmed onset needs at two layers in "
                           "a row (default: 0.5 nats)")
     run.add_argument("--out_dir", type=Path, default=None,
-                     help="write here instead of rotating runs/run-latest")
+                     help="write here, a new or empty folder, instead of rotating runs/run-latest")
     run.add_argument("--no-probes", dest="probes", action="store_false",
                      help="skip the extra test prompts and temperature exploration")
     run.add_argument("--probe", dest="test_prompts", action="append", metavar="TEXT",
@@ -188,7 +191,17 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_self_test(args: argparse.Namespace) -> int:
-    lens = _load(args, args.models[0] if args.models else None)
+    """Every model named, one after another (each released before the next loads)."""
+    models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
+    failed = [model for model in models if not _self_test(args, model)]
+    if len(models) > 1:
+        print(f"self-test: {len(models) - len(failed)} of {len(models)} models passed"
+              + (f"; FAIL: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _self_test(args: argparse.Namespace, model: str | None) -> bool:
+    lens = _load(args, model)
     source, backend = lens.source, lens.backend
     rows = run_self_test(backend)
     print(f"self-test {source.name} [{backend.info.backend} {backend.info.device}]: norm scale "
@@ -196,7 +209,7 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     print(self_test_report(rows))
     passed = all(r.passed for r in rows)
     print("self-test: PASS" if passed else "self-test: FAIL")
-    return 0 if passed else 1
+    return passed
 
 
 def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None,
@@ -248,7 +261,8 @@ def run_single(args: argparse.Namespace, model: str | None, out_dir: Path | None
     s = summary_of(result.payload)
     print(f"{s['model']} [{s['backend']} {s['device']} {s['dtype']}, lens {lens.lens.name}]: "
           f"final answer {s['answer']!r} (p={s['p']:.3f}); "
-          + ", ".join(f"{key}={s[key]}" for key in HEADLINE) + f" of {s['n_layers']} layers")
+          + ", ".join(f"{key}={layer_or_never(s[key])}" for key in HEADLINE)
+          + f" of {s['n_layers']} layers")
     print(f"  {describe(result.payload['diagnostics'])}")
     if "lenses" in result.payload:
         print(f"  {lens_summary_line(result.payload['lenses'])}")
@@ -276,9 +290,9 @@ def run_several(args: argparse.Namespace, models: list[str], out_dir: Path) -> l
     if offline:
         print(f"model hub: {offline}; hub ids are read from the local cache only", flush=True)
     outcomes = []
-    for i, model in enumerate(models, 1):
+    for i, (model, name) in enumerate(zip(models, artifact_names(models)), 1):
         print(f"[{i}/{len(models)}] {model}", flush=True)
-        outcomes.append(run_one_process(model, out_dir, child))
+        outcomes.append(run_one_process(model, name, out_dir, child))
         print(f"[{i}/{len(models)}] {model}: {outcomes[-1].status}", flush=True)
     print(table(outcomes))
     return outcomes
@@ -376,7 +390,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if tuned is not None:
         frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens)
         print(f"{info.name}: logit lens vs tuned lens {args.eval}, held-out text "
-              f"({int(frame.tokens[0])} tokens), bits")
+              f"({int(frame.tokens[0])} tokens), bits per token: kl_* {KL_TUNED}, ce_* the "
+              "next token's cross-entropy")
         print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
         for path in write_eval(frame, args.eval, info.name):
             print(f"  wrote {path}")

@@ -40,7 +40,7 @@ def add_parser(sub, options: argparse.ArgumentParser, model_help: str) -> None:
                             "control prompt is its corruption, restored at the last position "
                             "and at the subject")
     patch.add_argument("--out_dir", type=Path, default=None,
-                       help="write here instead of rotating runs/run-latest")
+                       help="write here, a new or empty folder, instead of rotating runs/run-latest")
     patch.add_argument("--no-plots", dest="plots", action="store_false",
                        help="draw no heatmap")
 

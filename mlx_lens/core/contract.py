@@ -20,6 +20,10 @@ from mlx_lens.core.lens import FINAL_NORM, Lens, NormRef, Site
 B = TypeVar("B")
 TOP_K = 20  # the widest top-k any artifact shows (verbose positions, final prediction)
 PAIR_TOP_K = 50  # the widest top-k overlap between two lenses that artifacts report
+# Two KLs of opposite direction, each named by it wherever it is printed: kl_to_final (the
+# original's, every run) and a tuned lens's training and evaluation (tuned-lens's).
+KL_TO_FINAL = "KL(layer || final)"  # KL(P_row || P_last_row)
+KL_TUNED = "KL(model output || lens)"  # KL(P_model || P_lens)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from mlx_lens.core.contract import LayerStats
+from mlx_lens.core.contract import KL_TO_FINAL, LayerStats
 
 
 def nonfinite_layers(stats: LayerStats) -> dict[str, list[int]]:
@@ -68,7 +68,7 @@ def warning(health: dict[str, list[int]]) -> str | None:
              f"in the lens at layers {_list(lens)}" if lens else ""]
     parts = [f"non-finite values (NaN/inf) {' and '.join(w for w in where if w)}; "
              "those rows are written as empty cells" if residual or lens else "",
-             f"KL to the final row below minus its error bound at layers {_list(negative)} "
+             f"{KL_TO_FINAL} below minus its error bound at layers {_list(negative)} "
              "(docs/numerics.md §2)" if negative else ""]
     return "; ".join(p for p in parts if p) or None
 
@@ -78,7 +78,7 @@ def brief(health: dict[str, list[int]]) -> str:
     blanked = sorted(set(health["nonfinite_residual_layers"]) | set(health["nonfinite_lens_layers"]))
     negative = health.get("kl_below_bound_layers", [])
     return ", ".join(p for p in [f"non-finite at layers {_list(blanked)}" if blanked else "",
-                                 f"KL below its bound at layers {_list(negative)}"
+                                 f"{KL_TO_FINAL} below its bound at layers {_list(negative)}"
                                  if negative else ""] if p)
 
 

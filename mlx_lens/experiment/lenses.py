@@ -31,7 +31,7 @@ from mlx_lens.core.contract import LayerStats, LensSweep, ModelInfo
 from mlx_lens.experiment.frames import TokenNames
 from mlx_lens.experiment.metrics import first_row
 from mlx_lens.experiment.milestones import (UNDECIDED, AnswerRows, MilestoneSettings,
-                                            answer_milestones, first_decided)
+                                            answer_milestones, first_decided, layer_or_never)
 
 ONSET_WINDOW = 2  # rows either side where another lens must agree
 OVERLAPS = (10, 50)  # top-k Jaccard overlaps between two lenses
@@ -209,22 +209,23 @@ def findings(sweep: LensSweep, info: ModelInfo, w_max: float, settings: Mileston
 
 def summary_line(section: dict) -> str:
     """One console line: each lens's onset, the lens-agreement one, norm-flip layers."""
-    onsets = ", ".join(f"{lens} {m['resid']['L_answer_top1']}"
+    onsets = ", ".join(f"{lens} {layer_or_never(m['resid']['L_answer_top1'])}"
                        for lens, m in section["milestones"].items())
     if section.get("n_layers") in [m["resid"]["L_answer_top1"]
                                    for m in section["milestones"].values()]:
         onsets += f" (layer {section['n_layers']}: the model's output, the same under every lens)"
-    line = (f"lenses: whole answer top-1 from layer {onsets}; lens-agreement onset (primary "
+    line = (f"lenses: whole answer top-1 from layer: {onsets}; lens-agreement onset (primary "
             f"{section['primary']} and another lens within +-{section['onset_window']}; the "
             f"lenses share the residual and the head: agreement, not independent evidence) "
-            f"{section['lens_agreement_onset']}")
+            f"{layer_or_never(section['lens_agreement_onset'])}")
     if "norm_flip_layers" in section:
         only = sorted({r for layers in section["norm_flip_layers"].values() for r in layers})
         line += (f"; norm-flip layers (a normed lens reads the answer, raw does not; under "
                  f"RMSNorm only the gain gamma can flip a top-1) {only or 'none'}")
     if "mid_block" in section:
         first = {lens: f["first_mid_block"] for lens, f in section["mid_block"].items()}
-        line += "; first mid-block read " + ", ".join(f"{k} {v}" for k, v in first.items())
+        line += "; first mid-block read " + ", ".join(f"{k} {layer_or_never(v)}"
+                                                      for k, v in first.items())
     if section.get("omitted"):
         line += "; not read: " + "; ".join(section["omitted"].values())
     return line

@@ -195,6 +195,11 @@ def copy_milestones(stats: LayerStats, prompt_ids: Sequence[int], flags: dict) -
             "embedding_echo_p": float(stats.topk_probs[0, -1, 0]), **hits}
 
 
+def layer_or_never(value: Milestone) -> str:
+    """A milestone on the console: its layer, 'undecided', or 'never' (JSON's null)."""
+    return "never" if value is None else str(value)
+
+
 def _row(value: Milestone, lead: float | None) -> str:
     if value is None:
         return "never"

@@ -233,7 +233,8 @@ def framework_warning(check: dict) -> str | None:
     if not check.get("available") or check["within_bound"]:
         return None
     return (f"the lens's last row and {check['framework']}'s own output differ beyond their "
-            f"derived bound: KL {check['kl_bits']:.3g} bits (bound {check['kl_bound_bits']:.3g}), "
+            f"derived bound: KL(lens || {check['framework']}) {check['kl_bits']:.3g} bits "
+            f"(bound {check['kl_bound_bits']:.3g}), "
             f"max |delta log p| {check['max_abs_delta_logp']:.3g} "
             f"(bound {check['delta_logp_bound']:.3g}); see docs/numerics.md §4")
 

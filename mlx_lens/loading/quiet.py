@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 from unittest import mock
+
+from mlx_lens.core.progress import on_terminal
 
 
 def quiet_library_bars() -> None:
-    if sys.stderr.isatty():
+    if on_terminal():
         return
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
@@ -24,6 +25,6 @@ def quiet_gguf_conversion():
     off (docs/stack.md): off a terminal, it is disabled for the conversion."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    if sys.stderr.isatty() or not hasattr(gguf_utils, "tqdm"):
+    if on_terminal() or not hasattr(gguf_utils, "tqdm"):
         return contextlib.nullcontext()
     return mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True))

@@ -4,11 +4,14 @@ Publishing moves the previous run-latest to run-YYYYMMDD-HHMM (named by the time
 it; -2, -3, ... when two runs share a minute), then renames the staging folder to run-latest.
 A failed run therefore never loses the previous one and never leaves a half-written run-latest.
 A run that died before it could clean up (SIGKILL, power loss) leaves its staging folder; the next
-run removes it.
+run removes it. Runs finishing at once publish one after the other (a lock on runs/), so that
+none finds run-latest half-rotated. A run given --out_dir takes a new or empty folder: one run's
+folder holds that run's files only.
 """
 from __future__ import annotations
 
-
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -61,18 +64,32 @@ def _stamp(run: Path) -> str:
     return datetime.fromtimestamp(run.stat().st_mtime).strftime("%Y%m%d-%H%M")
 
 
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Hold runs/ for one publish: a second run waits for the first to finish rotating. The
+    lock is on the folder itself (no lock file to leave behind) and the system drops it with
+    the process, however it ends."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def publish(staging: Path) -> Path:
     """Rotate the old run-latest away and make `staging` the new one; returns its path."""
     root = staging.parent
     latest = root / LATEST
-    if latest.exists():
-        base = f"run-{_stamp(latest)}"
-        target, n = root / base, 1
-        while target.exists():
-            n += 1
-            target = root / f"{base}-{n}"
-        latest.rename(target)
-    staging.rename(latest)
+    with _locked(root):
+        if latest.exists():
+            base = f"run-{_stamp(latest)}"
+            target, n = root / base, 1
+            while target.exists():
+                n += 1
+                target = root / f"{base}-{n}"
+            latest.rename(target)
+        staging.rename(latest)
     return latest
 
 
@@ -82,7 +99,8 @@ def discard(staging: Path) -> None:
 
 def make_out_dir(out_dir: Path) -> bool:
     """Create --out_dir up front, so that a path unfit for it fails before a model is loaded;
-    True when it did not exist (a failed run then takes it away again)."""
+    True when it did not exist (a failed run then takes it away again). An existing folder must
+    be empty: an earlier run's files would mix with this one's (and show in its report)."""
     existed = out_dir.is_dir()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +108,9 @@ def make_out_dir(out_dir: Path) -> bool:
         raise LensError(f"--out_dir {out_dir} exists and is not a folder") from None
     except OSError as exc:
         raise LensError(f"cannot create --out_dir {out_dir}: {exc.strerror}") from exc
+    if existed and any(out_dir.iterdir()):
+        raise LensError(f"--out_dir {out_dir} is not empty: a run's folder holds that run's "
+                        "files only (name a new or empty folder)")
     return not existed
 
 

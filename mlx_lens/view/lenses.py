@@ -7,16 +7,17 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mlx_lens.core.contract import KL_TO_FINAL
 from mlx_lens.view.style import DPI, MARK, model_name, styled
 
 _PANELS = (("answer_rank", "answer rank (1 = top-1)"), ("answer_log2p", "log2 p: whole answer"),
-           ("entropy_bits", "entropy (bits)"), ("kl_to_final_bits", "KL to final (bits)"))
+           ("entropy_bits", "entropy (bits)"), ("kl_to_final_bits", f"{KL_TO_FINAL} (bits)"))
 
 
 @styled
 def lens_trajectory(lenses: pd.DataFrame, payload: dict) -> Figure:
     """Per layer at the next-token position, under each lens: the first piece's rank, the
-    whole answer's log2 p, entropy and KL to the model's output; lines between blocks, dots in
+    whole answer's log2 p, entropy and KL(layer || final); lines between blocks, dots in
     the middle of each block."""
     section = payload.get("lenses", {})
     order = section.get("lenses") or list(pd.unique(lenses["lens"]))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlx_lens.core.contract import KL_TO_FINAL
 from mlx_lens.core.files import atomic_write
 from mlx_lens.output.artifacts import read_csv
 from mlx_lens.core.errors import LensError, first_line
@@ -138,8 +139,9 @@ _SUMMARY_NOTE = (
     "whose top-1 is the answer. The original's rules, from row 0: L_copy, first layer whose "
     "top-1 is a prompt token above the copy threshold and margin, or whose entropy is below "
     "entropy_bits (any confident layer, the answer included); L_copy_H: first layer with "
-    "entropy at most entropy_bits; delta_layers = L_semantic - L_copy. KL is to the final "
-    "layer's distribution, in bits. – means it never happened. "
+    "entropy at most entropy_bits; delta_layers = L_semantic - L_copy. "
+    f"KL is {KL_TO_FINAL}, the layer's distribution against the final layer's, in "
+    "bits. – means it never happened. "
     "The whole answer is scored teacher-forced (each piece at its own position): "
     "L_answer_top1 is the first layer where every piece is the top-1; L_answer_confirmed (and "
     "L_semantic_confirmed, for the first piece) the first layer where every piece leads the "
@@ -153,12 +155,12 @@ _SETTINGS_NOTE = (
     "How this run was computed. summation_depth fixes the error bound of every statistic "
     "(docs/numerics.md); non-finite layers were blanked (their cells read –).")
 _PURE_NOTE = (
-    "One row per layer, at the position of the next token (the prompt's last). Entropy and KL to "
-    "the final layer are in bits; topN is the Nth most likely token with its probability (␣ "
-    "marks a space); p_answer and answer_rank are the answer's first token's; answer_log2p is "
-    "the whole answer's log2 probability (teacher-forced), answer_min_lead_bits its weakest "
-    "piece's lead over the runner-up, answer_top1 whether every piece is the top-1; ✓ marks a "
-    "set flag.")
+    "One row per layer, at the position of the next token (the prompt's last). Entropy and "
+    f"kl_to_final_bits, {KL_TO_FINAL}, are in bits; topN is the Nth most likely token with "
+    "its probability (␣ marks a space); p_answer and answer_rank are the answer's first "
+    "token's; answer_log2p is the whole answer's log2 probability (teacher-forced), "
+    "answer_min_lead_bits its weakest piece's lead over the runner-up, answer_top1 whether "
+    "every piece is the top-1; ✓ marks a set flag.")
 _PROBES_NOTE = (
     "The model's own output (last layer only) for other prompts: entropy in bits and the top "
     "candidates with their probabilities.")
@@ -225,7 +227,7 @@ def _settings(payload: dict) -> str:
             ["summation_depth", d.get("summation_depth")],
             ["non-finite residual layers", layers("nonfinite_residual_layers")],
             ["non-finite lens layers", layers("nonfinite_lens_layers")],
-            ["KL below its bound at layers", layers("kl_below_bound_layers")],
+            [f"{KL_TO_FINAL} below its bound at layers", layers("kl_below_bound_layers")],
             ["last row vs the framework's own output", _framework(d.get("framework_check"))]]
     rows += [[key, value] for key, value in stats.items() if key != "architecture"]
     return "<h3>Settings</h3>" + _note(_SETTINGS_NOTE) + _fields(rows)
@@ -237,7 +239,8 @@ def _framework(check: dict | None) -> str | None:
     if not check.get("available"):
         return f"not checked: {check.get('why')}"
     verdict = "within" if check["within_bound"] else "BEYOND"
-    return (f"{check['framework']}: KL {_fmt(check['kl_bits'])} bits (bound "
+    return (f"{check['framework']}: KL(lens || {check['framework']}) {_fmt(check['kl_bits'])} "
+            "bits (bound "
             f"{_fmt(check['kl_bound_bits'])}), max |Δ log p| {_fmt(check['max_abs_delta_logp'])} "
             f"(bound {_fmt(check['delta_logp_bound'])}): {verdict} the derived bound")
 
@@ -283,8 +286,8 @@ _FACTS_NOTE = (
     "the answer beats the control answer on the control prompt. – : never (or no control).")
 _AGGREGATES_NOTE = (
     "One row per group and layer: for each metric the mean over facts and its 95% bootstrap "
-    "interval [low, high]. Entropy and KL are in bits, log10_rank is the answer's rank as a "
-    "power of ten; n counts facts (control metrics only count facts with a control).")
+    f"interval [low, high]. Entropy and KL ({KL_TO_FINAL}) are in bits, log10_rank is the "
+    "answer's rank as a power of ten; n counts facts (control metrics only count facts with a control).")
 _TOKEN_COLUMNS = ("answer_token", "final_top1", "top1")
 
 
@@ -345,7 +348,9 @@ def _model_names(run_dir: Path) -> list[str]:
     for kind in ("facts", "aggregates"):
         suffix = f"-{kind}.csv"
         names |= {p.name[len("suite-"):-len(suffix)] for p in run_dir.glob(f"suite-*{suffix}")}
-    return sorted(names)
+    # suite-<model>-lens-facts.csv (--lenses with --facts) is <model>'s, not a model "<model>-lens"
+    return sorted(n for n in names if n.removesuffix("-lens") == n
+                  or n.removesuffix("-lens") not in names)
 
 
 def _model_section(run_dir: Path, model: str, index: int, plots: list[Path]) -> str:

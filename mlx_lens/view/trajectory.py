@@ -1,4 +1,4 @@
-"""The next-token position per layer (entropy, p(answer), rank, KL to final), for one model,
+"""The next-token position per layer (entropy, p(answer), rank, KL(layer || final)), for one model,
 and several models' trajectories overlaid against relative depth."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mlx_lens.core.contract import KL_TO_FINAL
 from mlx_lens.view.style import DPI, MARK, model_name, styled, token_label
 
 
@@ -34,16 +35,15 @@ def _collapse_lines(axes, d: dict) -> None:
 @styled
 def trajectory(pure: pd.DataFrame, payload: dict) -> Figure:
     """The next-token position per layer: entropy, p(answer), the answer's rank, the whole
-    answer's log2 p against its first piece's (where the run scored it) and KL to the final
-    distribution, with the first copies from row 1, L_semantic and the confirmed onset
-    marked."""
+    answer's log2 p against its first piece's (where the run scored it) and KL(layer || final),
+    with the first copies from row 1, L_semantic and the confirmed onset marked."""
     d = payload["diagnostics"]
     whole = "answer_log2p" in pure.columns  # runs from before full-answer scoring lack it
     fig = Figure(figsize=(8.0, 11.0 if whole else 9.0), dpi=DPI, layout="constrained")
     axes = fig.subplots(5 if whole else 4, 1, sharex=True)
     layer = pure["layer"].to_numpy()
     panels = [("entropy", "entropy (bits)"), ("p_answer", "p(answer)"),
-              ("answer_rank", "answer rank (1 = top-1)"), ("kl_to_final_bits", "KL to final (bits)")]
+              ("answer_rank", "answer rank (1 = top-1)"), ("kl_to_final_bits", f"{KL_TO_FINAL} (bits)")]
     if whole:
         panels.insert(3, ("answer_log2p", "log2 p: whole answer"))
     for ax, (column, label) in zip(axes, panels):
@@ -74,12 +74,12 @@ def trajectory(pure: pd.DataFrame, payload: dict) -> Figure:
 
 @styled
 def overlay(runs: dict[str, tuple[pd.DataFrame, dict]]) -> Figure:
-    """Several models' next-token trajectories (entropy, p(answer), KL to final) against
+    """Several models' next-token trajectories (entropy, p(answer), KL(layer || final)) against
     relative depth, layer / L: one line per model."""
     fig = Figure(figsize=(8.0, 7.5), dpi=DPI, layout="constrained")
     axes = fig.subplots(3, 1, sharex=True)
     panels = (("entropy", "entropy (bits)"), ("p_answer", "p(answer)"),
-              ("kl_to_final_bits", "KL to final (bits)"))
+              ("kl_to_final_bits", f"{KL_TO_FINAL} (bits)"))
     for i, (name, (pure, _)) in enumerate(runs.items()):
         layer = pure["layer"].to_numpy(dtype=float)
         depth = layer / max(layer.max(), 1.0)

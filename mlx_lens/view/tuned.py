@@ -7,19 +7,20 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mlx_lens.core.contract import KL_TUNED
 from mlx_lens.core.files import atomic_write
 from mlx_lens.view.style import DPI, save_png, styled
 
 
 @styled
 def tuned_eval(frame: pd.DataFrame, title: str = "") -> Figure:
-    """The tuned-lens paper's main figure: per layer, KL to the model's output and next-token
+    """The tuned-lens paper's main figure: per layer, KL(model output || lens) and next-token
     cross-entropy on held-out text, logit lens vs tuned lens (bits); the model's own
     cross-entropy dashed."""
     fig = Figure(figsize=(8.0, 6.0), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     layer = frame["layer"].to_numpy()
-    for ax, quantity, label in ((axes[0], "kl", "KL(model || lens) (bits)"),
+    for ax, quantity, label in ((axes[0], "kl", f"{KL_TUNED} (bits)"),
                                 (axes[1], "ce", "cross-entropy (bits)")):
         for i, lens in enumerate(("logit", "tuned")):
             ax.plot(layer, frame[f"{quantity}_{lens}_bits"], marker="o", markersize=3,
