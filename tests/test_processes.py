@@ -79,7 +79,7 @@ def test_each_model_of_several_gets_the_given_probes(tiny_model_dirs, tmp_path, 
 
     children = []
 
-    def one_process(model, out_dir, child_args):
+    def one_process(model, name, out_dir, child_args):
         children.append(child_args)
         return ModelOutcome(model, "failed: not run here")
 
