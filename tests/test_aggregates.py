@@ -233,3 +233,15 @@ def test_pooled_ratio_weighs_facts_by_their_denominator():
     constant = pooled_ratio(0.5 * den, den)
     for key in ("pooled", "pooled_ci_low", "pooled_ci_high"):
         np.testing.assert_allclose(constant[key], 0.5, rtol=1e-12)
+
+
+def test_pooled_ratio_refuses_a_denominator_that_is_not_positive():
+    """Issue #31's case: A (denominator 2, numerator 1) and B (-1, 0) would pool to 1/1 = 1,
+    B shrinking the denominator instead of counting against it; A alone is 1/2. The pool takes
+    positive denominators only (the patching suite leaves such facts out, named apart)."""
+    from mlx_lens.experiment.aggregates import pooled_ratio
+
+    with pytest.raises(ValueError, match="positive"):
+        pooled_ratio(np.array([[1.0], [0.0]]), np.array([[2.0], [-1.0]]))
+    alone = pooled_ratio(np.array([[1.0], [np.nan]]), np.array([[2.0], [np.nan]]))
+    assert [alone[k][0] for k in ("pooled", "pooled_ci_low", "pooled_ci_high")] == [0.5] * 3

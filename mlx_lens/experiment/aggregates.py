@@ -94,17 +94,21 @@ def pooled_ratio(numerator: np.ndarray, denominator: np.ndarray, seed: int = 0,
     """sum(numerator) / sum(denominator) over the facts of each column of [facts, K] (a fact
     missing either left out), with the percentile-bootstrap CI over facts (summarise's
     resamples). A normalised metric pooled so, as TransformerLens normalises a patching metric
-    by baselines averaged over the batch, weighs each fact by its denominator: where the
-    denominators share a sign, a fact whose two baselines nearly agree cannot dominate, as its
-    own ratio would in a mean of ratios (a fact of the other sign counts against the rest)."""
+    by baselines averaged over the batch, weighs each fact by its denominator: a fact whose two
+    baselines nearly agree cannot dominate, as its own ratio would in a mean of ratios. The
+    denominators must be positive (the caller leaves the others out, as missing): then the pool
+    and every resample is a denominator-weighted mean of the facts' ratios, where one of the
+    other sign would shrink the denominator, even to 0, instead of counting against it."""
     n_facts, k = numerator.shape
     valid = np.isfinite(numerator) & np.isfinite(denominator)
+    if np.any(denominator[valid] <= 0):
+        raise ValueError("pooled_ratio needs positive denominators")
     num, den = np.where(valid, numerator, 0.0), np.where(valid, denominator, 0.0)
-    pooled = np.divide(num.sum(0), den.sum(0), out=np.full(k, np.nan), where=den.sum(0) != 0)
+    pooled = np.divide(num.sum(0), den.sum(0), out=np.full(k, np.nan), where=den.sum(0) > 0)
     times = _resamples(n_facts, seed, n_boot)
     boot_den = times @ den
     boot = np.divide(times @ num, boot_den, out=np.full((n_boot, k), np.nan),
-                     where=boot_den != 0)
+                     where=boot_den > 0)
     ci = _percentiles(boot, level)
     return {"pooled": pooled, "pooled_ci_low": ci[0], "pooled_ci_high": ci[1]}
 

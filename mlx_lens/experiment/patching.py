@@ -186,7 +186,8 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
 @dataclass
 class PatchSuiteResult:
     long: pd.DataFrame  # per fact, kind, layer and where ("last" position, or the "subject")
-    # per kind, where and layer: recovery's n, mean, median, 95% CI; pooled over facts, its CI
+    # per kind, where and layer: recovery's n, mean, median, 95% CI; pooled over facts, its
+    # CI; over the facts with a positive gap only (summary's gap_not_positive: the others)
     aggregates: pd.DataFrame
     skipped: list[str]  # one line per fact left out, and why
     summary: dict
@@ -300,12 +301,16 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
     long = pd.concat(frames, ignore_index=True)
     rows = []
     for (kind, where), part in long.groupby(["kind", "where"], sort=False):
-        def cube(values: pd.Series) -> np.ndarray:  # [facts, layers]
-            return part.assign(v=values).pivot(index="fact_id", columns="layer",
-                                               values="v").to_numpy(dtype=float)
+        # A fact whose gap is not positive has no recovery to read (the clean prompt does not
+        # favour its answer more than the corrupted one): left out of every aggregate, named
+        # apart in the summary.
+        gap = part["clean_metric"] - part["corrupt_metric"]
 
-        pooled = pooled_ratio(cube(part["metric"] - part["corrupt_metric"]),
-                              cube(part["clean_metric"] - part["corrupt_metric"]))
+        def cube(values: pd.Series) -> np.ndarray:  # [facts, layers], NaN where left out
+            return part.assign(v=values.where(gap > 0)).pivot(
+                index="fact_id", columns="layer", values="v").to_numpy(dtype=float)
+
+        pooled = pooled_ratio(cube(part["metric"] - part["corrupt_metric"]), cube(gap))
         layers = np.sort(part["layer"].unique())
         rows.append(pd.DataFrame({"kind": kind, "where": where, "layer": layers,
                                   **summarise(cube(part["recovery"])), **pooled}))
@@ -314,8 +319,10 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                "kinds": list(kinds), "facts": len(facts), "patched": len(usable),
                "skipped": skipped,
                # the clean prompt does not favour its answer more than the corrupted one: these
-               # facts' recoveries read the wrong way round, and count against the pooled one
+               # facts' recoveries would read the wrong way round, and are left out of the
+               # aggregates (n, mean, median and the pooled recovery)
                "gap_not_positive": inverted,
+               "aggregated": len(usable) - len(inverted),
                "metric": "log2 p(answer) - log2 p(control answer), both teacher-forced",
                "corruption": "each fact's control prompt"}
     return PatchSuiteResult(long, aggregates, skipped, summary)

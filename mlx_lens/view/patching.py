@@ -65,6 +65,10 @@ def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"recovery ({'pooled over facts' if pooled else 'mean'}, 95% band)")
     axes[0].legend(loc="best", fontsize=8)
+    left_out = len(summary.get("gap_not_positive", []))
+    aggregated = summary.get("aggregated", summary["patched"])  # a folder from before it: all
     fig.suptitle(f"{summary['model']}: restoring each fact against its control "
-                 f"({summary['patched']} of {summary['facts']} facts)", fontsize=10)
+                 f"({aggregated} of {summary['facts']} facts"
+                 + (f"; {left_out} patched with a gap <= 0 left out" if left_out else "") + ")",
+                 fontsize=10)
     return fig
