@@ -202,7 +202,11 @@ def test_the_command_and_its_bad_input(tiny_model_dirs, tmp_path, capsys):
     for args, message in ((["--corrupt", "The capital city of France is"], "tokens"),
                           (["--kinds", "resid,heads"], "unknown kind"),
                           (["--window", "0"], "--window"),
-                          (["--answer", " "], "empty answer")):
+                          (["--answer", " "], "empty answer"),
+                          (["--corrupt", CLEAN], "the corrupted prompt is the clean one"),
+                          # the metric's gap is exactly minus that of the run above
+                          (["--answer", "Paris", "--corrupt-answer", "Berlin"],
+                           "the clean prompt must favour its answer more")):
         target = tmp_path / "bad"
         code = main(["patch", model, "--backend", "torch", "--clean", CLEAN, "--corrupt", CORRUPT,
                      "--answer", "Berlin", *args, "--out_dir", str(target)])
@@ -395,3 +399,42 @@ def test_pooled_recovery_on_hand_built_log_probabilities():
     # the one restoring layer's CI: resamples draw de or pe, each ratio between 0.75 and 1
     row = agg.loc[("subject", 1)]
     assert 0.75 - HAND_TOL <= row["pooled_ci_low"] <= row["pooled_ci_high"] <= 1 + HAND_TOL
+
+
+def test_a_pair_whose_clean_prompt_does_not_favour_its_answer_is_refused():
+    """Recovery divides by clean - corrupt: with the answers swapped the gap is -2 bits (and 0
+    with an answer both prompts give alike), so the trace is refused in one line, before any
+    patched run."""
+    from mlx_lens.core.errors import LensError
+    from mlx_lens.experiment.patching import PatchOptions, run_patching
+
+    runs = {**HAND_RUNS, "capital of Spain is": {"Berlin": -3, "Paris": -4}}
+    backend = _HandBuilt(runs, HAND_PATCHED)
+    for clean, corrupt, answer, corrupt_answer in ((GERMANY, FRANCE, "Paris", "Berlin"),
+                                                   (FRANCE, "capital of Spain is", "Berlin",
+                                                    None)):
+        with pytest.raises(LensError, match="must favour its answer more") as refused:
+            run_patching(backend, PatchOptions(clean, corrupt, answer, corrupt_answer,
+                                               kinds=("resid",)))
+        assert "\n" not in str(refused.value)
+
+
+def test_the_heatmap_says_where_it_clips():
+    """The colours span [0, 1]: a recovery outside takes the end's colour, and the colour bar
+    says so (an arrow at that end, the values' range in its label); inside, it says nothing."""
+    from mlx_lens.view.patching import heatmap
+
+    summary = {"kinds": ["resid"], "tokens": ["a", "b"], "window": 1, "model": "hand",
+               "metric": "log2 p(answer)", "answer": "x", "corrupt_answer": None,
+               "first_difference_position": 0}
+    frame = pd.DataFrame({"kind": "resid", "layer": [0, 0, 1, 1], "pos": [0, 1, 0, 1],
+                          "recovery": [0.0, 1.0, 0.5, 0.25]})
+    for values, extend, note in (([0.0, 1.0, 0.5, 0.25], "neither", None),
+                                 ([-0.3, 1.0, 0.5, 0.25], "min", "-0.30 to 1.00"),
+                                 ([-0.3, 1.4, 0.5, 0.25], "both", "-0.30 to 1.40")):
+        fig = heatmap(frame.assign(recovery=values), summary)
+        bar = fig.axes[0].images[0].colorbar
+        assert bar.extend == extend
+        label = bar.ax.get_ylabel()
+        assert (note is None) == ("clipped" not in label)
+        assert note is None or f"clipped to [0, 1]: values span {note}" in label
