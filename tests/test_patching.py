@@ -5,6 +5,7 @@ identities: restoring everything reproduces the clean run, restoring the corrupt
 values changes nothing, bit for bit."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -399,6 +400,16 @@ def test_pooled_recovery_on_hand_built_log_probabilities():
     # the one restoring layer's CI: resamples draw de or pe, each ratio between 0.75 and 1
     row = agg.loc[("subject", 1)]
     assert 0.75 - HAND_TOL <= row["pooled_ci_low"] <= row["pooled_ci_high"] <= 1 + HAND_TOL
+    assert (agg["ci_unit"] == "fact").all() and (agg["n_clusters"] == 2).all()
+    # de and pe one cluster: every resample draws both, so the CIs are points
+    facts[:2] = [dataclasses.replace(f, cluster="one") for f in facts[:2]]
+    result = run_patch_suite(_HandBuilt(HAND_RUNS, HAND_PATCHED), facts, kinds=("resid",),
+                             batch=2)
+    row = result.aggregates.set_index(["where", "layer"]).loc[("subject", 1)]
+    assert row["ci_unit"] == "cluster" and row["n_clusters"] == 1
+    assert np.all(np.abs(row[["pooled_ci_low", "pooled_ci_high"]] - 5 / 6) <= HAND_TOL)
+    assert np.all(np.abs(row[["ci_low", "ci_high"]] - 0.875) <= HAND_TOL)
+    assert set(result.long["cluster"]) == {"one", "it"}
 
 
 def test_a_pair_whose_clean_prompt_does_not_favour_its_answer_is_refused():

@@ -226,3 +226,19 @@ def test_unreadable_file_is_named(run_folder, tmp_path, capsys, name, content):
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and f"cannot read {target}" in lines[0], err
     assert not (folder / "report.html").exists()
+
+
+def test_the_aggregates_note_says_when_clusters_were_drawn(tmp_path):
+    """A suite whose facts share clusters: the note says the bootstrap drew clusters, and how
+    many; a suite of independent facts says nothing of them."""
+    from mlx_lens.experiment.aggregates import layer_aggregates
+    from mlx_lens.output.suite_tables import write_suite_tables
+    from tests.test_aggregates import long_table
+
+    long = long_table()  # 40 facts
+    for table, note in ((long, None), (long.assign(cluster=long["fact_id"].str[-1]),
+                                       "clusters of facts (10)")):
+        write_suite_tables(tmp_path, "m", table, table, layer_aggregates(table, n_boot=10))
+        html = report_module._aggregates(tmp_path / "suite-m-aggregates.parquet")
+        assert ("clusters of facts" in html) == (note is not None)
+        assert note is None or note in html

@@ -24,7 +24,7 @@ from mlx_lens.core.contract import Backend
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.progress import progress
-from mlx_lens.experiment.aggregates import pooled_ratio, summarise
+from mlx_lens.experiment.aggregates import ci_unit, fact_clusters, pooled_ratio, summarise
 from mlx_lens.experiment.facts import encode_facts
 from mlx_lens.experiment.frames import TokenNames
 from mlx_lens.experiment.single import answer_token_ids, encode_prompt
@@ -308,7 +308,9 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                         metric = a[v] - c[v]
                         frames.append(pd.DataFrame({
                             "fact_id": [f.fact.id for f in chunk],
-                            "group": [f.fact.group for f in chunk], "kind": kind, "layer": r,
+                            "group": [f.fact.group for f in chunk],
+                            "cluster": [f.fact.cluster_key for f in chunk], "kind": kind,
+                            "layer": r,
                             "where": where,
                             "pos": [len(f.ids) - 1 for f in chunk] if v == 1 else got["subject"],
                             "answer_log2p": a[v], "corrupt_answer_log2p": c[v], "metric": metric,
@@ -317,6 +319,7 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                             "batch_baseline_delta": np.abs(a[0] - got["answer", "corrupt"]),
                             "clean_metric": clean, "corrupt_metric": corrupt}))
     long = pd.concat(frames, ignore_index=True)
+    clusters = fact_clusters(long)  # the cubes' fact order: sorted ids
     rows = []
     for (kind, where), part in long.groupby(["kind", "where"], sort=False):
         # A fact whose gap is not positive has no recovery to read (the clean prompt does not
@@ -328,10 +331,13 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
             return part.assign(v=values.where(gap > 0)).pivot(
                 index="fact_id", columns="layer", values="v").to_numpy(dtype=float)
 
-        pooled = pooled_ratio(cube(part["metric"] - part["corrupt_metric"]), cube(gap))
+        keys = clusters.to_numpy()
+        pooled = pooled_ratio(cube(part["metric"] - part["corrupt_metric"]), cube(gap),
+                              clusters=keys)
         layers = np.sort(part["layer"].unique())
         rows.append(pd.DataFrame({"kind": kind, "where": where, "layer": layers,
-                                  **summarise(cube(part["recovery"])), **pooled}))
+                                  **summarise(cube(part["recovery"]), clusters=keys), **pooled,
+                                  "ci_unit": ci_unit(clusters)}))
     aggregates = pd.concat(rows, ignore_index=True)
     summary = {"model": backend.info.name, "backend": backend.info.backend, "window": window,
                "kinds": list(kinds), "facts": len(facts), "patched": len(usable),

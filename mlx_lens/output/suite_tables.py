@@ -13,12 +13,13 @@ _TEXT = pd.Series([""]).dtype  # what pandas gives text by default (str from pan
 _COPY_FLAGS = [f"copy_{kind}_k{k}" for kind in ("strict", "soft") for k in (1, 2, 3)]
 _COPY_MILESTONES = [f"L_{flag}" for flag in _COPY_FLAGS]
 _SCHEMA = {  # every column the three tables may hold; others are written and read as they come
-    **dict.fromkeys(["fact_id", "group", "top1", "prompt", "answer", "answer_token", "final_top1",
-                     "metric", "lens", "site", "norm_only_layers"], _TEXT),
+    **dict.fromkeys(["fact_id", "group", "cluster", "ci_unit", "top1", "prompt", "answer",
+                     "answer_token", "final_top1", "metric", "lens", "site", "norm_only_layers"],
+                    _TEXT),
     "depth": "float64",  # a site's layer: i + 0.5 for the middle of block i
     "cross_checked_onset": "Int64",
     "cross_checked_onset_undecided": "boolean",  # the primary lens's rows only
-    **dict.fromkeys(["layer", "n"], "int64"),
+    **dict.fromkeys(["layer", "n", "n_clusters"], "int64"),
     **dict.fromkeys(["top1_id", "answer_rank", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
                      "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
                      "first_kl_below_0.5", "first_kl_below_1.0", "first_control_margin_positive"],
