@@ -39,11 +39,14 @@ def long_table(n_facts=40, seed=0, groups=("capitals", "elements")):
         "control_p": control_p,
         "control_p_answer": control_p_answer,
         "control_margin": control_p - control_p_answer,
+        "p_answer_gain": np.nan,  # set below, from p_answer
         "answer_log2p": -rng.exponential(5.0, n),
         "control_log2p": np.where(has_control, -rng.exponential(5.0, n), np.nan),
     })
+    frame["p_answer_gain"] = frame["p_answer"] - frame["control_p_answer"]
     broken = (fact == 1) & (layer == 2)
-    numeric = ["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final", "answer_log2p"]
+    numeric = ["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final", "answer_log2p",
+               "p_answer_gain"]
     frame.loc[broken, numeric] = np.nan
     frame.loc[broken, ["answer_rank", "top1_id"]] = pd.NA
     return frame

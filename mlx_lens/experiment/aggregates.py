@@ -10,10 +10,10 @@ from mlx_lens.output.suite_tables import ALL
 AGGREGATE_COLUMNS = ["group", "layer", "metric", "n", "mean", "median", "ci_low", "ci_high",
                      "n_clusters", "ci_unit"]
 # p(answer | control prompt): the target's probability where it is not the answer; a lens that
-# says the target everywhere shows it as high as p_answer.
+# says the target everywhere shows it as high as p_answer (p_answer_gain: the difference).
 # answer_log2p: the whole answer's log2 p (teacher-forced), control_log2p: the control's.
 METRICS = sorted(["p_answer", "log10_rank", "entropy", "kl_to_final_bits", "control_p",
-                  "control_p_answer", "control_margin", "answer_log2p",
+                  "control_p_answer", "control_margin", "p_answer_gain", "answer_log2p",
                   "control_log2p"])  # sorted: the table's row order
 
 

@@ -46,8 +46,9 @@ class SuiteResult:
     lens_aggregates: pd.DataFrame | None = None
 
     def plot(self) -> dict:
-        """matplotlib Figures: per layer the mean and 95% band of p(answer) and p(control),
-        and the entropy, per group (mlx_lens/view/suite.py)."""
+        """matplotlib Figures: per layer the mean and 95% band of p(answer) under the fact's
+        prompt and under its control prompt, their paired gain, and the entropy, per group
+        (mlx_lens/view/suite.py)."""
         from mlx_lens.view.suite import suite_bands  # matplotlib is imported only to draw
 
         return {"suite": suite_bands(self.aggregates)}
@@ -163,6 +164,8 @@ def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
         "cos_to_final": stats.cos_to_final, **flags,
         "control_p": p_control[0], "control_p_answer": p_control[1],
         "control_margin": p_control[0] - p_control[1],
+        # how much the fact's own prompt raises its answer over the control prompt (paired)
+        "p_answer_gain": stats.p_answer - p_control[1],
         **answer.columns(), "control_log2p": control_log2p, **copies}
     final = int(top1[-1])
     summary = layer_summary(stats, flags)

@@ -25,8 +25,8 @@ _SCHEMA = {  # every column the three tables may hold; others are written and re
                      "first_kl_below_0.5", "first_kl_below_1.0", "first_control_margin_positive"],
                     "Int64"),
     **dict.fromkeys(["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final", "control_p",
-                     "control_p_answer", "control_margin", "final_p1", "mean", "median", "ci_low",
-                     "ci_high"], "float64"),
+                     "control_p_answer", "control_margin", "p_answer_gain", "final_p1", "mean",
+                     "median", "ci_low", "ci_high"], "float64"),
     **dict.fromkeys(["copy_collapse", "entropy_collapse", "is_answer", "correct"], "bool"),
     # the whole answer, the confirmed milestones and copying from row 1
     # (mlx_lens/experiment/milestones.py)
