@@ -39,11 +39,14 @@ def long_table(n_facts=40, seed=0, groups=("capitals", "elements")):
         "control_p": control_p,
         "control_p_answer": control_p_answer,
         "control_margin": control_p - control_p_answer,
+        "p_answer_gain": np.nan,  # set below, from p_answer
         "answer_log2p": -rng.exponential(5.0, n),
         "control_log2p": np.where(has_control, -rng.exponential(5.0, n), np.nan),
     })
+    frame["p_answer_gain"] = frame["p_answer"] - frame["control_p_answer"]
     broken = (fact == 1) & (layer == 2)
-    numeric = ["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final", "answer_log2p"]
+    numeric = ["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final", "answer_log2p",
+               "p_answer_gain"]
     frame.loc[broken, numeric] = np.nan
     frame.loc[broken, ["answer_rank", "top1_id"]] = pd.NA
     return frame
@@ -254,3 +257,54 @@ def test_pooled_ratio_weighs_facts_by_their_denominator():
     constant = pooled_ratio(0.5 * den, den)
     for key in ("pooled", "pooled_ci_low", "pooled_ci_high"):
         np.testing.assert_allclose(constant[key], 0.5, rtol=1e-12)
+
+
+def test_pooled_ratio_refuses_a_denominator_that_is_not_positive():
+    """Issue #31's case: A (denominator 2, numerator 1) and B (-1, 0) would pool to 1/1 = 1,
+    B shrinking the denominator instead of counting against it; A alone is 1/2. The pool takes
+    positive denominators only (the patching suite leaves such facts out, named apart)."""
+    from mlx_lens.experiment.aggregates import pooled_ratio
+
+    with pytest.raises(ValueError, match="positive"):
+        pooled_ratio(np.array([[1.0], [0.0]]), np.array([[2.0], [-1.0]]))
+    alone = pooled_ratio(np.array([[1.0], [np.nan]]), np.array([[2.0], [np.nan]]))
+    assert [alone[k][0] for k in ("pooled", "pooled_ci_low", "pooled_ci_high")] == [0.5] * 3
+
+
+def test_the_bootstrap_draws_clusters():
+    """10 clusters of 3 facts with one value each (one subject asked three ways): the mean's
+    bootstrap CI is the textbook bootstrap of the 10 clusters' values, computed here with plain
+    numpy from the same seed (10 draws from 10 per resample), not the 30 facts' (narrower, as
+    if they were independent). Tolerance: a resample's mean sums at most 30 terms of |x| <= 1
+    (float64: <= 29 eps each, relative to the 30 draws' total 30) against 10 terms here (<= 9
+    eps); a percentile interpolates two of them: 40 eps."""
+    from mlx_lens.experiment.aggregates import summarise
+
+    values = np.random.default_rng(1).uniform(0, 1, 10)
+    facts = np.repeat(values, 3)[:, None]
+    keys = np.repeat([f"c{j}" for j in range(10)], 3)  # sorted as the values
+    n_boot = 500
+    draws = np.random.default_rng(0).integers(0, 10, size=(n_boot, 10))
+    want = np.quantile(values[draws].mean(1), [0.025, 0.975])
+    got = summarise(facts, n_boot=n_boot, clusters=keys)
+    np.testing.assert_allclose([got["ci_low"][0], got["ci_high"][0]], want, rtol=0,
+                               atol=40 * np.finfo(float).eps)
+    assert got["n"][0] == 30 and got["n_clusters"][0] == 10
+    plain = summarise(facts, n_boot=n_boot)
+    assert plain["n_clusters"][0] == 30
+    assert plain["ci_high"][0] - plain["ci_low"][0] < want[1] - want[0]
+
+
+def test_layer_aggregates_name_what_the_bootstrap_drew():
+    """A long table with a cluster column: n_clusters per row (those with a value), ci_unit
+    "cluster"; without one every fact is its own ("fact", n_clusters = n, the CIs as before)."""
+    long = long_table()
+    plain = layer_aggregates(long, n_boot=100)
+    assert (plain["ci_unit"] == "fact").all() and (plain["n_clusters"] == plain["n"]).all()
+    clustered = layer_aggregates(long.assign(cluster=long["fact_id"].str[-1]), n_boot=100)
+    assert (clustered["ci_unit"] == "cluster").all()
+    got = rows(clustered, "all", "entropy").set_index("layer")["n_clusters"]
+    assert list(got) == [10] * N_LAYERS  # fact-000 .. fact-039 by their last digit
+    assert (rows(clustered, "all", "control_p")["n_clusters"] == 5).all()  # facts 0, 4, 8, ...
+    same = long.assign(cluster=long["fact_id"])  # each its own: the same table as without
+    pd.testing.assert_frame_equal(layer_aggregates(same, n_boot=100), plain)

@@ -13,8 +13,9 @@ from mlx_lens.experiment.facts import TEMPLATES, EncodedFact, Fact, encode_facts
 
 FULL = {"id": "de", "prompt": "The capital of Germany is called simply", "answer": "Berlin",
         "group": "capitals", "control_prompt": "The capital of France is called simply",
-        "control_answer": "Paris"}
+        "control_answer": "Paris", "cluster": "Germany"}
 BARE = {"prompt": "The capital of Spain is called simply", "answer": "Madrid"}
+NONE = {"group": "", "control_prompt": None, "control_answer": None, "cluster": ""}
 
 
 def loaded(tmp_path, monkeypatch, name, content):
@@ -36,8 +37,7 @@ def test_jsonl_round_trip(tmp_path, monkeypatch):
     facts = loaded(tmp_path, monkeypatch, "facts.jsonl", "\n".join(lines) + "\n")
     assert [fact_fields(f) for f in facts] == [
         FULL,
-        {**BARE, "id": "fact-2", "group": "", "control_prompt": None, "control_answer": None},
-        {**BARE, "id": "7", "group": "", "control_prompt": None, "control_answer": None},
+        {**BARE, "id": "fact-2", **NONE}, {**BARE, "id": "7", **NONE},
         {**FULL, "id": "fr", "control_prompt": None, "control_answer": None},
     ]
     assert [f.source for f in facts] == ["facts.jsonl:1", "facts.jsonl:3", "facts.jsonl:4",
@@ -63,10 +63,9 @@ def test_csv_round_trip(tmp_path, monkeypatch):
         f.write("\r\n")  # a blank line is skipped
         writer.writerow({**FULL, "id": "last"})
     facts = load_facts("facts.csv")
-    none = {"control_prompt": None, "control_answer": None}
     assert [fact_fields(f) for f in facts] == [
-        FULL, {**rows[1], "id": "fact-2", "group": "", **none},
-        {**BARE, "id": "es", "group": "g", **none}, {**FULL, "id": "last"}]
+        FULL, {**rows[1], "id": "fact-2", **NONE},
+        {**BARE, "id": "es", **NONE, "group": "g"}, {**FULL, "id": "last"}]
     # The line a row starts on, as an editor shows it (the quoted break spans lines 3 and 4).
     assert [f.source for f in facts] == ["facts.csv:2", "facts.csv:3", "facts.csv:5",
                                          "facts.csv:7"]
@@ -96,7 +95,16 @@ def test_default_suite():
         prompt="Give the city name only, plain text. The capital of Germany is called simply",
         answer="Berlin", group="original",
         control_prompt="Give the city name only, plain text. The capital of France is called "
-                       "simply", control_answer="Paris", source="default:Germany")
+                       "simply", control_answer="Paris", source="default:Germany",
+        cluster="Germany")
+    # A country's facts, one per template, are one cluster (the bootstrap's unit); a fact of a
+    # file without clusters is its own.
+    clusters = {}
+    for fact in facts:
+        clusters.setdefault(fact.cluster_key, []).append(fact.group)
+    assert len(clusters) == len(facts) // 3
+    assert all(sorted(g) == sorted(TEMPLATES) for g in clusters.values())
+    assert Fact("x", "p", "a").cluster_key == "x"
     assert by_id["country_has_capital/Germany"].control_prompt == (
         "Give the city name only, plain text. France has its capital at the city called simply")
     # Controls wrap around: the last country's control is the first's.
@@ -131,6 +139,8 @@ JSONL_CASES = [
     ('{"prompt": "a", "answer": "b", "id": ""}\n', "facts.jsonl:1: empty id"),
     ('{"prompt": "a", "answer": "b", "group": ["g"]}\n',
      "facts.jsonl:1: field 'group' must be a string, not an array"),
+    ('{"prompt": "a", "answer": "b", "cluster": 3}\n',
+     "facts.jsonl:1: field 'cluster' must be a string, not a number"),
     ('{"prompt": "a", "answer": "b", "group": "all"}\n',
      "facts.jsonl:1: group 'all' is reserved (the aggregates over every fact)"),
     ('\n{"prompt": "a", "answer": "b", "id": 7}\n{"prompt": "c", "answer": "d", "id": "7"}\n',

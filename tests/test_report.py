@@ -303,3 +303,19 @@ def test_the_page_names_each_kl_by_its_direction(run_folder):
     text = report_module.render_report(run_folder)
     assert "KL is KL(layer || final), the layer&#x27;s distribution against the final" in text
     assert "transformers: KL(lens || transformers) " in text
+
+
+def test_the_aggregates_note_says_when_clusters_were_drawn(tmp_path):
+    """A suite whose facts share clusters: the note says the bootstrap drew clusters, and how
+    many; a suite of independent facts says nothing of them."""
+    from mlx_lens.experiment.aggregates import layer_aggregates
+    from mlx_lens.output.suite_tables import write_suite_tables
+    from tests.test_aggregates import long_table
+
+    long = long_table()  # 40 facts
+    for table, note in ((long, None), (long.assign(cluster=long["fact_id"].str[-1]),
+                                       "clusters of facts (10)")):
+        write_suite_tables(tmp_path, "m", table, table, layer_aggregates(table, n_boot=10))
+        html = report_module._aggregates(tmp_path / "suite-m-aggregates.parquet")
+        assert ("clusters of facts" in html) == (note is not None)
+        assert note is None or note in html

@@ -101,6 +101,9 @@ def test_run_with_facts_writes_the_suite_tables(tiny_model_dirs, tmp_path, capsy
     per_fact = read_suite_table(out / "suite-qwen3-facts.parquet")
     controlled = long.groupby("fact_id")["control_margin"].apply(lambda m: m.notna().all())
     assert controlled.to_dict() == {"de": True, "de2": False, "fact-4": True, "fr": False}
+    # the paired gain of the fact's own prompt over the control's, for the same answer
+    gain = long["p_answer"] - long["control_p_answer"]
+    assert long["p_answer_gain"].equals(gain) and gain.notna().sum() == 2 * 4
     no_control = per_fact["fact_id"].isin(["de2", "fr"])
     assert per_fact.loc[no_control, "first_control_margin_positive"].isna().all()
     aggregates = read_suite_table(out / "suite-qwen3-aggregates.parquet")

@@ -70,6 +70,7 @@ def aggregates_frame(groups=("a", "b")) -> pd.DataFrame:
                          "answer_rank": 5 - layer, "entropy": rng.uniform(0, 6),
                          "kl_to_final_bits": 4 - layer, "control_p": p / 2,
                          "control_p_answer": p / 10, "control_margin": p / 2 - p / 10,
+                         "p_answer_gain": p - p / 10,
                          "answer_log2p": np.log2(max(p, 1e-3)) * 2,
                          "control_log2p": np.log2(max(p / 2, 1e-3))})
     return layer_aggregates(pd.DataFrame(rows), n_boot=200)
@@ -219,10 +220,10 @@ def test_suite_bands_one_column_per_group(tmp_path):
     fig = suite.suite_bands(aggregates, title="tiny")
     tops = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in tops] == ["all (6 facts)", "a (3 facts)", "b (3 facts)"]
-    for ax in tops:  # p_answer, control_p and control_p_answer: each a mean line and a CI band
-        assert len(ax.get_lines()) == 3 and len(ax.collections) == 3
+    for ax in tops:  # p_answer and control_p_answer: each a mean line and a CI band
+        assert len(ax.get_lines()) == 2 and len(ax.collections) == 2
     older = aggregates[aggregates["metric"] != "control_p_answer"]  # a table from before it
-    assert len([ax for ax in suite.suite_bands(older).axes if ax.get_title()][0].get_lines()) == 2
+    assert len([ax for ax in suite.suite_bands(older).axes if ax.get_title()][0].get_lines()) == 1
     strips = [ax for ax in fig.axes if ax.images]
     assert len(strips) == 3 and strips[0].images[0].get_array().shape == (1, 5)
     assert any(ax.get_ylabel() == "bits" for ax in fig.axes)  # the entropy strip's colour bar
@@ -231,11 +232,43 @@ def test_suite_bands_one_column_per_group(tmp_path):
 
 def test_suite_bands_without_groups_or_controls(tmp_path):
     aggregates = aggregates_frame(groups=("",))
-    controls = aggregates["metric"].isin(["control_p", "control_p_answer"])
+    controls = aggregates["metric"].isin(["control_p", "control_p_answer", "p_answer_gain"])
     aggregates.loc[controls, ["mean", "ci_low", "ci_high"]] = np.nan
     fig = suite.suite_bands(aggregates)
     tops = [ax for ax in fig.axes if ax.get_title()]
     assert len(tops) == 1 and len(tops[0].get_lines()) == 1
+    assert not any("gain" in ax.get_ylabel() for ax in fig.axes)  # no controls: no gain row
+    saved_png(fig, tmp_path)
+
+
+def test_suite_bands_draw_no_identity(tmp_path):
+    """A suite whose controls are its own facts, as the packaged suite's (fact i's control is
+    fact i + 1's prompt and answer): the mean of p(control answer | control prompt) over the
+    facts is the mean of p(answer | prompt), by construction, so the picture draws neither
+    that line nor the control's whole answer. It draws p(answer | prompt) against p(answer |
+    control prompt) and their paired gain, by hand here: p = 0.4, 0.2, 0.6 against 0.1, 0.1,
+    0.4 (gain mean 0.2), and says what the control is."""
+    p, under_control = np.array([0.4, 0.2, 0.6]), np.array([0.1, 0.1, 0.4])
+    long = pd.DataFrame({"fact_id": ["f0", "f1", "f2"], "group": "", "layer": 0,
+                         "p_answer": p, "answer_rank": 1, "entropy": 1.0,
+                         "kl_to_final_bits": 0.0, "control_p": np.roll(p, -1),
+                         "control_p_answer": under_control,
+                         "control_margin": np.roll(p, -1) - under_control,
+                         "p_answer_gain": p - under_control, "answer_log2p": np.log2(p),
+                         "control_log2p": np.log2(np.roll(p, -1))})
+    aggregates = layer_aggregates(long, n_boot=50)
+    mean = aggregates.set_index("metric")["mean"]
+    assert abs(mean["control_p"] - mean["p_answer"]) <= 4 * np.finfo(float).eps  # the identity
+    fig = suite.suite_bands(aggregates)
+    drawn = {line.get_label(): line.get_ydata()[0] for ax in fig.axes for line in ax.get_lines()
+             if not line.get_label().startswith("_")}
+    # means of three numbers <= 1 (float64: a few eps)
+    np.testing.assert_allclose([drawn["p(answer | prompt)"], drawn["p(answer | control prompt)"],
+                                drawn["p(answer | prompt) - p(answer | control prompt), per fact"],
+                                drawn["log2 p(whole answer | prompt)"]],
+                               [0.4, 0.2, 0.2, np.log2(p).mean()], rtol=0, atol=1e-15)
+    assert len(drawn) == 4  # nothing of the control answer
+    assert "control prompt: each fact's control_prompt" in fig._suptitle.get_text()
     saved_png(fig, tmp_path)
 
 

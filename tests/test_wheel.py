@@ -27,7 +27,8 @@ def test_the_wheel_holds_what_a_run_needs(tiny_model_dirs, tmp_path):
     assert installed.returncode == 0, installed.stderr[-2000:]
     # the dependencies: this environment's site-packages as a plain path, so that its .pth
     # files (the editable install of the checkout among them) are not run
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = subprocess.run([str(python), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     outside = tmp_path / "elsewhere"

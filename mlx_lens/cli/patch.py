@@ -70,9 +70,9 @@ def cmd_patch(args: argparse.Namespace, load) -> int:
             print(f"{s['model']} [{s['backend']}]: {s['patched']} of {s['facts']} facts patched "
                   f"against their controls")
             if s["gap_not_positive"]:
-                print(f"  {len(s['gap_not_positive'])} where the clean prompt does not favour its "
-                      "answer over the control's more than the corrupted prompt does (their "
-                      "recovery reads the wrong way round): "
+                print(f"  {len(s['gap_not_positive'])} left out of the aggregates: the clean "
+                      "prompt does not favour its answer over the control's more than the "
+                      "corrupted prompt does (their recovery would read the wrong way round): "
                       + ", ".join(s["gap_not_positive"]))
         else:
             result = lens.patch(opts.clean, opts.corrupt, opts.answer, opts.corrupt_answer,

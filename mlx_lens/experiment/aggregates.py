@@ -1,5 +1,5 @@
-"""A fact suite's summaries: per-layer means with bootstrap CIs over facts, and per fact the first
-layer where the answer beats its control."""
+"""A fact suite's summaries: per-layer means with bootstrap CIs over clusters of facts, and per fact
+the first layer where the answer beats its control."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +7,13 @@ import pandas as pd
 
 from mlx_lens.core.bounds import FP32_TINY
 from mlx_lens.output.suite_tables import ALL
-AGGREGATE_COLUMNS = ["group", "layer", "metric", "n", "mean", "median", "ci_low", "ci_high"]
+AGGREGATE_COLUMNS = ["group", "layer", "metric", "n", "mean", "median", "ci_low", "ci_high",
+                     "n_clusters", "ci_unit"]
 # p(answer | control prompt): the target's probability where it is not the answer; a lens that
-# says the target everywhere shows it as high as p_answer.
+# says the target everywhere shows it as high as p_answer (p_answer_gain: the difference).
 # answer_log2p: the whole answer's log2 p (teacher-forced), control_log2p: the control's.
 METRICS = sorted(["p_answer", "log10_rank", "entropy", "kl_to_final_bits", "control_p",
-                  "control_p_answer", "control_margin", "answer_log2p",
+                  "control_p_answer", "control_margin", "p_answer_gain", "answer_log2p",
                   "control_log2p"])  # sorted: the table's row order
 
 
@@ -65,9 +66,11 @@ def _fact_layer_cube(long: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.nda
     return cube, groups, np.asarray(layers, dtype=np.int64)
 
 
-def summarise(values: np.ndarray, seed: int = 0, n_boot: int = 2000,
-              level: float = 0.95) -> dict[str, np.ndarray]:
-    """n, mean, median and the percentile-bootstrap CI of the mean for each column of [facts, K]."""
+def summarise(values: np.ndarray, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
+              clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """n, mean, median and the percentile-bootstrap CI of the mean for each column of [facts, K];
+    the bootstrap draws clusters (clusters [facts]: each fact's key; None: each fact its own),
+    and n_clusters counts those with a value in the column."""
     n_facts, k = values.shape
     valid = np.isfinite(values)
     n = valid.sum(0)
@@ -81,40 +84,78 @@ def summarise(values: np.ndarray, seed: int = 0, n_boot: int = 2000,
     # A fact missing at some (layer, metric) is still drawn but adds nothing there, so each
     # resample's mean is the nanmean over the facts it drew (its size varies around n); a
     # resample that drew none is NaN and left out of the percentiles.
-    times = _resamples(n_facts, seed, n_boot)
+    codes = _codes(clusters, n_facts)
+    times = _resamples(codes, seed, n_boot)
     counts = times @ valid
     boot = median + np.divide(times @ dev, counts, out=np.full((n_boot, k), np.nan),
                               where=counts > 0)
     ci = _percentiles(boot, level)
-    return {"n": n, "mean": mean, "median": median, "ci_low": ci[0], "ci_high": ci[1]}
+    members = np.zeros((n_facts, codes.max(initial=-1) + 1))
+    members[np.arange(n_facts), codes] = 1.0
+    n_clusters = ((members.T @ valid) > 0).sum(0)
+    return {"n": n, "mean": mean, "median": median, "ci_low": ci[0], "ci_high": ci[1],
+            "n_clusters": n_clusters}
 
 
 def pooled_ratio(numerator: np.ndarray, denominator: np.ndarray, seed: int = 0,
-                 n_boot: int = 2000, level: float = 0.95) -> dict[str, np.ndarray]:
+                 n_boot: int = 2000, level: float = 0.95,
+                 clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """sum(numerator) / sum(denominator) over the facts of each column of [facts, K] (a fact
-    missing either left out), with the percentile-bootstrap CI over facts (summarise's
-    resamples). A normalised metric pooled so, as TransformerLens normalises a patching metric
-    by baselines averaged over the batch, weighs each fact by its denominator: where the
-    denominators share a sign, a fact whose two baselines nearly agree cannot dominate, as its
-    own ratio would in a mean of ratios (a fact of the other sign counts against the rest)."""
+    missing either left out), with the percentile-bootstrap CI over clusters of facts
+    (summarise's resamples). A normalised metric pooled so, as TransformerLens normalises a
+    patching metric by baselines averaged over the batch, weighs each fact by its denominator:
+    a fact whose two baselines nearly agree cannot dominate, as its own ratio would in a mean of
+    ratios. The denominators must be positive (the caller leaves the others out, as missing):
+    then the pool and every resample is a denominator-weighted mean of the facts' ratios, where
+    one of the other sign would shrink the denominator, even to 0, instead of counting against
+    it."""
     n_facts, k = numerator.shape
     valid = np.isfinite(numerator) & np.isfinite(denominator)
+    if np.any(denominator[valid] <= 0):
+        raise ValueError("pooled_ratio needs positive denominators")
     num, den = np.where(valid, numerator, 0.0), np.where(valid, denominator, 0.0)
-    pooled = np.divide(num.sum(0), den.sum(0), out=np.full(k, np.nan), where=den.sum(0) != 0)
-    times = _resamples(n_facts, seed, n_boot)
+    pooled = np.divide(num.sum(0), den.sum(0), out=np.full(k, np.nan), where=den.sum(0) > 0)
+    times = _resamples(_codes(clusters, n_facts), seed, n_boot)
     boot_den = times @ den
     boot = np.divide(times @ num, boot_den, out=np.full((n_boot, k), np.nan),
-                     where=boot_den != 0)
+                     where=boot_den > 0)
     ci = _percentiles(boot, level)
     return {"pooled": pooled, "pooled_ci_low": ci[0], "pooled_ci_high": ci[1]}
 
 
-def _resamples(n_facts: int, seed: int, n_boot: int) -> np.ndarray:
-    """times[b, j]: how often bootstrap resample b drew fact j; one draw of facts per group,
-    shared by every layer and metric."""
-    draws = np.random.default_rng(seed).integers(0, n_facts, size=(n_boot, n_facts))
-    flat = (np.arange(n_boot)[:, None] * n_facts + draws).ravel()
-    return np.bincount(flat, minlength=n_boot * n_facts).reshape(n_boot, n_facts).astype(float)
+def _codes(clusters: np.ndarray | None, n_facts: int) -> np.ndarray:
+    """Each fact's cluster as 0 .. C - 1 (each fact its own without clusters)."""
+    if clusters is None:
+        return np.arange(n_facts)
+    return np.unique(np.asarray(clusters), return_inverse=True)[1].reshape(-1)
+
+
+def _resamples(codes: np.ndarray, seed: int, n_boot: int) -> np.ndarray:
+    """times[b, j]: how often bootstrap resample b drew fact j's cluster (codes: each fact's,
+    0 .. C - 1): C clusters drawn with replacement, one draw shared by every layer and metric.
+    With every fact its own cluster, the plain bootstrap over facts."""
+    n_clusters = codes.max(initial=-1) + 1
+    draws = np.random.default_rng(seed).integers(0, n_clusters, size=(n_boot, n_clusters))
+    flat = (np.arange(n_boot)[:, None] * n_clusters + draws).ravel()
+    counts = np.bincount(flat, minlength=n_boot * n_clusters).reshape(n_boot, n_clusters)
+    return counts[:, codes].astype(float)
+
+
+def fact_clusters(long: pd.DataFrame) -> pd.Series:
+    """Each fact's cluster, by fact_id in sorted order: the table's `cluster` column (a fact's
+    own id without one)."""
+    if "cluster" not in long:
+        ids = np.sort(pd.unique(long["fact_id"]))
+        return pd.Series(ids, index=ids)
+    pairs = long[["fact_id", "cluster"]].drop_duplicates()
+    if not pairs["fact_id"].is_unique:
+        raise ValueError("a fact_id belongs to more than one cluster")
+    return pairs.set_index("fact_id")["cluster"].sort_index()
+
+
+def ci_unit(clusters: pd.Series) -> str:
+    """What the bootstrap drew: "cluster" where some facts share one, else "fact"."""
+    return "cluster" if clusters.nunique() < len(clusters) else "fact"
 
 
 def _percentiles(boot: np.ndarray, level: float) -> np.ndarray:
@@ -129,7 +170,9 @@ def _percentiles(boot: np.ndarray, level: float) -> np.ndarray:
 def layer_aggregates(long: pd.DataFrame, seed: int = 0, n_boot: int = 2000,
                      level: float = 0.95) -> pd.DataFrame:
     """Per group and layer, for each metric in METRICS: n finite values, their mean and median,
-    and the percentile-bootstrap CI of the mean over facts. Group "all" covers every fact; each
+    and the percentile-bootstrap CI of the mean, drawing the long table's clusters of facts
+    (n_clusters of them; ci_unit "cluster", or "fact" where each is its own). Group "all"
+    covers every fact; each
     non-empty group gets its own rows when there are at least two. Columns: AGGREGATE_COLUMNS,
     rows sorted by group ("all" first), metric, layer."""
     if not 0 < level < 1 or n_boot < 1:
@@ -137,6 +180,7 @@ def layer_aggregates(long: pd.DataFrame, seed: int = 0, n_boot: int = 2000,
     if long.empty:
         raise ValueError("the long table has no rows")
     cube, groups, layers = _fact_layer_cube(long)
+    clusters = fact_clusters(long)  # the cube's fact order: sorted ids
     if ALL in set(groups):
         raise ValueError(f'a group may not be called "{ALL}": that name is the overall rows\'')
     named = sorted(set(groups) - {""})
@@ -146,8 +190,10 @@ def layer_aggregates(long: pd.DataFrame, seed: int = 0, n_boot: int = 2000,
     frames = []
     for group, facts in parts:
         # The same seed per group: a group's CIs do not depend on which other groups exist.
-        stats = summarise(cube[facts].reshape(facts.sum(), -1), seed, n_boot, level)
+        stats = summarise(cube[facts].reshape(facts.sum(), -1), seed, n_boot, level,
+                          clusters.to_numpy()[facts])
         frames.append(pd.DataFrame({"group": group, "layer": np.tile(layers, n_metrics),
-                                    "metric": np.repeat(METRICS, n_layers), **stats}))
+                                    "metric": np.repeat(METRICS, n_layers), **stats,
+                                    "ci_unit": ci_unit(clusters)}))
     out = pd.concat(frames, ignore_index=True)
-    return out.astype({"layer": "int64", "n": "int64"})[AGGREGATE_COLUMNS]
+    return out.astype({"layer": "int64", "n": "int64", "n_clusters": "int64"})[AGGREGATE_COLUMNS]

@@ -30,7 +30,8 @@ TEMPLATES = {
         "Give the city name only, plain text. {country} has its capital at the city called simply",
 }
 # A default fact's control is the next country in the data file (wrapping around) in the same
-# template: the original's negative control (Germany's is France -> Paris) for every fact.
+# template: the original's negative control (Germany's is France -> Paris) for every fact. A
+# country's three facts are one cluster: the bootstrap draws countries, not facts.
 CONTROL_OFFSET = 1
 
 REQUIRED = ("prompt", "answer")
@@ -45,6 +46,13 @@ class Fact:
     control_prompt: str | None = None
     control_answer: str | None = None
     source: str = ""  # "FILE:LINE", the prefix of this fact's messages
+    # facts of one cluster are not independent (one subject asked several ways): the bootstrap
+    # draws them together; "" a cluster of its own
+    cluster: str = ""
+
+    @property
+    def cluster_key(self) -> str:
+        return self.cluster or self.id
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,8 @@ def default_facts() -> list[Fact]:
             facts.append(Fact(id=f"{group}/{country}", prompt=template.format(country=country),
                               answer=capital, group=group,
                               control_prompt=template.format(country=other_country),
-                              control_answer=other_capital, source=f"{DEFAULT}:{country}"))
+                              control_answer=other_capital, source=f"{DEFAULT}:{country}",
+                              cluster=country))
     return facts
 
 
@@ -223,6 +232,9 @@ def _fact(record: dict, source: str, index: int) -> Fact:
     group = record.get("group")
     if group is not None and not isinstance(group, str):
         raise LensError(f"{source}: field 'group' must be a string, not {_json_type(group)}")
+    cluster = record.get("cluster")
+    if cluster is not None and not isinstance(cluster, str):
+        raise LensError(f"{source}: field 'cluster' must be a string, not {_json_type(cluster)}")
     if group == ALL:
         raise LensError(f"{source}: group '{ALL}' is reserved (the aggregates over "
                         "every fact)")
@@ -231,7 +243,7 @@ def _fact(record: dict, source: str, index: int) -> Fact:
     return Fact(id=fact_id, prompt=prompt, answer=answer.strip(), group=group or "",
                 control_prompt=control_prompt,
                 control_answer=None if control_answer is None else control_answer.strip(),
-                source=source)
+                source=source, cluster=cluster or "")
 
 
 def _json_type(value) -> str:

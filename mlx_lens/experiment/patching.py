@@ -24,7 +24,7 @@ from mlx_lens.core.contract import Backend
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.core.progress import progress
-from mlx_lens.experiment.aggregates import pooled_ratio, summarise
+from mlx_lens.experiment.aggregates import ci_unit, fact_clusters, pooled_ratio, summarise
 from mlx_lens.experiment.facts import encode_facts
 from mlx_lens.experiment.frames import TokenNames
 from mlx_lens.experiment.single import answer_token_ids, encode_prompt
@@ -100,18 +100,25 @@ def _log2p(logits: np.ndarray, pieces: list[int]) -> np.ndarray:
     return np.take_along_axis(logp, index, -1)[..., 0].sum(-1)
 
 
-def _trace(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list[int],
-           pieces: list[int], opts: PatchOptions, what: str) -> tuple[dict, dict]:
-    """log2 p of `pieces` per (kind, layer, position) of the trace, and the baselines."""
-    n, length = len(pieces), len(clean_ids)
+def _baselines(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list[int],
+               pieces: list[int]) -> tuple:
+    """The recorded clean and corrupted runs with `pieces` teacher-forced, and log2 p of
+    `pieces` on each: its own last row through the head."""
     clean = backend.record([clean_ids + pieces[:-1]])
     corrupt = backend.record([corrupt_ids + pieces[:-1]])
-    layers = backend.info.n_layers
-    # the baselines: each run's own last row through the head
+    full, n = len(clean_ids) + len(pieces) - 1, len(pieces)
+    base = {name: float(_log2p(backend.patched_logits(
+        run, run, "resid", backend.info.n_layers, 1, one_at_a_time([], full), n)[0][0, 0], pieces))
+        for name, run in (("clean", clean), ("corrupt", corrupt))}
+    return clean, corrupt, base
+
+
+def _trace(backend: PatchingBackend, runs: tuple, length: int, pieces: list[int],
+           opts: PatchOptions, what: str) -> tuple[dict, dict]:
+    """log2 p of `pieces` per (kind, layer, position) of the trace, and the baselines."""
+    clean, corrupt, base = runs
+    n, layers = len(pieces), backend.info.n_layers
     full = length + n - 1
-    base = {name: float(_log2p(backend.patched_logits(run, run, "resid", layers, 1,
-                                                      one_at_a_time([], full), n)[0][0, 0], pieces))
-            for name, run in (("clean", clean), ("corrupt", corrupt))}
     per_batch = max(1, batch_size(backend, length + n) - 1)
     values, drift = {}, 0.0
     steps = [(kind, r) for kind in opts.kinds
@@ -139,11 +146,30 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
         raise LensError(f"the clean prompt is {len(clean_ids)} tokens and the corrupted one "
                         f"{len(corrupt_ids)}: patching restores position by position, so they "
                         "must be as long (no alignment is guessed)")
+    if clean_ids == corrupt_ids:
+        raise LensError("the corrupted prompt is the clean one, token for token: there is "
+                        "nothing to restore")
     answers = {"answer": answer_token_ids(tok, clean_ids, opts.clean, opts.answer)}
     if opts.corrupt_answer:
         answers["corrupt_answer"] = answer_token_ids(tok, corrupt_ids, opts.corrupt,
                                                      opts.corrupt_answer)
-    traces = {what: _trace(backend, clean_ids, corrupt_ids, pieces, opts, what)
+    runs = {what: _baselines(backend, clean_ids, corrupt_ids, pieces)
+            for what, pieces in answers.items()}
+    base = {what: b for what, (_, _, b) in runs.items()}
+
+    def metric(a, b):
+        return a - b if opts.corrupt_answer else a
+
+    clean_m = metric(base["answer"]["clean"], base.get("corrupt_answer", {}).get("clean", 0.0))
+    corrupt_m = metric(base["answer"]["corrupt"],
+                       base.get("corrupt_answer", {}).get("corrupt", 0.0))
+    what_metric = ("log2 p(answer) - log2 p(corrupt answer)" if opts.corrupt_answer
+                   else "log2 p(answer)")
+    if not clean_m > corrupt_m:  # recovery divides by the gap; it would read the wrong way round
+        raise LensError(f"{what_metric} is {clean_m:.2f} on the clean prompt and {corrupt_m:.2f} "
+                        "on the corrupted one: the clean prompt must favour its answer more "
+                        "for a recovery to be read (swap the prompts or the answers)")
+    traces = {what: _trace(backend, runs[what], len(clean_ids), pieces, opts, what)
               for what, pieces in answers.items()}
     names = TokenNames(tok.decode)
     tokens = [names(i) for i in clean_ids]
@@ -155,13 +181,6 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
                                   "corrupt_answer_log2p": other[kind, r]}))
     frame = pd.concat(rows, ignore_index=True)
     base = {what: b for what, (_, b) in traces.items()}
-
-    def metric(a, b):
-        return a - b if opts.corrupt_answer else a
-
-    clean_m = metric(base["answer"]["clean"], base.get("corrupt_answer", {}).get("clean", 0.0))
-    corrupt_m = metric(base["answer"]["corrupt"],
-                       base.get("corrupt_answer", {}).get("corrupt", 0.0))
     frame["metric"] = metric(frame["answer_log2p"],
                              frame["corrupt_answer_log2p"] if opts.corrupt_answer else 0.0)
     frame["recovery"] = (frame["metric"] - corrupt_m) / (clean_m - corrupt_m)
@@ -174,9 +193,8 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
                "kinds": list(opts.kinds), "tokens": tokens,
                "clean_token_ids": clean_ids, "corrupt_token_ids": corrupt_ids,
                "answer_pieces": [names(i) for i in answers["answer"]],
-               "first_difference_position": differ[0] if differ else None,
-               "metric": ("log2 p(answer) - log2 p(corrupt answer)" if opts.corrupt_answer
-                          else "log2 p(answer)"),
+               "first_difference_position": differ[0],
+               "metric": what_metric,
                "baselines": base, "clean_metric": clean_m, "corrupt_metric": corrupt_m,
                "strongest": {k: {"layer": int(v["layer"]), "pos": int(v["pos"]),
                                  "recovery": float(v["recovery"])} for k, v in best.items()}}
@@ -186,7 +204,8 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
 @dataclass
 class PatchSuiteResult:
     long: pd.DataFrame  # per fact, kind, layer and where ("last" position, or the "subject")
-    # per kind, where and layer: recovery's n, mean, median, 95% CI; pooled over facts, its CI
+    # per kind, where and layer: recovery's n, mean, median, 95% CI; pooled over facts, its
+    # CI; over the facts with a positive gap only (summary's gap_not_positive: the others)
     aggregates: pd.DataFrame
     skipped: list[str]  # one line per fact left out, and why
     summary: dict
@@ -289,7 +308,9 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                         metric = a[v] - c[v]
                         frames.append(pd.DataFrame({
                             "fact_id": [f.fact.id for f in chunk],
-                            "group": [f.fact.group for f in chunk], "kind": kind, "layer": r,
+                            "group": [f.fact.group for f in chunk],
+                            "cluster": [f.fact.cluster_key for f in chunk], "kind": kind,
+                            "layer": r,
                             "where": where,
                             "pos": [len(f.ids) - 1 for f in chunk] if v == 1 else got["subject"],
                             "answer_log2p": a[v], "corrupt_answer_log2p": c[v], "metric": metric,
@@ -298,24 +319,34 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                             "batch_baseline_delta": np.abs(a[0] - got["answer", "corrupt"]),
                             "clean_metric": clean, "corrupt_metric": corrupt}))
     long = pd.concat(frames, ignore_index=True)
+    clusters = fact_clusters(long)  # the cubes' fact order: sorted ids
     rows = []
     for (kind, where), part in long.groupby(["kind", "where"], sort=False):
-        def cube(values: pd.Series) -> np.ndarray:  # [facts, layers]
-            return part.assign(v=values).pivot(index="fact_id", columns="layer",
-                                               values="v").to_numpy(dtype=float)
+        # A fact whose gap is not positive has no recovery to read (the clean prompt does not
+        # favour its answer more than the corrupted one): left out of every aggregate, named
+        # apart in the summary.
+        gap = part["clean_metric"] - part["corrupt_metric"]
 
-        pooled = pooled_ratio(cube(part["metric"] - part["corrupt_metric"]),
-                              cube(part["clean_metric"] - part["corrupt_metric"]))
+        def cube(values: pd.Series) -> np.ndarray:  # [facts, layers], NaN where left out
+            return part.assign(v=values.where(gap > 0)).pivot(
+                index="fact_id", columns="layer", values="v").to_numpy(dtype=float)
+
+        keys = clusters.to_numpy()
+        pooled = pooled_ratio(cube(part["metric"] - part["corrupt_metric"]), cube(gap),
+                              clusters=keys)
         layers = np.sort(part["layer"].unique())
         rows.append(pd.DataFrame({"kind": kind, "where": where, "layer": layers,
-                                  **summarise(cube(part["recovery"])), **pooled}))
+                                  **summarise(cube(part["recovery"]), clusters=keys), **pooled,
+                                  "ci_unit": ci_unit(clusters)}))
     aggregates = pd.concat(rows, ignore_index=True)
     summary = {"model": backend.info.name, "backend": backend.info.backend, "window": window,
                "kinds": list(kinds), "facts": len(facts), "patched": len(usable),
                "skipped": skipped,
                # the clean prompt does not favour its answer more than the corrupted one: these
-               # facts' recoveries read the wrong way round, and count against the pooled one
+               # facts' recoveries would read the wrong way round, and are left out of the
+               # aggregates (n, mean, median and the pooled recovery)
                "gap_not_positive": inverted,
+               "aggregated": len(usable) - len(inverted),
                "metric": "log2 p(answer) - log2 p(control answer), both teacher-forced",
                "corruption": "each fact's control prompt"}
     return PatchSuiteResult(long, aggregates, skipped, summary)

@@ -46,8 +46,9 @@ class SuiteResult:
     lens_aggregates: pd.DataFrame | None = None
 
     def plot(self) -> dict:
-        """matplotlib Figures: per layer the mean and 95% band of p(answer) and p(control),
-        and the entropy, per group (mlx_lens/view/suite.py)."""
+        """matplotlib Figures: per layer the mean and 95% band of p(answer) under the fact's
+        prompt and under its control prompt, their paired gain, and the entropy, per group
+        (mlx_lens/view/suite.py)."""
         from mlx_lens.view.suite import suite_bands  # matplotlib is imported only to draw
 
         return {"suite": suite_bands(self.aggregates)}
@@ -155,17 +156,21 @@ def _fact_rows(fact: EncodedFact, stats: LayerStats, control: LayerStats | None,
         control_log2p = control.piece_log2p.sum(-1)  # its own answer, whole
         found |= {"control": report} if any(report.values()) else {}
     layers = {
-        "fact_id": [fact.fact.id] * n, "group": [fact.fact.group] * n, "layer": np.arange(n),
+        "fact_id": [fact.fact.id] * n, "group": [fact.fact.group] * n,
+        "cluster": [fact.fact.cluster_key] * n, "layer": np.arange(n),
         "entropy": stats.entropy[:, 0], "top1": [names(i) if i >= 0 else "" for i in top1],
         "top1_id": top1, "p1": stats.topk_probs[:, 0, 0], "p_answer": stats.p_answer,
         "answer_rank": stats.answer_rank, "kl_to_final_bits": stats.kl_to_final,
         "cos_to_final": stats.cos_to_final, **flags,
         "control_p": p_control[0], "control_p_answer": p_control[1],
         "control_margin": p_control[0] - p_control[1],
+        # how much the fact's own prompt raises its answer over the control prompt (paired)
+        "p_answer_gain": stats.p_answer - p_control[1],
         **answer.columns(), "control_log2p": control_log2p, **copies}
     final = int(top1[-1])
     summary = layer_summary(stats, flags)
-    per_fact = {"fact_id": fact.fact.id, "group": fact.fact.group, "prompt": fact.fact.prompt,
+    per_fact = {"fact_id": fact.fact.id, "group": fact.fact.group,
+                "cluster": fact.fact.cluster_key, "prompt": fact.fact.prompt,
                 "answer": fact.fact.answer, "answer_token": names(fact.answer_id),
                 "answer_pieces": len(fact.answer_ids), **summary,
                 **_milestone_columns(answer_milestones(answer, summary["L_semantic"], settings)),

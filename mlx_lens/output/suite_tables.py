@@ -13,19 +13,20 @@ _TEXT = pd.Series([""]).dtype  # what pandas gives text by default (str from pan
 _COPY_FLAGS = [f"copy_{kind}_k{k}" for kind in ("strict", "soft") for k in (1, 2, 3)]
 _COPY_MILESTONES = [f"L_{flag}" for flag in _COPY_FLAGS]
 _SCHEMA = {  # every column the three tables may hold; others are written and read as they come
-    **dict.fromkeys(["fact_id", "group", "top1", "prompt", "answer", "answer_token", "final_top1",
-                     "metric", "lens", "site", "norm_flip_layers"], _TEXT),
+    **dict.fromkeys(["fact_id", "group", "cluster", "ci_unit", "top1", "prompt", "answer",
+                     "answer_token", "final_top1", "metric", "lens", "site", "norm_flip_layers"],
+                    _TEXT),
     "depth": "float64",  # a site's layer: i + 0.5 for the middle of block i
     "lens_agreement_onset": "Int64",
     "lens_agreement_onset_undecided": "boolean",  # the primary lens's rows only
-    **dict.fromkeys(["layer", "n"], "int64"),
+    **dict.fromkeys(["layer", "n", "n_clusters"], "int64"),
     **dict.fromkeys(["top1_id", "answer_rank", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
                      "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
                      "first_kl_below_0.5", "first_kl_below_1.0", "first_control_margin_positive"],
                     "Int64"),
     **dict.fromkeys(["entropy", "p1", "p_answer", "kl_to_final_bits", "cos_to_final", "control_p",
-                     "control_p_answer", "control_margin", "final_p1", "mean", "median", "ci_low",
-                     "ci_high"], "float64"),
+                     "control_p_answer", "control_margin", "p_answer_gain", "final_p1", "mean",
+                     "median", "ci_low", "ci_high"], "float64"),
     **dict.fromkeys(["copy_collapse", "entropy_collapse", "is_answer", "correct"], "bool"),
     # the whole answer, the confirmed milestones and copying from row 1
     # (mlx_lens/experiment/milestones.py)

@@ -34,7 +34,16 @@ def heatmap(frame: pd.DataFrame, summary: dict) -> Figure:
         subject = summary.get("first_difference_position")
         if subject is not None:
             ax.axhline(subject, color="C1", linewidth=0.8, linestyle=":")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="recovery (0: corrupted, 1: clean)")
+    # The colours span [0, 1]; a value outside (restoring overshoots, or moves the metric the
+    # other way) takes the end's colour, and the colour bar says so with an arrow and its range.
+    values = frame.loc[frame["kind"].isin(kinds), "recovery"].to_numpy(dtype=float)
+    low, high = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0, 1)
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+              (True, True): "both"}[low < 0, high > 1]
+    label = "recovery (0: corrupted, 1: clean)"
+    if extend != "neither":
+        label += f"\nclipped to [0, 1]: values span {low:.2f} to {high:.2f}"
+    fig.colorbar(image, ax=axes, shrink=0.8, label=label, extend=extend)
     fig.suptitle(f"{summary['model']}: restoring the clean run ({summary['metric']}); "
                  f"{token_label(summary['answer'])!r} vs "
                  f"{token_label(summary['corrupt_answer'] or '-')!r}", parse_math=False,
@@ -65,6 +74,10 @@ def suite_heatmap(aggregates: pd.DataFrame, summary: dict) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"recovery ({'pooled over facts' if pooled else 'mean'}, 95% band)")
     axes[0].legend(loc="best", fontsize=8)
+    left_out = len(summary.get("gap_not_positive", []))
+    aggregated = summary.get("aggregated", summary["patched"])  # a folder from before it: all
     fig.suptitle(f"{summary['model']}: restoring each fact against its control "
-                 f"({summary['patched']} of {summary['facts']} facts)", fontsize=10)
+                 f"({aggregated} of {summary['facts']} facts"
+                 + (f"; {left_out} patched with a gap <= 0 left out" if left_out else "") + ")",
+                 fontsize=10)
     return fig

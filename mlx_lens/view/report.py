@@ -322,7 +322,11 @@ def _aggregates(path: Path) -> str:
                 cells.append(f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]")
             rows.append([group, layer, int(part["n"].max()), *cells])
     css = dict.fromkeys(metrics, "n")
-    return ("<h3>Fact suite: per-layer aggregates</h3>" + _note(_AGGREGATES_NOTE)
+    note = _AGGREGATES_NOTE
+    if "ci_unit" in frame and (frame["ci_unit"] == "cluster").any():
+        note += (f" The bootstrap draws clusters of facts ({int(frame['n_clusters'].max())}), "
+                 "not facts: a cluster's facts are not independent.")
+    return ("<h3>Fact suite: per-layer aggregates</h3>" + _note(note)
             + _table(["group", "layer", "n", *metrics], rows, css))
 
 
