@@ -89,13 +89,14 @@ def examine(folder) -> tuple[dict[str, str], dict[str, str]]:
             found = {kind: of(b) for kind, b in loaded.items() if b is not None}
             row[column] = found["torch"] if len(set(found.values())) == 1 else \
                 "; ".join(f"{k}: {v}" for k, v in found.items())
+            if column == "middles" and t.mid_kind() != "none":  # torch's, against hooks
+                row[column] = row[column].replace(t.mid_kind(), t.mid_kind() + middles_by_name(t),
+                                                  1)
     if t is not None and m is not None:
         report = compare(t, m, PROMPTS, FINAL_NORM, answer=None)
         row["MLX = torch"] = "ok" if not report.failures() else "FAILS"
         if report.failures():
             why["parity"] = report.failures()[0]
-    if t is not None and t.mid_kind() != "none":
-        row["middles"] += middles_by_name(t)
     if t is not None and m is not None:
         if t.mid_kind() == m.mid_kind() != "none" and not middles_agree(t, m):
             row["middles"] += " (MLX FAILS)"
