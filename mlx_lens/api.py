@@ -199,7 +199,7 @@ def load(model: str | None = None, backend: str = "auto", lens: str | Lens | Tun
     `backend` ("auto", "mlx", "torch"), to be decoded with `lens` ("final-norm", "next-norm",
     "raw", "tuned:DIR", a TunedLens or a Lens). announce(backend, reason) is called once the backend is
     chosen, before the (slow) load. device_map (torch): module name -> device or "disk", for
-    accelerate to place the model so (README "A model split across devices")."""
+    accelerate to place the model so (docs/distributed.md "Across devices")."""
     spec = resolve_lens(lens)
     source = resolve(model)
     name, reason = backend_choice.pick(backend)

@@ -329,7 +329,7 @@ def format_row(r: dict) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    """The README's Performance table (Markdown): one row per model, backend and T, times the
+    """docs/performance.md's table (Markdown): one row per model, backend and T, times the
     minimum of the repetitions; the percentage is the sweep's peak extra memory over all
     [L+1, T, V] fp32 logits (MLX: its allocator's peak)."""
     head = ["model", "backend", "T", "forward", "one GEMM", "sweep", "sweep / floor",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: a full activation-patching trace against the straightforward loop.
 
-On the default model (torch, CPU), the README's Germany/France pair, all three kinds:
+On the default model (torch, CPU), docs/patching.md's Germany/France pair, all three kinds:
   trace   `run_patching`: per kind and block one batch of every position, blocks from r on
   naive   one full forward pass per (kind, layer, position) and answer, a forward hook on the
           model's own module replacing that one value (TransformerLens's generic patching loop)

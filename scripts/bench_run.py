@@ -32,7 +32,7 @@ vocabulary; 494M parameters, 2 GB in fp32), built once into the cache.
 
 --original CMD times a shell command that runs the original experiment's script (logos-in-layers
 001_layers_and_logits/run.py, TransformerLens 2.16) on the 0.5B-shaped model; it needs its own
-environment (README "Performance" says how it was set up for the numbers there).
+environment (docs/performance.md "A whole run" says how it was set up for the numbers there).
 
     python scripts/bench_run.py [--models default,0.5b] [--reps 3] [--backend torch]
     python scripts/bench_run.py --models 0.5b --original /path/to/run_original.sh

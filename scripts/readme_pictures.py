@@ -1,7 +1,7 @@
-"""Regenerate the README's pictures (docs/pictures/): `mlx-lens run --facts default --backend torch`
-on the packaged default model into a temporary folder, then its grid, trajectory and suite
-pictures copied over (overwriting the tracked ones). About a minute on a 2-core CPU (45 s
-measured; the suite's 393 facts take most).
+"""Regenerate the pictures of docs/running.md (docs/pictures/): `mlx-lens run --facts default
+--backend torch` on the packaged default model into a temporary folder, then its grid,
+trajectory and suite pictures copied over (overwriting the tracked ones). About a minute on a
+2-core CPU (45 s measured; the suite's 393 facts take most).
 
     python scripts/readme_pictures.py
 """
@@ -27,7 +27,7 @@ def regenerate() -> list[Path]:
         if code != 0:
             raise SystemExit(f"mlx-lens run failed (exit {code})")
         PICTURES.mkdir(parents=True, exist_ok=True)
-        # Fixed names: the README's links do not depend on which model is the default.
+        # Fixed names: the pages' links do not depend on which model is the default.
         return [Path(shutil.copyfile(run / f"plot-{model}-{kind}.png", PICTURES / f"{kind}.png"))
                 for kind in KINDS]
 

@@ -129,7 +129,7 @@ def test_a_rank_that_dies_fails_the_run_on_rank_0(tiny_model_dirs, tmp_path):
 
 
 def test_the_default_model_over_two_ranks_writes_the_same_run(smollm2_dir, tmp_path):
-    """`mlx-lens run` as the README starts it, against one process on the same backend."""
+    """`mlx-lens run` as docs/distributed.md starts it, against one process on the same backend."""
     facts = tmp_path / "facts.csv"
     facts.write_text("prompt,answer\n" + "".join(
         f'"Give the city name only, plain text. The capital of {c} is called simply",{a}\n'

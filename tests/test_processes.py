@@ -62,8 +62,8 @@ def test_keep_residuals_round_trip(tiny_model_dirs, tmp_path):
 
 
 def test_a_run_of_several_models_exits_1_when_every_model_failed(tmp_path, capsys, monkeypatch):
-    """README "Running": exit 1 when any model failed, all of them included; nothing is
-    published and no staging folder is left."""
+    """docs/running.md "What a run prints": exit 1 when any model failed, all of them included;
+    nothing is published and no staging folder is left."""
     monkeypatch.chdir(tmp_path)
     code = main(["run", "/no/such/model", "/nor/this/one", "--no-probes"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -22,8 +22,8 @@ def test_help_only_helps(script):
     assert {p: p.stat().st_mtime_ns for p in pictures} == pictures
 
 
-def test_bench_prints_the_readmes_table():
-    """scripts/bench.py's closing table has the README Performance table's columns, and the
+def test_bench_prints_the_performance_pages_table():
+    """scripts/bench.py's closing table has docs/performance.md's table's columns, and the
     percentage is the sweep's."""
     import importlib.util
 
@@ -36,8 +36,8 @@ def test_bench_prints_the_readmes_table():
            "sweep_over_floor": 1.1, "original_over_sweep_csv": 2.57, "sweep_peak_fraction": 0.25,
            "peak_extra_bytes": {"sweep": 10 * 2**20, "gemm": 40 * 2**20}}
     lines = bench.format_table([row]).splitlines()
-    readme = (ROOT / "README.md").read_text()
-    assert lines[0] in readme  # the README's header, column for column
+    page = (ROOT / "docs" / "performance.md").read_text()
+    assert lines[0] in page  # the page's header, column for column
     assert lines[2] == ("| m | torch | 16 | 0.100 s | 0.200 s | 0.330 s | 1.10 | 2.6 | "
                         "10 MiB (25.0%) |")
 

@@ -60,7 +60,7 @@ def test_cli_self_test_fails_with_exit_1(tiny_model_dirs, tmp_path, capsys, monk
 
 
 def test_self_test_script(smollm2_dir, tmp_path):
-    """scripts/self_test.sh [MODEL] [DEVICE] on the default model, as the README shows."""
+    """scripts/self_test.sh [MODEL] [DEVICE] on the default model, as docs/parity.md shows."""
     import subprocess
     import sys
     from pathlib import Path

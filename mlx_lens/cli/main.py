@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lenses", default=None, metavar="LENSES",
                      help="also decode with these lenses from the same forward pass, compared "
                           f"layer by layer: comma-separated ({', '.join(RULES)}, tuned:DIR) or "
-                          "all; adds the lens tables (README 'Several lenses')")
+                          "all; adds the lens tables (docs/running.md)")
     run.add_argument("--no-mid-block", dest="mid", action="store_false",
                      help="with --lenses, leave out the middle of each block (after attention, "
                           "before the MLP)")
@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     tune.add_argument("--corpus", default=None,
                       help="a text file, or JSONL with a 'text' field (default: Python's own "
-                           "reference topics, pydoc_data; README 'Tuned lens')")
+                           "reference topics, pydoc_data; docs/tuned-lens.md)")
     tune.add_argument("--steps", type=int, default=TuneOptions.steps)
     tune.add_argument("--tokens-per-step", type=int, default=TuneOptions.tokens_per_step)
     tune.add_argument("--seq-len", type=int, default=None,
@@ -337,7 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             "(run them apart)")
         steering.load(args.steer)
     models = list(ORIGINAL_MODELS) if args.all else args.models or [None]
-    if "MLX_RANK" in os.environ:  # one of the processes of mlx.launch: a pipeline (README)
+    if "MLX_RANK" in os.environ:  # one of the processes of mlx.launch: a pipeline (docs/distributed.md)
         if len(models) > 1 or args.keep_residuals:
             raise LensError("a run split across processes takes one model and keeps no residuals")
         if os.environ["MLX_RANK"] != "0":  # computes its slice; rank 0 writes everything

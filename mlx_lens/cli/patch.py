@@ -13,7 +13,7 @@ from mlx_lens.output import run_dir
 from mlx_lens.experiment.facts import load_facts
 from mlx_lens.output.artifacts import write_patch_artifacts, write_patch_suite_artifacts
 
-# The README's pair: the corruption changes the subject only (as long in tokens).
+# docs/patching.md's default pair: the corruption changes the subject only (as long in tokens).
 CORRUPT = PROMPT.replace("Germany", "France")
 CORRUPT_ANSWER = "Paris"
 

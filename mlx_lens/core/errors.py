@@ -4,7 +4,7 @@
 class LensError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 
-    exit_code = 2  # what the CLI exits with (README "Running")
+    exit_code = 2  # what the CLI exits with (docs/running.md "What a run prints")
 
 
 def first_line(exc: BaseException) -> str:

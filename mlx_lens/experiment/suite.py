@@ -1,5 +1,5 @@
 """A fact suite through one model: batched next-token sweeps -> the long, per-fact and
-per-layer tables (columns: mlx_lens/experiment/aggregates.py, README "Fact suites").
+per-layer tables (columns: mlx_lens/experiment/aggregates.py, docs/artifacts.md "Fact suites").
 
 Every fact's prompt, and its control prompt, is one item of a batch; items are sorted by length
 (less padding) and swept B at a time, B chosen from the memory the forward pass of the longest

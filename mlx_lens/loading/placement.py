@@ -1,5 +1,5 @@
 """Where a model runs, and in which dtype: the original's device policy, the checkpoint's own
-dtype on CUDA (README "Device policy"), sized from the checkpoint itself.
+dtype on CUDA (docs/running.md "Device policy"), sized from the checkpoint itself.
 
 The footprint comes from the checkpoint's own tensors (safetensors headers, GGUF tensor infos),
 never from the model's name. Memory figures are queried from each backend's framework and can

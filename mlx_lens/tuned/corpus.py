@@ -1,6 +1,6 @@
 """Text to train and evaluate a tuned lens on, offline: a text file, a JSONL file with a `text`
 field, or (the default) the Python reference manual's topics that ship with every Python
-(`pydoc_data.topics`, ~465k characters of English prose and code: README "Tuned lens" says why).
+(`pydoc_data.topics`, ~465k characters of English prose and code: docs/tuned-lens.md "Usage" says why).
 
 Documents are tokenised, joined with the end-of-text token and cut into sequences of equal
 length (the tuned-lens package's chunking); every HELD_OUT_EVERY-th sequence is held out, a

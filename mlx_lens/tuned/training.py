@@ -36,7 +36,7 @@ EVAL_TOKENS = 4096
 
 @dataclass(frozen=True)
 class TuneOptions:
-    # ~13 minutes on a 2-core CPU with SmolLM2 (25 tokens/s; README "Tuned lens")
+    # ~13 minutes on a 2-core CPU with SmolLM2 (25 tokens/s; docs/performance.md "Tuned lens")
     steps: int = 25
     tokens_per_step: int = 768
     seq_len: int = 128
