@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                               "(module name -> cuda:N, cpu or disk); without it, --device auto "
                               "splits a model over GPUs that only together hold it")
     options.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                       help="compute dtype (torch auto: fp32 on CPU, fp16 on CUDA, bf16 for "
-                            "Gemma; mlx auto: the checkpoint's)")
+                       help="compute dtype (torch auto: the checkpoint's own on CUDA, fp32 on "
+                            "CPU up to ~27B parameters, fp16 on MPS; mlx auto: the checkpoint's)")
 
     parser = argparse.ArgumentParser(prog="mlx-lens", description="Per-layer logit lens.")
     sub = parser.add_subparsers(dest="command", required=True)
