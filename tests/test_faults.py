@@ -19,6 +19,7 @@ from mlx_lens.output import run_dir
 from mlx_lens.cli.main import main
 from mlx_lens.core.errors import LensError
 from mlx_lens.experiment.single import encode_prompt
+from mlx_lens.experiment.probes import TEST_PROMPTS
 from tests.test_cli import run_main
 
 
@@ -235,9 +236,10 @@ def test_probe_prompt_longer_than_the_context_is_refused_before_the_sweep(
     (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 20}))
     _forbid_sweep(monkeypatch, "torch")
     _previous_run(tmp_path)
-    # the main prompt fits (6 tokens), the longest probe (24 tokens) does not
+    # the main prompt fits (6 tokens), the original's last probe (24 tokens), given, does not
     code, _, err = run_main(["run", str(path), "--backend", "torch", "--prompt",
-                         "The capital of Germany is"], tmp_path, capsys)
+                             "The capital of Germany is", "--probe", TEST_PROMPTS[-1]],
+                            tmp_path, capsys)
     assert code == 2
     assert err.splitlines() == ["mlx-lens: error: the prompt is 24 tokens, longer than the "
                                 "model's context of 20 tokens"]

@@ -225,5 +225,6 @@ def describe(d: dict) -> str:
             "(layers decided within the fp32 decode's bound of this run's captured rows: "
             "another batch shape or backend can move a row by more); "
             f"{echo}copies from row 1: {', '.join(copies) or 'none'}; the original's rules "
-            f"(from row 0, a layer below {d['entropy_bits']:g} bit a copy): L_copy {d['L_copy']}, "
-            f"L_copy_H {d['L_copy_H']}, delta_layers {d['delta_layers']}")
+            f"(from row 0, a layer below {d['entropy_bits']:g} bit a copy): L_copy "
+            f"{layer_or_never(d['L_copy'])}, L_copy_H {layer_or_never(d['L_copy_H'])}, "
+            f"delta_layers {'none' if d['delta_layers'] is None else d['delta_layers']}")
