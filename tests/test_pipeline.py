@@ -21,6 +21,9 @@ from tests.lens_checks import PROMPT, assert_stats_match_logits, gemm_bound
 from tests.pipeline_worker import PROMPTS, steering
 from tests.tiny_models import CONFIGS
 
+# mlx.launch's ring listens on fixed ports: its launches share one test worker (pyproject.toml)
+pytestmark = pytest.mark.xdist_group("mlx.launch")
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 300  # seconds: a hung rank fails the test instead of hanging CI
