@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mlx_lens import backend_choice
-from mlx_lens.tuned import lens_file
+from mlx_lens.tuned import jlens_file, lens_file
 from mlx_lens.tuned import training
 from mlx_lens.core.contract import Backend, InspectableBackend, require
 from mlx_lens.core.steering import Steering
@@ -45,6 +45,7 @@ from mlx_lens.experiment.milestones import MilestoneSettings
 from mlx_lens.loading.sources import ModelSource, resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.experiment.suite import SuiteResult, run_suite
+from mlx_lens.tuned.jlens_file import JLens
 from mlx_lens.tuned.lens_file import TunedLens
 from mlx_lens.tuned.training import TuneOptions
 
@@ -163,18 +164,21 @@ class ModelLens:
                                  text.held_out, max_tokens)
 
 
-def resolve_lens(lens: str | Lens | TunedLens) -> Lens:
-    """A --lens value: a norm rule, "tuned:DIR" (a tuned lens folder, either layout), a Lens or
-    a TunedLens."""
+def resolve_lens(lens: str | Lens | TunedLens | JLens) -> Lens:
+    """A --lens value: a norm rule, "tuned:DIR" (a tuned lens folder, either layout),
+    "jlens:FILE" (a Jacobian lens, docs/jlens.md), a Lens, a TunedLens or a JLens."""
     if isinstance(lens, Lens):
         return lens
-    if isinstance(lens, TunedLens):
+    if isinstance(lens, (TunedLens, JLens)):
         return Lens.tuned(lens)
     if lens in RULES:
         return Lens(lens)
     if str(lens).startswith(lens_file.PREFIX):
         return Lens.tuned(lens_file.read(str(lens).removeprefix(lens_file.PREFIX)))
-    raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(RULES)} or tuned:DIR")
+    if str(lens).startswith(jlens_file.PREFIX):
+        return Lens.tuned(jlens_file.read(str(lens).removeprefix(jlens_file.PREFIX)))
+    raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(RULES)}, tuned:DIR or "
+                    "jlens:FILE")
 
 
 def resolve_lenses(spec: str | Sequence[str | Lens], primary: Lens) -> tuple[Lens, ...]:
@@ -197,9 +201,10 @@ def load(model: str | None = None, backend: str = "auto", lens: str | Lens | Tun
          device_map: dict | None = None) -> ModelLens:
     """Load `model` (a local folder, a .gguf file, a hub id; None: the packaged SmolLM2) on
     `backend` ("auto", "mlx", "torch"), to be decoded with `lens` ("final-norm", "next-norm",
-    "raw", "tuned:DIR", a TunedLens or a Lens). announce(backend, reason) is called once the backend is
-    chosen, before the (slow) load. device_map (torch): module name -> device or "disk", for
-    accelerate to place the model so (README "A model split across devices")."""
+    "raw", "tuned:DIR", "jlens:FILE", a TunedLens, a JLens or a Lens). announce(backend, reason)
+    is called once the backend is chosen, before the (slow) load. device_map (torch): module
+    name -> device or "disk", for accelerate to place the model so (README "A model split
+    across devices")."""
     spec = resolve_lens(lens)
     source = resolve(model)
     name, reason = backend_choice.pick(backend)

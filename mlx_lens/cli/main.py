@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     parity = sub.add_parser("parity", help="check that the MLX lens agrees with the torch reference "
                             "on a model (per-layer table; exit 1 beyond tolerance)")
     parity.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    parity.add_argument("--lens", default="all", help=f"{', '.join(RULES)}, tuned:DIR or all "
-                        "(the three norm rules)")
+    parity.add_argument("--lens", default="all", help=f"{', '.join(RULES)}, tuned:DIR, "
+                        "jlens:FILE or all (the three norm rules)")
     parity.add_argument("--prompt", action="append", help="repeatable (default: the probe prompt)")
     parity.add_argument("--answer", default=ANSWER)
     run = sub.add_parser("run", parents=[options], help="run the logit-lens experiment")
@@ -84,11 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="also save the residual stream per layer (safetensors)")
     run.add_argument("--lens", default="final-norm",
                      help=f"how each layer is decoded: {', '.join(RULES)} (the norm; next-norm: "
-                          "the original's rule) or tuned:DIR (a tuned lens folder, mlx-lens tune)")
+                          "the original's rule), tuned:DIR (a tuned lens folder, mlx-lens tune) or "
+                          "jlens:FILE (a Jacobian lens file, mlx-lens jlens)")
     run.add_argument("--lenses", default=None, metavar="LENSES",
                      help="also decode with these lenses from the same forward pass, compared "
-                          f"layer by layer: comma-separated ({', '.join(RULES)}, tuned:DIR) or "
-                          "all; adds the lens tables (README 'Several lenses')")
+                          f"layer by layer: comma-separated ({', '.join(RULES)}, tuned:DIR, "
+                          "jlens:FILE) or all; adds the lens tables (README 'Several lenses')")
     run.add_argument("--no-mid-block", dest="mid", action="store_false",
                      help="with --lenses, leave out the middle of each block (after attention, "
                           "before the MLP)")
