@@ -190,3 +190,155 @@ def test_broken_jlens_files_are_one_line_errors(tiny_model_dirs, tmp_path, capsy
                                str(tmp_path / "run")], tmp_path, capsys)
     assert code == 2 and err.count("\n") == 1 and "NaN or inf" in err
     assert not (tmp_path / "run").exists()
+
+
+# -- the fit's gradients against finite differences of the model's own forward ------------------
+# Both sides in float64 (the models cast), so the comparison tests the estimator, not rounding.
+# Central differences D(e) = g + c e^2 + O(e^4): D(e) is within |D(2e) - D(e)| / 3 of g up to the
+# O(e^4) term, and |D(2e) - D(e)| allows 3x that. f, a sum of T entries of the last block's
+# output, is computed to within C u sum|entries|, which moves D(e) by that over e:
+# - transformers in float64 (its RMSNorm's fp32 cast replaced by its formula): u = u64 and
+#   C = 1e3 (3 blocks of products of length <= 384: L gamma_384 ~ 1.2e3 u64 relative);
+# - mlx-lm in float64: mlx's fast kernels (norm, rope, attention) compute in fp32 whatever the
+#   dtype, one rounding each per block: u = u32 and C = 3 L = 9; e = 0.1 keeps C u F / e small.
+# The gradients' own rounding (float64 products, the same fp32 kernels once) is ~1e-4 of these.
+FD_CASES = [(0, 3, 5), (1, 4, 17)]  # (block output l, source position t, output direction i)
+TORCH_FD = (1e-3, 1e3 * np.finfo(np.float64).eps / 2)  # (e, C u)
+MLX_FD = (1e-1, 9 * np.finfo(np.float32).eps / 2)
+
+
+def _fd(f, eps: float, cu: float) -> tuple[float, float]:
+    """D(eps) and its bound: |D(2 eps) - D(eps)| plus the rounding of f over eps."""
+    (lo, lo_abs), (hi, hi_abs) = f(-eps), f(eps)
+    (lo2, _), (hi2, _) = f(-2 * eps), f(2 * eps)
+    d1, d2 = (hi - lo) / (2 * eps), (hi2 - lo2) / (4 * eps)
+    return d1, abs(d2 - d1) + cu * max(lo_abs, hi_abs) / eps
+
+
+def _torch_f(model, ids, layer, positions, direction, u):
+    """e -> (sum_t' h_L,t'[direction], sum of |entries|) by transformers' own forward, float64,
+    block `layer`'s output moved by e u at `positions` (a hook on transformers' layer list)."""
+    base = model.base_model
+    layers = base.layers if hasattr(base, "layers") else base.h
+
+    def f(e):
+        seen = []
+
+        def move(_m, _a, out):
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[0, positions] += e * torch.from_numpy(u)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handles = [layers[layer].register_forward_hook(move), layers[-1].register_forward_hook(
+            lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))]
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+        finally:
+            for h in handles:
+                h.remove()
+        column = seen[0][0, :, direction]
+        return float(column.sum()), float(column.abs().sum())
+    return f
+
+
+def _mlx_f(model, ids, layer, positions, direction, u):
+    """The same by mlx-lm's own forward of the loaded model (the mlx-lm Model object, called
+    as a whole: not the lens's loop), the layer wrapped in a callable."""
+    import mlx.core as mx
+
+    inner = model.model
+    layers = inner.layers if hasattr(inner, "layers") else inner.h
+    at = np.zeros((1, len(ids), 1))
+    at[0, positions] = 1
+    seen = []
+
+    class Wrapped:
+        def __init__(self, block, shift):
+            self.block, self.shift = block, shift
+
+        def __getattr__(self, name):  # what the model's forward reads of its blocks
+            return getattr(self.block, name)
+
+        def __call__(self, *args, **kwargs):
+            out = self.block(*args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+            h = h + self.shift
+            seen.append(h)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    original = (layers[layer], layers[-1])
+
+    def f(e):
+        shift = mx.array(at * e * u[None, None, :]).astype(mx.float64)
+        layers[layer] = Wrapped(original[0], shift)
+        layers[-1] = Wrapped(original[1], mx.zeros(1, mx.float64))
+        try:
+            seen.clear()
+            model(mx.array([ids]))
+            column = np.array(seen[-1][0, :, direction])
+        finally:
+            layers[layer], layers[-1] = original
+        return float(column.sum()), float(np.abs(column).sum())
+    return f
+
+
+def _float64_backends(tiny_model_dirs, name):
+    import mlx.core as mx
+    from mlx_lens.loading.sources import resolve
+    from mlx_lens.mlx.backend import MlxBackend
+    from torch_ref.backend import TorchBackend
+
+    source = resolve(str(tiny_model_dirs[name]))
+    torch_backend, mlx_backend = TorchBackend(source), MlxBackend(source)
+    torch_backend.model.double()
+    for module in torch_backend.model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            # transformers' RMSNorm computes in fp32 whatever its input: here its formula in
+            # the input's dtype (Llama's and Qwen's: w x / sqrt(mean x^2 + eps))
+            def forward(x, m=module):
+                eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+                return m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            module.forward = forward
+    mlx_backend.model.set_dtype(mx.float64)
+    return torch_backend, mlx_backend
+
+
+# Architectures whose transformers forward runs in float64 once its RMSNorm does (Gemma's
+# eager attention takes its softmax in fp32).
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3"])
+def test_the_gradients_are_finite_differences_of_the_models_own_forward(tiny_model_dirs, name):
+    """At (layer, position, direction) triples, each backend's row dotted with a random unit u
+    against d/de of sum_t' h_L,t'[i] with h_l,t moved by e u; the prompt cut after t + 1 and
+    skip = t, so t is the only source position. And once over all source positions of a
+    prompt (skip 2): the sum of the per-position gradients."""
+    torch_backend, mlx_backend = _float64_backends(tiny_model_dirs, name)
+    ids = torch_backend.tokenizer.encode(PROMPTS[0])
+    d = torch_backend.info.d_model
+    rng = np.random.default_rng(1)
+    cases = [(layer, ids[:t + 2], [t], t, i) for layer, t, i in FD_CASES]
+    cases.append((1, ids, list(range(2, len(ids) - 1)), 2, 9))
+    for layer, prompt, positions, skip, i in cases:
+        u = rng.standard_normal(d)
+        u /= np.linalg.norm(u)
+        wants = {torch_backend: _fd(_torch_f(torch_backend.model, prompt, layer, positions, i, u),
+                                    *TORCH_FD),
+                 mlx_backend: _fd(_mlx_f(mlx_backend.model, prompt, layer, positions, i, u),
+                                  *MLX_FD)}
+        for backend, (want, bound) in wants.items():
+            got = backend.jacobian_rows(prompt, [i], skip)[layer, 0] @ u
+            assert abs(got - want) <= bound, (backend.info.backend, layer, positions, got, want)
+            assert abs(want) > 10 * bound  # the comparison has teeth
+
+
+def test_a_batch_of_directions_is_each_direction_alone(tiny_model_dirs):
+    """One backward pass of B copies equals B passes of one (float64: the copies are independent
+    computations, whose only difference is the kernels' blocking, within 1e-12 relative)."""
+    for backend in _float64_backends(tiny_model_dirs, "llama"):
+        ids = backend.tokenizer.encode(PROMPTS[0])
+        directions = [0, 5, 17, 31]
+        batched = backend.jacobian_rows(ids, directions, 2)
+        alone = np.stack([backend.jacobian_rows(ids, [i], 2)[:, 0] for i in directions], 1)
+        assert batched.shape == (backend.info.n_layers - 1, len(directions), backend.info.d_model)
+        scale = np.abs(alone).max()
+        assert np.abs(batched - alone).max() <= 1e-12 * scale, backend.info.backend
