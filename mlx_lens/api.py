@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mlx_lens import backend_choice
-from mlx_lens.tuned import jlens_file, lens_file
+from mlx_lens.tuned import jlens_file, jlens_fit, lens_file
 from mlx_lens.tuned import training
 from mlx_lens.core.contract import Backend, InspectableBackend, require
 from mlx_lens.core.steering import Steering
@@ -46,6 +46,7 @@ from mlx_lens.loading.sources import ModelSource, resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.experiment.suite import SuiteResult, run_suite
 from mlx_lens.tuned.jlens_file import JLens
+from mlx_lens.tuned.jlens_fit import JLensOptions
 from mlx_lens.tuned.lens_file import TunedLens
 from mlx_lens.tuned.training import TuneOptions
 
@@ -151,6 +152,15 @@ class ModelLens:
         text = load_corpus(corpus, self.backend.tokenizer, options.seq_len)
         return training.train(require(self.backend, TrainableBackend, "tune"), text, options,
                               Path(out))
+
+    def jlens(self, out: str | Path, corpus: str | None = None,
+              options: JLensOptions | None = None) -> JLens:
+        """Fit a Jacobian lens for this model on `corpus` (as `tune`'s) and write it to the new
+        file `out` in the reference layout (docs/jlens.md)."""
+        options = options or JLensOptions(corpus=corpus)
+        text = load_corpus(corpus, self.backend.tokenizer, options.seq_len)
+        return jlens_fit.fit(require(self.backend, TrainableBackend, "jlens"), text, options,
+                             Path(out))
 
     def evaluate(self, tuned: str | Path | TunedLens, corpus: str | None = None,
                  seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,10 +16,13 @@ from mlx_lens.checks.parity import compare
 from mlx_lens.core import bounds
 from mlx_lens.core.errors import LensError
 from mlx_lens.core.lens import FINAL_NORM, Lens
-from mlx_lens.tuned import jlens_file
+from mlx_lens.tuned import jlens_file, jlens_fit
+from mlx_lens.tuned.corpus import load_corpus
 from mlx_lens.tuned.jlens_file import JLens
+from mlx_lens.tuned.jlens_fit import JLensOptions
 from parity_tests.test_parity import PROMPTS, pair  # noqa: F401 (a fixture)
 from tests.test_cli import run_main
+from tests.tiny_models import corpus_file
 
 
 def reference_file(path, n_layers: int, d: int, seed: int = 0, dtype=torch.float16,
@@ -342,3 +346,137 @@ def test_a_batch_of_directions_is_each_direction_alone(tiny_model_dirs):
         assert batched.shape == (backend.info.n_layers - 1, len(directions), backend.info.d_model)
         scale = np.abs(alone).max()
         assert np.abs(batched - alone).max() <= 1e-12 * scale, backend.info.backend
+
+
+# -- the fit ---------------------------------------------------------------------------------------
+FIT = JLensOptions(windows=2, seq_len=16, skip=2, cotangents=40, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return corpus_file(tmp_path_factory.mktemp("corpus"))
+
+
+def test_a_fit_is_the_mean_of_finite_differences_over_its_windows(tiny_model_dirs, text, tmp_path):
+    """J_l[i] . u of a fit (float64 model) against the mean over its windows of 1/|V| d/de of
+    sum_t' h_L,t'[i] with h_l moved by e u at every source position (transformers' forward);
+    the bound: the windows' finite-difference bounds over |V|, and the file's fp32 rounding of
+    J, u32 sum_j |J_ij u_j|."""
+    torch_backend, _ = _float64_backends(tiny_model_dirs, "llama")
+    data = load_corpus(str(text), torch_backend.tokenizer, FIT.seq_len)
+    lens = jlens_fit.fit(torch_backend, data, FIT, tmp_path / "j.pt")
+    assert lens.n_prompts == 2 and sorted(lens.J) == list(range(torch_backend.info.n_layers - 1))
+    rng = np.random.default_rng(2)
+    for layer, i in ((0, 3), (1, 40)):
+        u = rng.standard_normal(torch_backend.info.d_model)
+        u /= np.linalg.norm(u)
+        fds = [_fd(_torch_f(torch_backend.model, w.tolist(), layer, list(range(2, 15)), i, u),
+                   *TORCH_FD) for w in data.train[:2]]
+        want = np.mean([f[0] for f in fds]) / FIT.sources
+        bound = np.mean([f[1] for f in fds]) / FIT.sources \
+            + np.finfo(np.float32).eps / 2 * np.abs(lens.J[layer][i] * u).sum()
+        assert abs(lens.J[layer][i] @ u - want) <= bound, (layer, i)
+        assert abs(want) > 10 * bound
+
+
+def _fit_bound(info, seq_len: int) -> float:
+    """MLX against torch, relative (Frobenius) on each J_l. No a-priori bound holds for a
+    backward pass; the model, stated like the tuned lens's training bound
+    (parity_tests/test_tuned.py): each backend's gradient carries the relative error of the
+    forward it differentiates (the deepest row's parity bound, (L + 1) gamma_d, §4), its own
+    backward roundings (one product of length max(d, ffn) back through each of the L blocks)
+    and the sum over positions (gamma_T); two backends, twice that."""
+    n, d = info.n_layers, info.d_model
+    return 2 * ((n + 1) * bounds.gamma(d) + n * bounds.gamma(4 * d) + bounds.gamma(seq_len))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
+def test_the_mlx_fit_is_the_torch_fit(pair, name, text, tmp_path):  # noqa: F811
+    torch_backend, mlx_backend = pair(name)
+    data = load_corpus(str(text), torch_backend.tokenizer, FIT.seq_len)
+    a, b = (jlens_fit.fit(backend, data, FIT, tmp_path / f"{backend.info.backend}.pt")
+            for backend in (torch_backend, mlx_backend))
+    bound = _fit_bound(torch_backend.info, FIT.seq_len)
+    for layer in a.J:
+        ja, jb = a.J[layer].astype(np.float64), b.J[layer].astype(np.float64)
+        assert np.linalg.norm(ja - jb) <= bound * np.linalg.norm(ja), layer
+        assert np.linalg.norm(ja - np.eye(len(ja))) > 0.1 * np.linalg.norm(ja)  # not the identity
+
+
+def test_two_shards_merge_to_one_fit_on_both(pair, text, tmp_path):  # noqa: F811
+    """Windows 0 and 1 merged against one fit of 0..1, entry by entry: each shard's mean
+    is rounded to fp32 once (u32 (n1 |J1| + n2 |J2|) / n after weighting), the merged and the
+    joint mean once more each (2 u32 |J|); the float64 sums' order adds ~1e-16."""
+    torch_backend, _ = pair("llama")
+    data = load_corpus(str(text), torch_backend.tokenizer, FIT.seq_len)
+    shards = [jlens_fit.fit(torch_backend, data, replace(FIT, windows=1, first=first),
+                            tmp_path / f"{first}.pt") for first in (0, 1)]
+    joint = jlens_fit.fit(torch_backend, data, FIT, tmp_path / "joint.pt")
+    merged = jlens_fit.merge([s.path for s in shards], tmp_path / "merged.pt")
+    assert merged.n_prompts == 2 and merged.config["fit"]["windows"] == [[0, 1], [1, 2]]
+    u = np.finfo(np.float32).eps / 2
+    for layer in joint.J:
+        weighted = sum(s.n_prompts * np.abs(s.J[layer].astype(np.float64)) for s in shards) / 2
+        bound = u * weighted + 2 * u * np.abs(joint.J[layer]) + 1e-12 * np.abs(joint.J[layer]).max()
+        assert np.all(np.abs(merged.J[layer] - joint.J[layer]) <= bound), layer
+    with pytest.raises(LensError, match="overlap"):
+        jlens_fit.merge([shards[0].path, shards[0].path], tmp_path / "twice.pt")
+    other = jlens_fit.fit(torch_backend, data, replace(FIT, windows=1, skip=3, first=2),
+                          tmp_path / "o.pt")
+    with pytest.raises(LensError, match="not shards of one fit"):
+        jlens_fit.merge([shards[0].path, other.path], tmp_path / "mixed.pt")
+
+
+class _Killed:
+    """A backend whose n-th backward pass is interrupted (as SIGINT does), once."""
+
+    def __init__(self, backend, at: int):
+        self.backend, self.at, self.calls = backend, at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def jacobian_rows(self, *args):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.backend.jacobian_rows(*args)
+
+
+def test_a_killed_fit_resumes_to_the_uninterrupted_result(pair, text, tmp_path):  # noqa: F811
+    torch_backend, _ = pair("llama")
+    data = load_corpus(str(text), torch_backend.tokenizer, FIT.seq_len)
+    opts = FIT
+    whole = jlens_fit.fit(torch_backend, data, opts, tmp_path / "whole.pt")
+    with pytest.raises(KeyboardInterrupt):  # killed in window 1's second backward pass
+        jlens_fit.fit(_Killed(torch_backend, 3 + 2), data, opts, tmp_path / "resumed.pt")
+    ckpt = jlens_file.read(tmp_path / "resumed.pt.checkpoint")
+    assert ckpt.n_prompts == 1 and not (tmp_path / "resumed.pt").exists()
+    resumed = jlens_fit.fit(torch_backend, data, opts, tmp_path / "resumed.pt")
+    assert all(np.array_equal(resumed.J[k], whole.J[k]) for k in whole.J)
+    assert not (tmp_path / "resumed.pt.checkpoint").exists()
+    with pytest.raises(KeyboardInterrupt):
+        jlens_fit.fit(_Killed(torch_backend, 4), data, opts, tmp_path / "other.pt")
+    with pytest.raises(LensError, match="checkpoint of another fit"):
+        jlens_fit.fit(torch_backend, data, replace(opts, skip=3), tmp_path / "other.pt")
+    with pytest.raises(LensError, match="never overwritten"):
+        jlens_fit.fit(torch_backend, data, opts, tmp_path / "whole.pt")
+
+
+def test_the_command_fits_and_run_reads_it(tiny_model_dirs, text, tmp_path, capsys):
+    model = str(tiny_model_dirs["llama"])
+    out = tmp_path / "j.pt"
+    code, stdout, err = run_main(["jlens", model, "--backend", "torch", "--corpus", str(text),
+                                  "--windows", "2", "--seq-len", "16", "--skip", "2", "--out",
+                                  str(out)], tmp_path, capsys)
+    assert code == 0, err
+    meta = torch.load(out, weights_only=True)["metadata"]
+    assert meta["fit"]["skip"] == 2 and meta["fit"]["corpus"] == str(text)
+    for backend in ("torch", "mlx"):
+        code, stdout, err = run_main(["run", model, "--backend", backend, "--no-probes",
+                                      "--lenses", f"final-norm,raw,jlens:{out}", "--out_dir",
+                                      str(tmp_path / f"run-{backend}")], tmp_path, capsys)
+        assert code == 0, err
+    code, stdout, err = run_main(["jlens", model, "--seq-len", "4", "--skip", "3"], tmp_path,
+                                 capsys)
+    assert code == 2 and err.count("\n") == 1 and "leaves no source position" in err

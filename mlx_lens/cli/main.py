@@ -34,6 +34,7 @@ from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.checks.norm_scale import report as self_test_report
 from mlx_lens.checks.norm_scale import run_self_test, self_test_layers
 from mlx_lens.output.suite_tables import write_suite_tables
+from mlx_lens.tuned.jlens_fit import JLensOptions
 from mlx_lens.tuned.training import EVAL_TOKENS, TuneOptions
 
 
@@ -142,6 +143,24 @@ def _parser() -> argparse.ArgumentParser:
                            "(table, eval.csv and eval.png in DIR) instead of training")
     tune.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
                       help="held-out tokens the evaluation reads at most")
+    jlens = sub.add_parser("jlens", parents=[options],
+                           help="fit a Jacobian lens on a corpus (or merge shards: --merge)")
+    jlens.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    jlens.add_argument("--corpus", default=None, help="as tune's (default: pydoc_data's topics)")
+    jlens.add_argument("--windows", type=int, default=JLensOptions.windows,
+                       help="corpus windows (prompts) to average over")
+    jlens.add_argument("--first", type=int, default=JLensOptions.first,
+                       help="the first window: shards fit disjoint slices, merged by --merge")
+    jlens.add_argument("--seq-len", type=int, default=JLensOptions.seq_len)
+    jlens.add_argument("--skip", type=int, default=JLensOptions.skip,
+                       help="first positions of a window that are no source (attention sinks)")
+    jlens.add_argument("--cotangents", type=int, default=JLensOptions.cotangents,
+                       help="output directions per backward pass (memory: that many copies of "
+                            "a window)")
+    jlens.add_argument("--out", type=Path, default=None,
+                       help="the new J-lens file (default: lenses/<model>.jlens.pt)")
+    jlens.add_argument("--merge", type=Path, nargs="+", default=None, metavar="FILE",
+                       help="merge these shards of one fit into --out instead of fitting")
     patch_command.add_parser(sub, options, MODEL_HELP)
     plot = sub.add_parser("plot", help="draw a run folder's pictures (again) from its artifacts")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/run-latest")
@@ -409,6 +428,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jlens(args: argparse.Namespace) -> int:
+    from mlx_lens.tuned import jlens_fit
+    from mlx_lens.tuned.corpus import documents
+
+    if args.merge:
+        if args.out is None:
+            raise LensError("--merge needs --out, the merged file")
+        lens = jlens_fit.merge(args.merge, args.out)
+        print(f"  wrote {lens.path}: {lens.n_prompts} windows from {len(args.merge)} shards")
+        return 0
+    opts = JLensOptions(args.windows, args.first, args.seq_len, args.skip, args.cotangents,
+                        args.corpus)
+    opts.check()  # before the (slow) load, as a broken corpus
+    if args.corpus is not None:
+        documents(args.corpus)
+    loaded = _load(args, args.model)
+    info, started = loaded.backend.info, time.perf_counter()
+    out = args.out or Path("lenses") / f"{loaded.source.name}.jlens.pt"
+    print(f"jlens: J of {info.n_layers - 1} block outputs, {info.d_model}x{info.d_model}, on "
+          f"{args.corpus or 'pydoc-topics'}: {opts.windows} windows of {opts.seq_len} tokens, "
+          f"{opts.cotangents} directions per backward pass", flush=True)
+    lens = loaded.jlens(out, args.corpus, opts)
+    seconds = time.perf_counter() - started
+    print(f"  wrote {lens.path} in {seconds:.0f} s; read it: mlx-lens run --lens jlens:{lens.path}")
+    return 0
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs (no staging left)."""
 
@@ -422,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report,
-                    "plot": cmd_plot, "tune": cmd_tune,
+                    "plot": cmd_plot, "tune": cmd_tune, "jlens": cmd_jlens,
                     "patch": lambda a: patch_command.cmd_patch(a, _load)}
         return commands[args.command](args)
     except LensError as exc:  # one line for users; MLX_LENS_DEBUG=1 shows the whole chain

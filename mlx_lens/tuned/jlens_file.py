@@ -8,14 +8,15 @@ translator, A = J - I and b = 0, so both backends decode it as they decode a tun
 gives exactly the logit lens. The file is the reference implementation's: a torch.save of
 {"J": {layer: [d, d]} (fp16 or fp32), "n_prompts", "source_layers", "d_model", "metadata"},
 read with weights_only=True (no pickled code runs). A fit's checkpoint and its shards are files
-of the same layout: J the mean so far, n_prompts the prompts it averages.
+of the same layout: J the mean so far, n_prompts the prompts it averages, and `J_sum`, the
+float64 running sums a fit resumes from exactly (a file of J_sum alone reads as J_sum /
+n_prompts).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class JLens:
     n_prompts: int
     config: dict = field(default_factory=dict)  # the file's metadata
     path: Path | None = None
+    sums: dict[int, np.ndarray] | None = None  # a checkpoint's float64 running sums of J
 
     @property
     def name(self) -> str:
@@ -76,6 +78,9 @@ def read(path: str | Path) -> JLens:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise LensError(f"unreadable J-lens {path}: {one_line(exc)}") from exc
+    if isinstance(data, dict) and "J" not in data and isinstance(data.get("J_sum"), dict):
+        data = {**data, "J": {k: v / max(1, data.get("n_prompts") or 1)
+                              for k, v in data["J_sum"].items()}}
     if not isinstance(data, dict) or not isinstance(data.get("J"), dict) or not data["J"]:
         raise LensError(f"J-lens {path}: not a dict with a non-empty 'J' dict of matrices")
     metadata = data.get("metadata") or {}
@@ -85,6 +90,8 @@ def read(path: str | Path) -> JLens:
                         "metadata a dict")
     try:
         J = {int(k): v.float().numpy() for k, v in data["J"].items()}
+        sums = {int(k): v.double().numpy() for k, v in data["J_sum"].items()} \
+            if isinstance(data.get("J_sum"), dict) else None
     except (TypeError, ValueError, AttributeError) as exc:
         raise LensError(f"J-lens {path}: J is not {{layer: tensor}} ({one_line(exc)})") from exc
     layers = sorted(J)
@@ -101,7 +108,7 @@ def read(path: str | Path) -> JLens:
     bad = [k for k in layers if not np.isfinite(J[k]).all()]
     if bad:
         raise LensError(f"J-lens {path}: J of layers {', '.join(map(str, bad))} holds NaN or inf")
-    return JLens(J, n_layers, n_prompts, metadata, path)
+    return JLens(J, n_layers, n_prompts, metadata, path, sums)
 
 
 def _is_int(x) -> bool:
@@ -109,8 +116,8 @@ def _is_int(x) -> bool:
 
 
 def save(lens: JLens, path: Path, replace: bool = False) -> JLens:
-    """Write `lens` in the reference layout (fp32), whole or not at all; an existing file is
-    replaced only when `replace` (a checkpoint)."""
+    """Write `lens` in the reference layout (fp32; its float64 sums too, where it has them: a
+    checkpoint), whole or not at all; an existing file is replaced only when `replace`."""
     import torch
 
     path = Path(path)
@@ -120,19 +127,22 @@ def save(lens: JLens, path: Path, replace: bool = False) -> JLens:
     data = {"J": {k: torch.from_numpy(np.ascontiguousarray(lens.J[k], np.float32)) for k in layers},
             "n_prompts": int(lens.n_prompts), "source_layers": layers, "d_model": lens.d_model,
             "metadata": dict(lens.config)}
+    if lens.sums is not None:
+        data["J_sum"] = {k: torch.from_numpy(np.ascontiguousarray(lens.sums[k], np.float64))
+                         for k in layers}
     atomic_write(path, lambda tmp: torch.save(data, tmp))
-    return JLens(lens.J, lens.n_layers, lens.n_prompts, lens.config, path)
+    return JLens(lens.J, lens.n_layers, lens.n_prompts, lens.config, path, lens.sums)
 
 
-def merge(shards: Sequence[JLens], config: dict | None = None) -> JLens:
-    """Shards of one fit (the same model and layers) as one: J weighted by prompt counts, in
-    float64."""
-    first = shards[0]
-    for s in shards[1:]:
-        if sorted(s.J) != sorted(first.J) or s.d_model != first.d_model:
-            raise LensError(f"{s.name} and {first.name} are not shards of one model's J-lens")
-    n = sum(s.n_prompts for s in shards)
-    J = {k: (sum(s.n_prompts * s.J[k].astype(np.float64) for s in shards) / n).astype(np.float32)
-         for k in first.J}
-    return JLens(J, first.n_layers, n, first.config if config is None else config)
+def sums_of(lens: JLens) -> dict[int, np.ndarray]:
+    """float64 sums of J over the lens's prompts: a checkpoint's own, or n_prompts x J."""
+    if lens.sums is not None:
+        return lens.sums
+    return {k: lens.n_prompts * v.astype(np.float64) for k, v in lens.J.items()}
 
+
+def from_sums(sums: dict[int, np.ndarray], n_prompts: int, n_layers: int, config: dict,
+              keep_sums: bool = False) -> JLens:
+    """The mean J of n_prompts prompts from its float64 sums (kept with it: a checkpoint)."""
+    J = {k: (v / n_prompts).astype(np.float32) for k, v in sums.items()}
+    return JLens(J, n_layers, n_prompts, config, sums=sums if keep_sums else None)
