@@ -128,6 +128,38 @@ class ModelLens:
                 .mean(0) for p in (prompt_a, prompt_b)]
         return (mean[0] - mean[1]).astype(np.float32)
 
+    def jlens_vectors(self, tokens: Sequence[int | str], row: int,
+                      jlens: str | Path | JLens | None = None) -> np.ndarray:
+        """Per token t, v_t = J^T W_U[t] at `row` [len(tokens), d] float32: the residual
+        direction whose dot product with h is the J-lens's logit of t before the final norm,
+        usable as a steering vector at that row (`run(steer={row: v})`). J is the J-lens of
+        block row - 1 (`jlens`, or this ModelLens's lens; rows 0 and L: the identity); a token
+        is an id or a string of one token."""
+        backend = require(self.backend, InspectableBackend, "jlens_vectors")
+        info = backend.info
+        if jlens is None and not isinstance(self.lens.translators, JLens):
+            raise LensError("jlens_vectors needs a J-lens: load(lens='jlens:FILE') or jlens=FILE")
+        lens = self.lens.translators if jlens is None else \
+            jlens if isinstance(jlens, JLens) else jlens_file.read(jlens)
+        backend.check_lens(Lens.tuned(lens))  # a lens for another model is refused
+        if not 0 <= row <= info.n_layers:
+            raise LensError(f"row {row} is out of range (rows 0..{info.n_layers})")
+        ids = [self._token_id(t) for t in tokens]
+        heads = np.stack([backend.unembedding(i, i + 1)[0] for i in ids]).astype(np.float64)
+        if row < info.n_layers:
+            heads = heads @ (np.eye(info.d_model) + lens.weight[row].astype(np.float64))
+        return heads.astype(np.float32)
+
+    def _token_id(self, token: int | str) -> int:
+        if isinstance(token, (int, np.integer)):
+            if not 0 <= token < self.backend.info.vocab:
+                raise LensError(f"token id {token} is out of range (0..{self.backend.info.vocab - 1})")
+            return int(token)
+        ids = self.backend.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise LensError(f"{token!r} is {len(ids)} tokens, not one")
+        return ids[0]
+
     def patch(self, clean: str, corrupt: str, answer: str, corrupt_answer: str | None = None,
               window: int = 1, kinds: Sequence[str] = KINDS) -> PatchResult:
         """An activation-patching trace: the clean run's activations restored into the

@@ -480,3 +480,28 @@ def test_the_command_fits_and_run_reads_it(tiny_model_dirs, text, tmp_path, caps
     code, stdout, err = run_main(["jlens", model, "--seq-len", "4", "--skip", "3"], tmp_path,
                                  capsys)
     assert code == 2 and err.count("\n") == 1 and "leaves no source position" in err
+
+
+def test_jlens_vectors_are_J_transposed_times_the_head_rows(tiny_model_dirs, tmp_path):
+    """v_t = J_l^T W_U[t] against float64 from the file's J and transformers' head; the bound:
+    A = J - I held in fp32 (u32 |J_ii - 1| on the diagonal) and v rounded to fp32 once, within
+    2 u32 (|J|^T |w|). Row 0 has no J: the head row itself. The vectors steer a run."""
+    model = tiny_model_dirs["llama_untied"]
+    lens = load(str(model), "torch")
+    info = lens.backend.info
+    J = reference_file(tmp_path / "j.pt", info.n_layers, info.d_model)
+    head = lens.backend.model.get_output_embeddings().weight.detach().double().numpy()
+    tokens = [5, 17, lens.backend.tokenizer.decode([40])]
+    ids = [5, 17, lens.backend.tokenizer.encode(tokens[2], add_special_tokens=False)[0]]
+    got = lens.jlens_vectors(tokens, 2, tmp_path / "j.pt")
+    want = head[ids] @ J[1]
+    bound = 2 * np.finfo(np.float32).eps / 2 * (np.abs(head[ids]) @ np.abs(J[1]))
+    assert got.shape == (3, info.d_model) and np.all(np.abs(got - want) <= bound)
+    assert np.array_equal(lens.jlens_vectors([5], 0, tmp_path / "j.pt")[0], head[5].astype(np.float32))
+    with pytest.raises(LensError, match="needs a J-lens"):
+        lens.jlens_vectors([5], 2)
+    with pytest.raises(LensError, match="tokens, not one"):
+        lens.jlens_vectors(["the capital of"], 2, tmp_path / "j.pt")
+    steered = lens.run(PROMPTS[0], probes=False, steer={2: 4 * got[0]})
+    plain = lens.run(PROMPTS[0], probes=False)
+    assert not steered.pure["entropy"].equals(plain.pure["entropy"])
