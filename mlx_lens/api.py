@@ -195,15 +195,19 @@ class ModelLens:
                              Path(out))
 
     def evaluate(self, tuned: str | Path | TunedLens, corpus: str | None = None,
-                 seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS) -> pd.DataFrame:
+                 seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS,
+                 jlens: str | Path | JLens | None = None) -> pd.DataFrame:
         """Per layer on held-out text: KL(model output || lens) and cross-entropy (bits), logit
-        lens vs the tuned lens; corpus and seq_len default to the lens's training ones."""
+        lens vs the tuned lens (and a J-lens, given one); corpus and seq_len default to the
+        tuned lens's training ones."""
         lens = tuned if isinstance(tuned, TunedLens) else lens_file.read(tuned)
+        if jlens is not None and not isinstance(jlens, JLens):
+            jlens = jlens_file.read(jlens)
         trained = lens.config.get("training", {})
         text = load_corpus(corpus or trained.get("corpus"), self.backend.tokenizer,
                            seq_len or trained.get("seq_len", TuneOptions.seq_len))
         return training.evaluate(require(self.backend, TrainableBackend, "tune --eval"), lens,
-                                 text.held_out, max_tokens)
+                                 text.held_out, max_tokens, jlens)
 
 
 def resolve_lens(lens: str | Lens | TunedLens | JLens) -> Lens:

@@ -8,6 +8,7 @@ import os
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -505,3 +506,33 @@ def test_jlens_vectors_are_J_transposed_times_the_head_rows(tiny_model_dirs, tmp
     steered = lens.run(PROMPTS[0], probes=False, steer={2: 4 * got[0]})
     plain = lens.run(PROMPTS[0], probes=False)
     assert not steered.pure["entropy"].equals(plain.pure["entropy"])
+
+
+def test_tune_eval_reports_the_jlens_beside_the_tuned_lens(tiny_model_dirs, text, tmp_path, capsys):
+    """An identity J evaluates as the logit lens bit for bit; a fitted one differs from it at the
+    rows it translates only (row 0 has no J), in the table, eval.csv and the console."""
+    from mlx_lens.tuned import lens_file, training
+    from mlx_lens.tuned.lens_file import TunedLens
+
+    model = str(tiny_model_dirs["llama"])
+    lens = load(model, "torch")
+    info = lens.backend.info
+    data = load_corpus(str(text), lens.backend.tokenizer, FIT.seq_len)
+    tuned = lens_file.save(TunedLens.identity(info.n_layers, info.d_model), tmp_path / "tuned")
+    reference_file(tmp_path / "i.pt", info.n_layers, info.d_model, identity=True)
+    frame = training.evaluate(lens.backend, tuned, data.held_out, 256,
+                              jlens_file.read(tmp_path / "i.pt"))
+    assert frame.kl_jlens_bits.equals(frame.kl_logit_bits)
+    assert frame.ce_jlens_bits.equals(frame.ce_logit_bits)
+    fitted = jlens_fit.fit(lens.backend, data, FIT, tmp_path / "j.pt")
+    code, out, err = run_main(["tune", model, "--backend", "torch", "--corpus", str(text),
+                               "--seq-len", str(FIT.seq_len), "--eval", str(tuned.path),
+                               "--eval-tokens", "256", "--jlens", str(fitted.path)], tmp_path, capsys)
+    assert code == 0, err
+    assert f"and J-lens {fitted.path}" in out and "KL(" in out
+    csv = pd.read_csv(tuned.path / "eval.csv")
+    assert csv.kl_jlens_bits[0] == csv.kl_logit_bits[0]
+    assert (csv.kl_jlens_bits[1:-1] != csv.kl_logit_bits[1:-1]).all()
+    assert csv.kl_jlens_bits.iloc[-1] == 0 and (tuned.path / "eval.png").is_file()
+    code, out, err = run_main(["tune", model, "--jlens", str(fitted.path)], tmp_path, capsys)
+    assert code == 2 and "--jlens goes with --eval" in err

@@ -143,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                            "(table, eval.csv and eval.png in DIR) instead of training")
     tune.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
                       help="held-out tokens the evaluation reads at most")
+    tune.add_argument("--jlens", type=Path, default=None, metavar="FILE",
+                      help="with --eval, a J-lens file evaluated beside the tuned lens")
     jlens = sub.add_parser("jlens", parents=[options],
                            help="fit a Jacobian lens on a corpus (or merge shards: --merge)")
     jlens.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
@@ -392,7 +394,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mlx_lens.tuned import lens_file
+    from mlx_lens.tuned import jlens_file, lens_file
     from mlx_lens.tuned.corpus import documents
     from mlx_lens.view.tuned import write_eval
 
@@ -403,13 +405,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise LensError("--seq-len must be at least 2 (a next token to predict)")
     # A broken lens or corpus fails before the model is loaded.
     tuned = lens_file.read(args.eval) if args.eval else None
+    if args.jlens is not None and tuned is None:
+        raise LensError("--jlens goes with --eval DIR (a tuned lens to compare it with)")
+    jlens = jlens_file.read(args.jlens) if args.jlens else None
     if args.corpus is not None:
         documents(args.corpus)
     loaded = _load(args, args.model)
     info, started = loaded.backend.info, time.perf_counter()
     if tuned is not None:
-        frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens)
-        print(f"{info.name}: logit lens vs tuned lens {args.eval}, held-out text "
+        frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens, jlens)
+        also = f" and J-lens {args.jlens}" if jlens else ""
+        print(f"{info.name}: logit lens vs tuned lens {args.eval}{also}, held-out text "
               f"({int(frame.tokens[0])} tokens), bits per token: kl_* {KL_TUNED}, ce_* the "
               "next token's cross-entropy")
         print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
