@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mlx_lens import backend_choice
-from mlx_lens.tuned import lens_file
+from mlx_lens.tuned import jlens_file, jlens_fit, lens_file
 from mlx_lens.tuned import training
 from mlx_lens.core.contract import Backend, InspectableBackend, require
 from mlx_lens.core.steering import Steering
@@ -45,6 +45,8 @@ from mlx_lens.experiment.milestones import MilestoneSettings
 from mlx_lens.loading.sources import ModelSource, resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.experiment.suite import SuiteResult, run_suite
+from mlx_lens.tuned.jlens_file import JLens
+from mlx_lens.tuned.jlens_fit import JLensOptions
 from mlx_lens.tuned.lens_file import TunedLens
 from mlx_lens.tuned.training import TuneOptions
 
@@ -126,6 +128,38 @@ class ModelLens:
                 .mean(0) for p in (prompt_a, prompt_b)]
         return (mean[0] - mean[1]).astype(np.float32)
 
+    def jlens_vectors(self, tokens: Sequence[int | str], row: int,
+                      jlens: str | Path | JLens | None = None) -> np.ndarray:
+        """Per token t, v_t = J^T W_U[t] at `row` [len(tokens), d] float32: the residual
+        direction whose dot product with h is the J-lens's logit of t before the final norm,
+        usable as a steering vector at that row (`run(steer={row: v})`). J is the J-lens of
+        block row - 1 (`jlens`, or this ModelLens's lens; rows 0 and L: the identity); a token
+        is an id or a string of one token."""
+        backend = require(self.backend, InspectableBackend, "jlens_vectors")
+        info = backend.info
+        if jlens is None and not isinstance(self.lens.translators, JLens):
+            raise LensError("jlens_vectors needs a J-lens: load(lens='jlens:FILE') or jlens=FILE")
+        lens = self.lens.translators if jlens is None else \
+            jlens if isinstance(jlens, JLens) else jlens_file.read(jlens)
+        backend.check_lens(Lens.tuned(lens))  # a lens for another model is refused
+        if not 0 <= row <= info.n_layers:
+            raise LensError(f"row {row} is out of range (rows 0..{info.n_layers})")
+        ids = [self._token_id(t) for t in tokens]
+        heads = np.stack([backend.unembedding(i, i + 1)[0] for i in ids]).astype(np.float64)
+        if row < info.n_layers:
+            heads = heads @ (np.eye(info.d_model) + lens.weight[row].astype(np.float64))
+        return heads.astype(np.float32)
+
+    def _token_id(self, token: int | str) -> int:
+        if isinstance(token, (int, np.integer)):
+            if not 0 <= token < self.backend.info.vocab:
+                raise LensError(f"token id {token} is out of range (0..{self.backend.info.vocab - 1})")
+            return int(token)
+        ids = self.backend.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise LensError(f"{token!r} is {len(ids)} tokens, not one")
+        return ids[0]
+
     def patch(self, clean: str, corrupt: str, answer: str, corrupt_answer: str | None = None,
               window: int = 1, kinds: Sequence[str] = KINDS) -> PatchResult:
         """An activation-patching trace: the clean run's activations restored into the
@@ -151,30 +185,46 @@ class ModelLens:
         return training.train(require(self.backend, TrainableBackend, "tune"), text, options,
                               Path(out))
 
+    def jlens(self, out: str | Path, corpus: str | None = None,
+              options: JLensOptions | None = None) -> JLens:
+        """Fit a Jacobian lens for this model on `corpus` (as `tune`'s) and write it to the new
+        file `out` in the reference layout (docs/jlens.md)."""
+        options = options or JLensOptions(corpus=corpus)
+        text = load_corpus(corpus, self.backend.tokenizer, options.seq_len)
+        return jlens_fit.fit(require(self.backend, TrainableBackend, "jlens"), text, options,
+                             Path(out))
+
     def evaluate(self, tuned: str | Path | TunedLens, corpus: str | None = None,
-                 seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS) -> pd.DataFrame:
+                 seq_len: int | None = None, max_tokens: int = training.EVAL_TOKENS,
+                 jlens: str | Path | JLens | None = None) -> pd.DataFrame:
         """Per layer on held-out text: KL(model output || lens) and cross-entropy (bits), logit
-        lens vs the tuned lens; corpus and seq_len default to the lens's training ones."""
+        lens vs the tuned lens (and a J-lens, given one); corpus and seq_len default to the
+        tuned lens's training ones."""
         lens = tuned if isinstance(tuned, TunedLens) else lens_file.read(tuned)
+        if jlens is not None and not isinstance(jlens, JLens):
+            jlens = jlens_file.read(jlens)
         trained = lens.config.get("training", {})
         text = load_corpus(corpus or trained.get("corpus"), self.backend.tokenizer,
                            seq_len or trained.get("seq_len", TuneOptions.seq_len))
         return training.evaluate(require(self.backend, TrainableBackend, "tune --eval"), lens,
-                                 text.held_out, max_tokens)
+                                 text.held_out, max_tokens, jlens)
 
 
-def resolve_lens(lens: str | Lens | TunedLens) -> Lens:
-    """A --lens value: a norm rule, "tuned:DIR" (a tuned lens folder, either layout), a Lens or
-    a TunedLens."""
+def resolve_lens(lens: str | Lens | TunedLens | JLens) -> Lens:
+    """A --lens value: a norm rule, "tuned:DIR" (a tuned lens folder, either layout),
+    "jlens:FILE" (a Jacobian lens, docs/jlens.md), a Lens, a TunedLens or a JLens."""
     if isinstance(lens, Lens):
         return lens
-    if isinstance(lens, TunedLens):
+    if isinstance(lens, (TunedLens, JLens)):
         return Lens.tuned(lens)
     if lens in RULES:
         return Lens(lens)
     if str(lens).startswith(lens_file.PREFIX):
         return Lens.tuned(lens_file.read(str(lens).removeprefix(lens_file.PREFIX)))
-    raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(RULES)} or tuned:DIR")
+    if str(lens).startswith(jlens_file.PREFIX):
+        return Lens.tuned(jlens_file.read(str(lens).removeprefix(jlens_file.PREFIX)))
+    raise LensError(f"unknown lens {lens!r}; choose one of {', '.join(RULES)}, tuned:DIR or "
+                    "jlens:FILE")
 
 
 def resolve_lenses(spec: str | Sequence[str | Lens], primary: Lens) -> tuple[Lens, ...]:
@@ -197,9 +247,10 @@ def load(model: str | None = None, backend: str = "auto", lens: str | Lens | Tun
          device_map: dict | None = None) -> ModelLens:
     """Load `model` (a local folder, a .gguf file, a hub id; None: the packaged SmolLM2) on
     `backend` ("auto", "mlx", "torch"), to be decoded with `lens` ("final-norm", "next-norm",
-    "raw", "tuned:DIR", a TunedLens or a Lens). announce(backend, reason) is called once the backend is
-    chosen, before the (slow) load. device_map (torch): module name -> device or "disk", for
-    accelerate to place the model so (docs/distributed.md "Across devices")."""
+    "raw", "tuned:DIR", "jlens:FILE", a TunedLens, a JLens or a Lens). announce(backend, reason)
+    is called once the backend is chosen, before the (slow) load. device_map (torch): module
+    name -> device or "disk", for accelerate to place the model so (docs/distributed.md "Across
+    devices")."""
     spec = resolve_lens(lens)
     source = resolve(model)
     name, reason = backend_choice.pick(backend)

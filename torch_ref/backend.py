@@ -30,6 +30,7 @@ from torch_ref.arch import read_layout
 from torch_ref.placement import DTYPES, checkpoint_dtype, execution_device, owned, place
 from torch_ref.reduce import LOG2E, lens_pairs, sweep_next_token, sweep_states
 from torch_ref.patch import Recorded, TorchPatcher
+from torch_ref.jlens import jacobian_rows
 from torch_ref.tune import TorchTuner, translate
 
 
@@ -475,6 +476,11 @@ class TorchBackend(Steerable):
                        restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
         return TorchPatcher(self).patched_logits(base, clean, kind, block, window, restore,
                                                  n_scored)
+
+    def jacobian_rows(self, ids: Sequence[int], directions: Sequence[int], skip: int) -> np.ndarray:
+        self.model.requires_grad_(False)  # frozen: gradients reach the rows only
+        x = torch.tensor([list(ids)] * len(directions), device=self.input_device)
+        return jacobian_rows(self.model.base_model, self.blocks, x, directions, skip)
 
     def tuner(self, lens: Translators, recipe: Recipe) -> TorchTuner:
         check_matches(lens, self.info, self._head_hashes)

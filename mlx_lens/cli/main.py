@@ -34,6 +34,7 @@ from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.checks.norm_scale import report as self_test_report
 from mlx_lens.checks.norm_scale import run_self_test, self_test_layers
 from mlx_lens.output.suite_tables import write_suite_tables
+from mlx_lens.tuned.jlens_fit import JLensOptions
 from mlx_lens.tuned.training import EVAL_TOKENS, TuneOptions
 
 
@@ -68,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     parity = sub.add_parser("parity", help="check that the MLX lens agrees with the torch reference "
                             "on a model (per-layer table; exit 1 beyond tolerance)")
     parity.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    parity.add_argument("--lens", default="all", help=f"{', '.join(RULES)}, tuned:DIR or all "
-                        "(the three norm rules)")
+    parity.add_argument("--lens", default="all", help=f"{', '.join(RULES)}, tuned:DIR, "
+                        "jlens:FILE or all (the three norm rules)")
     parity.add_argument("--prompt", action="append", help="repeatable (default: the probe prompt)")
     parity.add_argument("--answer", default=ANSWER)
     run = sub.add_parser("run", parents=[options], help="run the logit-lens experiment")
@@ -84,11 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="also save the residual stream per layer (safetensors)")
     run.add_argument("--lens", default="final-norm",
                      help=f"how each layer is decoded: {', '.join(RULES)} (the norm; next-norm: "
-                          "the original's rule) or tuned:DIR (a tuned lens folder, mlx-lens tune)")
+                          "the original's rule), tuned:DIR (a tuned lens folder, mlx-lens tune) or "
+                          "jlens:FILE (a Jacobian lens file, mlx-lens jlens)")
     run.add_argument("--lenses", default=None, metavar="LENSES",
                      help="also decode with these lenses from the same forward pass, compared "
-                          f"layer by layer: comma-separated ({', '.join(RULES)}, tuned:DIR) or "
-                          "all; adds the lens tables (docs/running.md)")
+                          f"layer by layer: comma-separated ({', '.join(RULES)}, tuned:DIR, "
+                          "jlens:FILE) or all; adds the lens tables (docs/running.md)")
     run.add_argument("--no-mid-block", dest="mid", action="store_false",
                      help="with --lenses, leave out the middle of each block (after attention, "
                           "before the MLP)")
@@ -141,6 +143,26 @@ def _parser() -> argparse.ArgumentParser:
                            "(table, eval.csv and eval.png in DIR) instead of training")
     tune.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
                       help="held-out tokens the evaluation reads at most")
+    tune.add_argument("--jlens", type=Path, default=None, metavar="FILE",
+                      help="with --eval, a J-lens file evaluated beside the tuned lens")
+    jlens = sub.add_parser("jlens", parents=[options],
+                           help="fit a Jacobian lens on a corpus (or merge shards: --merge)")
+    jlens.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    jlens.add_argument("--corpus", default=None, help="as tune's (default: pydoc_data's topics)")
+    jlens.add_argument("--windows", type=int, default=JLensOptions.windows,
+                       help="corpus windows (prompts) to average over")
+    jlens.add_argument("--first", type=int, default=JLensOptions.first,
+                       help="the first window: shards fit disjoint slices, merged by --merge")
+    jlens.add_argument("--seq-len", type=int, default=JLensOptions.seq_len)
+    jlens.add_argument("--skip", type=int, default=JLensOptions.skip,
+                       help="first positions of a window that are no source (attention sinks)")
+    jlens.add_argument("--cotangents", type=int, default=JLensOptions.cotangents,
+                       help="output directions per backward pass (memory: that many copies of "
+                            "a window)")
+    jlens.add_argument("--out", type=Path, default=None,
+                       help="the new J-lens file (default: lenses/<model>.jlens.pt)")
+    jlens.add_argument("--merge", type=Path, nargs="+", default=None, metavar="FILE",
+                       help="merge these shards of one fit into --out instead of fitting")
     patch_command.add_parser(sub, options, MODEL_HELP)
     plot = sub.add_parser("plot", help="draw a run folder's pictures (again) from its artifacts")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/run-latest")
@@ -372,7 +394,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mlx_lens.tuned import lens_file
+    from mlx_lens.tuned import jlens_file, lens_file
     from mlx_lens.tuned.corpus import documents
     from mlx_lens.view.tuned import write_eval
 
@@ -383,13 +405,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise LensError("--seq-len must be at least 2 (a next token to predict)")
     # A broken lens or corpus fails before the model is loaded.
     tuned = lens_file.read(args.eval) if args.eval else None
+    if args.jlens is not None and tuned is None:
+        raise LensError("--jlens goes with --eval DIR (a tuned lens to compare it with)")
+    jlens = jlens_file.read(args.jlens) if args.jlens else None
     if args.corpus is not None:
         documents(args.corpus)
     loaded = _load(args, args.model)
     info, started = loaded.backend.info, time.perf_counter()
     if tuned is not None:
-        frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens)
-        print(f"{info.name}: logit lens vs tuned lens {args.eval}, held-out text "
+        frame = loaded.evaluate(tuned, args.corpus, args.seq_len, args.eval_tokens, jlens)
+        also = f" and J-lens {args.jlens}" if jlens else ""
+        print(f"{info.name}: logit lens vs tuned lens {args.eval}{also}, held-out text "
               f"({int(frame.tokens[0])} tokens), bits per token: kl_* {KL_TUNED}, ce_* the "
               "next token's cross-entropy")
         print(frame.drop(columns="tokens").to_string(index=False, float_format="%.3f"))
@@ -408,6 +434,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jlens(args: argparse.Namespace) -> int:
+    from mlx_lens.tuned import jlens_fit
+    from mlx_lens.tuned.corpus import documents
+
+    if args.merge:
+        if args.out is None:
+            raise LensError("--merge needs --out, the merged file")
+        lens = jlens_fit.merge(args.merge, args.out)
+        print(f"  wrote {lens.path}: {lens.n_prompts} windows from {len(args.merge)} shards")
+        return 0
+    opts = JLensOptions(args.windows, args.first, args.seq_len, args.skip, args.cotangents,
+                        args.corpus)
+    opts.check()  # before the (slow) load, as a broken corpus
+    if args.corpus is not None:
+        documents(args.corpus)
+    loaded = _load(args, args.model)
+    info, started = loaded.backend.info, time.perf_counter()
+    out = args.out or Path("lenses") / f"{loaded.source.name}.jlens.pt"
+    print(f"jlens: J of {info.n_layers - 1} block outputs, {info.d_model}x{info.d_model}, on "
+          f"{args.corpus or 'pydoc-topics'}: {opts.windows} windows of {opts.seq_len} tokens, "
+          f"{opts.cotangents} directions per backward pass", flush=True)
+    lens = loaded.jlens(out, args.corpus, opts)
+    seconds = time.perf_counter() - started
+    print(f"  wrote {lens.path} in {seconds:.0f} s; read it: mlx-lens run --lens jlens:{lens.path}")
+    return 0
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs (no staging left)."""
 
@@ -421,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "parity": cmd_parity, "report": cmd_report,
-                    "plot": cmd_plot, "tune": cmd_tune,
+                    "plot": cmd_plot, "tune": cmd_tune, "jlens": cmd_jlens,
                     "patch": lambda a: patch_command.cmd_patch(a, _load)}
         return commands[args.command](args)
     except LensError as exc:  # one line for users; MLX_LENS_DEBUG=1 shows the whole chain

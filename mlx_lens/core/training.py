@@ -73,6 +73,12 @@ class TrainableBackend(InspectableBackend, Protocol):
         """Training of `lens`'s translators on this model (frozen) with `recipe`; a lens made
         for another model is refused with a LensError."""
 
+    def jacobian_rows(self, ids: Sequence[int], directions: Sequence[int], skip: int) -> np.ndarray:
+        """A J-lens fit's gradients on one prompt (docs/jlens.md), from one backward pass of
+        len(directions) copies of it: [L - 1, len(directions), d], entry [l, b] the sum over
+        source positions t in [skip, T - 1) of d (sum_t' h_L,t'[directions[b]]) / d h_{l+1},t,
+        in fp32 (or the compute dtype, where wider)."""
+
 
 def micro_batches(batch: np.ndarray, vocab: int):
     """A step's sequences in groups of at most MICRO_BYTES of logits per row, each with its share

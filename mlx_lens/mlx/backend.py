@@ -38,6 +38,7 @@ from mlx_lens.loading.sources import ModelSource, check_supported
 from mlx_lens.mlx.arch import (HAND_LOOP, OVERRIDES, Overrides, config_fixes, first_array,
                                fix_modules, fix_weights,
                                read_layout, refuse_differing, softcap_of, windows_of)
+from mlx_lens.mlx.jlens import jacobian_rows
 from mlx_lens.mlx.patch import MlxPatcher, recording
 from mlx_lens.mlx.reduce import lens_pairs, sweep_next_token, sweep_states
 from mlx_lens.mlx.tune import MlxTuner, translate
@@ -100,6 +101,8 @@ def local_folder(source: ModelSource) -> Path:
 class MlxLens(Steerable):
     """The producing part (mlx_lens/core/contract.py's Backend): load, capture, decode, sweep.
     The pipeline over several processes (mlx_lens/mlx/pipeline.py) is one of these too."""
+
+    _added: dict[int, mx.array] | None = None  # row -> [B, T, d] perturbation (a J-lens fit)
 
     def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
                  lazy: bool = False):
@@ -204,7 +207,10 @@ class MlxLens(Steerable):
             raise LensError(why)
 
     def _steer(self, h: mx.array, row: int) -> mx.array:
-        """h [B, T, d] with row's steering vector added (at its positions)."""
+        """h [B, T, d] with row's steering vector added (at its positions), and a J-lens fit's
+        zero perturbation of the row, which its gradient is taken with respect to."""
+        if self._added is not None and row in self._added:
+            h = h + self._added[row]
         if self._steering is None or row not in self._steering.vectors:
             return h
         v = mx.array(self._steering.vectors[row]).astype(h.dtype)
@@ -471,6 +477,18 @@ class MlxBackend(MlxLens):
     def tuner(self, lens: Translators, recipe: Recipe) -> MlxTuner:
         check_matches(lens, self.info, self._head_hashes)
         return MlxTuner(self, lens, recipe)
+
+    def jacobian_rows(self, ids: Sequence[int], directions: Sequence[int], skip: int) -> np.ndarray:
+        x = mx.array([list(ids)] * len(directions))
+
+        def last_row(added: dict[int, mx.array]) -> mx.array:
+            self._added = added
+            try:
+                return self._run(x)[-1]
+            finally:
+                self._added = None
+
+        return jacobian_rows(last_row, self._embed(x).dtype, x.shape, self.info, directions, skip)
 
     def record(self, batch: Sequence[Sequence[int]]):
         if self.per_layer_inputs:

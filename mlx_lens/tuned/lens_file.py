@@ -218,6 +218,9 @@ def check_matches(lens: TunedLens, info: ModelInfo, hashes: HeadHashes) -> None:
         raise LensError(f"{where} was made for a model with d_model {lens.d_model} and "
                         f"{lens.n_rows} translated rows, not {info.name} (d_model {info.d_model}, "
                         f"{info.n_layers} layers)")
+    recorded = getattr(lens, "model_name", None)  # a J-lens file's metadata
+    if recorded and _short(recorded) != _short(info.name):
+        raise LensError(f"{where} was made for {recorded}, not {info.name}")
     ours = lens.config.get("unembed_sha256")
     theirs = lens.config.get("unembed_hash")
     if ours and ours != hashes.ours:
@@ -226,3 +229,8 @@ def check_matches(lens: TunedLens, info: ModelInfo, hashes: HeadHashes) -> None:
     if not ours and theirs and theirs != hashes.theirs:
         raise LensError(f"{where} was made for another unembedding than {info.name}'s "
                         "(tuned-lens unembed_hash differs)")
+
+
+def _short(name: str) -> str:
+    """A model's name without its hub owner, case-insensitively: a folder or GGUF copy keeps it."""
+    return name.rsplit("/", 1)[-1].lower().removesuffix(".gguf")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlx_lens.core.lens import Translators
 from mlx_lens.core.training import Recipe, TrainableBackend
 from mlx_lens.tuned.corpus import Corpus
 from mlx_lens.core.errors import LensError
@@ -192,14 +193,16 @@ def _resume(tuner, ckpt: Path, config: dict) -> int:
 
 
 def evaluate(backend: TrainableBackend, lens: TunedLens, held_out: np.ndarray,
-             max_tokens: int = EVAL_TOKENS) -> pd.DataFrame:
+             max_tokens: int = EVAL_TOKENS, jlens: Translators | None = None) -> pd.DataFrame:
     """Per row, on held-out text: KL(model || lens) and next-token cross-entropy, in bits, for
-    the logit lens (final-norm) and the tuned lens. The last row is the model's own output."""
+    the logit lens (final-norm), the tuned lens and, given one, a J-lens (docs/jlens.md). The
+    last row is the model's own output."""
     seqs = held_out[:max(1, max_tokens // held_out.shape[1])]
     identity = TunedLens.identity(lens.n_rows, lens.d_model, lens.config)
     per_step = max(1, 1024 // held_out.shape[1])  # the trainer splits further when memory asks
     totals = {}
-    for name, translators in (("logit", identity), ("tuned", lens)):
+    lenses = (("logit", identity), ("tuned", lens)) + ((("jlens", jlens),) if jlens else ())
+    for name, translators in lenses:
         tuner = backend.tuner(translators, Recipe())
         kl, ce = np.zeros(lens.n_rows), np.zeros(lens.n_rows + 1)
         for i in progress(range(0, len(seqs), per_step), f"eval {name}",
@@ -209,8 +212,8 @@ def evaluate(backend: TrainableBackend, lens: TunedLens, held_out: np.ndarray,
             kl += k * len(part) / len(seqs)
             ce += c * len(part) / len(seqs)
         totals[name] = np.append(kl, 0.0) / math.log(2), ce / math.log(2)
-    rows = np.arange(lens.n_rows + 1)
     return pd.DataFrame({
-        "layer": rows, "kl_logit_bits": totals["logit"][0], "kl_tuned_bits": totals["tuned"][0],
-        "ce_logit_bits": totals["logit"][1], "ce_tuned_bits": totals["tuned"][1],
+        "layer": np.arange(lens.n_rows + 1),
+        **{f"kl_{name}_bits": kl for name, (kl, _) in totals.items()},
+        **{f"ce_{name}_bits": ce for name, (_, ce) in totals.items()},
         "tokens": len(seqs) * held_out.shape[1]})

@@ -15,14 +15,15 @@ from mlx_lens.view.style import DPI, save_png, styled
 @styled
 def tuned_eval(frame: pd.DataFrame, title: str = "") -> Figure:
     """The tuned-lens paper's main figure: per layer, KL(model output || lens) and next-token
-    cross-entropy on held-out text, logit lens vs tuned lens (bits); the model's own
-    cross-entropy dashed."""
+    cross-entropy on held-out text, logit lens vs tuned lens (and a J-lens, where the frame has
+    one) (bits); the model's own cross-entropy dashed."""
     fig = Figure(figsize=(8.0, 6.0), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     layer = frame["layer"].to_numpy()
     for ax, quantity, label in ((axes[0], "kl", f"{KL_TUNED} (bits)"),
                                 (axes[1], "ce", "cross-entropy (bits)")):
-        for i, lens in enumerate(("logit", "tuned")):
+        for i, lens in enumerate(n for n in ("logit", "tuned", "jlens")
+                                 if f"{quantity}_{n}_bits" in frame):
             ax.plot(layer, frame[f"{quantity}_{lens}_bits"], marker="o", markersize=3,
                     color=f"C{i}", label=f"{lens} lens")
         ax.set_ylabel(label)
@@ -40,5 +41,6 @@ def write_eval(frame: pd.DataFrame, lens_dir: Path, model: str) -> list[Path]:
     """eval.csv and its picture eval.png in the lens's folder."""
     csv, png = Path(lens_dir) / "eval.csv", Path(lens_dir) / "eval.png"
     atomic_write(csv, lambda p: frame.to_csv(p, index=False))
-    save_png(tuned_eval(frame, f"{model}: logit lens vs tuned lens, held-out text"), png)
+    also = " and J-lens" if "kl_jlens_bits" in frame else ""
+    save_png(tuned_eval(frame, f"{model}: logit lens vs tuned lens{also}, held-out text"), png)
     return [csv, png]
