@@ -114,7 +114,8 @@ def test_run_with_facts_writes_the_suite_tables(tiny_model_dirs, tmp_path, capsy
 
 def test_default_suite_on_the_default_model(smollm2_dir, tmp_path, capsys):
     """`mlx-lens run --facts default`, as docs/running.md has it (torch: MLX on a Linux CPU runs
-    the 786 prompts' decode about 60x slower (docs/performance.md); its batched lens is tested per architecture)."""
+    the 786 prompts' decode about 60x slower, docs/performance.md; its batched lens is tested
+    per architecture)."""
     code = main(["run", "--facts", "default", "--backend", "torch", "--out_dir",
                  str(tmp_path), "--no-probes"])
     assert code == 0, capsys.readouterr().err
