@@ -90,8 +90,8 @@ def test_the_pages_have_commands():
     shown = {" ".join(argv) for _, argv in COMMANDS}
     assert {"run", "run --facts default", "patch", "parity --lens all --prompt The capital of "
             "Germany is --answer Berlin", "run --backend torch --device-map runs/map.json"} <= shown
-    assert {argv[0] for _, argv in COMMANDS} == {"run", "chat", "parity", "tune", "patch", "plot",
-                                                 "report"}
+    assert {argv[0] for _, argv in COMMANDS} == {"run", "chat", "parity", "tune", "jlens", "patch",
+                                                 "plot", "report"}
 
 
 @pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[i for i, _ in COMMANDS])
