@@ -1,6 +1,7 @@
 """What training a tuned lens needs from a backend (mlx_lens/tuned/training.py drives it; each
 backend's tune.py implements it): a `Tuner` per lens, made by a `TrainableBackend`, working on
-the rows a `RowDecoder` captures and decodes."""
+the rows a `RowDecoder` captures and decodes; and what a J-lens fit needs (`jacobian_rows`,
+mlx_lens/tuned/jlens_fit.py drives it; each backend's jlens.py implements it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
