@@ -314,8 +314,9 @@ def test_the_matrix_names_every_type_and_why():
 @pytest.mark.parametrize("model_type, args, message", [
     ("olmo2", ["run", "--lens", "next-norm"], "olmo2's blocks have no norm in front of their "
                                               "attention that the lens can read"),
-    ("mamba", ["patch", "--clean", "The capital of Germany is", "--corrupt",
-               "The capital of France is", "--answer", "Berlin", "--kinds", "mlp"],
+    # the random tiny mamba favours "Berlin" after France's prompt: that one is the clean one
+    ("mamba", ["patch", "--clean", "The capital of France is", "--corrupt",
+               "The capital of Germany is", "--answer", "Berlin", "--kinds", "mlp"],
      "mamba's blocks have no separable MLP to patch"),
     ("gemma4_text", ["patch", "--clean", "The capital of Germany is", "--corrupt",
                      "The capital of France is", "--answer", "Berlin"],
@@ -349,7 +350,7 @@ def test_a_state_space_model_runs_every_lens_without_middles(tmp_path, capsys):
     payload = json.loads((tmp_path / "run" / "output-mamba.json").read_text())
     assert payload["lenses"]["mid_rows"] is None
     code, _, err = run_main(["patch", str(folder), "--backend", "torch", "--clean",
-                             "The capital of Germany is", "--corrupt", "The capital of France is",
+                             "The capital of France is", "--corrupt", "The capital of Germany is",
                              "--answer", "Berlin", "--kinds", "resid,attn",
                              "--out_dir", str(tmp_path / "patch")], tmp_path, capsys)
     assert code == 0, err
