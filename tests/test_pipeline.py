@@ -5,6 +5,7 @@ tiny model and on the default model; a rank that dies fails the run on rank 0, w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,18 +22,22 @@ from tests.lens_checks import PROMPT, assert_stats_match_logits, gemm_bound
 from tests.pipeline_worker import PROMPTS, steering
 from tests.tiny_models import CONFIGS
 
-# mlx.launch's ring listens on fixed ports: its launches share one test worker (pyproject.toml)
-pytestmark = pytest.mark.xdist_group("mlx.launch")
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 300  # seconds: a hung rank fails the test instead of hanging CI
+# The ring listens on ports from --starting-port up, one per rank. Two test workers launching at
+# once on one set of ports join each other's rings (seen in CI: a run whose rank dies wrote output,
+# and a sound run wrote none),
+# so each worker (pytest-xdist's gw0, gw1, ...) takes its own 2 ports above mlx.launch's default.
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+STARTING_PORT = 32323 + 2 * WORKER
 
 
 def launch(args: list[str], cwd: Path, timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
     """2 processes on localhost. mlx.launch exits 0 whatever its ranks do: callers check what
     rank 0 printed and wrote."""
     return subprocess.run([str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2",
+                           "--starting-port", str(STARTING_PORT),
                            str(sys.executable), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 
