@@ -42,6 +42,8 @@ from mlx_lens.experiment.metrics import CollapseSettings
 from mlx_lens.experiment.patching import (KINDS, PatchOptions, PatchResult, PatchSuiteResult,
                                           run_patch_suite, run_patching)
 from mlx_lens.experiment.milestones import MilestoneSettings
+from mlx_lens.experiment.tracing import (NoiseOptions, TraceResult, TraceSuiteResult, run_trace,
+                                         run_trace_suite)
 from mlx_lens.loading.sources import ModelSource, resolve
 from mlx_lens.experiment.probes import ANSWER, PROMPT
 from mlx_lens.experiment.suite import SuiteResult, run_suite
@@ -175,6 +177,21 @@ class ModelLens:
         if isinstance(facts, (str, Path)):
             facts = load_facts(str(facts))
         return run_patch_suite(self.backend, list(facts), window, tuple(kinds))
+
+    def trace(self, prompt: str, answer: str, subject: str,
+              options: NoiseOptions | None = None) -> TraceResult:
+        """ROME's causal trace: the subject's embeddings noised, the clean run restored per
+        kind, layer and position (mlx_lens/experiment/tracing.py); its `frame`, `noise` and
+        `plot()`."""
+        return run_trace(self.backend, prompt, answer, subject, options or NoiseOptions())
+
+    def trace_suite(self, facts: str | Path | Sequence[Fact],
+                    options: NoiseOptions | None = None) -> TraceSuiteResult:
+        """ROME's causal trace of every fact that names its subject, aggregated per kind, layer
+        and place (the subject's first, middle and last tokens, the tokens after it)."""
+        if isinstance(facts, (str, Path)):
+            facts = load_facts(str(facts))
+        return run_trace_suite(self.backend, list(facts), options or NoiseOptions())
 
     def tune(self, out: str | Path, corpus: str | None = None,
              options: TuneOptions | None = None) -> TunedLens:

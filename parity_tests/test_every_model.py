@@ -196,11 +196,11 @@ def patching_identities(backend) -> str:
                  + 2 * bounds.elementwise_bound(z, backend.softcap))
         return bool(np.all(np.abs(z - want) <= bound))
 
-    restored, norms = backend.patched_logits(x, c, "resid", 0, 1, everything, 1)
-    own, _ = backend.patched_logits(c, c, "resid", 0, 1, everything, 1)
+    restored, norms = backend.patched_logits(x, c, "resid", range(1), everything, 1)
+    own, _ = backend.patched_logits(c, c, "resid", range(1), everything, 1)
     holds = within(restored[1], norms[1], own[1])
     for kind in kinds:
-        z, norms = backend.patched_logits(x, x, kind, 1, 2,
+        z, norms = backend.patched_logits(x, x, kind, range(1, 3),
                                           one_at_a_time(range(len(clean)), len(clean)), 1)
         holds &= within(z, norms, z[:1])
     return ", ".join(kinds) if holds else "FAILS"

@@ -141,3 +141,21 @@ def assert_softcap_applied(backend) -> None:
     assert np.all(np.abs(capped - want) <= bounds.elementwise_bound(uncapped, cap))
     assert np.abs(np.exp(log_softmax64(capped)) - np.exp(log_softmax64(uncapped))).max() > 0.05
 
+
+def piece_log2p(logits: np.ndarray, pieces: list[int]) -> np.ndarray:
+    """log2 p of each piece [..., n] from logits [..., n, V], piece j at row j (float64)."""
+    logp = log_softmax64(np.asarray(logits, np.float64)) / np.log(2)
+    index = np.broadcast_to(np.asarray(pieces)[:, None], (*logp.shape[:-1], 1))
+    return np.take_along_axis(logp, index, -1)[..., 0]
+
+
+def patch_bound_bits(backend, x_norm: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """How far two fp32 evaluations of the model (its blocks, final norm and head) may put a
+    piece's log2 p apart: each within L + 1 length-d products of exact arithmetic (the parity
+    model of docs/numerics.md §4, a patched run included: its recorded start is within r
+    products, its blocks add L - r), so every logit within b and each log p within 2 max b
+    (§3)."""
+    info = backend.info
+    b = (bounds.dot_bound(x_norm, backend.head_row_norms(), info.d_model, 2 * (info.n_layers + 1))
+         + 2 * bounds.elementwise_bound(logits, backend.softcap))
+    return bounds.nats_to_bits(2 * b.max(-1))

@@ -13,11 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mlx_lens.core import bounds
-from mlx_lens.core.numerics import log_softmax64
 from mlx_lens.experiment.patching import KINDS, one_at_a_time
 from mlx_lens.mlx.backend import MlxBackend
-from tests.lens_checks import backend_cache
+from tests.lens_checks import backend_cache, patch_bound_bits, piece_log2p
 from tests.tiny_models import CONFIGS
 from torch_ref.backend import TorchBackend
 
@@ -38,24 +36,6 @@ def _pair(backend, answer: str = " Berlin Brandenburg"):
     assert len(clean) == len(corrupt) and clean != corrupt
     pieces = tok.encode(answer, add_special_tokens=False)
     return clean + pieces[:-1], corrupt + pieces[:-1], pieces
-
-
-def _log2p(logits: np.ndarray, pieces: list[int]) -> np.ndarray:
-    logp = log_softmax64(np.asarray(logits, np.float64)) / np.log(2)
-    index = np.broadcast_to(np.asarray(pieces)[:, None], (*logp.shape[:-1], 1))
-    return np.take_along_axis(logp, index, -1)[..., 0]
-
-
-def _bound_bits(backend, x_norm: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """How far two fp32 evaluations of the model (its blocks, final norm and head) may put a
-    piece's log2 p apart: each within L + 1 length-d products of exact arithmetic (the parity
-    model of docs/numerics.md §4, a patched run included: its recorded start is within r
-    products, its blocks add L - r), so every logit within b and each log p within 2 max b
-    (§3)."""
-    info = backend.info
-    b = (bounds.dot_bound(x_norm, backend.head_row_norms(), info.d_model, 2 * (info.n_layers + 1))
-         + 2 * bounds.elementwise_bound(logits, backend.softcap))
-    return bounds.nats_to_bits(2 * b.max(-1))
 
 
 def _hooked(backend, ids, kind, block, position, values):
@@ -112,13 +92,13 @@ def test_torch_patching_matches_plain_transformers_hooks(loaded, name):
     block = backend.info.n_layers // 2
     last = len(clean_ids) - n  # the prompt's last position
     for kind in KINDS:
-        z, norms = backend.patched_logits(corrupt, clean, kind, block, 1,
+        z, norms = backend.patched_logits(corrupt, clean, kind, range(block, block + 1),
                                           one_at_a_time([subject, last], len(clean_ids)), n)
         for v, position in ((1, subject), (2, last)):
             want, _ = _hooked(backend, corrupt_ids, kind, block, position,
                               clean_values[kind][block])
-            got, exp = _log2p(z[v, 0], pieces), _log2p(want[-n:], pieces)
-            assert np.all(np.abs(got - exp) <= _bound_bits(backend, norms[v, 0], want[-n:])), kind
+            got, exp = piece_log2p(z[v, 0], pieces), piece_log2p(want[-n:], pieces)
+            assert np.all(np.abs(got - exp) <= patch_bound_bits(backend, norms[v, 0], want[-n:])), kind
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -133,18 +113,19 @@ def test_exact_identities(loaded, kind, name):
     clean, corrupt = backend.record([clean_ids]), backend.record([corrupt_ids])
     everything = np.ones((2, 1, length), bool)
     everything[0] = False  # the unpatched run, then every position restored
-    restored, _ = backend.patched_logits(corrupt, clean, "resid", 0, 1, everything, n)
-    own, _ = backend.patched_logits(clean, clean, "resid", 0, 1, everything, n)
+    restored, _ = backend.patched_logits(corrupt, clean, "resid", range(1), everything, n)
+    own, _ = backend.patched_logits(clean, clean, "resid", range(1), everything, n)
     assert np.array_equal(restored[1], own[1])
     assert not np.array_equal(restored[0], own[0])  # the unpatched runs differ
     layers = backend.info.n_layers
     at_last = one_at_a_time([length - n], length)
-    restored, _ = backend.patched_logits(corrupt, clean, "resid", layers, 1, at_last, n)
-    own, _ = backend.patched_logits(clean, clean, "resid", layers, 1, at_last, n)
+    last = range(layers, layers + 1)
+    restored, _ = backend.patched_logits(corrupt, clean, "resid", last, at_last, n)
+    own, _ = backend.patched_logits(clean, clean, "resid", last, at_last, n)
     assert np.array_equal(restored[1, :, 0], own[1, :, 0])
     for k in KINDS:
-        z, _ = backend.patched_logits(corrupt, corrupt, k, 1, 2, one_at_a_time(range(length), length),
-                                      n)
+        z, _ = backend.patched_logits(corrupt, corrupt, k, range(1, 3),
+                                      one_at_a_time(range(length), length), n)
         assert all(np.array_equal(z[v], z[0]) for v in range(1, len(z))), k
 
 
@@ -157,14 +138,14 @@ def test_batched_patching_equals_one_at_a_time(loaded, kind):
     clean, corrupt = backend.record([clean_ids]), backend.record([corrupt_ids])
     for k in KINDS:
         length = len(clean_ids)
-        batched, norms = backend.patched_logits(corrupt, clean, k, 1, 1,
+        batched, norms = backend.patched_logits(corrupt, clean, k, range(1, 2),
                                                 one_at_a_time(range(4), length), n)
         for t in range(4):
-            alone, _ = backend.patched_logits(corrupt, clean, k, 1, 1, one_at_a_time([t], length),
-                                              n)
-            tol = _bound_bits(backend, norms[t + 1, 0], batched[t + 1, 0])
-            assert np.all(np.abs(_log2p(batched[t + 1, 0], pieces) - _log2p(alone[1, 0], pieces))
-                          <= tol), (k, t)
+            alone, _ = backend.patched_logits(corrupt, clean, k, range(1, 2),
+                                              one_at_a_time([t], length), n)
+            tol = patch_bound_bits(backend, norms[t + 1, 0], batched[t + 1, 0])
+            assert np.all(np.abs(piece_log2p(batched[t + 1, 0], pieces)
+                                 - piece_log2p(alone[1, 0], pieces)) <= tol), (k, t)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -179,10 +160,12 @@ def test_mlx_patching_agrees_with_torch(loaded, name):
     variants = one_at_a_time(range(length), length)
     for kind in KINDS:
         for block in (0, ref.info.n_layers - 1):
-            za, norms = ref.patched_logits(*runs["torch"][::-1], kind, block, 1, variants, n)
-            zb, _ = cand.patched_logits(*runs["mlx"][::-1], kind, block, 1, variants, n)
-            tol = _bound_bits(ref, norms[:, 0], za[:, 0])
-            assert np.all(np.abs(_log2p(za[:, 0], pieces) - _log2p(zb[:, 0], pieces)) <= tol)
+            za, norms = ref.patched_logits(*runs["torch"][::-1], kind, range(block, block + 1),
+                                              variants, n)
+            zb, _ = cand.patched_logits(*runs["mlx"][::-1], kind, range(block, block + 1),
+                                           variants, n)
+            tol = patch_bound_bits(ref, norms[:, 0], za[:, 0])
+            assert np.all(np.abs(piece_log2p(za[:, 0], pieces) - piece_log2p(zb[:, 0], pieces)) <= tol)
 
 
 def test_the_command_and_its_bad_input(tiny_model_dirs, tmp_path, capsys):
@@ -301,7 +284,7 @@ class _HandBuilt:
         self.info = ModelInfo("hand", "hand", n_layers, 8, 2, self.VOCAB, None, "hand", "cpu",
                               "float32", "float32")
 
-    def record(self, batch):
+    def record(self, batch, noise=None):
         return [tuple(ids) for ids in batch]
 
     def _logits(self, log2p: dict) -> np.ndarray:
@@ -314,8 +297,9 @@ class _HandBuilt:
         z[self.tokenizer.encode("filler")[0]] = np.log1p(-p.sum())
         return z.astype(np.float32)
 
-    def patched_logits(self, base, clean, kind, block, window, restore, n_scored):
+    def patched_logits(self, base, clean, kind, blocks, restore, n_scored):
         assert n_scored == 1  # one-word answers
+        block = blocks.start
         out = np.empty((*restore.shape[:2], 1, self.VOCAB), np.float32)
         for v, b in np.ndindex(*restore.shape[:2]):
             prompt = self.tokenizer.decode(base[b])

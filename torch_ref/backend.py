@@ -467,15 +467,14 @@ class TorchBackend(Steerable):
         w = self.head.weight[start:stop].float()
         return w * self.scale if self.scale != 1.0 else w
 
-    def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
+    def record(self, batch: Sequence[Sequence[int]], noise: np.ndarray | None = None) -> Recorded:
         if self.per_layer_inputs:
             raise refusals.per_layer_inputs(self.info.architecture)
-        return TorchPatcher(self).record(batch)
+        return TorchPatcher(self).record(batch, noise)
 
-    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int, window: int,
+    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, blocks: range,
                        restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
-        return TorchPatcher(self).patched_logits(base, clean, kind, block, window, restore,
-                                                 n_scored)
+        return TorchPatcher(self).patched_logits(base, clean, kind, blocks, restore, n_scored)
 
     def jacobian_rows(self, ids: Sequence[int], directions: Sequence[int], skip: int) -> np.ndarray:
         self.model.requires_grad_(False)  # frozen: gradients reach the rows only

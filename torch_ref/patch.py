@@ -1,12 +1,14 @@
 """Activation patching on transformers' modules: what a clean run would have put at one layer
 and position, restored into a corrupted run (mlx_lens/experiment/patching.py drives it).
 
-A patched run at block r needs only the blocks from r on: the model's block list is cut to
-them for the call (with config.layer_types, which Gemma and Qwen index by position in that
-list), block r's input is replaced by the corrupted run's recorded one, and forward hooks
-restore the clean values: the input of block r (kind "resid"), or the output of the attention
-or MLP module of blocks r .. r + window - 1 ("attn", "mlp"). All variants of one block go in
-one batch (a caller puts the unpatched run among them: the batch's own baseline).
+A patched run restores the clean values at the blocks `blocks` (consecutive), by forward
+hooks: the input of block r (kind "resid", blocks = r .. r), or the output of the attention or
+MLP module of each block in `blocks` ("attn", "mlp"). It needs only the blocks from the first
+restored one on: the model's block list is cut to them for the call (with config.layer_types,
+which Gemma and Qwen index by position in that list), and that block's input is replaced by
+the corrupted run's recorded one. All variants of one block go in one batch (a caller puts the
+unpatched run among them: the batch's own baseline). A corrupted run may also be the clean
+prompt with noise added to its row 0 (`record`'s noise: causal tracing).
 """
 from __future__ import annotations
 
@@ -47,6 +49,15 @@ def _input_of(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _adding(noise: torch.Tensor):
+    """A forward pre-hook adding noise [B, T, d] to a block's input, in the input's dtype."""
+    def hook(_module, args, kwargs):
+        h = _input_of(args, kwargs)
+        h = h + noise.to(h.device, h.dtype)
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+    return hook
+
+
 class TorchPatcher:
     def __init__(self, backend):
         self.b = backend
@@ -58,9 +69,13 @@ class TorchPatcher:
         return [getattr(block, name) for block in self.b.blocks]
 
     @torch.no_grad()
-    def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
+    def record(self, batch: Sequence[Sequence[int]], noise: np.ndarray | None = None) -> Recorded:
         resid, out = [], {"attn": [], "mlp": []}
         with ExitStack() as stack:
+            if noise is not None:  # row 0 noised before anything reads it (prepended)
+                stack.enter_context(_hook(self.b.blocks[0].register_forward_pre_hook(
+                    _adding(torch.from_numpy(np.asarray(noise, np.float32))), with_kwargs=True,
+                    prepend=True)))
             for block in self.b.blocks:
                 stack.enter_context(_hook(block.register_forward_pre_hook(
                     lambda m, args, kwargs: resid.append(_input_of(args, kwargs)),
@@ -77,13 +92,12 @@ class TorchPatcher:
         return Recorded([list(s) for s in batch], resid, out["attn"], out["mlp"])
 
     @torch.no_grad()
-    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int,
-                       window: int, restore: np.ndarray,
-                       n_scored: int) -> tuple[np.ndarray, np.ndarray]:
+    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, blocks: range,
+                       restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
         """fp32 output logits [V, B, n_scored, vocab] at the last n_scored positions of base's
-        B sequences, run from block `block` on, variant v with clean's values restored where
-        restore [V, B, T] is set (sequence b's from clean's sequence b); and the norms of the
-        decoded rows [V, B, n_scored] (for bounds)."""
+        B sequences, run from block blocks.start on, variant v with clean's values restored at
+        `blocks` where restore [V, B, T] is set (sequence b's from clean's sequence b); and the
+        norms of the decoded rows [V, B, n_scored] (for bounds)."""
         n_var, n_seq = restore.shape[:2]
         mask = torch.from_numpy(np.ascontiguousarray(restore[..., None]))
 
@@ -95,7 +109,7 @@ class TorchPatcher:
             return torch.where(mask.to(value.device), src.to(value.device)[None],
                                shaped).reshape(value.shape)
 
-        last = min(block + window, len(self.b.blocks))
+        block = blocks.start
         h = base.resid[block].repeat(n_var, 1, 1)
         if kind == "resid":
             h = restore_into(h, clean.resid[block])
@@ -104,7 +118,7 @@ class TorchPatcher:
         else:
             with ExitStack() as stack:
                 if kind != "resid":  # the blocks compute the corrupted values themselves
-                    for i in range(block, last):
+                    for i in blocks:
                         module = self._modules(kind)[i]
                         src = (clean.attn if kind == "attn" else clean.mlp)[i]
                         stack.enter_context(_hook(module.register_forward_hook(

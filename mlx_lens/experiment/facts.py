@@ -49,6 +49,8 @@ class Fact:
     # facts of one cluster are not independent (one subject asked several ways): the bootstrap
     # draws them together; "" a cluster of its own
     cluster: str = ""
+    # the words of the prompt a causal trace noises (mlx_lens/experiment/tracing.py); "" none
+    subject: str = ""
 
     @property
     def cluster_key(self) -> str:
@@ -63,6 +65,7 @@ class EncodedFact:
     control_ids: list[int] | None = None
     control_answer_ids: tuple[int, ...] | None = None  # the control answer's, after control_ids
     answer_in_control_id: int | None = None  # the fact's own answer's first token there
+    subject_span: tuple[int, int] | None = None  # the subject's tokens in ids: [start, stop)
 
     @property
     def answer_id(self) -> int:
@@ -107,7 +110,7 @@ def default_facts() -> list[Fact]:
                               answer=capital, group=group,
                               control_prompt=template.format(country=other_country),
                               control_answer=other_capital, source=f"{DEFAULT}:{country}",
-                              cluster=country))
+                              cluster=country, subject=country))
     return facts
 
 
@@ -121,13 +124,14 @@ def _encode(fact: Fact, tokenizer, n_ctx: int | None) -> EncodedFact:
     try:
         ids, answer = single.encode_prompt_and_answer(tokenizer, fact.prompt, fact.answer,
                                                       n_ctx)
+        span = (single.subject_span(tokenizer, ids, fact.subject) if fact.subject else None)
         if fact.control_prompt is None:
-            return EncodedFact(fact, ids, tuple(answer))
+            return EncodedFact(fact, ids, tuple(answer), subject_span=span)
         control_ids, control = single.encode_prompt_and_answer(
             tokenizer, fact.control_prompt, fact.control_answer, n_ctx)
         return EncodedFact(fact, ids, tuple(answer), control_ids, tuple(control),
                            single.answer_token_id(tokenizer, control_ids, fact.control_prompt,
-                                                  fact.answer))
+                                                  fact.answer), span)
     except LensError as e:
         raise LensError(f"{fact.source or fact.id}: {e}") from e
 
@@ -215,6 +219,9 @@ def _fact(record: dict, source: str, index: int) -> Fact:
 
     prompt, answer = text("prompt", True), text("answer", True)
     control_prompt, control_answer = text("control_prompt"), text("control_answer")
+    subject = text("subject")
+    if subject is not None and subject.strip() not in prompt:
+        raise LensError(f"{source}: the subject {subject.strip()!r} is not in the prompt")
     if (control_prompt is None) != (control_answer is None):
         given, missing = (("control_prompt", "control_answer") if control_answer is None
                           else ("control_answer", "control_prompt"))
@@ -243,7 +250,7 @@ def _fact(record: dict, source: str, index: int) -> Fact:
     return Fact(id=fact_id, prompt=prompt, answer=answer.strip(), group=group or "",
                 control_prompt=control_prompt,
                 control_answer=None if control_answer is None else control_answer.strip(),
-                source=source, cluster=cluster or "")
+                source=source, cluster=cluster or "", subject=(subject or "").strip())
 
 
 def _json_type(value) -> str:

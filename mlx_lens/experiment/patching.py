@@ -1,11 +1,14 @@
-"""Is the layer the cause? Activation patching (causal tracing), as ROME and TransformerLens's
-`get_act_patch_block_every` do it: run a clean prompt and a corrupted one of the same length;
+"""Is the layer the cause? Activation patching of a prompt pair, as TransformerLens's
+`get_act_patch_block_every` does it: run a clean prompt and a corrupted one of the same length;
 for every kind, layer and position, rerun the corrupted prompt with the clean value restored
-there, and see how much of the clean answer comes back.
+there, and see how much of the clean answer comes back. (ROME's causal tracing corrupts the
+prompt itself, with noise on the subject: mlx_lens/experiment/tracing.py, on this module's
+backend protocol.)
 
 Kinds: "resid" the residual stream at the start of each block (rows 0..L: row L is the last
 block's output, which only the head reads), "attn" and "mlp" each block's attention and MLP
-output (with `window` K, blocks r .. r + K - 1 restored at once: ROME's windowed trace). The
+output (with `window` K, the K blocks centred on r restored at once, as ROME's windowed trace:
+`restored_blocks`). The
 answer is scored whole, teacher-forced on both prompts: log2 p(answer) = sum over its pieces,
 each at its own position. With a corrupt answer, the metric is the difference
 log2 p(answer) - log2 p(corrupt answer), else log2 p(answer); recovery is
@@ -38,16 +41,30 @@ class PatchingBackend(Backend, Protocol):
     """Interventions on the model's own modules (one process): torch_ref/patch.py,
     mlx_lens/mlx/patch.py."""
 
-    def record(self, batch: Sequence[Sequence[int]]):
+    def record(self, batch: Sequence[Sequence[int]], noise: np.ndarray | None = None):
         """One forward pass over sequences of one length, every block's input, attention and
-        MLP outputs kept on the device (an opaque `Recorded`)."""
+        MLP outputs kept on the device (an opaque `Recorded`); with noise [B, T, d] (float32)
+        added to row 0, the input of block 0, in the compute dtype."""
 
-    def patched_logits(self, base, clean, kind: str, block: int, window: int,
+    def patched_logits(self, base, clean, kind: str, blocks: range,
                        restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
         """fp32 output logits [V, B, n_scored, vocab] at the last n_scored positions of base's
-        B sequences, run from block `block` on, variant v with clean's values restored where
-        restore [V, B, T] (bool) is set, sequence b's from clean's sequence b; and the decoded
-        rows' norms [V, B, n_scored]."""
+        B sequences, run from block blocks.start on, variant v with clean's values restored at
+        `blocks` (resid: the input of blocks.start) where restore [V, B, T] (bool) is set,
+        sequence b's from clean's sequence b; and the decoded rows' norms [V, B, n_scored]."""
+
+
+# What the artifacts say of a window (recorded beside its width).
+WINDOW_RULE = "centred on the layer (ROME): blocks r - K//2 .. r + ceil(K/2) - 1, cut at the ends"
+
+
+def restored_blocks(kind: str, r: int, window: int, n_layers: int) -> range:
+    """The blocks restored for (kind, r): row r's block for "resid" (r = L: the last row); for
+    "attn" and "mlp" the `window` blocks centred on r, cut at the model's ends, as ROME's
+    trace_important_window takes them (r - K // 2 .. r + ceil(K / 2) - 1)."""
+    if kind == "resid":
+        return range(r, r + 1)
+    return range(max(0, r - window // 2), min(n_layers, r - (-window // 2)))
 
 
 @dataclass(frozen=True)
@@ -107,8 +124,9 @@ def _baselines(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list
     clean = backend.record([clean_ids + pieces[:-1]])
     corrupt = backend.record([corrupt_ids + pieces[:-1]])
     full, n = len(clean_ids) + len(pieces) - 1, len(pieces)
+    last = range(backend.info.n_layers, backend.info.n_layers + 1)
     base = {name: float(_log2p(backend.patched_logits(
-        run, run, "resid", backend.info.n_layers, 1, one_at_a_time([], full), n)[0][0, 0], pieces))
+        run, run, "resid", last, one_at_a_time([], full), n)[0][0, 0], pieces))
         for name, run in (("clean", clean), ("corrupt", corrupt))}
     return clean, corrupt, base
 
@@ -127,7 +145,8 @@ def _trace(backend: PatchingBackend, runs: tuple, length: int, pieces: list[int]
         out = np.empty(length)
         for first in range(0, length, per_batch):
             positions = range(first, min(first + per_batch, length))
-            z, _ = backend.patched_logits(corrupt, clean, kind, r, opts.window,
+            z, _ = backend.patched_logits(corrupt, clean, kind,
+                                          restored_blocks(kind, r, opts.window, layers),
                                           one_at_a_time(positions, full), n)
             lp = _log2p(z[:, 0], pieces)
             out[first:first + len(positions)] = lp[1:]
@@ -190,6 +209,7 @@ def run_patching(backend: Backend, opts: PatchOptions) -> PatchResult:
     summary = {"model": info.name, "backend": info.backend, "clean": opts.clean,
                "corrupt": opts.corrupt, "answer": opts.answer,
                "corrupt_answer": opts.corrupt_answer, "window": opts.window,
+               "window_rule": WINDOW_RULE,
                "kinds": list(opts.kinds), "tokens": tokens,
                "clean_token_ids": clean_ids, "corrupt_token_ids": corrupt_ids,
                "answer_pieces": [names(i) for i in answers["answer"]],
@@ -256,17 +276,19 @@ def _suite_batch(backend: PatchingBackend, facts: list, kinds: tuple[str, ...],
         restore[1, :, length - 1] = True
         restore[2, np.arange(len(facts)), subject] = True
         for name, run in (("clean", clean), ("corrupt", corrupt)):
-            z, _ = backend.patched_logits(run, run, "resid", layers, 1, restore[:1], n)
-            out[what, name] = _log2p_each(z[0], pieces)
+            z, _ = backend.patched_logits(run, run, "resid", range(layers, layers + 1),
+                                          restore[:1], n)
+            out[what, name] = log2p_each(z[0], pieces)
         for kind in kinds:
             for r in range(layers + 1 if kind == "resid" else layers):
-                z, _ = backend.patched_logits(corrupt, clean, kind, r, window, restore, n)
-                out[what, kind, r] = _log2p_each(z, pieces)
+                z, _ = backend.patched_logits(corrupt, clean, kind,
+                                              restored_blocks(kind, r, window, layers), restore, n)
+                out[what, kind, r] = log2p_each(z, pieces)
     out["subject"] = subject
     return out
 
 
-def _log2p_each(logits: np.ndarray, pieces: np.ndarray) -> np.ndarray:
+def log2p_each(logits: np.ndarray, pieces: np.ndarray) -> np.ndarray:
     """[..., B] the whole answer's log2 p per sequence from logits [..., B, n, V] and each
     sequence's pieces [B, n]."""
     logp = log_softmax64(logits.astype(np.float64)) / math.log(2)
@@ -340,6 +362,7 @@ def run_patch_suite(backend: Backend, facts: list, window: int = 1,
                                   "ci_unit": ci_unit(clusters)}))
     aggregates = pd.concat(rows, ignore_index=True)
     summary = {"model": backend.info.name, "backend": backend.info.backend, "window": window,
+               "window_rule": WINDOW_RULE,
                "kinds": list(kinds), "facts": len(facts), "patched": len(usable),
                "skipped": skipped,
                # the clean prompt does not favour its answer more than the corrupted one: these

@@ -134,6 +134,20 @@ def encode_prompt_and_answer(tokenizer, prompt: str, answer: str,
     return ids, pieces
 
 
+def subject_span(tokenizer, ids: list[int], subject: str) -> tuple[int, int]:
+    """The tokens [start, stop) of ids that hold the subject's first occurrence in their decoded
+    text: every token with a character of it (ROME's find_token_range; each token's text is what
+    it adds to the decoded prefix, so that a character split over tokens is not lost)."""
+    text = tokenizer.decode(ids)
+    at = text.find(subject)
+    if not subject or at < 0:
+        raise LensError(f"the subject {subject!r} is not in the prompt")
+    ends = [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+    start = next(i for i, end in enumerate(ends) if end > at)
+    stop = next((i for i, end in enumerate(ends) if end >= at + len(subject)), len(ids) - 1)
+    return start, stop + 1
+
+
 def answer_token_ids(tokenizer, prompt_ids: list[int], prompt: str, answer: str) -> list[int]:
     """The tokens the model would have to emit to answer: tokenise prompt + ' answer' and take
     the tokens after the prompt (robust to SentencePiece's and BPE's space conventions); where

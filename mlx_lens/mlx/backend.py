@@ -490,15 +490,14 @@ class MlxBackend(MlxLens):
 
         return jacobian_rows(last_row, self._embed(x).dtype, x.shape, self.info, directions, skip)
 
-    def record(self, batch: Sequence[Sequence[int]]):
+    def record(self, batch: Sequence[Sequence[int]], noise: np.ndarray | None = None):
         if self.per_layer_inputs:
             raise refusals.per_layer_inputs(self.info.architecture)
-        return MlxPatcher(self).record(batch)
+        return MlxPatcher(self).record(batch, noise)
 
-    def patched_logits(self, base, clean, kind: str, block: int, window: int,
+    def patched_logits(self, base, clean, kind: str, blocks: range,
                        restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
-        return MlxPatcher(self).patched_logits(base, clean, kind, block, window, restore,
-                                               n_scored)
+        return MlxPatcher(self).patched_logits(base, clean, kind, blocks, restore, n_scored)
 
     def sweep_lenses(self, ids: Sequence[int], opts: SweepOptions, lenses: Sequence[Lens],
                      mid: bool) -> LensSweep:

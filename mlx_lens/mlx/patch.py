@@ -2,11 +2,13 @@
 have put at one layer and position, restored into a corrupted run
 (mlx_lens/experiment/patching.py drives it; torch_ref/patch.py is the reference).
 
-A patched run at block r runs only the blocks from r on, from the corrupted run's recorded
-input of block r: restored there (kind "resid"), or in the output of the attention or MLP
-module of blocks r .. r + window - 1 ("attn", "mlp"; the module's class swapped for one that
-restores, for the call). All variants of one block go in one batch (a caller puts the
-unpatched run among them: the batch's own baseline).
+A patched run restores the clean values at the blocks `blocks` (consecutive): the input of
+block r (kind "resid", blocks = r .. r), or the output of the attention or MLP module of each
+block in `blocks` ("attn", "mlp"; the module's class swapped for one that restores, for the
+call). It runs only the blocks from the first restored one on, from the corrupted run's
+recorded input of that block. All variants of one block go in one batch (a caller puts the
+unpatched run among them: the batch's own baseline). A corrupted run may also be the clean
+prompt with noise added to its row 0 (`record`'s noise: causal tracing).
 """
 from __future__ import annotations
 
@@ -86,27 +88,31 @@ class MlxPatcher:
             raise refusals.no_sub_block(self.b.info.architecture, kind)
         return [getattr(block, name) for block in self.b.blocks]
 
-    def record(self, batch: Sequence[Sequence[int]]) -> Recorded:
+    def record(self, batch: Sequence[Sequence[int]], noise: np.ndarray | None = None) -> Recorded:
         x = mx.array([list(s) for s in batch])
         out = {"attn": [], "mlp": []}
+        if noise is not None:  # added to row 0 in the compute dtype, as the model adds its terms
+            self.b._added = {0: mx.array(noise).astype(self.b._embed(x[:, :1]).dtype)}
         with ExitStack() as stack:
             for kind in [k for k in out if (self.b.layout.attention if k == "attn"
                                             else self.b.layout.mlp) is not None]:
                 for module, sink in zip(self._modules(kind), [[] for _ in self.b.blocks]):
                     stack.enter_context(recording(module, sink, output=True))
                     out[kind].append(sink)
-            resid = self.b._run(x)
-        mx.eval(resid, out["attn"], out["mlp"])
+            try:
+                resid = self.b._run(x)
+                mx.eval(resid, out["attn"], out["mlp"])
+            finally:
+                self.b._added = None
         return Recorded([list(s) for s in batch], resid,
                         *([s[0] for s in out[kind]] for kind in ("attn", "mlp")))
 
-    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, block: int,
-                       window: int, restore: np.ndarray,
-                       n_scored: int) -> tuple[np.ndarray, np.ndarray]:
+    def patched_logits(self, base: Recorded, clean: Recorded, kind: str, blocks: range,
+                       restore: np.ndarray, n_scored: int) -> tuple[np.ndarray, np.ndarray]:
         """fp32 output logits [V, B, n_scored, vocab] at the last n_scored positions of base's
-        B sequences, run from block `block` on, variant v with clean's values restored where
-        restore [V, B, T] is set (sequence b's from clean's sequence b); and the norms of the
-        decoded rows [V, B, n_scored] (for bounds)."""
+        B sequences, run from block blocks.start on, variant v with clean's values restored at
+        `blocks` where restore [V, B, T] is set (sequence b's from clean's sequence b); and the
+        norms of the decoded rows [V, B, n_scored] (for bounds)."""
         n_var, n_seq = restore.shape[:2]
         mask = mx.array(restore[..., None])
 
@@ -117,17 +123,19 @@ class MlxPatcher:
             src = source.reshape(n_seq, -1, value.shape[-1])[:, :shaped.shape[2]]
             return mx.where(mask, src[None], shaped).reshape(value.shape)
 
-        h = mx.concatenate([base.resid[block]] * n_var)
+        start = blocks.start
+        h = mx.concatenate([base.resid[start]] * n_var)
         if kind == "resid":
-            h = restore_into(h, clean.resid[block])
-        with ExitStack() as stack:
-            if kind != "resid":  # the blocks compute the corrupted values themselves
-                sources = clean.attn if kind == "attn" else clean.mlp
-                for i in range(block, min(block + window, len(self.b.blocks))):
-                    stack.enter_context(_restoring(self._modules(kind)[i],
-                                                   lambda o, src=sources[i]: restore_into(o, src)))
-            ids = mx.array(base.ids * n_var)  # drives the model's forward where it does
-            h = self.b._run(ids, block, h)[-1]
+            h = restore_into(h, clean.resid[start])
+        if start < len(self.b.blocks):  # else the last row: only the head reads it
+            with ExitStack() as stack:
+                if kind != "resid":  # the blocks compute the corrupted values themselves
+                    sources = clean.attn if kind == "attn" else clean.mlp
+                    for i in blocks:
+                        stack.enter_context(_restoring(
+                            self._modules(kind)[i], lambda o, src=sources[i]: restore_into(o, src)))
+                ids = mx.array(base.ids * n_var)  # drives the model's forward where it does
+                h = self.b._run(ids, start, h)[-1]
         x = self.b.final_norm(h[:, -n_scored:].astype(mx.float32))
         z = self.b.head_logits(x, 0, self.b.info.vocab)
         return (np.array(z).reshape(n_var, n_seq, n_scored, -1),

@@ -17,7 +17,7 @@ from mlx_lens.core.files import atomic_write, json_safe
 
 
 # columns of text in the CSVs, beside top1..topK ('', 'nan', 'null' are tokens too)
-_TEXT = {"token", "input_token", "lens", "site", "lens_a", "lens_b"}
+_TEXT = {"token", "input_token", "lens", "site", "lens_a", "lens_b", "place"}
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -75,6 +75,41 @@ def write_patch_suite_artifacts(out_dir: Path, model_name: str, result) -> list[
     return _tables_and_summary(Path(out_dir) / f"patch-{model_name}-suite",
                                {"-layers": result.long, "-aggregates": result.aggregates},
                                result.summary)
+
+
+def write_trace_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
+    """A causal trace (mlx_lens/experiment/tracing.py): trace-<model>.parquet and .csv (kind,
+    layer, pos, token, place, p_answer, its effect), trace-<model>.json (settings, the noise's
+    statistic and seed, baselines) and trace-<model>-noise.safetensors (the noise itself)."""
+    stem = Path(out_dir) / f"trace-{model_name}"
+    s = result.summary
+    spans = {"prompt": {"token_ids": s["token_ids"], "subject_span": s["subject_span"]}}
+    return (_tables_and_summary(stem, {"": result.frame}, s)
+            + [_save_noise(stem.with_name(f"{stem.name}-noise.safetensors"), result.noise,
+                           spans, s["noise"])])
+
+
+def write_trace_suite_artifacts(out_dir: Path, model_name: str, result) -> list[Path]:
+    """A fact suite's causal trace: trace-<model>-suite-layers (per fact, kind, layer, place),
+    -aggregates (per kind, place, layer), each .parquet and .csv, trace-<model>-suite.json and
+    trace-<model>-suite-noise.safetensors (one tensor per fact)."""
+    stem = Path(out_dir) / f"trace-{model_name}-suite"
+    return (_tables_and_summary(stem, {"-layers": result.long,
+                                       "-aggregates": result.aggregates}, result.summary)
+            + [_save_noise(stem.with_name(f"{stem.name}-noise.safetensors"), result.noise,
+                           result.summary["spans"], result.summary["noise"])])
+
+
+def _save_noise(path: Path, noise: dict[str, np.ndarray], spans: dict, settings: dict) -> Path:
+    """[N, subject tokens, d] float32 per prompt, named by it, and in the metadata each one's
+    token ids and subject span: a noised run is row 0 (the input of block 0) plus noise[i] at
+    the span, in the model's compute dtype."""
+    from safetensors.numpy import save_file
+
+    tensors = {name: np.ascontiguousarray(v, np.float32) for name, v in noise.items()}
+    meta = {"mlx_lens": json.dumps(json_safe({"noise": settings, "prompts": spans}))}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    return path
 
 
 def _tables_and_summary(stem: Path, frames: dict[str, pd.DataFrame], summary: dict) -> list[Path]:

@@ -29,7 +29,7 @@ from mlx_lens.tuned import jlens_file
 from mlx_lens.tuned.corpus import Corpus
 from mlx_lens.tuned.jlens_file import JLens
 from mlx_lens.tuned.lens_file import unembedding_hash
-from mlx_lens.tuned.training import deferred_signals
+from mlx_lens.tuned.training import deferred_signals, kept_when_interrupted
 
 FORMAT = "mlx-lens jlens 1"
 
@@ -111,7 +111,8 @@ def _fit(backend: TrainableBackend, corpus: Corpus, opts: JLensOptions, out: Pat
                    total=(opts.windows - start) * len(chunks))
     steps = iter(bar)
     began = time.perf_counter()
-    try:
+    with kept_when_interrupted("window", opts.windows, lambda: done,
+                               lambda whole: keep() if whole > 0 else None):
         for w in range(start, opts.windows):
             term = np.zeros((n - 1, d, d))
             for chunk in chunks:
@@ -125,13 +126,6 @@ def _fit(backend: TrainableBackend, corpus: Corpus, opts: JLensOptions, out: Pat
                 if not sys.stderr.isatty():  # no bar: a line per checkpoint period
                     print(f"  window {done}/{opts.windows}", flush=True)
                 keep()
-    except Exception:  # a failure: the last checkpoint stands
-        raise
-    except BaseException:  # interrupted (SIGINT, SIGTERM): the last whole window is kept
-        if done > 0:
-            print(f"mlx-lens: window {done} of {opts.windows} kept in {keep()}; the same "
-                  "command resumes from it", file=sys.stderr)
-        raise
     seconds = time.perf_counter() - began
     print(f"  {done - start} windows in {seconds:.0f} s: "
           f"{seconds / max(done - start, 1):.1f} s per window", flush=True)

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -105,6 +106,24 @@ def deferred_signals():
             signal.raise_signal(s)
 
 
+@contextlib.contextmanager
+def kept_when_interrupted(unit: str, total: int, done: Callable[[], int],
+                          keep: Callable[[int], Path | None]):
+    """An interrupt (SIGINT, SIGTERM) inside the block keeps the whole units done so far,
+    keep(done()) (None: nothing kept), says where in one line, and goes on; a failure leaves the
+    last checkpoint as it stands."""
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException:
+        path = keep(done())
+        if path is not None:
+            print(f"mlx-lens: {unit} {done()} of {total} kept in {path}; the same command "
+                  "resumes from it", file=sys.stderr)
+        raise
+
+
 def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
@@ -142,7 +161,7 @@ def _train(backend: TrainableBackend, corpus: Corpus, opts: TuneOptions, out: Pa
 
     done = start  # whole steps: an update and this count change together
     bar = progress(range(start, opts.steps), "tune", total=opts.steps - start)
-    try:
+    with kept_when_interrupted("step", opts.steps, lambda: done, keep):
         for step in bar:
             loss = tuner.gradients(batch_at(corpus.train, step, opts.sequences_per_step, opts.seed))
             with deferred_signals():
@@ -156,12 +175,6 @@ def _train(backend: TrainableBackend, corpus: Corpus, opts: TuneOptions, out: Pa
                           flush=True)
                 if done < opts.steps:
                     keep(done)
-    except Exception:  # a failure: the last checkpoint stands
-        raise
-    except BaseException:  # interrupted (SIGINT, SIGTERM): the last whole step is kept
-        print(f"mlx-lens: step {done} of {opts.steps} kept in {keep(done)}; "
-              "the same command resumes from it", file=sys.stderr)
-        raise
     seconds = time.perf_counter() - began
     print(f"  {done - start} steps in {seconds:.0f} s: "
           f"{(done - start) * opts.step_tokens / max(seconds, 1e-9):.1f} tokens/s", flush=True)

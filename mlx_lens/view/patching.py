@@ -26,7 +26,7 @@ def heatmap(frame: pd.DataFrame, summary: dict) -> Figure:
         grid = rows.pivot(index="pos", columns="layer", values="recovery").sort_index()
         image = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="Purples", vmin=0,
                           vmax=1, origin="upper", interpolation="nearest")
-        ax.set_title(_TITLES[kind] + (f" (window {summary['window']})"
+        ax.set_title(_TITLES[kind] + (f" (window {summary['window']}, centred)"
                                       if kind != "resid" and summary["window"] > 1 else ""),
                      fontsize=9)
         ax.set_xlabel("layer")
