@@ -150,6 +150,19 @@ def test_samples_batched_equal_runs_of_one(loaded, kind):
                                  - piece_log2p(alone[:, 0], pieces)) <= tol[:, None]), (k, s)
 
 
+def test_log_probabilities_of_chosen_tokens():
+    """log_prob64 against the whole float64 log softmax: the same expression rounded in another
+    order, a few roundings (<= 6) of terms no larger than 2 max|z| + ln V apart."""
+    from mlx_lens.core.numerics import log_prob64, log_softmax64
+
+    z = (np.random.default_rng(0).standard_normal((3, 4, 1000)) * 30).astype(np.float32)
+    index = np.random.default_rng(1).integers(0, 1000, (3, 4))
+    want = np.take_along_axis(log_softmax64(z), index[..., None], -1)[..., 0]
+    tol = 6 * 2.0 ** -53 * (2 * np.abs(z).max() + np.log(1000))
+    assert np.abs(log_prob64(z, index) - want).max() <= tol
+    assert np.abs(log_prob64(z, index[0])[0] - want[0]).max() <= tol  # index[0] broadcast
+
+
 def test_rome_windows_are_centred():
     """ROME's trace_important_window: layer - K // 2 .. layer - (-K // 2) - 1, cut at the ends."""
     assert restored_blocks("mlp", 0, 10, 30) == range(0, 5)

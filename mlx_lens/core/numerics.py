@@ -12,6 +12,16 @@ def log_softmax64(z: np.ndarray) -> np.ndarray:
     return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
+def log_prob64(z: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """log softmax(z)[..., index] over the last axis, in float64: log_softmax64's values at
+    index [...] (broadcast to z's leading shape), without writing the whole distribution."""
+    z = z.astype(np.float64)
+    m = z.max(-1, keepdims=True)
+    log_sum = m[..., 0] + np.log(np.exp(z - m).sum(-1))
+    at = np.broadcast_to(index, z.shape[:-1])[..., None]
+    return np.take_along_axis(z, at, -1)[..., 0] - log_sum
+
+
 def top_k(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest of a 1-d array, largest first, ties in index order: exactly
     np.argsort(-values, kind="stable")[:k], in O(n) rather than a sort of the whole vocabulary

@@ -25,7 +25,7 @@ import pandas as pd
 
 from mlx_lens.core.contract import Backend
 from mlx_lens.core.errors import LensError
-from mlx_lens.core.numerics import log_softmax64
+from mlx_lens.core.numerics import log_prob64
 from mlx_lens.core.progress import progress
 from mlx_lens.experiment.aggregates import ci_unit, fact_clusters, pooled_ratio, summarise
 from mlx_lens.experiment.facts import encode_facts
@@ -109,12 +109,10 @@ def one_at_a_time(positions: Sequence[int], length: int, n_seq: int = 1) -> np.n
     return mask
 
 
-def _log2p(logits: np.ndarray, pieces: list[int]) -> np.ndarray:
-    """[...] the whole answer's log2 p from fp32 logits [..., n, V] at its n positions
-    (float64 softmax)."""
-    logp = log_softmax64(logits.astype(np.float64)) / math.log(2)
-    index = np.broadcast_to(np.asarray(pieces)[:, None], (*logp.shape[:-1], 1))
-    return np.take_along_axis(logp, index, -1)[..., 0].sum(-1)
+def log2p_each(logits: np.ndarray, pieces) -> np.ndarray:
+    """[...] the whole answer's log2 p from fp32 logits [..., n, V] at its n positions and its
+    pieces (broadcast to [..., n]: one answer, or each sequence's [B, n]), float64 softmax."""
+    return log_prob64(logits, np.asarray(pieces)).sum(-1) / math.log(2)
 
 
 def _baselines(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list[int],
@@ -125,7 +123,7 @@ def _baselines(backend: PatchingBackend, clean_ids: list[int], corrupt_ids: list
     corrupt = backend.record([corrupt_ids + pieces[:-1]])
     full, n = len(clean_ids) + len(pieces) - 1, len(pieces)
     last = range(backend.info.n_layers, backend.info.n_layers + 1)
-    base = {name: float(_log2p(backend.patched_logits(
+    base = {name: float(log2p_each(backend.patched_logits(
         run, run, "resid", last, one_at_a_time([], full), n)[0][0, 0], pieces))
         for name, run in (("clean", clean), ("corrupt", corrupt))}
     return clean, corrupt, base
@@ -148,7 +146,7 @@ def _trace(backend: PatchingBackend, runs: tuple, length: int, pieces: list[int]
             z, _ = backend.patched_logits(corrupt, clean, kind,
                                           restored_blocks(kind, r, opts.window, layers),
                                           one_at_a_time(positions, full), n)
-            lp = _log2p(z[:, 0], pieces)
+            lp = log2p_each(z[:, 0], pieces)
             out[first:first + len(positions)] = lp[1:]
             drift = max(drift, abs(lp[0] - base["corrupt"]))  # the batch's own baseline
         values[kind, r] = out
@@ -286,14 +284,6 @@ def _suite_batch(backend: PatchingBackend, facts: list, kinds: tuple[str, ...],
                 out[what, kind, r] = log2p_each(z, pieces)
     out["subject"] = subject
     return out
-
-
-def log2p_each(logits: np.ndarray, pieces: np.ndarray) -> np.ndarray:
-    """[..., B] the whole answer's log2 p per sequence from logits [..., B, n, V] and each
-    sequence's pieces [B, n]."""
-    logp = log_softmax64(logits.astype(np.float64)) / math.log(2)
-    index = np.broadcast_to(pieces[..., None], (*logp.shape[:-1], 1))
-    return np.take_along_axis(logp, index, -1)[..., 0].sum(-1)
 
 
 def run_patch_suite(backend: Backend, facts: list, window: int = 1,

@@ -50,7 +50,7 @@ def heatmap(frame: pd.DataFrame, summary: dict) -> Figure:
         below = bool((values < low).any())
         fig.colorbar(image, ax=ax, shrink=0.8, extend="min" if below else "neither",
                      label=f"p({token_label(summary['answer'])})"
-                     + (f"\n(< {low:.3g}, the noised p: its colour)" if below else ""))
+                     + (f"\nbelow {low:.3g} (the noised p): clipped" if below else ""))
     noise = summary["noise"]
     fig.suptitle(f"{summary['model']}: restoring the clean run into {noise['samples']} noised "
                  f"runs (subject * noised, sd {noise['sd']:.3g} = {noise['scale']:g} x "
