@@ -159,3 +159,39 @@ def patch_bound_bits(backend, x_norm: np.ndarray, logits: np.ndarray) -> np.ndar
     b = (bounds.dot_bound(x_norm, backend.head_row_norms(), info.d_model, 2 * (info.n_layers + 1))
          + 2 * bounds.elementwise_bound(logits, backend.softcap))
     return bounds.nats_to_bits(2 * b.max(-1))
+
+
+class WordTokenizer:
+    """A tokenizer of whitespace-separated words, one id each (ids handed out as met)."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [self.ids.setdefault(w, len(self.ids)) for w in text.split()]
+
+    def decode(self, ids) -> str:
+        words = {i: w for w, i in self.ids.items()}
+        return " ".join(words[int(i)] for i in ids)
+
+
+class HandBuilt:
+    """A patching backend whose numbers a test sets by hand (its record and patched_logits):
+    a word tokenizer, a model's description, and the rest of the Backend protocol refused."""
+
+    VOCAB = 64
+
+    def __init__(self, n_layers: int, d_model: int):
+        from mlx_lens.core.contract import ModelInfo
+
+        self.tokenizer = WordTokenizer()
+        self.info = ModelInfo("hand", "hand", n_layers, d_model, 2, self.VOCAB, None, "hand",
+                              "cpu", "float32", "float32")
+
+    def sweep(self, *a): raise NotImplementedError
+    def sweep_next_token(self, *a): raise NotImplementedError
+    def final_logits(self, *a): raise NotImplementedError
+    def check_lens(self, *a): raise NotImplementedError
+    def run_diagnostics(self): return {}
+    def run_report(self): return None
+    def head_row_norms(self): raise NotImplementedError

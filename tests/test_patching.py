@@ -15,7 +15,7 @@ import torch
 
 from mlx_lens.experiment.patching import KINDS, one_at_a_time
 from mlx_lens.mlx.backend import MlxBackend
-from tests.lens_checks import backend_cache, patch_bound_bits, piece_log2p
+from tests.lens_checks import HandBuilt, backend_cache, patch_bound_bits, piece_log2p
 from tests.tiny_models import CONFIGS
 from torch_ref.backend import TorchBackend
 
@@ -255,34 +255,15 @@ def test_a_fact_suite_trace(tiny_model_dirs, tmp_path, capsys):
     assert (out / "plot-llama-patch-suite.png").stat().st_size > 0
 
 
-class _Words:
-    """A tokenizer of whitespace-separated words, one id each (ids handed out as met)."""
-
-    def __init__(self):
-        self.ids: dict[str, int] = {}
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [self.ids.setdefault(w, len(self.ids)) for w in text.split()]
-
-    def decode(self, ids) -> str:
-        words = {i: w for w, i in self.ids.items()}
-        return " ".join(words[int(i)] for i in ids)
-
-
-class _HandBuilt:
+class _HandBuilt(HandBuilt):
     """A patching backend whose answers' log2 p are set by hand: `runs` maps a prompt to
     {answer word: log2 p} at its next-token position; `patched` maps (base prompt, kind,
     block, position) to the same after that value is restored from the clean run (else the
     base's own). Only the methods patching calls do anything."""
 
-    VOCAB = 64
-
     def __init__(self, runs: dict, patched: dict, n_layers: int = 2):
-        from mlx_lens.core.contract import ModelInfo
-
-        self.tokenizer, self.runs, self.patched = _Words(), runs, patched
-        self.info = ModelInfo("hand", "hand", n_layers, 8, 2, self.VOCAB, None, "hand", "cpu",
-                              "float32", "float32")
+        super().__init__(n_layers, 8)
+        self.runs, self.patched = runs, patched
 
     def record(self, batch, noise=None):
         return [tuple(ids) for ids in batch]
@@ -307,14 +288,6 @@ class _HandBuilt:
             key = (prompt, kind, block, int(at[0])) if len(at) == 1 else None
             out[v, b, 0] = self._logits(self.patched.get(key, self.runs[prompt]))
         return out, np.ones(out.shape[:3])
-
-    def sweep(self, *a): raise NotImplementedError
-    def sweep_next_token(self, *a): raise NotImplementedError
-    def final_logits(self, *a): raise NotImplementedError
-    def check_lens(self, *a): raise NotImplementedError
-    def run_diagnostics(self): return {}
-    def run_report(self): return None
-    def head_row_norms(self): raise NotImplementedError
 
 
 # The hand-built log2 p (bits): each fact's clean and corrupted metric (log2 p(answer) - log2

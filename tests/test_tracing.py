@@ -19,7 +19,7 @@ from mlx_lens.experiment.single import subject_span
 from mlx_lens.experiment.tracing import NoiseOptions, places_of, run_trace, run_trace_suite
 from mlx_lens.loading.sources import resolve
 from mlx_lens.mlx.backend import MlxBackend
-from tests.lens_checks import backend_cache, patch_bound_bits, piece_log2p
+from tests.lens_checks import HandBuilt, backend_cache, patch_bound_bits, piece_log2p
 from tests.tiny_models import CONFIGS
 from torch_ref.backend import TorchBackend
 
@@ -216,27 +216,12 @@ def test_places_as_rome_groups_them():
 
 
 # -- the metric on a hand-built backend ----------------------------------------------------------
-class _Words:
-    """A tokenizer of whitespace-separated words, one id each (ids handed out as met)."""
-
-    def __init__(self):
-        self.ids: dict[str, int] = {}
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [self.ids.setdefault(w, len(self.ids)) for w in text.split()]
-
-    def decode(self, ids) -> str:
-        words = {i: w for w, i in self.ids.items()}
-        return " ".join(words[int(i)] for i in ids)
-
-
-class _HandBuilt:
+class _HandBuilt(HandBuilt):
     """A tracing backend whose p(answer) is set by hand: P_CLEAN unnoised; noised, sample s
     (of SAMPLES, prompt-major in a batch) has P_LOW[s], or RESTORED[(prompt's first word, kind,
     first restored block, position)][s] where that one position is restored. Row 0 at every
     token is ROW0 (sample std sqrt(4/3))."""
 
-    VOCAB = 64
     ROW0 = np.array([1.0, -1.0, 1.0, -1.0])
     P_CLEAN = 0.5
     P_LOW = np.array([0.05, 0.10, 0.15])  # mean 0.1: total effect 0.4
@@ -245,11 +230,7 @@ class _HandBuilt:
                 ("North", "resid", 2, 1): np.array([0.45, 0.50, 0.55])}  # 0.5: IE 0.4
 
     def __init__(self):
-        from mlx_lens.core.contract import ModelInfo
-
-        self.tokenizer = _Words()
-        self.info = ModelInfo("hand", "hand", 2, 4, 2, self.VOCAB, None, "hand", "cpu",
-                              "float32", "float32")
+        super().__init__(2, 4)
 
     def residuals(self, ids):
         return np.broadcast_to(self.ROW0, (3, len(ids), 4)).copy()
@@ -270,14 +251,6 @@ class _HandBuilt:
             out[v, b, -1, answer] = np.log(p)
             out[v, b, -1, self.tokenizer.encode("filler")[0]] = np.log1p(-p)
         return out, np.ones(out.shape[:3])
-
-    def sweep(self, *a): raise NotImplementedError
-    def sweep_next_token(self, *a): raise NotImplementedError
-    def final_logits(self, *a): raise NotImplementedError
-    def check_lens(self, *a): raise NotImplementedError
-    def run_diagnostics(self): return {}
-    def run_report(self): return None
-    def head_row_norms(self): raise NotImplementedError
 
 
 # Each ln p is rounded to fp32 (relative error 2^-24 of |ln p| <= ln 20), which moves p by at

@@ -108,8 +108,11 @@ def noise_options_of(args: argparse.Namespace) -> tuple[NoiseOptions, str | None
 
 def cmd_patch(args: argparse.Namespace, load) -> int:
     if args.noise:
-        return _cmd_trace(args, load)
-    opts = options_of(args)  # bad input fails before the model is loaded
+        opts, subject = noise_options_of(args)  # bad input fails before the model is loaded
+        if not args.answer.strip():
+            raise LensError("empty answer: give the prompt's answer")
+    else:
+        opts = options_of(args)
     facts = load_facts(args.facts) if args.facts else None
     started = time.perf_counter()
     lens = load(args, args.model)
@@ -117,32 +120,14 @@ def cmd_patch(args: argparse.Namespace, load) -> int:
 
     def make(out_dir: Path) -> list[Path]:
         name = lens.source.name
-        if facts is not None:
-            result = lens.patch_suite(facts, opts.window, opts.kinds)
-            for line in result.skipped:
-                print(f"  skipped {line}")
-            paths = write_patch_suite_artifacts(out_dir, name, result)
-            s = result.summary
-            print(f"{s['model']} [{s['backend']}]: {s['patched']} of {s['facts']} facts patched "
-                  f"against their controls")
-            if s["gap_not_positive"]:
-                print(f"  {len(s['gap_not_positive'])} left out of the aggregates: the clean "
-                      "prompt does not favour its answer over the control's more than the "
-                      "corrupted prompt does (their recovery would read the wrong way round): "
-                      + ", ".join(s["gap_not_positive"]))
+        if args.noise:
+            paths, result, picture = (_trace_suite(lens, out_dir, facts, opts) if facts
+                                      else _trace(lens, out_dir, args, subject, opts))
         else:
-            result = lens.patch(opts.clean, opts.corrupt, opts.answer, opts.corrupt_answer,
-                                opts.window, opts.kinds)
-            paths = write_patch_artifacts(out_dir, name, result)
-            s = result.summary
-            print(f"{s['model']} [{s['backend']}]: {s['metric']} clean {s['clean_metric']:.2f}, "
-                  f"corrupted {s['corrupt_metric']:.2f}; strongest restorations: "
-                  + ", ".join(f"{k} layer {v['layer']} position {v['pos']} "
-                              f"({s['tokens'][v['pos']]!r}) {v['recovery']:.2f}"
-                              for k, v in s["strongest"].items()))
+            paths, result, picture = (_patch_suite(lens, out_dir, facts, opts) if facts
+                                      else _patch(lens, out_dir, opts))
         if args.plots:
-            suffix = "patch-suite" if facts is not None else "patch"
-            paths += _heatmap(out_dir / f"plot-{name}-{suffix}.png", result)
+            paths += _heatmap(out_dir / f"plot-{name}-{picture}.png", result)
         print(f"time: {time.perf_counter() - started:.1f} s (load {loaded - started:.1f} s)")
         return paths
 
@@ -151,48 +136,60 @@ def cmd_patch(args: argparse.Namespace, load) -> int:
     return 0
 
 
-def _cmd_trace(args: argparse.Namespace, load) -> int:
-    opts, subject = noise_options_of(args)  # bad input fails before the model is loaded
-    facts = load_facts(args.facts) if args.facts else None
-    if not args.answer.strip():
-        raise LensError("empty answer: give the prompt's answer")
-    started = time.perf_counter()
-    lens = load(args, args.model)
-    loaded = time.perf_counter()
+def _patch(lens, out_dir: Path, opts: PatchOptions):
+    result = lens.patch(opts.clean, opts.corrupt, opts.answer, opts.corrupt_answer, opts.window,
+                        opts.kinds)
+    s = result.summary
+    print(f"{s['model']} [{s['backend']}]: {s['metric']} clean {s['clean_metric']:.2f}, "
+          f"corrupted {s['corrupt_metric']:.2f}; strongest restorations: "
+          + ", ".join(f"{k} layer {v['layer']} position {v['pos']} "
+                      f"({s['tokens'][v['pos']]!r}) {v['recovery']:.2f}"
+                      for k, v in s["strongest"].items()))
+    return write_patch_artifacts(out_dir, lens.source.name, result), result, "patch"
 
-    def make(out_dir: Path) -> list[Path]:
-        name = lens.source.name
-        if facts is not None:
-            result = lens.trace_suite(facts, opts)
-            for line in result.skipped:
-                print(f"  skipped {line}")
-            paths = write_trace_suite_artifacts(out_dir, name, result)
-            s = result.summary
-            print(f"{s['model']} [{s['backend']}]: {s['traced']} of {s['facts']} facts traced "
-                  f"with noise on their subjects (sd {s['noise']['sd']:.4g}, "
-                  f"{s['noise']['samples']} samples)")
-            print("  " + headline(result.aggregates))
-        else:
-            result = lens.trace(args.clean, args.answer, subject, opts)
-            paths = write_trace_artifacts(out_dir, name, result)
-            s = result.summary
-            print(f"{s['model']} [{s['backend']}]: p({s['answer']}) clean {s['p_clean']:.4g}, "
-                  f"noised {s['p_corrupted']:.4g} (subject {s['subject']!r}, sd "
-                  f"{s['noise']['sd']:.4g}, {s['noise']['samples']} samples); strongest "
-                  "indirect effects: " + ", ".join(
-                      f"{k} layer {v['layer']} position {v['pos']} ({s['tokens'][v['pos']]!r}) "
-                      f"{v['indirect_effect']:+.4g}" for k, v in s["strongest"].items()))
-            if "no_recovery" in s:
-                print(f"  {s['no_recovery']}")
-        if args.plots:
-            suffix = "trace-suite" if facts is not None else "trace"
-            paths += _heatmap(out_dir / f"plot-{name}-{suffix}.png", result)
-        print(f"time: {time.perf_counter() - started:.1f} s (load {loaded - started:.1f} s)")
-        return paths
 
-    for path in run_dir.produce(args.out_dir, make):
-        print(f"  wrote {path}")
-    return 0
+def _patch_suite(lens, out_dir: Path, facts: list, opts: PatchOptions):
+    result = lens.patch_suite(facts, opts.window, opts.kinds)
+    _skipped(result)
+    s = result.summary
+    print(f"{s['model']} [{s['backend']}]: {s['patched']} of {s['facts']} facts patched "
+          f"against their controls")
+    if s["gap_not_positive"]:
+        print(f"  {len(s['gap_not_positive'])} left out of the aggregates: the clean "
+              "prompt does not favour its answer over the control's more than the "
+              "corrupted prompt does (their recovery would read the wrong way round): "
+              + ", ".join(s["gap_not_positive"]))
+    return write_patch_suite_artifacts(out_dir, lens.source.name, result), result, "patch-suite"
+
+
+def _trace(lens, out_dir: Path, args: argparse.Namespace, subject: str, opts: NoiseOptions):
+    result = lens.trace(args.clean, args.answer, subject, opts)
+    s = result.summary
+    print(f"{s['model']} [{s['backend']}]: p({s['answer']}) clean {s['p_clean']:.4g}, "
+          f"noised {s['p_corrupted']:.4g} (subject {s['subject']!r}, sd "
+          f"{s['noise']['sd']:.4g}, {s['noise']['samples']} samples); strongest "
+          "indirect effects: " + ", ".join(
+              f"{k} layer {v['layer']} position {v['pos']} ({s['tokens'][v['pos']]!r}) "
+              f"{v['indirect_effect']:+.4g}" for k, v in s["strongest"].items()))
+    if "no_recovery" in s:
+        print(f"  {s['no_recovery']}")
+    return write_trace_artifacts(out_dir, lens.source.name, result), result, "trace"
+
+
+def _trace_suite(lens, out_dir: Path, facts: list, opts: NoiseOptions):
+    result = lens.trace_suite(facts, opts)
+    _skipped(result)
+    s = result.summary
+    print(f"{s['model']} [{s['backend']}]: {s['traced']} of {s['facts']} facts traced "
+          f"with noise on their subjects (sd {s['noise']['sd']:.4g}, "
+          f"{s['noise']['samples']} samples)")
+    print("  " + headline(result.aggregates))
+    return write_trace_suite_artifacts(out_dir, lens.source.name, result), result, "trace-suite"
+
+
+def _skipped(result) -> None:
+    for line in result.skipped:
+        print(f"  skipped {line}")
 
 
 def headline(aggregates) -> str:

@@ -72,20 +72,9 @@ def places_of(pos: int, span: tuple[int, int], length: int) -> list[str]:
     grouping: one-token subjects are first and last; the first token after the subject may be
     the last position)."""
     start, stop = span
-    out = []
-    if pos == start:
-        out.append("first_subject")
-    if start < pos < stop - 1:
-        out.append("middle_subject")
-    if pos == stop - 1:
-        out.append("last_subject")
-    if pos == stop:
-        out.append("first_after")
-    if stop < pos < length - 1:
-        out.append("further")
-    if pos == length - 1:
-        out.append("last")
-    return out
+    holds = (pos == start, start < pos < stop - 1, pos == stop - 1, pos == stop,
+             stop < pos < length - 1, pos == length - 1)
+    return [place for place, true in zip(PLACES, holds) if true]
 
 
 def embedding_std(backend, prompts: Sequence[tuple[list[int], tuple[int, int]]]) -> tuple[float, int]:
