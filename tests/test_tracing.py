@@ -396,7 +396,7 @@ def test_a_suite_trace_from_the_command(tiny_model_dirs, tmp_path, capsys):
                  str(out)]) == 0
     printed = capsys.readouterr().out
     assert "skipped nosubject: no subject to noise" in printed
-    assert "2 of 3 facts traced" in printed and "MLP at the last subject token" in printed
+    assert "2 of 3 facts traced" in printed and "layers whose mean lies inside" in printed
     long = pd.read_parquet(out / "trace-qwen2-suite-layers.parquet")
     assert set(long["fact_id"]) == {"de", "fr"}
     assert set(long.loc[long["fact_id"] == "fr", "place"]) == {
@@ -408,3 +408,16 @@ def test_a_suite_trace_from_the_command(tiny_model_dirs, tmp_path, capsys):
     (out / "plot-qwen2-trace-suite.png").unlink()
     assert main(["plot", str(out)]) == 0
     assert (out / "plot-qwen2-trace-suite.png").is_file()
+
+
+def test_the_headline_names_the_layers_a_peak_cannot_be_told_from():
+    from mlx_lens.cli.patch import headline
+
+    rows = pd.DataFrame({"kind": "mlp", "place": "last_subject", "layer": range(5),
+                         "effect_mean": [0.1, 0.5, 0.45, 0.2, 0.41],
+                         "effect_ci_low": [0.0, 0.4, 0.3, 0.1, 0.3],
+                         "effect_ci_high": [0.2, 0.6, 0.6, 0.3, 0.5], "n": 8})
+    assert headline(rows) == ("MLP at the last subject token: the average indirect effect peaks "
+                              "at layer 1, +0.5000 (95% CI +0.4000 to +0.6000, 8 facts); layers "
+                              "whose mean lies inside that interval: 1-2, 4")
+    assert headline(rows.assign(kind="attn")) == "no MLP trace at the last subject token"

@@ -199,10 +199,24 @@ def headline(aggregates) -> str:
     if rows.empty or not rows["effect_mean"].notna().any():
         return "no MLP trace at the last subject token"
     best = rows.loc[rows["effect_mean"].idxmax()]
+    # a peak is one layer only where the others' means fall outside its interval
+    near = rows.loc[rows["effect_mean"] >= best["effect_ci_low"], "layer"].astype(int).tolist()
     return (f"MLP at the last subject token: the average indirect effect peaks at layer "
             f"{int(best['layer'])}, {best['effect_mean']:+.4f} (95% CI "
             f"{best['effect_ci_low']:+.4f} to {best['effect_ci_high']:+.4f}, {int(best['n'])} "
-            "facts)")
+            f"facts); layers whose mean lies inside that interval: {_spans(near)}")
+
+
+def _spans(layers: list[int]) -> str:
+    """Sorted layers as ranges: [0, 1, 2, 5] -> "0-2, 5"."""
+    out, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            out.append(f"{start}-{layer}" if layer > start else str(start))
+            start = None
+    return ", ".join(out)
 
 
 def _heatmap(path: Path, result) -> list[Path]:
