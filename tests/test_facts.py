@@ -13,9 +13,9 @@ from mlx_lens.experiment.facts import TEMPLATES, EncodedFact, Fact, encode_facts
 
 FULL = {"id": "de", "prompt": "The capital of Germany is called simply", "answer": "Berlin",
         "group": "capitals", "control_prompt": "The capital of France is called simply",
-        "control_answer": "Paris", "cluster": "Germany"}
+        "control_answer": "Paris", "cluster": "Germany", "subject": "Germany"}
 BARE = {"prompt": "The capital of Spain is called simply", "answer": "Madrid"}
-NONE = {"group": "", "control_prompt": None, "control_answer": None, "cluster": ""}
+NONE = {"group": "", "control_prompt": None, "control_answer": None, "cluster": "", "subject": ""}
 
 
 def loaded(tmp_path, monkeypatch, name, content):
@@ -96,7 +96,7 @@ def test_default_suite():
         answer="Berlin", group="original",
         control_prompt="Give the city name only, plain text. The capital of France is called "
                        "simply", control_answer="Paris", source="default:Germany",
-        cluster="Germany")
+        cluster="Germany", subject="Germany")
     # A country's facts, one per template, are one cluster (the bootstrap's unit); a fact of a
     # file without clusters is its own.
     clusters = {}
@@ -218,7 +218,8 @@ def test_encode_facts_as_the_experiment_does(llama, tmp_path, monkeypatch):
                     control_ids,
                     tuple(single.answer_token_ids(tok, control_ids, FULL["control_prompt"],
                                                   "Paris")),
-                    single.answer_token_id(tok, control_ids, FULL["control_prompt"], "Berlin")),
+                    single.answer_token_id(tok, control_ids, FULL["control_prompt"], "Berlin"),
+                    single.subject_span(tok, full_ids, "Germany")),
         EncodedFact(facts[1], bare_ids,
                     tuple(single.answer_token_ids(tok, bare_ids, BARE["prompt"], "Madrid"))),
     ]
